@@ -1,0 +1,39 @@
+# The two set-up commands of the README are `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= ./smtpgw-data
+RUN_ARGS ?=
+
+.PHONY: run test lint types pytest bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python setup.py pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/twistd -n smtpgw --data-dir $(DATA_DIR) $(RUN_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check smtpgw twisted/plugins tests bench
+	$(BIN)/ruff format --check smtpgw twisted/plugins tests bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider -q
+
+test: lint types pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info dropin.cache

@@ -1,0 +1,40 @@
+"""Packaging for smtpgw: flat layout, twistd plugin under twisted/plugins."""
+
+from setuptools import setup
+
+setup(
+    name="smtpgw",
+    version="0.1.0",
+    description="An authenticated SMTP relay gateway with a durable priority queue",
+    python_requires=">=3.11",
+    packages=["smtpgw", "twisted.plugins"],
+    package_data={"twisted": ["plugins/smtpgw_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "pyopenssl",
+        "service-identity",
+        "cryptography",
+        "klein",
+        "bcrypt",
+        "attrs",
+        "automat",
+        "zope.interface",
+        "prometheus-client",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-twisted",
+            "pytest-timeout",
+            "hypothesis",
+            "treq",
+            "coverage",
+            "ruff",
+            "mypy<2.5",
+            "mypy-zope",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["smtpgw-admin = smtpgw.admin_cli:main"],
+    },
+)
