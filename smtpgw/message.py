@@ -167,6 +167,13 @@ class MessageAssembler:
         return self._size
 
     @property
+    def stored_bytes(self) -> int:
+        """
+        Octets of body currently held in memory (zero once rejected).
+        """
+        return len(self._body)
+
+    @property
     def rejection(self) -> MessageRejected | None:
         """
         The rejection raised by L{line}, if any.
