@@ -13,6 +13,10 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+from twisted.mail import smtp
+from zope.interface import implementer
 
 from smtpgw.message import (
     MAX_HEADER_BYTES,
@@ -748,3 +752,97 @@ class TestMakeMessageId:
         """
         message_id = make_message_id(queue_id, hostname)
         assert re.fullmatch(rb"<[A-Za-z0-9_-]+@[A-Za-z0-9.-]+>", message_id)
+
+
+@implementer(smtp.IMessage)
+class _AssemblerSink:
+    """
+    The smallest IMessage over an assembler, as the session uses one.
+    """
+
+    def __init__(self, assembler: MessageAssembler) -> None:
+        self.assembler = assembler
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            self.assembler.line(line)
+        except MessageRejected as e:
+            raise smtp.SMTPServerError(e.code, e.reply_bytes()) from e
+
+    def eomReceived(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def connectionLost(self) -> None:
+        pass
+
+
+@implementer(smtp.IMessageDelivery)
+class _Delivery:
+    def __init__(self, assembler: MessageAssembler) -> None:
+        self.assembler = assembler
+
+    def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
+        return None
+
+    def validateFrom(self, helo: object, origin: smtp.Address) -> smtp.Address:
+        return origin
+
+    def validateTo(self, user: smtp.User) -> object:
+        return lambda: _AssemblerSink(self.assembler)
+
+
+def through_twisted(data: bytes, max_size: int = 10_000) -> tuple[bytes, MessageAssembler]:
+    """
+    Run one transaction with DATA content C{data} through Twisted's own SMTP
+    server, in memory, and return what the server wrote and the assembler.
+    """
+    assembler = MessageAssembler(max_size)
+    server = smtp.SMTP()
+    server.delivery = _Delivery(assembler)
+    server.timeout = None  # type: ignore[assignment]  # no idle timer: no reactor here
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(
+        b"HELO client\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+        b"DATA\r\n" + data + b".\r\nQUIT\r\n"
+    )
+    server.connectionLost(None)
+    return transport.value(), assembler
+
+
+class TestThroughTwistedSMTP:
+    """
+    The contract the session relies on, checked against Twisted's server:
+    how it splits DATA, and that a rejection becomes the reply.
+    """
+
+    def test_smuggled_end_of_data_is_refused(self) -> None:
+        """
+        <LF>.<CR><LF> does not end DATA in Twisted; the assembler refuses the
+        message and the smuggled command is never run.
+        """
+        output, assembler = through_twisted(
+            b"Subject: x\r\n\r\nhi\n.\r\nMAIL FROM:<evil@example.org>\r\n"
+        )
+        assert b"550 5.6.0 Message refused: bare CR or LF" in output
+        assert b"evil" not in output
+        assert output.count(b"250 Sender address accepted") == 1
+        assert assembler.rejection is not None
+
+    def test_size_limit_reply(self) -> None:
+        """
+        An oversized message gets 552 5.3.4 from the server.
+        """
+        output, _ = through_twisted(b"Subject: x\r\n\r\n" + b"x" * 900 + b"\r\n", 500)
+        assert b"552 5.3.4 Message size exceeds fixed limit of 500 bytes" in output
+
+    def test_dot_stuffing_removed_and_headerless_message(self) -> None:
+        """
+        Lines reach the assembler un-dot-stuffed; a message whose first line
+        has no colon reaches it as a headerless message.
+        """
+        output, assembler = through_twisted(b"Hello\r\n..dot\r\n\r\nbye\r\n")
+        assert b"250 Delivery in progress" in output
+        assert assembler.headers == []
+        out = finish(assembler, message_id=None)
+        assert out == RECEIVED + b"X-Priority: 3\r\n\r\nHello\r\n.dot\r\n\r\nbye\r\n"
