@@ -1,0 +1,572 @@
+"""
+The journal's on-disk format, as pure functions: bytes in, values out.
+
+A journal is a directory of segment files. Each segment starts with a
+segment header and holds records back to back::
+
+    segment header (32 bytes, little-endian)
+      magic        8  SEGMENT_MAGIC
+      version      1  FORMAT_VERSION
+      reserved     3  zero
+      number       8  the segment's sequence number (also its file name)
+      key          8  random bytes, repeated at the start of every record
+      crc          4  CRC-32 of the 28 bytes above
+
+    record header (32 bytes, little-endian)
+      key          8  the key of the segment the record lies in
+      version      1  FORMAT_VERSION
+      type         1  a RecordType
+      flags        2  zero
+      meta_length  4
+      body_length  4
+      meta_crc     4  CRC-32 of the metadata
+      body_crc     4  CRC-32 of the body
+      header_crc   4  CRC-32 of the 28 bytes above
+    metadata     meta_length bytes
+    body         body_length bytes (the message, for ACCEPT records only)
+
+Every length is covered by the header checksum, so a flipped bit anywhere
+in a record, and any truncation, is reported and never decoded as another
+record. Metadata and body have checksums of their own so that replay can
+check a record's metadata without reading its body. The per-segment key
+means bytes inside a message body can never pass for a record of the
+journal when a reader looks for the next record after a damaged one.
+
+Metadata by record type::
+
+    ACCEPT    qid_len u8, queue id, JSON object of the other Envelope fields
+    STATE     qid_len u8, queue id, state_len u8, state, attempts u32,
+              next_attempt_at f64, JSON object of details (or nothing)
+    PRIORITY  qid_len u8, queue id, priority u8
+    NOOP      nothing (written to probe whether the disk takes writes again)
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+from smtpgw.model import Envelope, Priority
+
+__all__ = [
+    "FINAL_STATES",
+    "FORMAT_VERSION",
+    "MAX_META_LENGTH",
+    "RECORD_HEADER_SIZE",
+    "SEGMENT_HEADER_SIZE",
+    "SEGMENT_KEY_SIZE",
+    "SEGMENT_MAGIC",
+    "AcceptRecord",
+    "CorruptRecord",
+    "JournalRecordError",
+    "NoopRecord",
+    "Payload",
+    "PriorityRecord",
+    "Record",
+    "RecordHeader",
+    "RecordType",
+    "SegmentHeader",
+    "StateRecord",
+    "TruncatedRecord",
+    "UnsupportedRecord",
+    "accept_queue_id",
+    "decode_envelope",
+    "decode_record",
+    "decode_record_at",
+    "decode_segment_header",
+    "decode_state",
+    "encode_accept",
+    "encode_noop",
+    "encode_priority",
+    "encode_record",
+    "encode_segment_header",
+    "encode_state",
+    "frame_header",
+    "read_header",
+]
+
+FORMAT_VERSION = 1
+"""Written into every segment and record header; a reader refuses others."""
+
+SEGMENT_MAGIC = b"\x89SGWJNL\n"
+"""First bytes of every segment file. The high byte and the newline catch
+files mangled by text-mode transfers."""
+
+SEGMENT_KEY_SIZE = 8
+
+MAX_META_LENGTH = 16 * 1024 * 1024
+"""Metadata beyond this is refused at encoding and treated as damage when
+read: no envelope comes near it (even thousands of recipients)."""
+
+FINAL_STATES = frozenset({"delivered", "bounced", "cancelled"})
+"""States after which a message is gone from the queue for good."""
+
+_SEGMENT_HEADER = struct.Struct("<8sB3xQ8sI")
+_RECORD_HEADER = struct.Struct("<8sBBHIIIII")
+_STATE_NUMBERS = struct.Struct("<Id")
+_QID_LENGTH_LIMIT = 255
+_UINT32_MAX = 0xFFFFFFFF
+
+SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size
+RECORD_HEADER_SIZE = _RECORD_HEADER.size
+_RECORD_CHECKED = RECORD_HEADER_SIZE - 4
+_SEGMENT_CHECKED = SEGMENT_HEADER_SIZE - 4
+
+_PRIORITIES = {int(p): p for p in Priority}
+
+
+class JournalRecordError(Exception):
+    """
+    Bytes that are not a valid record or segment header.
+    """
+
+
+class TruncatedRecord(JournalRecordError):
+    """
+    The bytes end before the record does: a torn write at the end of a file.
+    """
+
+
+class CorruptRecord(JournalRecordError):
+    """
+    A checksum, key or magic number does not match: damaged bytes.
+    """
+
+
+class UnsupportedRecord(JournalRecordError):
+    """
+    An intact record of a format version or type this code does not know
+    (written by a newer version of the gateway): never skip it silently.
+    """
+
+
+class RecordType(enum.IntEnum):
+    """
+    What a record says.
+    """
+
+    ACCEPT = 1
+    STATE = 2
+    PRIORITY = 3
+    NOOP = 4
+
+
+@frozen
+class SegmentHeader:
+    """
+    The first bytes of a segment file.
+    """
+
+    number: int
+    key: bytes
+
+
+@frozen
+class Payload:
+    """
+    A record before it is framed into a segment: framing only adds the
+    header, which holds the key of the segment it ends up in.
+
+    @ivar meta_crc: CRC-32 of C{meta}.
+    @ivar body_crc: CRC-32 of C{body}; kept as found when a record is copied,
+        so damage is never laundered into a fresh checksum.
+    """
+
+    type: RecordType
+    meta: bytes
+    body: bytes = field(default=b"", repr=False)
+    meta_crc: int = field(default=-1)
+    body_crc: int = field(default=-1)
+
+    def __attrs_post_init__(self) -> None:
+        if self.meta_crc == -1:
+            object.__setattr__(self, "meta_crc", zlib.crc32(self.meta))
+        if self.body_crc == -1:
+            object.__setattr__(self, "body_crc", zlib.crc32(self.body))
+
+    @property
+    def length(self) -> int:
+        """
+        @return: the size of the framed record.
+        """
+        return RECORD_HEADER_SIZE + len(self.meta) + len(self.body)
+
+
+@frozen
+class RecordHeader:
+    """
+    A record header that passed its checks.
+    """
+
+    type: RecordType
+    meta_length: int
+    body_length: int
+    meta_crc: int
+    body_crc: int
+
+    @property
+    def length(self) -> int:
+        """
+        @return: the size of the whole record.
+        """
+        return RECORD_HEADER_SIZE + self.meta_length + self.body_length
+
+
+@frozen
+class AcceptRecord:
+    """
+    A message was accepted.
+    """
+
+    envelope: Envelope
+    body: bytes = field(repr=False)
+
+
+@frozen
+class StateRecord:
+    """
+    A message changed state.
+
+    @ivar details: extra fields of the change (a reason, who held it...).
+    """
+
+    queue_id: str
+    state: str
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    details: Mapping[str, Any] = field(factory=dict)
+
+
+@frozen
+class PriorityRecord:
+    """
+    An administrator changed a message's priority.
+    """
+
+    queue_id: str
+    priority: Priority
+
+
+@frozen
+class NoopRecord:
+    """
+    A record that says nothing; replay skips it.
+    """
+
+
+Record = AcceptRecord | StateRecord | PriorityRecord | NoopRecord
+
+
+def _short_ascii(value: str, what: str) -> bytes:
+    """
+    @return: C{value} as ASCII prefixed with its length.
+    @raise ValueError: if it is empty, not ASCII or too long.
+    """
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be ASCII: {value!r}") from None
+    if not raw or len(raw) > _QID_LENGTH_LIMIT:
+        raise ValueError(f"{what} must be 1..{_QID_LENGTH_LIMIT} bytes: {value!r}")
+    return bytes((len(raw),)) + raw
+
+
+def _read_short_ascii(meta: bytes, offset: int) -> tuple[str, int]:
+    """
+    @return: the length-prefixed ASCII string at C{offset} and the offset
+        after it.
+    @raise CorruptRecord: if it runs past C{meta} or is not ASCII.
+    """
+    if offset >= len(meta):
+        raise CorruptRecord("metadata ends inside a string")
+    end = offset + 1 + meta[offset]
+    if end > len(meta):
+        raise CorruptRecord("metadata ends inside a string")
+    try:
+        return meta[offset + 1 : end].decode("ascii"), end
+    except UnicodeDecodeError:
+        raise CorruptRecord("metadata string is not ASCII") from None
+
+
+def _dump_json(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _check_meta(meta: bytes) -> bytes:
+    if len(meta) > MAX_META_LENGTH:
+        raise ValueError(f"record metadata of {len(meta)} bytes is over {MAX_META_LENGTH}")
+    return meta
+
+
+def encode_accept(envelope: Envelope, body: bytes) -> Payload:
+    """
+    @return: the ACCEPT record of a message.
+    @raise ValueError: if the envelope cannot be recorded (a queue id that is
+        not short ASCII, a time that is not a finite number).
+    """
+    if not math.isfinite(envelope.accepted_at):
+        raise ValueError(f"accepted_at must be finite: {envelope.accepted_at}")
+    fields = {
+        "list": envelope.list,
+        "username": envelope.username,
+        "sender": envelope.sender,
+        "recipients": list(envelope.recipients),
+        "priority": int(envelope.priority),
+        "accepted_at": envelope.accepted_at,
+        "client_ip": envelope.client_ip,
+        "size": envelope.size,
+    }
+    meta = _short_ascii(envelope.queue_id, "queue id") + _dump_json(fields)
+    return Payload(RecordType.ACCEPT, _check_meta(meta), body)
+
+
+def encode_state(
+    queue_id: str,
+    state: str,
+    attempts: int = 0,
+    next_attempt_at: float = 0.0,
+    details: Mapping[str, Any] | None = None,
+) -> Payload:
+    """
+    @return: the STATE record of a change of state.
+    @param details: extra JSON-able fields, kept with the change.
+    @raise ValueError: on an attempt count or time that cannot be recorded.
+    """
+    if not 0 <= attempts <= _UINT32_MAX:
+        raise ValueError(f"attempts out of range: {attempts}")
+    if not math.isfinite(next_attempt_at):
+        raise ValueError(f"next_attempt_at must be finite: {next_attempt_at}")
+    meta = (
+        _short_ascii(queue_id, "queue id")
+        + _short_ascii(state, "state")
+        + _STATE_NUMBERS.pack(attempts, next_attempt_at)
+        + (_dump_json(details) if details else b"")
+    )
+    return Payload(RecordType.STATE, _check_meta(meta))
+
+
+def encode_priority(queue_id: str, priority: Priority) -> Payload:
+    """
+    @return: the PRIORITY record of a re-prioritization.
+    """
+    return Payload(
+        RecordType.PRIORITY, _short_ascii(queue_id, "queue id") + bytes((int(priority),))
+    )
+
+
+def encode_noop() -> Payload:
+    """
+    @return: a record that replay ignores.
+    """
+    return Payload(RecordType.NOOP, b"")
+
+
+def frame_header(key: bytes, payload: Payload) -> bytes:
+    """
+    @return: the header that frames C{payload} in the segment with C{key};
+        the record is this header, then C{payload.meta}, then C{payload.body}.
+    """
+    head = _RECORD_HEADER.pack(
+        key,
+        FORMAT_VERSION,
+        payload.type,
+        0,
+        len(payload.meta),
+        len(payload.body),
+        payload.meta_crc,
+        payload.body_crc,
+        0,
+    )[:_RECORD_CHECKED]
+    return head + zlib.crc32(head).to_bytes(4, "little")
+
+
+def encode_record(key: bytes, payload: Payload) -> bytes:
+    """
+    @return: the whole framed record.
+    """
+    return frame_header(key, payload) + payload.meta + payload.body
+
+
+def read_header(buffer: Any, offset: int, key: bytes, end: int) -> RecordHeader:
+    """
+    Check the record header at C{offset} of C{buffer} (bytes, mmap...) and
+    that the whole record lies before C{end}; the payload checksums are not
+    checked here.
+
+    @raise TruncatedRecord: if the header or the record runs past C{end}.
+    @raise CorruptRecord: on a wrong key or header checksum.
+    @raise UnsupportedRecord: on an intact header of an unknown version,
+        type or flags.
+    """
+    if end - offset < RECORD_HEADER_SIZE:
+        raise TruncatedRecord(f"{end - offset} bytes left, a record header is 32")
+    (
+        rkey,
+        version,
+        rtype,
+        flags,
+        meta_length,
+        body_length,
+        meta_crc,
+        body_crc,
+        header_crc,
+    ) = _RECORD_HEADER.unpack_from(buffer, offset)
+    if rkey != key:
+        raise CorruptRecord("record key does not match its segment")
+    if zlib.crc32(buffer[offset : offset + _RECORD_CHECKED]) != header_crc:
+        raise CorruptRecord("record header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise UnsupportedRecord(f"record format version {version}, expected {FORMAT_VERSION}")
+    if flags:
+        raise UnsupportedRecord(f"record flags {flags:#x}")
+    try:
+        record_type = RecordType(rtype)
+    except ValueError:
+        raise UnsupportedRecord(f"record type {rtype}") from None
+    if meta_length > MAX_META_LENGTH:
+        raise CorruptRecord(f"record metadata length {meta_length}")
+    header = RecordHeader(record_type, meta_length, body_length, meta_crc, body_crc)
+    if end - offset < header.length:
+        raise TruncatedRecord(f"{end - offset} bytes left, the record is {header.length}")
+    return header
+
+
+def accept_queue_id(meta: bytes) -> str:
+    """
+    @return: the queue id of ACCEPT metadata, without decoding the rest.
+    """
+    return _read_short_ascii(meta, 0)[0]
+
+
+def decode_envelope(meta: bytes) -> Envelope:
+    """
+    @return: the envelope in checked ACCEPT metadata.
+    @raise CorruptRecord: if it cannot be decoded.
+    """
+    queue_id, offset = _read_short_ascii(meta, 0)
+    try:
+        fields = json.loads(meta[offset:])
+        return Envelope(
+            queue_id=queue_id,
+            list=fields["list"],
+            username=fields["username"],
+            sender=fields["sender"],
+            recipients=tuple(fields["recipients"]),
+            priority=_PRIORITIES[fields["priority"]],
+            accepted_at=float(fields["accepted_at"]),
+            client_ip=fields["client_ip"],
+            size=fields["size"],
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptRecord(f"undecodable accept metadata: {e}") from None
+
+
+def decode_state(meta: bytes) -> StateRecord:
+    """
+    @return: the change in checked STATE metadata.
+    @raise CorruptRecord: if it cannot be decoded.
+    """
+    queue_id, offset = _read_short_ascii(meta, 0)
+    state, offset = _read_short_ascii(meta, offset)
+    end = offset + _STATE_NUMBERS.size
+    if end > len(meta):
+        raise CorruptRecord("state metadata too short")
+    attempts, next_attempt_at = _STATE_NUMBERS.unpack_from(meta, offset)
+    details: Mapping[str, Any] = {}
+    if end < len(meta):
+        try:
+            details = json.loads(meta[end:])
+        except ValueError as e:
+            raise CorruptRecord(f"undecodable state details: {e}") from None
+        if not isinstance(details, dict):
+            raise CorruptRecord("state details are not an object")
+    return StateRecord(queue_id, state, attempts, next_attempt_at, details)
+
+
+def _decode_priority(meta: bytes) -> PriorityRecord:
+    queue_id, offset = _read_short_ascii(meta, 0)
+    if len(meta) != offset + 1 or meta[offset] not in _PRIORITIES:
+        raise CorruptRecord("bad priority metadata")
+    return PriorityRecord(queue_id, _PRIORITIES[meta[offset]])
+
+
+def decode_record_at(buffer: Any, offset: int, key: bytes, end: int) -> tuple[Record, int]:
+    """
+    Decode and check the whole record at C{offset}.
+
+    @return: the record and the offset just after it.
+    @raise JournalRecordError: see L{read_header}; L{CorruptRecord} also
+        when a payload checksum does not match.
+    """
+    header = read_header(buffer, offset, key, end)
+    meta_start = offset + RECORD_HEADER_SIZE
+    body_start = meta_start + header.meta_length
+    record_end = body_start + header.body_length
+    meta = bytes(buffer[meta_start:body_start])
+    if zlib.crc32(meta) != header.meta_crc:
+        raise CorruptRecord("record metadata checksum mismatch")
+    body = bytes(buffer[body_start:record_end])
+    if zlib.crc32(body) != header.body_crc:
+        raise CorruptRecord("record body checksum mismatch")
+    record: Record
+    if header.type is RecordType.ACCEPT:
+        record = AcceptRecord(decode_envelope(meta), body)
+    elif header.body_length:
+        raise CorruptRecord(f"{header.type.name} record with a body")
+    elif header.type is RecordType.STATE:
+        record = decode_state(meta)
+    elif header.type is RecordType.PRIORITY:
+        record = _decode_priority(meta)
+    else:
+        if meta:
+            raise CorruptRecord("NOOP record with metadata")
+        record = NoopRecord()
+    return record, record_end
+
+
+def decode_record(data: bytes, key: bytes) -> Record:
+    """
+    Decode exactly one whole record.
+
+    @raise JournalRecordError: see L{decode_record_at}; L{CorruptRecord}
+        also if bytes follow the record.
+    """
+    record, end = decode_record_at(data, 0, key, len(data))
+    if end != len(data):
+        raise CorruptRecord(f"{len(data) - end} bytes after the record")
+    return record
+
+
+def encode_segment_header(number: int, key: bytes) -> bytes:
+    """
+    @return: the header of segment C{number}, whose records carry C{key}.
+    """
+    if len(key) != SEGMENT_KEY_SIZE:
+        raise ValueError(f"segment key must be {SEGMENT_KEY_SIZE} bytes")
+    head = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, number, key, 0)[:_SEGMENT_CHECKED]
+    return head + zlib.crc32(head).to_bytes(4, "little")
+
+
+def decode_segment_header(data: bytes) -> SegmentHeader:
+    """
+    @raise TruncatedRecord: if C{data} is shorter than a segment header.
+    @raise CorruptRecord: on a wrong magic number or checksum.
+    @raise UnsupportedRecord: on an intact header of an unknown version.
+    """
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise TruncatedRecord(f"{len(data)} bytes, a segment header is {SEGMENT_HEADER_SIZE}")
+    magic, version, number, key, crc = _SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC:
+        raise CorruptRecord("not a journal segment (bad magic)")
+    if zlib.crc32(data[:_SEGMENT_CHECKED]) != crc:
+        raise CorruptRecord("segment header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise UnsupportedRecord(f"segment format version {version}, expected {FORMAT_VERSION}")
+    return SegmentHeader(number, key)
