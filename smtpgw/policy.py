@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import re
 
+import idna
 from attrs import frozen
 
 from smtpgw.model import SmtpUser
@@ -33,6 +34,11 @@ __all__ = [
 MAX_SHOWN_ADDRESS = 200
 
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+_TRAILING = re.compile(r"[\s.]+\Z")
+
+
+def _trimmed(domain: str) -> str:
+    return _TRAILING.sub("", domain.lstrip()).lower()
 
 
 @frozen
@@ -60,18 +66,24 @@ def normalize_domain(domain: str) -> str:
     The form in which domains are compared: lower case, IDNA ASCII ("A-label")
     when the domain is internationalized, without a trailing dot.
 
-    Domains the IDNA codec refuses (empty labels, labels over 63 octets, ...)
-    are compared on their lower-cased text instead: they can still match an
+    Internationalized domains are converted with UTS 46 / IDNA 2008 (so
+    C{faß.de} is C{xn--fa-hia.de}, as registries see it), else with the
+    stdlib's IDNA 2003 codec; a domain both refuse (labels over 63 octets,
+    ...) is compared on its lower-cased text: it can still match an
     identical listed entry, and nothing raises.
 
     @param domain: a domain as typed by an admin or found in an address.
     @return: the comparison key.
     """
-    text = domain.strip().rstrip(".").lower()
+    text = _trimmed(domain)
     if text.isascii():
         return text
     try:
-        return text.encode("idna").decode("ascii").lower()
+        return _trimmed(idna.encode(text, uts46=True).decode("ascii"))
+    except (idna.IDNAError, UnicodeError, ValueError):
+        pass
+    try:
+        return _trimmed(text.encode("idna").decode("ascii"))
     except UnicodeError:
         return text
 

@@ -121,6 +121,15 @@ class TestCheckSenderDomains:
         assert decision.allowed
         assert decision.domain == "xn--bcher-kva.de"
 
+    def test_idna_2008_sharp_s(self) -> None:
+        """
+        faß.de is the registered xn--fa-hia.de (IDNA 2008), not fass.de
+        (IDNA 2003), so it neither matches fass.de nor misses its own A-label.
+        """
+        assert normalize_domain("Faß.de") == "xn--fa-hia.de"
+        assert check_sender(make_user(domains=("xn--fa-hia.de",)), "a@faß.de").allowed
+        assert not check_sender(make_user(domains=("fass.de",)), "a@faß.de").allowed
+
     def test_unicode_refusal_reason_is_ascii(self) -> None:
         """
         Refusing a unicode address still gives a printable ASCII reason.
@@ -275,6 +284,17 @@ class TestCheckSenderProperties:
         decision = check_sender(make_user(tuple(domains_), tuple(senders)), address)
         assert isinstance(decision.allowed, bool)
         assert_safe_reason(decision)
+
+
+class TestNormalizeDomain:
+    @given(st.text(max_size=100))
+    def test_never_raises_and_is_idempotent(self, domain: str) -> None:
+        """
+        Any text normalizes without raising, and normalizing twice changes
+        nothing more.
+        """
+        key = normalize_domain(domain)
+        assert normalize_domain(key) == key
 
 
 class TestHeaderFromAddresses:
