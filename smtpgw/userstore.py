@@ -1,0 +1,951 @@
+"""
+Lists and SMTP+ users, kept in SQLite in the data directory.
+
+The database (C{<data-dir>/smtpgw.db}) runs in WAL mode with a busy timeout,
+so C{smtpgw-admin} can read and change it while the gateway runs. Its schema
+is versioned: L{MIGRATIONS} are applied in order when it is opened, and a
+database made by a newer gateway is refused rather than misread.
+
+Deleting a list that still has users is refused (L{ListNotEmpty}): removing
+credentials that live integrations use must be a deliberate act, one user at
+a time, never a side effect.
+
+L{SQLiteUserStore} is the synchronous store (the CLI uses it directly);
+L{ThreadedUserStore} runs it on a small thread pool for the reactor and
+implements L{IUserStore}.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from attrs import define
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from smtpgw.interfaces import IUserStore
+from smtpgw.model import Enforcement, MailList, Priority, SmtpUser
+from smtpgw.passwords import DEFAULT_ROUNDS, generate_password, generate_username, hash_password
+from smtpgw.validation import (
+    ValidationError,
+    parse_domains,
+    parse_senders,
+    validate_active,
+    validate_enforcement,
+    validate_list_name,
+    validate_notes,
+    validate_priority,
+)
+
+__all__ = [
+    "DB_FILENAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "UNSET",
+    "ListExists",
+    "ListNotEmpty",
+    "NoSuchList",
+    "NoSuchUser",
+    "SQLiteUserStore",
+    "SchemaTooNew",
+    "StoreError",
+    "StoreNotRunning",
+    "ThreadedUserStore",
+    "UnusableDatabase",
+    "ValidationError",
+    "database_path",
+    "list_document",
+    "open_database",
+    "user_document",
+]
+
+T = TypeVar("T")
+
+DB_FILENAME: Final = "smtpgw.db"
+
+BUSY_TIMEOUT: Final = 10.0
+"""Seconds a connection waits for another one's write lock before failing."""
+
+USERNAME_ATTEMPTS: Final = 10
+"""Fresh usernames tried before giving up; a collision is already rare."""
+
+DEFAULT_POOL_SIZE: Final = 4
+"""Threads of L{ThreadedUserStore}; bcrypt releases the GIL, so they run in parallel."""
+
+LOGIN_FLUSH_INTERVAL: Final = 1.0
+"""Seconds between writes of coalesced login records."""
+
+
+class StoreError(Exception):
+    """
+    The user store cannot do what was asked; the message says why, in one line.
+    """
+
+
+class UnusableDatabase(StoreError):
+    """
+    The database file cannot be opened as an smtpgw database.
+    """
+
+
+class SchemaTooNew(UnusableDatabase):
+    """
+    The database was made by a newer smtpgw than this one.
+    """
+
+
+class NoSuchList(StoreError, LookupError):
+    """
+    No list has that name.
+    """
+
+
+class NoSuchUser(StoreError, LookupError):
+    """
+    No SMTP+ user has that username.
+    """
+
+
+class ListExists(StoreError):
+    """
+    A list of that name already exists.
+    """
+
+
+class ListNotEmpty(StoreError):
+    """
+    The list still has SMTP+ users, so it is not deleted.
+    """
+
+
+class StoreNotRunning(StoreError):
+    """
+    The threaded store is not started, or was stopped.
+    """
+
+
+def _migrate_1(connection: sqlite3.Connection) -> None:
+    statements = [
+        """
+        CREATE TABLE lists (
+            name TEXT PRIMARY KEY NOT NULL,
+            created_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE users (
+            username TEXT PRIMARY KEY NOT NULL,
+            list TEXT NOT NULL REFERENCES lists (name) ON DELETE RESTRICT,
+            password_hash BLOB NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
+            priority INTEGER NOT NULL DEFAULT 3 CHECK (priority BETWEEN 1 AND 5),
+            notes TEXT NOT NULL DEFAULT '',
+            authorized_domains TEXT NOT NULL DEFAULT '[]',
+            authorized_senders TEXT NOT NULL DEFAULT '[]',
+            enforcement TEXT NOT NULL DEFAULT 'enforce'
+                CHECK (enforcement IN ('enforce', 'monitor')),
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            last_used_ip TEXT
+        )
+        """,
+        "CREATE INDEX users_by_list ON users (list, username)",
+        """
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            type TEXT NOT NULL,
+            list TEXT,
+            message TEXT NOT NULL,
+            details TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            read INTEGER NOT NULL DEFAULT 0 CHECK (read IN (0, 1))
+        )
+        """,
+        "CREATE INDEX alerts_by_list ON alerts (list, id)",
+        "CREATE INDEX alerts_by_type ON alerts (type, id)",
+    ]
+    for statement in statements:
+        connection.execute(statement)
+
+
+MIGRATIONS: Final[Mapping[int, Callable[[sqlite3.Connection], None]]] = {
+    1: _migrate_1,
+}
+"""
+Schema changes by the version they bring the database to. Each runs inside
+the one transaction that also records the new version, so a crash leaves the
+schema at a known version. Append, never edit: C{api_tokens} and C{admins}
+come as version 2 and later.
+"""
+
+SCHEMA_VERSION: Final = max(MIGRATIONS)
+
+
+def database_path(data_dir: str | os.PathLike[str]) -> Path:
+    """
+    Where the database of a data directory is.
+    """
+    return Path(data_dir) / DB_FILENAME
+
+
+def _stored_version(connection: sqlite3.Connection, path: Path) -> int:
+    tables = {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    if "schema_version" not in tables:
+        if tables:
+            raise UnusableDatabase(f"{path} is an SQLite database, but not an smtpgw one")
+        return 0
+    row = connection.execute("SELECT version FROM schema_version").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _refuse_newer(version: int, path: Path) -> None:
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"{path} has schema version {version}, newer than the {SCHEMA_VERSION} this "
+            "smtpgw knows: upgrade smtpgw"
+        )
+
+
+def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+    version = _stored_version(connection, path)
+    _refuse_newer(version, path)
+    if version == SCHEMA_VERSION:
+        return
+    # Another process (the gateway, a second CLI) may be migrating too: the
+    # write lock serializes them, and the version is read again under it.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = _stored_version(connection, path)
+        _refuse_newer(version, path)
+        if version == 0:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version (version) VALUES (0)")
+        for target in sorted(MIGRATIONS):
+            if target > version:
+                MIGRATIONS[target](connection)
+                connection.execute("UPDATE schema_version SET version = ?", (target,))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def open_database(
+    path: str | os.PathLike[str],
+    *,
+    create: bool = True,
+    check_same_thread: bool = True,
+) -> sqlite3.Connection:
+    """
+    Open the smtpgw database, bringing its schema up to date.
+
+    @param path: the database file.
+    @param create: make the file (mode 0600: it holds password hashes) when
+        it does not exist; when L{False}, a missing file is an error.
+    @param check_same_thread: passed to L{sqlite3.connect}.
+    @return: a connection in autocommit mode (transactions are explicit),
+        with foreign keys enforced.
+    @raise UnusableDatabase: missing, unreadable, not SQLite, not smtpgw's,
+        or corrupt; L{SchemaTooNew} when made by a newer smtpgw.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UnusableDatabase(f"{path} is a directory, not a database file")
+    if not path.exists():
+        if not create:
+            raise UnusableDatabase(f"no database at {path} (wrong data directory?)")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as e:
+            raise UnusableDatabase(f"cannot create {path}: {e.strerror}") from e
+    try:
+        connection = sqlite3.connect(
+            path,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+        )
+    except sqlite3.Error as e:
+        raise UnusableDatabase(f"cannot open {path}: {e}") from e
+    try:
+        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA journal_mode = WAL")
+        # User changes are rare and an admin was shown the password: keep them.
+        connection.execute("PRAGMA synchronous = FULL")
+        _migrate(connection, path)
+    except sqlite3.OperationalError as e:
+        connection.close()
+        raise UnusableDatabase(f"cannot use {path}: {e}") from e
+    except sqlite3.DatabaseError as e:
+        connection.close()
+        raise UnusableDatabase(f"{path} is not a usable smtpgw database: {e}") from e
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+class Unset(enum.Enum):
+    """
+    The type of L{UNSET}: a field left unchanged by L{SQLiteUserStore.update_user}.
+    """
+
+    UNSET = enum.auto()
+
+
+UNSET: Final = Unset.UNSET
+
+_SELECT_USERS: Final = (
+    "SELECT username, list, password_hash, active, priority, notes, authorized_domains, "
+    "authorized_senders, enforcement, created_at, last_used_at, last_used_ip FROM users"
+)
+_INSERT_USER: Final = (
+    "INSERT INTO users (username, list, password_hash, active, priority, notes, "
+    "authorized_domains, authorized_senders, enforcement, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _user_from_row(row: tuple[Any, ...]) -> SmtpUser:
+    return SmtpUser(
+        username=row[0],
+        list=row[1],
+        password_hash=bytes(row[2]),
+        active=bool(row[3]),
+        priority=Priority(row[4]),
+        notes=row[5],
+        authorized_domains=tuple(json.loads(row[6])),
+        authorized_senders=tuple(json.loads(row[7])),
+        enforcement=Enforcement(row[8]),
+        created_at=row[9],
+        last_used_at=row[10],
+        last_used_ip=row[11],
+    )
+
+
+@define
+class SQLiteUserStore:
+    """
+    The synchronous user store: one SQLite connection, used by one thread
+    at a time.
+
+    @ivar rounds: the bcrypt cost of new password hashes.
+    """
+
+    _connection: sqlite3.Connection
+    _clock: IReactorTime
+    rounds: int = DEFAULT_ROUNDS
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        clock: IReactorTime,
+        *,
+        rounds: int = DEFAULT_ROUNDS,
+        create: bool = True,
+        check_same_thread: bool = True,
+    ) -> SQLiteUserStore:
+        """
+        Open the database at C{path} (see L{open_database}).
+
+        @param clock: gives C{created_at} times.
+        """
+        connection = open_database(path, create=create, check_same_thread=check_same_thread)
+        return cls(connection, clock, rounds)
+
+    def close(self) -> None:
+        """
+        Close the connection.
+        """
+        self._connection.close()
+
+    def __enter__(self) -> SQLiteUserStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so checks made inside
+        # the transaction still hold when it writes.
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._connection
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        self._connection.execute("COMMIT")
+
+    def _list_exists(self, name: str) -> bool:
+        row = self._connection.execute("SELECT 1 FROM lists WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    def create_list(self, name: str) -> MailList:
+        """
+        Create a list.
+
+        @raise ValidationError: for a bad name.
+        @raise ListExists: when it exists already.
+        """
+        validate_list_name(name)
+        created = MailList(name=name, created_at=self._clock.seconds())
+        with self._transaction() as db:
+            if self._list_exists(name):
+                raise ListExists(f"list {name!r} already exists")
+            db.execute(
+                "INSERT INTO lists (name, created_at) VALUES (?, ?)",
+                (created.name, created.created_at),
+            )
+        return created
+
+    def get_list(self, name: str) -> MailList | None:
+        """
+        The list named C{name}, or L{None}.
+        """
+        row = self._connection.execute(
+            "SELECT name, created_at FROM lists WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else MailList(name=row[0], created_at=row[1])
+
+    def lists(self) -> list[MailList]:
+        """
+        Every list, by name.
+        """
+        rows = self._connection.execute("SELECT name, created_at FROM lists ORDER BY name")
+        return [MailList(name=name, created_at=created_at) for name, created_at in rows]
+
+    def user_counts(self) -> dict[str, int]:
+        """
+        How many SMTP+ users each list has (lists without users are left out).
+        """
+        rows = self._connection.execute("SELECT list, count(*) FROM users GROUP BY list")
+        return {name: count for name, count in rows}
+
+    def delete_list(self, name: str) -> None:
+        """
+        Delete a list that has no users.
+
+        @raise NoSuchList: when there is none of that name.
+        @raise ListNotEmpty: when it still has SMTP+ users.
+        """
+        with self._transaction() as db:
+            if not self._list_exists(name):
+                raise NoSuchList(f"no list named {name!r}")
+            (count,) = db.execute("SELECT count(*) FROM users WHERE list = ?", (name,)).fetchone()
+            if count:
+                raise ListNotEmpty(
+                    f"list {name!r} still has {count} SMTP+ user(s): delete them first"
+                )
+            db.execute("DELETE FROM lists WHERE name = ?", (name,))
+
+    def create_user(
+        self,
+        list: str,
+        priority: int | str | Priority = Priority.NORMAL,
+        domains: str | Iterable[str] = (),
+        senders: str | Iterable[str] = (),
+        notes: str = "",
+        active: bool = True,
+        enforcement: Enforcement | str = Enforcement.ENFORCE,
+        rounds: int | None = None,
+    ) -> tuple[SmtpUser, str]:
+        """
+        Create an SMTP+ user with a generated username and password.
+
+        @param list: the list it relays for.
+        @param domains: C{authorized_domains}, C{;}-separated or as entries.
+        @param senders: C{authorized_senders}, C{;}-separated or as entries.
+        @param rounds: bcrypt cost, default L{rounds}.
+        @return: the record and the password, which is stored only as a
+            hash: this is the one time it is known.
+        @raise ValidationError: for any bad field, before anything changes.
+        @raise NoSuchList: when the list does not exist.
+        """
+        user_priority = validate_priority(priority)
+        authorized_domains = parse_domains(domains)
+        authorized_senders = parse_senders(senders)
+        notes = validate_notes(notes)
+        active = validate_active(active)
+        user_enforcement = validate_enforcement(enforcement)
+        if not self._list_exists(list):
+            raise NoSuchList(f"no list named {list!r}")
+        password = generate_password()
+        # bcrypt is slow: hash before taking the write lock.
+        password_hash = hash_password(password, self.rounds if rounds is None else rounds)
+        now = self._clock.seconds()
+        with self._transaction() as db:
+            if not self._list_exists(list):
+                raise NoSuchList(f"no list named {list!r}")
+            for _ in range(USERNAME_ATTEMPTS):
+                username = generate_username(list)
+                if self._fetch_user(username) is None:
+                    break
+            else:
+                raise StoreError(f"no free username found for list {list!r}")
+            user = SmtpUser(
+                username=username,
+                list=list,
+                password_hash=password_hash,
+                active=active,
+                priority=user_priority,
+                notes=notes,
+                authorized_domains=authorized_domains,
+                authorized_senders=authorized_senders,
+                enforcement=user_enforcement,
+                created_at=now,
+            )
+            db.execute(
+                _INSERT_USER,
+                (
+                    user.username,
+                    user.list,
+                    user.password_hash,
+                    int(user.active),
+                    int(user.priority),
+                    user.notes,
+                    json.dumps(_as_list(user.authorized_domains)),
+                    json.dumps(_as_list(user.authorized_senders)),
+                    user.enforcement.value,
+                    user.created_at,
+                ),
+            )
+        return user, password
+
+    def _fetch_user(self, username: str) -> SmtpUser | None:
+        row = self._connection.execute(
+            _SELECT_USERS + " WHERE username = ?", (username,)
+        ).fetchone()
+        return None if row is None else _user_from_row(row)
+
+    def get_user(self, username: str) -> SmtpUser | None:
+        """
+        The user named C{username}, or L{None}.
+        """
+        return self._fetch_user(username)
+
+    def users(self, list: str | None = None) -> list[SmtpUser]:
+        """
+        The SMTP+ users, of one list or of all, by list then username.
+
+        @raise NoSuchList: when C{list} is given and does not exist.
+        """
+        if list is None:
+            rows = self._connection.execute(_SELECT_USERS + " ORDER BY list, username").fetchall()
+        else:
+            if not self._list_exists(list):
+                raise NoSuchList(f"no list named {list!r}")
+            rows = self._connection.execute(
+                _SELECT_USERS + " WHERE list = ? ORDER BY username", (list,)
+            ).fetchall()
+        return [_user_from_row(row) for row in rows]
+
+    def update_user(
+        self,
+        username: str,
+        *,
+        list: str | Unset = UNSET,
+        priority: int | str | Priority | Unset = UNSET,
+        domains: str | Iterable[str] | Unset = UNSET,
+        senders: str | Iterable[str] | Unset = UNSET,
+        notes: str | Unset = UNSET,
+        active: bool | Unset = UNSET,
+        enforcement: Enforcement | str | Unset = UNSET,
+    ) -> SmtpUser:
+        """
+        Change some fields of a user; the others keep their values.
+
+        The fields are those of L{create_user}; C{list} moves the user to
+        another list (its username does not change).
+
+        @return: the record as it is now.
+        @raise ValidationError: for any bad field, before anything changes.
+        @raise NoSuchUser: when there is no such user.
+        @raise NoSuchList: when moving it to a list that does not exist.
+        """
+        changes: dict[str, object] = {}
+        if not isinstance(priority, Unset):
+            changes["priority"] = int(validate_priority(priority))
+        if not isinstance(domains, Unset):
+            changes["authorized_domains"] = json.dumps(_as_list(parse_domains(domains)))
+        if not isinstance(senders, Unset):
+            changes["authorized_senders"] = json.dumps(_as_list(parse_senders(senders)))
+        if not isinstance(notes, Unset):
+            changes["notes"] = validate_notes(notes)
+        if not isinstance(active, Unset):
+            changes["active"] = int(validate_active(active))
+        if not isinstance(enforcement, Unset):
+            changes["enforcement"] = validate_enforcement(enforcement).value
+        if not isinstance(list, Unset):
+            changes["list"] = list
+        with self._transaction() as db:
+            if self._fetch_user(username) is None:
+                raise NoSuchUser(f"no SMTP+ user named {username!r}")
+            if not isinstance(list, Unset) and not self._list_exists(list):
+                raise NoSuchList(f"no list named {list!r}")
+            if changes:
+                # Column names come from the fixed keys above, never from input.
+                assignments = ", ".join(f"{column} = ?" for column in changes)
+                db.execute(
+                    f"UPDATE users SET {assignments} WHERE username = ?",  # noqa: S608
+                    (*changes.values(), username),
+                )
+            user = self._fetch_user(username)
+        assert user is not None
+        return user
+
+    def regenerate_password(self, username: str, rounds: int | None = None) -> str:
+        """
+        Give a user a new generated password; the old one stops working.
+
+        @param rounds: bcrypt cost, default L{rounds}.
+        @return: the new password: this is the one time it is known.
+        @raise NoSuchUser: when there is no such user.
+        """
+        if self._fetch_user(username) is None:
+            raise NoSuchUser(f"no SMTP+ user named {username!r}")
+        password = generate_password()
+        password_hash = hash_password(password, self.rounds if rounds is None else rounds)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE users SET password_hash = ? WHERE username = ?", (password_hash, username)
+            )
+            if cursor.rowcount == 0:
+                raise NoSuchUser(f"no SMTP+ user named {username!r}")
+        return password
+
+    def delete_user(self, username: str) -> None:
+        """
+        Delete a user; its credentials stop working at once.
+
+        @raise NoSuchUser: when there is no such user.
+        """
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM users WHERE username = ?", (username,))
+            if cursor.rowcount == 0:
+                raise NoSuchUser(f"no SMTP+ user named {username!r}")
+
+    def record_logins(self, logins: Iterable[tuple[str, float, str]]) -> None:
+        """
+        Remember the last successful logins, in one transaction.
+
+        @param logins: (username, time, client address) triples; an older
+            time never replaces a newer one, and unknown users are ignored.
+        """
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE users SET last_used_at = ?, last_used_ip = ? "
+                "WHERE username = ? AND (last_used_at IS NULL OR last_used_at <= ?)",
+                [(at, ip, username, at) for username, at, ip in logins],
+            )
+
+
+def _as_list(values: Iterable[str]) -> list[str]:
+    # Where a parameter named "list" hides the builtin.
+    return [*values]
+
+
+def _timestamp(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return (
+        datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+def user_document(user: SmtpUser, password: str | None = None) -> dict[str, Any]:
+    """
+    A user as JSON, with the field names of the product's section 1; never
+    the hash.
+
+    @param password: included only when it was just generated.
+    @return: C{username}, (C{password}), C{list}, C{active}, C{priority},
+        C{notes}, C{authorized_domains}, C{authorized_senders} (arrays),
+        C{enforcement}, C{created_at}, C{last_used_at}, C{last_used_ip};
+        times in ISO 8601 UTC, or C{null}.
+    """
+    document: dict[str, Any] = {"username": user.username}
+    if password is not None:
+        document["password"] = password
+    document.update(
+        {
+            "list": user.list,
+            "active": user.active,
+            "priority": int(user.priority),
+            "notes": user.notes,
+            "authorized_domains": _as_list(user.authorized_domains),
+            "authorized_senders": _as_list(user.authorized_senders),
+            "enforcement": user.enforcement.value,
+            "created_at": _timestamp(user.created_at),
+            "last_used_at": _timestamp(user.last_used_at),
+            "last_used_ip": user.last_used_ip,
+        }
+    )
+    return document
+
+
+def list_document(mail_list: MailList, users: int | None = None) -> dict[str, Any]:
+    """
+    A list as JSON: C{name}, C{created_at} and, when given, its number of C{users}.
+    """
+    document: dict[str, Any] = {
+        "name": mail_list.name,
+        "created_at": _timestamp(mail_list.created_at),
+    }
+    if users is not None:
+        document["users"] = users
+    return document
+
+
+@implementer(IUserStore)
+class ThreadedUserStore(Service):
+    """
+    The user store as the reactor reaches it: every call runs an
+    L{SQLiteUserStore} on a small pool of threads, each with its own
+    connection, and answers with a L{Deferred}.
+
+    Successful logins are coalesced in memory and written in one transaction
+    at most once every L{LOGIN_FLUSH_INTERVAL} seconds, and when stopping.
+
+    @ivar rounds: the bcrypt cost of new password hashes.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        reactor: IReactorFromThreads,
+        clock: IReactorTime,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        rounds: int = DEFAULT_ROUNDS,
+        flush_interval: float = LOGIN_FLUSH_INTERVAL,
+    ) -> None:
+        """
+        @param path: the database file; created when missing.
+        @param reactor: delivers results from the threads.
+        @param clock: gives times, and schedules login flushes.
+        """
+        self._path = Path(path)
+        self._reactor = reactor
+        self._clock = clock
+        self._pool_size = pool_size
+        self.rounds = rounds
+        self._flush_interval = flush_interval
+        self._pool: ThreadPool | None = None
+        self._local = threading.local()
+        self._stores: list[SQLiteUserStore] = []
+        self._stores_lock = threading.Lock()
+        self._pending_logins: dict[str, tuple[float, str]] = {}
+        self._flush_timer: IDelayedCall | None = None
+        self._flushes_in_flight = 0
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def startService(self) -> None:
+        """
+        Open the database (so a bad one stops the start with a clear error),
+        then start the threads.
+        """
+        open_database(self._path, create=True).close()
+        self._local = threading.local()
+        self._pool = ThreadPool(self._pool_size, self._pool_size, name="smtpgw-userstore")
+        self._pool.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Write the pending login records, then stop the threads and close
+        their connections.
+        """
+        super().stopService()
+        self._cancel_flush_timer()
+        self._flush_logins_now()
+        return self._when_idle().addCallback(lambda _: self._stop_pool())
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        with self._stores_lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            store.close()
+
+    def _thread_store(self) -> SQLiteUserStore:
+        store: SQLiteUserStore | None = getattr(self._local, "store", None)
+        if store is None:
+            # Closed by _stop_pool once the thread is gone, hence not
+            # tied to this thread.
+            store = SQLiteUserStore.open(
+                self._path, self._clock, rounds=self.rounds, check_same_thread=False
+            )
+            self._local.store = store
+            with self._stores_lock:
+                self._stores.append(store)
+        return store
+
+    def _call_with_store(self, f: Callable[[SQLiteUserStore], T]) -> T:
+        return f(self._thread_store())
+
+    def run(self, f: Callable[[SQLiteUserStore], T]) -> Deferred[T]:
+        """
+        Call C{f} with this thread's L{SQLiteUserStore}, in the pool.
+
+        Callers that must do several steps off the reactor (the credential
+        checker: lookup and bcrypt) do them in one hop this way.
+
+        @return: what C{f} returns, or fails with what it raised, or with
+            L{StoreNotRunning}.
+        """
+        pool = self._pool
+        if pool is None:
+            return fail(StoreNotRunning("the user store is not running"))
+        return deferToThreadPool(self._reactor, pool, self._call_with_store, f)
+
+    def get_user(self, username: str) -> Deferred[SmtpUser | None]:
+        return self.run(lambda store: store.get_user(username))
+
+    def get_list(self, name: str) -> Deferred[MailList | None]:
+        return self.run(lambda store: store.get_list(name))
+
+    def lists(self) -> Deferred[list[MailList]]:
+        """
+        See L{SQLiteUserStore.lists}.
+        """
+        return self.run(lambda store: store.lists())
+
+    def user_counts(self) -> Deferred[dict[str, int]]:
+        """
+        See L{SQLiteUserStore.user_counts}.
+        """
+        return self.run(lambda store: store.user_counts())
+
+    def create_list(self, name: str) -> Deferred[MailList]:
+        """
+        See L{SQLiteUserStore.create_list}.
+        """
+        return self.run(lambda store: store.create_list(name))
+
+    def delete_list(self, name: str) -> Deferred[None]:
+        """
+        See L{SQLiteUserStore.delete_list}.
+        """
+        return self.run(lambda store: store.delete_list(name))
+
+    def create_user(self, list: str, **fields: Any) -> Deferred[tuple[SmtpUser, str]]:
+        """
+        See L{SQLiteUserStore.create_user}.
+        """
+        return self.run(lambda store: store.create_user(list, **fields))
+
+    def users(self, list: str | None = None) -> Deferred[list[SmtpUser]]:
+        """
+        See L{SQLiteUserStore.users}.
+        """
+        return self.run(lambda store: store.users(list))
+
+    def update_user(self, username: str, **changes: Any) -> Deferred[SmtpUser]:
+        """
+        See L{SQLiteUserStore.update_user}.
+        """
+        return self.run(lambda store: store.update_user(username, **changes))
+
+    def regenerate_password(self, username: str, rounds: int | None = None) -> Deferred[str]:
+        """
+        See L{SQLiteUserStore.regenerate_password}.
+        """
+        return self.run(lambda store: store.regenerate_password(username, rounds))
+
+    def delete_user(self, username: str) -> Deferred[None]:
+        """
+        See L{SQLiteUserStore.delete_user}.
+        """
+        return self.run(lambda store: store.delete_user(username))
+
+    def record_login(self, username: str, at: float, ip: str) -> Deferred[None]:
+        """
+        Remember a successful login; written with the others of the same
+        second, so it costs a dictionary update.
+
+        @return: an already-fired L{Deferred}.
+        """
+        previous = self._pending_logins.get(username)
+        if previous is None or previous[0] <= at:
+            self._pending_logins[username] = (at, ip)
+        if self._flush_timer is None and self.running:
+            self._flush_timer = self._clock.callLater(self._flush_interval, self._flush_from_timer)
+        return succeed(None)
+
+    @property
+    def pending_logins(self) -> int:
+        """
+        How many users have a login not yet written.
+        """
+        return len(self._pending_logins)
+
+    def flush_logins(self) -> Deferred[None]:
+        """
+        Write the pending login records now.
+
+        @return: fires once they, and any write already under way, are done.
+        """
+        self._cancel_flush_timer()
+        self._flush_logins_now()
+        return self._when_idle()
+
+    def _cancel_flush_timer(self) -> None:
+        if self._flush_timer is not None:
+            if self._flush_timer.active():
+                self._flush_timer.cancel()
+            self._flush_timer = None
+
+    def _flush_from_timer(self) -> None:
+        self._flush_timer = None
+        self._flush_logins_now()
+
+    def _flush_logins_now(self) -> None:
+        if not self._pending_logins:
+            return
+        batch = [(username, at, ip) for username, (at, ip) in self._pending_logins.items()]
+        self._pending_logins = {}
+        self._flushes_in_flight += 1
+        d = self.run(lambda store: store.record_logins(batch))
+        d.addErrback(
+            lambda f: self._log.failure(
+                "Could not record {count} logins", failure=f, count=len(batch)
+            )
+        )
+        d.addBoth(self._flush_done)
+
+    def _flush_done(self, _: object) -> None:
+        self._flushes_in_flight -= 1
+        if self._flushes_in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _when_idle(self) -> Deferred[None]:
+        if self._flushes_in_flight == 0:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
