@@ -14,6 +14,7 @@ setup(
         "pyopenssl",
         "service-identity",
         "cryptography",
+        "idna",
         "klein",
         "bcrypt",
         "attrs",

@@ -1,0 +1,203 @@
+"""
+Run the real gateway (C{twistd -n smtpgw}) as a child process for
+end-to-end tests, and drive C{smtpgw-admin} against its data directory.
+
+Waiting here is on real processes and sockets, so it polls with a deadline;
+protocol logic is tested elsewhere with a Clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from attrs import define, field
+
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+ADMIN = str(BIN / "smtpgw-admin")
+#: bcrypt rounds for users made by the tests: the gateway checks any rounds.
+TEST_ROUNDS = "4"
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
+) -> None:
+    """
+    Poll C{predicate} until it is true, failing after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        pause.wait(0.02)
+
+
+def admin(data_dir: Path, *args: str, check: bool = True) -> Any:
+    """
+    Run C{smtpgw-admin --data-dir DIR --json ARGS} and return its JSON output.
+    """
+    env = dict(os.environ, SMTPGW_BCRYPT_ROUNDS=TEST_ROUNDS)
+    result = subprocess.run(
+        [ADMIN, "--data-dir", str(data_dir), "--json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"smtpgw-admin {' '.join(args)} failed: {result.stderr}")
+    return json.loads(result.stdout) if result.stdout.strip() else None
+
+
+@define
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+def add_user(data_dir: Path, mail_list: str, *options: str) -> Credentials:
+    """
+    Create an SMTP+ user (and its list when missing); return its credentials.
+    """
+    lists = admin(data_dir, "list", "show")
+    names = {entry["name"] for entry in (lists or [])}
+    if mail_list not in names:
+        admin(data_dir, "list", "add", mail_list)
+    document = admin(data_dir, "user", "add", "--list", mail_list, *options)
+    return Credentials(document["username"], document["password"])
+
+
+@define
+class Gateway:
+    """
+    One C{twistd -n smtpgw} child process on 127.0.0.1.
+    """
+
+    data_dir: Path
+    port: int
+    extra_args: Sequence[str] = ()
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+    starts: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-gateway.log"
+
+    def argv(self) -> list[str]:
+        return [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "smtpgw",
+            "--data-dir",
+            str(self.data_dir),
+            "--ports",
+            str(self.port),
+            "--interface",
+            "127.0.0.1",
+            "--hostname",
+            "gateway.test",
+            "--relay",
+            "capture",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        assert self.process is None, "already running"
+        self.starts += 1
+        log = self.log_path.open("ab")
+        log.write(f"\n===== start {self.starts} =====\n".encode())
+        log.flush()
+        self.process = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        wait_until(self._greets, timeout, f"gateway to greet on port {self.port}")
+
+    def _greets(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"gateway exited with {self.process.returncode}:\n{self.log_tail()}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                return s.recv(512).startswith(b"220 ")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """
+        SIGTERM, wait for a clean exit; return the exit code.
+        """
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # The capture relay's outputs.
+
+    @property
+    def captured(self) -> Path:
+        return self.data_dir / "captured"
+
+    def index(self) -> list[dict[str, Any]]:
+        path = self.captured / "index.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait_delivered(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        wait_until(lambda: len(self.index()) >= count, timeout, f"{count} deliveries")
+        return self.index()
+
+    def tls_context(self) -> ssl.SSLContext:
+        """
+        A client context that trusts the gateway's self-signed certificate.
+        """
+        context = ssl.create_default_context(cafile=str(self.data_dir / "tls" / "selfsigned.crt"))
+        context.check_hostname = False
+        return context
