@@ -1,0 +1,1067 @@
+"""
+The ESMTP submission session: framing, commands, AUTH, STARTTLS, limits.
+
+L{GatewaySMTP} subclasses Twisted's L{smtp.ESMTP} for its place in
+C{twisted.mail} (portal, challengers, TLS context, L{IMessageDelivery}
+avatars) but replaces its input handling, because the stock server:
+
+  - answers plaintext pipelined after C{STARTTLS} inside TLS, and keeps the
+    login across it (RFC 3207 section 4.2);
+  - goes back to command mode after an over-long DATA line, so the rest of
+    the body runs as commands;
+  - passes bare CR and LF into messages;
+  - answers a pipelined command before a pending asynchronous one;
+  - has no per-command or per-DATA deadline (each byte resets its timeout),
+    no command length limit below 16 KiB and no abuse limits.
+
+Input is one buffer, cut into lines with C{bytes.find}: in command mode on
+LF (a trailing CR is dropped; any other CR or a NUL refuses the command), in
+DATA on CRLF, so a bare CR or LF stays inside a line where the assembler
+refuses it. While a reply depends on a L{Deferred} (AUTH, the queue), no
+further line is read: pipelined commands wait their turn.
+
+The modes (greeting, command, AUTH response, DATA, closed) are a small enum
+dispatched inline rather than a state-machine library: this is the per-line
+hot path of the gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+)
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail._cred import PLAINCredentials
+from twisted.mail._except import IllegalClientResponse
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.python.failure import Failure
+
+from smtpgw.abuse import AuthFailureTracker, ConnectionCounter
+from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
+from smtpgw.limits import Limits
+from smtpgw.message import MessageRejected
+from smtpgw.model import Priority, QueueIdGenerator
+from smtpgw.priority import parse_mt_priority_param
+from smtpgw.realm import GatewayMessage, GatewayServices, SessionMind, Transaction
+
+__all__ = ["GatewaySMTP", "GatewaySMTPFactory"]
+
+log = Logger()
+
+
+def _reply(text: str) -> bytes:
+    return text.encode("ascii") + b"\r\n"
+
+
+R_OK = _reply("250 2.0.0 Ok")
+R_SENDER_OK = _reply("250 2.1.0 Sender ok")
+R_RCPT_OK = _reply("250 2.1.5 Recipient ok")
+R_DATA = _reply("354 End data with <CR><LF>.<CR><LF>")
+R_BYE = _reply("221 2.0.0 Bye")
+R_VRFY = _reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+R_HELP = (
+    b"214-2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA\r\n"
+    b"214 2.0.0 RSET NOOP VRFY HELP QUIT\r\n"
+)
+R_AUTH_OK = _reply("235 2.7.0 Authentication successful")
+R_AUTH_FAILED = _reply("535 5.7.8 Authentication credentials invalid")
+R_AUTH_REQUIRED = _reply("530 5.7.0 Authentication required")
+R_TLS_REQUIRED = _reply("530 5.7.0 Must issue a STARTTLS command first")
+R_AUTH_TEMPFAIL = _reply("454 4.7.0 Temporary authentication failure")
+R_AUTH_CANCELLED = _reply("501 5.0.0 Authentication cancelled")
+R_AUTH_MALFORMED = _reply("501 5.5.2 Cannot decode AUTH response")
+R_AUTH_MECHANISM = _reply("504 5.5.4 Unrecognized authentication mechanism")
+R_AUTH_SYNTAX = _reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+R_ALREADY_AUTH = _reply("503 5.5.1 Already authenticated")
+R_AUTH_IN_TRANSACTION = _reply("503 5.5.1 AUTH not permitted during a mail transaction")
+R_EHLO_FIRST = _reply("503 5.5.1 Send EHLO first")
+R_NESTED_MAIL = _reply("503 5.5.1 Sender already given")
+R_NEED_MAIL = _reply("503 5.5.1 Need MAIL command")
+R_NEED_RCPT = _reply("503 5.5.1 Need RCPT command")
+R_UNKNOWN = _reply("500 5.5.2 Command not recognized")
+R_LINE_TOO_LONG = _reply("500 5.5.2 Line too long")
+R_BAD_CHARACTER = _reply("500 5.5.2 Invalid character in command")
+R_NOT_IMPLEMENTED = _reply("502 5.5.1 Command not implemented")
+R_MAIL_SYNTAX = _reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+R_RCPT_SYNTAX = _reply("501 5.5.4 Syntax: RCPT TO:<address>")
+R_BAD_SENDER = _reply("501 5.1.7 Bad sender address syntax")
+R_BAD_RECIPIENT = _reply("501 5.1.3 Bad recipient address syntax")
+R_PATH_TOO_LONG = _reply("501 5.1.3 Path too long")
+R_TOO_MANY_RECIPIENTS = _reply("452 4.5.3 Too many recipients")
+R_SIZE_EXCEEDED = _reply("552 5.3.4 Message size exceeds fixed maximum message size")
+R_PARAMETER_SYNTAX = _reply("501 5.5.4 Invalid parameter value")
+R_PARAMETER_DUPLICATE = _reply("501 5.5.4 Duplicate parameter")
+R_PARAMETER_UNKNOWN = _reply("555 5.5.4 Unsupported parameter")
+R_HELO_SYNTAX = _reply("501 5.5.4 Syntax: EHLO hostname")
+R_NO_PARAMETERS = _reply("501 5.5.4 No parameters allowed")
+R_VRFY_SYNTAX = _reply("501 5.5.4 Syntax: VRFY address")
+R_TLS_UNAVAILABLE = _reply("454 4.7.0 TLS not available")
+R_TLS_ACTIVE = _reply("503 5.5.1 TLS already active")
+R_TLS_GO = _reply("220 2.0.0 Ready to start TLS")
+R_PIPELINED_STARTTLS = _reply("554 5.5.1 Error: command pipelined after STARTTLS")
+R_PREGREET = _reply("554 5.5.1 Error: talking before the greeting")
+R_STORAGE = _reply("452 4.3.1 Insufficient system storage, try again later")
+R_LOCAL_ERROR = _reply("451 4.3.0 Local error in processing")
+
+#: Verbs that show an HTTP client (a proxy probe, a browser) talking to us.
+_HTTP_VERBS = frozenset(
+    {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE", b"PATCH", b"TRACE"}
+)
+_HTTP_HEADER = b"HOST:"
+
+#: Unprocessed input kept while a reply is pending, beyond which the
+#: transport is paused rather than the buffer grown.
+_PAUSED_BUFFER_LIMIT = 64 * 1024
+
+#: A decoded SASL response longer than this is refused as malformed: no
+#: generated credential comes near it, and bcrypt only reads 72 bytes.
+_MAX_SASL_RESPONSE = 2048
+
+_CHALLENGERS: dict[bytes, Callable[[], Any]] = {
+    b"PLAIN": PLAINCredentials,
+    b"LOGIN": smtp.LOGINCredentials,
+}
+
+
+class _Mode(enum.Enum):
+    GREETING = "greeting"
+    COMMAND = "command"
+    AUTH = "auth"
+    DATA = "data"
+    CLOSED = "closed"
+
+
+_GREETING = _Mode.GREETING
+_COMMAND = _Mode.COMMAND
+_AUTH = _Mode.AUTH
+_DATA = _Mode.DATA
+_CLOSED = _Mode.CLOSED
+
+
+class GatewaySMTP(smtp.ESMTP):
+    """
+    One client connection.
+
+    @ivar factory: the L{GatewaySMTPFactory} that built this session.
+    @ivar transaction: the current mail transaction, between a successful
+        MAIL and the end of DATA (or RSET); L{None} outside one.
+    @ivar delivery: the avatar after a successful AUTH, else L{None}.
+    """
+
+    factory: GatewaySMTPFactory
+    host: bytes
+    delivery: Any
+    transaction: Transaction | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transaction = None
+        self._t: Any = None
+        self._clock: IReactorTime
+        self._limits: Limits
+        self._mode = _GREETING
+        self._buffer = b""
+        self._paused = False
+        self._processing = False
+        self._transport_paused = False
+        self._discarding_line = False
+        self._client_ip = ""
+        self._counted = False
+        self._tls_active = False
+        self._bad_commands = 0
+        self._helo_name: str | None = None
+        self._sender: smtp.Address | None = None
+        self._message_factory: Callable[[], GatewayMessage] | None = None
+        self._message: GatewayMessage | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._rejection: MessageRejected | None = None
+        self._challenger: Any = None
+        self._last_activity = 0.0
+        self._line_started_at: float | None = None
+        self._data_started_at: float | None = None
+        self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0
+        self._delayed: IDelayedCall | None = None
+
+    # -- connection lifecycle -------------------------------------------
+
+    def connectionMade(self) -> None:
+        """
+        Count the connection against its address, then greet (at once, or
+        after the greet delay).
+        """
+        factory = self.factory
+        self._t = self.transport
+        self._clock = factory.clock
+        self._limits = limits = factory.limits
+        peer = self._t.getPeer()
+        self._client_ip = str(getattr(peer, "host", peer))
+        self._helo = (None, self._client_ip.encode("ascii", "replace"))
+        if not factory.connections.acquire(self._client_ip):
+            log.info("too many connections from {client_ip}", client_ip=self._client_ip)
+            self._mode = _CLOSED
+            self._t.write(self._421(b"4.7.0", b"Too many connections from your address"))
+            self._t.loseConnection()
+            return
+        self._counted = True
+        self._tls_active = ISSLTransport.providedBy(self._t)
+        self.canStartTLS = ITLSTransport.providedBy(self._t) and self.ctx is not None
+        now = self._clock.seconds()
+        self._last_activity = now
+        self._schedule(now + limits.idle_timeout)
+        if limits.greet_delay > 0:
+            self._delayed = self._clock.callLater(limits.greet_delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._delayed = None
+        self._mode = _COMMAND
+        self._t.write(b"220 " + self.host + b" ESMTP smtpgw\r\n")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        Abandon any message in progress (nothing of it is queued), log out,
+        release the address's connection count and every timer.
+        """
+        self._mode = _CLOSED
+        self._buffer = b""
+        if self._message is not None:
+            self._message.connectionLost()
+            self._message = None
+            self._sink = None
+        self.transaction = None
+        for call in (self._timer, self._delayed):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._delayed = None
+        self._logout()
+        if self._counted:
+            self._counted = False
+            self.factory.connections.release(self._client_ip)
+
+    def _logout(self) -> None:
+        logout, self._onLogout = self._onLogout, None
+        self.delivery = None
+        self.authenticated = False
+        if logout is not None:
+            logout()
+
+    def _close(self) -> None:
+        """
+        Close after the replies already written; read nothing more.
+        """
+        self._buffer = b""
+        self._t.loseConnection()
+
+    def _421(self, status: bytes, text: bytes) -> bytes:
+        return b"421 " + status + b" " + self.host + b" " + text + b"\r\n"
+
+    # -- timers -----------------------------------------------------------
+
+    def _schedule(self, at: float) -> None:
+        """
+        Make the one timer fire no later than C{at}; it recomputes the real
+        deadline when it fires, so moving deadlines later costs nothing.
+        """
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= at:
+                return
+            timer.cancel()
+        self._timer_at = at
+        self._timer = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._on_timer)
+
+    def _deadline(self) -> tuple[float, bytes]:
+        limits = self._limits
+        now = self._clock.seconds()
+        # Time spent waiting on our own Deferred is not the client's idleness.
+        idle_from = now if self._paused else self._last_activity
+        at, why = idle_from + limits.idle_timeout, b"Error: timeout exceeded"
+        if self._line_started_at is not None:
+            line_at = self._line_started_at + limits.command_deadline
+            if line_at < at:
+                at, why = line_at, b"Error: command took too long"
+        if self._data_started_at is not None:
+            data_at = self._data_started_at + limits.data_deadline
+            if data_at < at:
+                at, why = data_at, b"Error: DATA took too long"
+        return at, why
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._mode is _CLOSED:
+            return
+        at, why = self._deadline()
+        if at <= self._clock.seconds():
+            log.info("timeout for {client_ip}: {why}", client_ip=self._client_ip, why=why)
+            self._t.write(self._421(b"4.4.2", why))
+            self._close()
+        else:
+            self._schedule(at)
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Buffer C{data} and process the complete lines, unless a reply is
+        pending.
+        """
+        mode = self._mode
+        if mode is _CLOSED or self._t.disconnecting:
+            return
+        self._last_activity = self._clock.seconds()
+        if mode is _GREETING:
+            log.info("pregreet traffic from {client_ip}", client_ip=self._client_ip)
+            self._t.write(R_PREGREET)
+            self._close()
+            return
+        self._buffer = self._buffer + data if self._buffer else data
+        if self._paused:
+            if len(self._buffer) > _PAUSED_BUFFER_LIMIT and not self._transport_paused:
+                self._transport_paused = True
+                self._t.pauseProducing()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_lines()
+        finally:
+            self._processing = False
+
+    def _process_lines(self) -> None:
+        buf = self._buffer
+        end = len(buf)
+        pos = 0
+        transport = self._t
+        while pos < end and not self._paused:
+            if transport.disconnecting:
+                self._buffer = b""
+                return
+            if self._mode is _DATA:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                line = buf[pos:eol]
+                pos = eol + 2
+                if line[:1] == b".":
+                    if len(line) == 1:
+                        self._end_of_data()
+                        continue
+                    line = line[1:]
+                sink = self._sink
+                if sink is not None:
+                    try:
+                        sink(line)
+                    except MessageRejected as rejection:
+                        self._data_rejected(rejection)
+                continue
+            eol = buf.find(b"\n", pos)
+            if eol < 0:
+                break
+            line = buf[pos:eol]
+            length = eol + 1 - pos
+            pos = eol + 1
+            if self._discarding_line:
+                self._discarding_line = False
+                self._bad(R_LINE_TOO_LONG)
+                continue
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            self._line(line, length, pos < end)
+        self._buffer = rest = buf[pos:] if pos else buf
+        if not rest:
+            self._line_started_at = None
+        elif not self._paused and not transport.disconnecting:
+            self._partial_line(len(rest))
+
+    def _partial_line(self, length: int) -> None:
+        """
+        Bound a line that has not ended yet, and start its deadline.
+        """
+        limits = self._limits
+        if self._mode is _DATA:
+            # The un-stuffing dot and the CR still waiting for its LF.
+            if length > limits.max_data_line_length + 2:
+                self._data_rejected(
+                    MessageRejected(
+                        550,
+                        "5.6.0",
+                        "Message refused: line too long "
+                        f"(limit is {limits.max_data_line_length} octets per line)",
+                    ),
+                    fatal=True,
+                )
+            return
+        if self._discarding_line or length > limits.max_auth_line_length:
+            self._discarding_line = True
+            self._buffer = b""
+        if self._line_started_at is None:
+            self._line_started_at = now = self._clock.seconds()
+            self._schedule(now + limits.command_deadline)
+
+    def _line(self, line: bytes, length: int, more: bool) -> None:
+        """
+        Handle one command line (or AUTH response line).
+
+        @param length: its length on the wire, line end included.
+        @param more: whether more input follows it in the buffer.
+        """
+        limits = self._limits
+        if length > limits.max_command_length and (
+            length > limits.max_auth_line_length
+            or not (self._mode is _AUTH or line[:5].upper() == b"AUTH ")
+        ):
+            self._bad(R_LINE_TOO_LONG)
+            return
+        if b"\0" in line or b"\r" in line:
+            self._bad(R_BAD_CHARACTER)
+            return
+        if self._mode is _AUTH:
+            self._auth_response(line.strip())
+            return
+        verb, _, argument = line.strip().partition(b" ")
+        verb = verb.upper()
+        handler = _COMMANDS.get(verb)
+        if handler is not None:
+            handler(self, argument.strip())
+        elif verb == b"STARTTLS":
+            self._starttls(argument, more)
+        elif verb in _HTTP_VERBS or verb == _HTTP_HEADER:
+            log.info("HTTP request from {client_ip}", client_ip=self._client_ip)
+            self._close()
+        elif verb in (b"EXPN", b"TURN", b"ETRN", b"BDAT"):
+            self._bad(R_NOT_IMPLEMENTED)
+        else:
+            self._bad(R_UNKNOWN)
+
+    def _bad(self, reply: bytes) -> None:
+        """
+        Answer a protocol error, or disconnect once there were too many.
+        """
+        self._bad_commands += 1
+        if self._bad_commands > self._limits.max_bad_commands:
+            log.info("too many errors from {client_ip}", client_ip=self._client_ip)
+            self._t.write(self._421(b"4.7.0", b"Error: too many errors"))
+            self._close()
+        else:
+            self._t.write(reply)
+
+    # -- waiting on Deferreds ---------------------------------------------
+
+    def _pause_until(self, d: Deferred[Any]) -> None:
+        """
+        Read no further line until C{d} (with the reply in its callbacks)
+        has fired.
+        """
+        self._paused = True
+        d.addErrback(self._internal_error)
+        d.addBoth(self._resume)
+
+    def _resume(self, ignored: object) -> None:
+        self._paused = False
+        if self._mode is _CLOSED:
+            return
+        self._last_activity = self._clock.seconds()
+        if self._transport_paused and not self._t.disconnecting:
+            self._transport_paused = False
+            self._t.resumeProducing()
+        if self._buffer:
+            self._process()
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("internal error in SMTP session", failure)
+        if self._mode is not _CLOSED:
+            self._t.write(R_LOCAL_ERROR)
+
+    # -- commands -----------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.transaction = None
+        self._sender = None
+        self._message_factory = None
+
+    def _ehlo(self, argument: bytes) -> None:
+        if not argument:
+            self._bad(R_HELO_SYNTAX)
+            return
+        self._helo_name = argument.decode("ascii", "replace")
+        self._helo = (argument, self._client_ip.encode("ascii", "replace"))
+        self._reset_transaction()
+        self._t.write(
+            self.factory.ehlo_reply(
+                self.host,
+                starttls=self.canStartTLS and not self._tls_active,
+                auth=self._tls_active or not self.factory.require_tls,
+            )
+        )
+
+    def _helo_command(self, argument: bytes) -> None:
+        if not argument:
+            self._bad(R_HELO_SYNTAX)
+            return
+        self._helo_name = argument.decode("ascii", "replace")
+        self._helo = (argument, self._client_ip.encode("ascii", "replace"))
+        self._reset_transaction()
+        self._t.write(b"250 " + self.host + b"\r\n")
+
+    def _noop(self, argument: bytes) -> None:
+        self._t.write(R_OK)
+
+    def _rset(self, argument: bytes) -> None:
+        self._reset_transaction()
+        self._t.write(R_OK)
+
+    def _vrfy(self, argument: bytes) -> None:
+        if not argument:
+            self._bad(R_VRFY_SYNTAX)
+            return
+        self._t.write(R_VRFY)
+
+    def _help(self, argument: bytes) -> None:
+        self._t.write(R_HELP)
+
+    def _quit(self, argument: bytes) -> None:
+        self._t.write(R_BYE)
+        self._close()
+
+    def _starttls(self, argument: bytes, more: bool) -> None:
+        if more:
+            # CVE-2011-0411: whatever follows STARTTLS in the same read was
+            # sent in plaintext and must never be answered inside TLS.
+            log.info("command pipelined after STARTTLS from {ip}", ip=self._client_ip)
+            self._t.write(R_PIPELINED_STARTTLS)
+            self._close()
+            return
+        if argument:
+            self._bad(R_NO_PARAMETERS)
+        elif self._tls_active:
+            self._bad(R_TLS_ACTIVE)
+        elif not self.canStartTLS:
+            self._t.write(R_TLS_UNAVAILABLE)
+        else:
+            self._t.write(R_TLS_GO)
+            self._t.startTLS(self.ctx)
+            self.startedTLS = self._tls_active = True
+            # RFC 3207 4.2: the client must start over; nothing learned in
+            # plaintext survives.
+            self._helo_name = None
+            self._helo = (None, self._client_ip.encode("ascii", "replace"))
+            self._reset_transaction()
+            self._logout()
+
+    # -- AUTH -----------------------------------------------------------------
+
+    def _auth(self, argument: bytes) -> None:
+        factory = self.factory
+        if self._helo_name is None:
+            self._bad(R_EHLO_FIRST)
+            return
+        if self.authenticated:
+            self._bad(R_ALREADY_AUTH)
+            return
+        if self.transaction is not None:
+            self._bad(R_AUTH_IN_TRANSACTION)
+            return
+        if factory.require_tls and not self._tls_active:
+            self._bad(R_TLS_REQUIRED)
+            return
+        if factory.auth_failures.blocked(self._client_ip):
+            self._auth_blocked()
+            return
+        mechanism, _, initial = argument.partition(b" ")
+        if not mechanism:
+            self._bad(R_AUTH_SYNTAX)
+            return
+        make = self.challengers.get(mechanism.upper())
+        if make is None:
+            self._bad(R_AUTH_MECHANISM)
+            return
+        self._challenger = challenger = make()
+        initial = initial.strip()
+        if initial:
+            # The client answered the first challenge unasked.
+            challenger.getChallenge()
+            self._auth_response(initial)
+        else:
+            self._mode = _AUTH
+            self._t.write(b"334 " + base64.b64encode(challenger.getChallenge()) + b"\r\n")
+
+    def _auth_response(self, response: bytes) -> None:
+        self._mode = _COMMAND
+        challenger, self._challenger = self._challenger, None
+        if response == b"*":
+            self._t.write(R_AUTH_CANCELLED)
+            return
+        try:
+            # RFC 4954 section 4: "=" is an empty initial response.
+            decoded = b"" if response == b"=" else base64.b64decode(response, validate=True)
+            if len(decoded) > _MAX_SASL_RESPONSE:
+                raise IllegalClientResponse("response too long")
+            challenger.setResponse(decoded)
+        except (binascii.Error, ValueError, IllegalClientResponse):
+            self._bad(R_AUTH_MALFORMED)
+            return
+        if challenger.moreChallenges():
+            self._challenger = challenger
+            self._mode = _AUTH
+            self._t.write(b"334 " + base64.b64encode(challenger.getChallenge()) + b"\r\n")
+            return
+        mind = SessionMind(self.factory.services, self._client_ip, self._tls_active)
+        portal: Portal = self.portal  # type: ignore[assignment]
+        d = portal.login(challenger, mind, IMessageDelivery)
+        d.addCallbacks(self._auth_succeeded, self._auth_failed)
+        self._pause_until(d)
+
+    def _auth_succeeded(self, result: tuple[Any, Any, Callable[[], None]]) -> None:
+        _interface, avatar, logout = result
+        if self._mode is _CLOSED:
+            logout()
+            return
+        self.delivery = avatar
+        self._onLogout = logout
+        self.authenticated = True
+        username = avatar.user.username
+        log.info("login {username} from {client_ip}", username=username, client_ip=self._client_ip)
+        recorded = self.factory.users.record_login(
+            username, self._clock.seconds(), self._client_ip
+        )
+        recorded.addErrback(_login_not_recorded, username)
+        self._t.write(R_AUTH_OK)
+
+    def _auth_failed(self, failure: Failure) -> Deferred[None] | None:
+        if not failure.check(UnauthorizedLogin):
+            log.failure("AUTH could not be checked", failure)
+            if self._mode is not _CLOSED:
+                self._t.write(R_AUTH_TEMPFAIL)
+            return None
+        if self._mode is _CLOSED:
+            return None
+        factory = self.factory
+        limits = self._limits
+        failures = factory.auth_failures.record_failure(self._client_ip)
+        log.info(
+            "AUTH failed from {client_ip} ({failures} recently)",
+            client_ip=self._client_ip,
+            failures=failures,
+        )
+        if failures >= limits.auth_failure_limit:
+            if failures == limits.auth_failure_limit:
+                factory.alerts.raise_alert(
+                    Alert(
+                        type="auth_failures",
+                        message=(
+                            f"{failures} failed SMTP logins from {self._client_ip} within "
+                            f"{limits.auth_failure_window:g} s; further AUTH refused"
+                        ),
+                        created_at=self._clock.seconds(),
+                        details={
+                            "client_ip": self._client_ip,
+                            "failures": failures,
+                            "window": limits.auth_failure_window,
+                        },
+                    )
+                )
+            self._auth_blocked()
+            return None
+        delay = min(limits.auth_failure_delay * failures, limits.auth_failure_delay_cap)
+        if delay <= 0:
+            self._t.write(R_AUTH_FAILED)
+            return None
+        # The tarpit: the client waits before it may try again.
+        tarpit: Deferred[None] = Deferred()
+        self._delayed = self._clock.callLater(delay, self._tarpit_done, tarpit)
+        return tarpit
+
+    def _tarpit_done(self, tarpit: Deferred[None]) -> None:
+        self._delayed = None
+        self._t.write(R_AUTH_FAILED)
+        tarpit.callback(None)
+
+    def _auth_blocked(self) -> None:
+        self._t.write(self._421(b"4.7.0", b"Error: too many failed logins"))
+        self._close()
+
+    # -- the mail transaction -----------------------------------------------
+
+    def _mail(self, argument: bytes) -> None:
+        if not self.authenticated:
+            self._bad(R_AUTH_REQUIRED)
+            return
+        if self.transaction is not None:
+            self._bad(R_NESTED_MAIL)
+            return
+        if argument[:5].upper() != b"FROM:":
+            self._bad(R_MAIL_SYNTAX)
+            return
+        parsed = self._path(argument[5:], R_BAD_SENDER, null_allowed=True)
+        if isinstance(parsed, bytes):
+            self._bad(parsed)
+            return
+        address, parameters = parsed
+        mt_priority: Priority | None = None
+        declared_size: int | None = None
+        seen: set[bytes] = set()
+        for parameter in parameters.split():
+            keyword, _, value = parameter.partition(b"=")
+            keyword = keyword.upper()
+            if keyword in seen:
+                self._bad(R_PARAMETER_DUPLICATE)
+                return
+            seen.add(keyword)
+            if keyword == b"SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    self._bad(R_PARAMETER_SYNTAX)
+                    return
+                declared_size = int(value)
+                if declared_size > self._limits.max_size:
+                    self._t.write(R_SIZE_EXCEEDED)
+                    return
+            elif keyword == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    self._bad(R_PARAMETER_SYNTAX)
+                    return
+            elif keyword == b"MT-PRIORITY":
+                try:
+                    mt_priority = parse_mt_priority_param(value.decode("ascii"))
+                except ValueError:
+                    self._bad(R_PARAMETER_SYNTAX)
+                    return
+            elif keyword != b"AUTH":
+                # AUTH= (RFC 4954 section 5) is accepted and ignored: the
+                # gateway never relays on behalf of another identity.
+                self._bad(R_PARAMETER_UNKNOWN)
+                return
+        if not self.factory.services.queue.accepting:
+            self._t.write(R_STORAGE)
+            return
+        try:
+            result = self.delivery.validateFrom(self._helo, address)
+        except smtp.SMTPServerError as refusal:
+            self._refused(refusal)
+            return
+        transaction = Transaction(
+            helo=self._helo_name or "",
+            sender=str(address),
+            mt_priority=mt_priority,
+            declared_size=declared_size,
+        )
+        if isinstance(result, Deferred):
+            result.addCallbacks(self._sender_accepted, self._sender_refused, (transaction,))
+            self._pause_until(result)
+        else:
+            self._sender_accepted(result, transaction)
+
+    def _sender_accepted(self, address: object, transaction: Transaction) -> None:
+        if self._mode is _CLOSED:
+            return
+        self.transaction = transaction
+        self._sender = address if isinstance(address, smtp.Address) else None
+        self._message_factory = None
+        self._t.write(R_SENDER_OK)
+
+    def _sender_refused(self, failure: Failure) -> None:
+        failure.trap(smtp.SMTPServerError)
+        refusal: smtp.SMTPServerError = failure.value  # type: ignore[assignment]
+        self._refused(refusal)
+
+    def _refused(self, refusal: smtp.SMTPServerError) -> None:
+        resp = refusal.resp
+        text = resp if isinstance(resp, bytes) else str(resp).encode("ascii", "replace")
+        self._t.write(b"%d %s\r\n" % (refusal.code, text))
+
+    def _path(
+        self, text: bytes, bad: bytes, *, null_allowed: bool
+    ) -> tuple[smtp.Address, bytes] | bytes:
+        """
+        Parse C{<path> [parameters]} after C{FROM:} or C{TO:}.
+
+        @return: the address and the parameter text, or the error reply.
+        """
+        text = text.lstrip()
+        if text[:1] == b"<":
+            close = text.find(b">")
+            if close < 0:
+                return bad
+            path, parameters = text[: close + 1], text[close + 1 :]
+            wire_length = len(path)
+        else:
+            # Tolerate a path without angle brackets, as many MTAs do.
+            path, _, parameters = text.partition(b" ")
+            wire_length = len(path) + 2
+        if wire_length > self._limits.max_path_length:
+            return R_PATH_TOO_LONG
+        if parameters[:1] not in (b"", b" "):
+            return bad
+        if path == b"<>":
+            if not null_allowed:
+                return bad
+        elif b"@" not in path:
+            return bad
+        try:
+            address = smtp.Address(path, self.host)
+        except smtp.AddressError:
+            return bad
+        if path != b"<>" and not (address.local and address.domain):
+            return bad
+        return address, parameters
+
+    def _rcpt(self, argument: bytes) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self._bad(R_NEED_MAIL)
+            return
+        if argument[:3].upper() != b"TO:":
+            self._bad(R_RCPT_SYNTAX)
+            return
+        parsed = self._path(argument[3:], R_BAD_RECIPIENT, null_allowed=False)
+        if isinstance(parsed, bytes):
+            self._bad(parsed)
+            return
+        address, parameters = parsed
+        if parameters.strip():
+            self._bad(R_PARAMETER_UNKNOWN)
+            return
+        recipient = str(address)
+        if recipient in transaction.recipients:
+            self._t.write(R_RCPT_OK)
+            return
+        if len(transaction.recipients) >= self._limits.max_recipients:
+            self._t.write(R_TOO_MANY_RECIPIENTS)
+            return
+        user = smtp.User(address, self._helo, self, self._sender or smtp.Address(b"<>"))
+        try:
+            result = self.delivery.validateTo(user)
+        except smtp.SMTPServerError as refusal:
+            self._refused(refusal)
+            return
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._recipient_accepted, self._sender_refused, (transaction, recipient)
+            )
+            self._pause_until(result)
+        else:
+            self._recipient_accepted(result, transaction, recipient)
+
+    def _recipient_accepted(
+        self, factory: Callable[[], GatewayMessage], transaction: Transaction, recipient: str
+    ) -> None:
+        if self._mode is _CLOSED or transaction is not self.transaction:
+            return
+        transaction.recipients.append(recipient)
+        self._message_factory = factory
+        self._t.write(R_RCPT_OK)
+
+    def _data(self, argument: bytes) -> None:
+        if self.transaction is None:
+            self._bad(R_NEED_MAIL)
+            return
+        if self._message_factory is None:
+            self._bad(R_NEED_RCPT)
+            return
+        if argument:
+            self._bad(R_NO_PARAMETERS)
+            return
+        # Every recipient's factory makes the transaction's one message.
+        self._message = message = self._message_factory()
+        self._sink = message.lineReceived
+        self._rejection = None
+        self._mode = _DATA
+        self._data_started_at = now = self._clock.seconds()
+        self._schedule(now + self._limits.data_deadline)
+        self._t.write(R_DATA)
+
+    def _data_rejected(self, rejection: MessageRejected, fatal: bool = False) -> None:
+        """
+        The message cannot be accepted. When the refusal leaves the framing
+        intact (too big), read on to the final dot; otherwise (bare CR or
+        LF, NUL, long line) where the message ends is ambiguous: answer and
+        close, so that no byte of it is ever read as a command.
+        """
+        message, self._message, self._sink = self._message, None, None
+        if message is not None:
+            message.connectionLost()
+        log.info(
+            "message refused from {client_ip}: {rejection}",
+            client_ip=self._client_ip,
+            rejection=str(rejection),
+        )
+        if fatal or rejection.status != "5.3.4":
+            self._t.write(b"%d %s\r\n" % (rejection.code, rejection.reply_bytes()))
+            self._close()
+        else:
+            self._rejection = rejection
+
+    def _end_of_data(self) -> None:
+        self._mode = _COMMAND
+        self._data_started_at = None
+        message, self._message, self._sink = self._message, None, None
+        rejection, self._rejection = self._rejection, None
+        self._reset_transaction()
+        if rejection is not None or message is None:
+            if rejection is not None:
+                self._t.write(b"%d %s\r\n" % (rejection.code, rejection.reply_bytes()))
+            return
+        d = message.eomReceived()
+        d.addCallbacks(self._queued, self._not_queued)
+        self._pause_until(d)
+
+    def _queued(self, queue_id: str) -> None:
+        self._bad_commands = 0
+        log.info(
+            "queued {queue_id} from {client_ip}", queue_id=queue_id, client_ip=self._client_ip
+        )
+        if self._mode is not _CLOSED:
+            self._t.write(b"250 2.0.0 Ok: queued as " + queue_id.encode("ascii") + b"\r\n")
+
+    def _not_queued(self, failure: Failure) -> None:
+        rejection = failure.check(MessageRejected, JournalUnavailable)
+        if rejection is None:
+            failure.raiseException()
+        if self._mode is _CLOSED:
+            return
+        if rejection is JournalUnavailable:
+            log.warn("journal unavailable: {error}", error=str(failure.value))
+            self._t.write(R_STORAGE)
+        else:
+            refused: MessageRejected = failure.value  # type: ignore[assignment]
+            self._t.write(b"%d %s\r\n" % (refused.code, refused.reply_bytes()))
+
+
+def _login_not_recorded(failure: Failure, username: str) -> None:
+    log.warn(
+        "could not record the login of {username}: {error}",
+        username=username,
+        error=failure.getErrorMessage(),
+    )
+
+
+_COMMANDS: dict[bytes, Callable[[GatewaySMTP, bytes], None]] = {
+    b"EHLO": GatewaySMTP._ehlo,
+    b"HELO": GatewaySMTP._helo_command,
+    b"AUTH": GatewaySMTP._auth,
+    b"MAIL": GatewaySMTP._mail,
+    b"RCPT": GatewaySMTP._rcpt,
+    b"DATA": GatewaySMTP._data,
+    b"RSET": GatewaySMTP._rset,
+    b"NOOP": GatewaySMTP._noop,
+    b"VRFY": GatewaySMTP._vrfy,
+    b"HELP": GatewaySMTP._help,
+    b"QUIT": GatewaySMTP._quit,
+}
+
+
+class GatewaySMTPFactory(smtp.SMTPFactory):
+    """
+    Builds L{GatewaySMTP} sessions; one factory serves every listening port,
+    so the per-address limits hold across ports.
+
+    @ivar connections: open connections per client address.
+    @ivar auth_failures: recent failed logins per client address.
+    """
+
+    protocol = GatewaySMTP  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        *,
+        portal: Portal,
+        queue: IMessageQueue,
+        alerts: IAlertSink,
+        users: IUserStore,
+        hostname: str,
+        limits: Limits,
+        tls: Callable[[], Any | None],
+        require_tls: bool,
+        clock: IReactorTime,
+        queue_ids: QueueIdGenerator,
+    ) -> None:
+        """
+        @param portal: checks AUTH credentials; its realm is a
+            L{smtpgw.realm.GatewayRealm}.
+        @param queue: where accepted messages go.
+        @param alerts: where C{sender_domain} and C{auth_failures} alerts go.
+        @param users: records each successful login.
+        @param hostname: this gateway's name, in greetings and headers.
+        @param limits: the session limits.
+        @param tls: gives the TLS options (or L{None}: no STARTTLS) for each
+            new connection, so reloaded certificates apply to new sessions.
+        @param require_tls: offer AUTH only after STARTTLS.
+        @param clock: the time source for every timer.
+        @param queue_ids: makes the queue id of each accepted message.
+        """
+        super().__init__(portal)
+        self.domain = hostname.encode("idna")
+        self.users = users
+        self.alerts = alerts
+        self.limits = limits
+        self.tls = tls
+        self.require_tls = require_tls
+        self.clock = clock
+        self.services = GatewayServices(
+            queue=queue,
+            alerts=alerts,
+            clock=clock,
+            hostname=hostname,
+            queue_ids=queue_ids,
+            limits=limits,
+        )
+        self.connections = ConnectionCounter(limits.max_connections_per_ip)
+        self.auth_failures = AuthFailureTracker(
+            limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=clock
+        )
+        self._ehlo_replies: dict[tuple[bytes, bool, bool], bytes] = {}
+
+    def buildProtocol(self, addr: Any) -> GatewaySMTP:  # type: ignore[override]
+        """
+        A session with the AUTH mechanisms and the current TLS options.
+        """
+        session: GatewaySMTP = super().buildProtocol(addr)
+        session.challengers = _CHALLENGERS
+        session.ctx = self.tls()
+        return session
+
+    def ehlo_reply(self, host: bytes, *, starttls: bool, auth: bool) -> bytes:
+        """
+        The EHLO reply, with the extensions offered in this state.
+
+        @param starttls: offer STARTTLS.
+        @param auth: offer AUTH.
+        """
+        key = (host, starttls, auth)
+        reply = self._ehlo_replies.get(key)
+        if reply is None:
+            lines = [
+                host,
+                b"PIPELINING",
+                b"SIZE %d" % self.limits.max_size,
+                b"8BITMIME",
+                b"ENHANCEDSTATUSCODES",
+                b"MT-PRIORITY",
+            ]
+            if starttls:
+                lines.append(b"STARTTLS")
+            if auth:
+                lines.append(b"AUTH PLAIN LOGIN")
+            lines.append(b"HELP")
+            reply = b"".join(b"250-" + line + b"\r\n" for line in lines[:-1])
+            reply += b"250 " + lines[-1] + b"\r\n"
+            self._ehlo_replies[key] = reply
+        return reply
