@@ -1,0 +1,533 @@
+"""
+Tests for L{smtpgw.checker}: SMTP AUTH credentials against the user records,
+with bcrypt off the reactor thread and a cache of verified credentials.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, ParamSpec
+
+import pytest
+import pytest_twisted
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.mail.imap4 import PLAINCredentials
+from twisted.mail.smtp import LOGINCredentials
+from zope.interface.verify import verifyObject
+
+from smtpgw.checker import (
+    CACHE_TTL,
+    MAX_USERNAME_BYTES,
+    SmtpUserChecker,
+    VerifiedCredentialsCache,
+)
+from smtpgw.model import SmtpUser
+from smtpgw.passwords import MAX_PASSWORD_BYTES, dummy_hash, hash_password, verify_password
+from smtpgw.userstore import (
+    SQLiteUserStore,
+    StoreNotRunning,
+    ThreadedUserStore,
+    database_path,
+)
+
+ROUNDS = 4
+T0 = 1_700_000_000.0
+P = ParamSpec("P")
+
+
+def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
+    """
+    L{pytest_twisted.ensureDeferred}, typed.
+    """
+    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
+    return wrapped
+
+
+class CountingVerify:
+    """
+    L{verify_password} that remembers each call and the thread it ran in.
+    """
+
+    def __init__(self) -> None:
+        self.hashes: list[bytes] = []
+        self.threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, password: bytes, hashed: bytes) -> bool:
+        with self._lock:
+            self.hashes.append(hashed)
+            self.threads.append(threading.current_thread())
+        return verify_password(password, hashed)
+
+    @property
+    def calls(self) -> int:
+        return len(self.hashes)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(T0)
+    return c
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return database_path(tmp_path)
+
+
+@pytest.fixture
+def store(db_path: Path, clock: Clock) -> Iterator[ThreadedUserStore]:
+    from twisted.internet import reactor
+
+    s = ThreadedUserStore(db_path, reactor=reactor, clock=clock, pool_size=2, rounds=ROUNDS)  # type: ignore[arg-type]
+    s.startService()
+    yield s
+    if s.running:
+        pytest_twisted.blockon(s.stopService())
+
+
+@pytest.fixture
+def other_connection(
+    db_path: Path, clock: Clock, store: ThreadedUserStore
+) -> Iterator[SQLiteUserStore]:
+    """
+    The database as another process (C{smtpgw-admin}) sees it.
+    """
+    with SQLiteUserStore.open(db_path, clock, rounds=ROUNDS) as s:
+        yield s
+
+
+@pytest.fixture
+def verify() -> CountingVerify:
+    return CountingVerify()
+
+
+@pytest.fixture
+def checker(store: ThreadedUserStore, clock: Clock, verify: CountingVerify) -> SmtpUserChecker:
+    return SmtpUserChecker(store, clock, rounds=ROUNDS, verify=verify)
+
+
+@pytest.fixture
+def user(other_connection: SQLiteUserStore) -> tuple[SmtpUser, str]:
+    other_connection.create_list("news")
+    return other_connection.create_user("news")
+
+
+def creds(username: bytes | str, password: bytes | str) -> UsernamePassword:
+    return UsernamePassword(username, password)  # type: ignore[arg-type]
+
+
+async def login(checker: SmtpUserChecker, username: str, password: bytes | str) -> SmtpUser:
+    return await checker.requestAvatarId(creds(username, password))
+
+
+async def refused(checker: SmtpUserChecker, credentials: Any) -> None:
+    with pytest.raises(UnauthorizedLogin):
+        await checker.requestAvatarId(credentials)
+
+
+def test_provides_icredentialschecker(checker: SmtpUserChecker) -> None:
+    """
+    It is a cred checker for username and password credentials.
+    """
+    assert verifyObject(ICredentialsChecker, checker)
+    assert [i.__name__ for i in checker.credentialInterfaces] == ["IUsernamePassword"]
+
+
+@async_test
+async def test_right_password_gives_the_user_record(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], verify: CountingVerify
+) -> None:
+    """
+    The avatar id is the L{SmtpUser} itself, and bcrypt ran in a pool
+    thread, not the reactor's.
+    """
+    record, password = user
+    avatar = await checker.requestAvatarId(creds(record.username.encode(), password.encode()))
+    assert avatar == record
+    assert verify.calls == 1
+    assert verify.threads[0] is not threading.main_thread()
+
+
+@async_test
+async def test_text_credentials_work_too(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str]
+) -> None:
+    """
+    Credentials made with text rather than bytes are checked the same.
+    """
+    record, password = user
+    assert (await checker.requestAvatarId(creds(record.username, password))) == record
+
+
+@async_test
+async def test_smtp_auth_credential_types(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str]
+) -> None:
+    """
+    What the SMTP server's PLAIN and LOGIN challengers produce is accepted.
+    """
+    record, password = user
+    plain = PLAINCredentials()
+    plain.setResponse(b"\0" + record.username.encode() + b"\0" + password.encode())
+    assert (await checker.requestAvatarId(plain)) == record
+    login = LOGINCredentials()
+    login.setResponse(record.username.encode())
+    login.setResponse(password.encode())
+    assert (await checker.requestAvatarId(login)) == record
+
+
+@async_test
+async def test_wrong_unknown_and_inactive_fail_alike(
+    checker: SmtpUserChecker,
+    user: tuple[SmtpUser, str],
+    other_connection: SQLiteUserStore,
+    verify: CountingVerify,
+) -> None:
+    """
+    A wrong password, an unknown user and an inactive user with the right
+    password each fail with a bare L{UnauthorizedLogin} after exactly one
+    bcrypt check; the unknown user's is against the dummy hash of the same
+    cost.
+    """
+    record, password = user
+    failures = []
+    for credentials in [
+        creds(record.username, "wrong"),
+        creds("smtp-news-unknown0", password),
+    ]:
+        with pytest.raises(UnauthorizedLogin) as e:
+            await checker.requestAvatarId(credentials)
+        failures.append(str(e.value))
+    other_connection.update_user(record.username, active=False)
+    with pytest.raises(UnauthorizedLogin) as e:
+        await checker.requestAvatarId(creds(record.username, password))
+    failures.append(str(e.value))
+    assert len(set(failures)) == 1
+    assert verify.hashes == [record.password_hash, dummy_hash(ROUNDS), record.password_hash]
+
+
+@async_test
+async def test_cache_hit_avoids_bcrypt(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], verify: CountingVerify
+) -> None:
+    """
+    Once verified, the same credentials log in again without bcrypt.
+    """
+    record, password = user
+    for _ in range(5):
+        assert (await checker.requestAvatarId(creds(record.username, password))) == record
+    assert verify.calls == 1
+
+
+@async_test
+async def test_failed_logins_are_not_cached(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], verify: CountingVerify
+) -> None:
+    """
+    A wrong password costs bcrypt every time.
+    """
+    record, _ = user
+    await refused(checker, creds(record.username, "wrong"))
+    await refused(checker, creds(record.username, "wrong"))
+    assert verify.calls == 2
+    assert len(checker.cache) == 0
+
+
+@async_test
+async def test_cache_misses_after_regenerate_password(
+    checker: SmtpUserChecker,
+    user: tuple[SmtpUser, str],
+    store: ThreadedUserStore,
+    verify: CountingVerify,
+) -> None:
+    """
+    A cached old password stops working the moment the password is
+    regenerated, and the new one is checked with bcrypt.
+    """
+    record, old = user
+    await checker.requestAvatarId(creds(record.username, old))
+    new = await store.regenerate_password(record.username)
+    await refused(checker, creds(record.username, old))
+    assert (await checker.requestAvatarId(creds(record.username, new))).username == record.username
+    assert verify.calls == 3
+
+
+@async_test
+async def test_cache_misses_when_another_connection_changes_the_hash(
+    checker: SmtpUserChecker,
+    user: tuple[SmtpUser, str],
+    db_path: Path,
+    verify: CountingVerify,
+) -> None:
+    """
+    A hash changed behind the gateway's back (another process, raw SQL, even
+    to a hash of the same password) makes the cached credential miss.
+    """
+    record, password = user
+    await checker.requestAvatarId(creds(record.username, password))
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(
+            "UPDATE users SET password_hash = ?",
+            (hash_password(password, rounds=ROUNDS),),
+        )
+    raw.close()
+    assert (
+        await checker.requestAvatarId(creds(record.username, password))
+    ).username == record.username
+    assert verify.calls == 2
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE users SET password_hash = ?", (hash_password("other", rounds=ROUNDS),))
+    raw.close()
+    await refused(checker, creds(record.username, password))
+    assert verify.calls == 3
+
+
+@async_test
+async def test_inactive_user_fails_even_when_cached(
+    checker: SmtpUserChecker,
+    user: tuple[SmtpUser, str],
+    other_connection: SQLiteUserStore,
+    verify: CountingVerify,
+) -> None:
+    """
+    Deactivating a user ends its logins at once, cached or not, and the
+    refusal costs bcrypt like any other.
+    """
+    record, password = user
+    await checker.requestAvatarId(creds(record.username, password))
+    other_connection.update_user(record.username, active=False)
+    await refused(checker, creds(record.username, password))
+    assert verify.calls == 2
+
+
+@async_test
+async def test_deleted_user_fails_even_when_cached(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], other_connection: SQLiteUserStore
+) -> None:
+    """
+    A deleted user's cached credentials are worthless.
+    """
+    record, password = user
+    await checker.requestAvatarId(creds(record.username, password))
+    other_connection.delete_user(record.username)
+    await refused(checker, creds(record.username, password))
+
+
+@async_test
+async def test_cache_entries_expire(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], clock: Clock, verify: CountingVerify
+) -> None:
+    """
+    A verification is trusted for L{CACHE_TTL} seconds, then bcrypt runs again.
+    """
+    record, password = user
+    await checker.requestAvatarId(creds(record.username, password))
+    clock.advance(CACHE_TTL - 0.001)
+    await checker.requestAvatarId(creds(record.username, password))
+    assert verify.calls == 1
+    clock.advance(0.001)
+    await checker.requestAvatarId(creds(record.username, password))
+    assert verify.calls == 2
+
+
+@async_test
+async def test_password_of_72_bytes_is_checked_and_73_refused(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], db_path: Path, verify: CountingVerify
+) -> None:
+    """
+    A 72-byte password (bcrypt's limit) logs in; 73 bytes whose first 72
+    are right are refused without reaching bcrypt or the store.
+    """
+    record, _ = user
+    password = b"p" * MAX_PASSWORD_BYTES
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(
+            "UPDATE users SET password_hash = ?", (hash_password(password, rounds=ROUNDS),)
+        )
+    raw.close()
+    assert (
+        await checker.requestAvatarId(creds(record.username, password))
+    ).username == record.username
+    await refused(checker, creds(record.username, password + b"p"))
+    assert verify.calls == 1
+
+
+@async_test
+async def test_malformed_stored_hash_is_a_failed_login(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str], db_path: Path
+) -> None:
+    """
+    A damaged hash in the database refuses the login rather than erroring.
+    """
+    record, password = user
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE users SET password_hash = x'00ff'")
+    raw.close()
+    await refused(checker, creds(record.username, password))
+
+
+@async_test
+async def test_empty_password_is_refused(
+    checker: SmtpUserChecker, user: tuple[SmtpUser, str]
+) -> None:
+    """
+    An empty password is just a wrong one.
+    """
+    record, _ = user
+    await refused(checker, creds(record.username, b""))
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        (b"\xff\xfe-not-utf8", b"pw"),
+        (b"", b"pw"),
+        (b"u" * (MAX_USERNAME_BYTES + 1), b"pw"),
+        (b"smtp-news-x", b"p" * 100_000),
+        ("smtp-news-x", "\udcff"),
+    ],
+)
+@async_test
+async def test_malformed_credentials_fail_cleanly(
+    checker: SmtpUserChecker, verify: CountingVerify, username: bytes, password: bytes
+) -> None:
+    """
+    Non-UTF-8, empty, or oversized usernames and passwords are refused
+    without an error, a store lookup or bcrypt.
+    """
+    await refused(checker, creds(username, password))
+    assert verify.calls == 0
+
+
+@async_test
+async def test_longest_username_is_looked_up(
+    checker: SmtpUserChecker, verify: CountingVerify
+) -> None:
+    """
+    A username of L{MAX_USERNAME_BYTES} bytes is looked up (and unknown:
+    the dummy check runs).
+    """
+    await refused(checker, creds(b"u" * MAX_USERNAME_BYTES, b"pw"))
+    assert verify.hashes == [dummy_hash(ROUNDS)]
+
+
+@async_test
+async def test_store_failure_is_not_a_failed_login(db_path: Path, clock: Clock) -> None:
+    """
+    When the store cannot answer, the error is reported as such (the SMTP
+    server answers 451, not 535).
+    """
+    from twisted.internet import reactor
+
+    stopped = ThreadedUserStore(db_path, reactor=reactor, clock=clock)  # type: ignore[arg-type]
+    checker = SmtpUserChecker(stopped, clock, rounds=ROUNDS)
+    with pytest.raises(StoreNotRunning):
+        await checker.requestAvatarId(creds("u", "p"))
+
+
+@async_test
+async def test_works_behind_a_portal(checker: SmtpUserChecker, user: tuple[SmtpUser, str]) -> None:
+    """
+    Through L{Portal.login}, the realm receives the L{SmtpUser}.
+    """
+    record, password = user
+    seen: list[Any] = []
+
+    class Realm:
+        def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+            seen.append(avatarId)
+            return interfaces[0], object(), lambda: None
+
+    from twisted.mail.smtp import IMessageDelivery
+
+    portal = Portal(Realm(), [checker])  # type: ignore[arg-type]
+    await portal.login(creds(record.username, password), None, IMessageDelivery)
+    assert seen == [record]
+
+
+# --- the cache on its own ---------------------------------------------------
+
+
+def test_cache_key_depends_on_every_part() -> None:
+    """
+    Changing the username, the hash or the password changes the key, and so
+    does the per-process secret; length prefixes keep parts apart.
+    """
+    clock = Clock()
+    cache = VerifiedCredentialsCache(clock, secret=b"k" * 32)
+    base = cache.key("user", b"hash", b"pw")
+    assert base == cache.key("user", b"hash", b"pw")
+    assert base != cache.key("user2", b"hash", b"pw")
+    assert base != cache.key("user", b"hash2", b"pw")
+    assert base != cache.key("user", b"hash", b"pw2")
+    assert cache.key("ab", b"c", b"") != cache.key("a", b"bc", b"")
+    assert base != VerifiedCredentialsCache(clock).key("user", b"hash", b"pw")
+    assert b"pw" not in base
+
+
+def test_cache_size_limit_evicts_least_recently_used() -> None:
+    """
+    At the limit every entry stays; one past it, the least recently used
+    goes.
+    """
+    cache = VerifiedCredentialsCache(Clock(), max_size=3)
+    for key in (b"a", b"b", b"c"):
+        cache.add(key)
+    assert len(cache) == 3
+    assert b"a" in cache
+    cache.add(b"d")
+    assert len(cache) == 3
+    assert b"b" not in cache
+    assert b"a" in cache
+    assert b"d" in cache
+
+
+def test_cache_ttl_at_and_past_the_limit() -> None:
+    """
+    An entry is good until just before its TTL is over, and gone at it.
+    """
+    clock = Clock()
+    cache = VerifiedCredentialsCache(clock, ttl=10.0)
+    cache.add(b"k")
+    clock.advance(9.999)
+    assert b"k" in cache
+    clock.advance(0.001)
+    assert b"k" not in cache
+    assert len(cache) == 0
+
+
+def test_cache_is_thread_safe() -> None:
+    """
+    Threads adding and checking at once neither fail nor exceed the bound.
+    """
+    cache = VerifiedCredentialsCache(Clock(), max_size=100)
+    errors: list[BaseException] = []
+
+    def hammer(n: int) -> None:
+        try:
+            for i in range(2000):
+                key = f"{n}-{i}".encode()
+                cache.add(key)
+                _ = key in cache
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(cache) == 100
+    cache.clear()
+    assert len(cache) == 0
