@@ -1,0 +1,139 @@
+"""
+A journal kept in memory: the L{IJournal} of tests and of trying things out.
+
+It keeps nothing across a restart of the process, so it is no substitute for
+the file journal. It can imitate what matters about a real one: a write is
+durable only once its L{Deferred} has fired (in C{manual} mode the caller
+decides when, with L{MemoryJournal.flush}), and it can refuse writes like a
+full disk (L{MemoryJournal.available}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from attrs import evolve
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
+from smtpgw.model import Envelope, MessageState
+
+__all__ = ["MemoryJournal"]
+
+_FINAL = frozenset(
+    {MessageState.DELIVERED.value, MessageState.BOUNCED.value, MessageState.CANCELLED.value}
+)
+
+
+@implementer(IJournal)
+class MemoryJournal:
+    """
+    An L{IJournal} in memory.
+
+    @ivar available: while L{False}, C{accept} and C{record_state} fail with
+        L{JournalUnavailable}, as a journal on a full disk does.
+    @ivar manual: when L{True}, writes stay pending (not durable) until
+        L{flush}; otherwise they are durable at once.
+    @ivar state_records: every durable state change, in order, as
+        C{(queue_id, state, attempts, next_attempt_at)}.
+    """
+
+    def __init__(self, *, manual: bool = False) -> None:
+        self.available = True
+        self.manual = manual
+        self.state_records: list[tuple[str, str, int, float]] = []
+        self._bodies: list[tuple[Envelope, bytes]] = []
+        self._messages: dict[str, JournaledMessage] = {}
+        self._pending: list[tuple[Deferred[None], Callable[[], None]]] = []
+
+    @property
+    def accepting(self) -> bool:
+        """
+        L{True} while the journal takes writes.
+        """
+        return self.available
+
+    @property
+    def pending(self) -> int:
+        """
+        The writes not yet durable (in C{manual} mode).
+        """
+        return len(self._pending)
+
+    def accept(self, envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+        """
+        Keep the message; fires with its location once durable.
+        """
+        if not self.available:
+            return fail(JournalUnavailable("the memory journal is unavailable"))
+        location = JournalLocation(segment=0, offset=len(self._bodies), length=len(body))
+        self._bodies.append((envelope, bytes(body)))
+
+        def durable() -> None:
+            self._messages[envelope.queue_id] = JournaledMessage(
+                envelope=envelope, location=location
+            )
+
+        d = self._write(durable)
+        return d.addCallback(lambda _: location)
+
+    def record_state(
+        self, queue_id: str, state: str, attempts: int = 0, next_attempt_at: float = 0.0
+    ) -> Deferred[None]:
+        """
+        Record a state change; fires once durable.
+        """
+        if not self.available:
+            return fail(JournalUnavailable("the memory journal is unavailable"))
+
+        def durable() -> None:
+            self.state_records.append((queue_id, state, attempts, next_attempt_at))
+            message = self._messages.get(queue_id)
+            if message is None:
+                return
+            if state in _FINAL:
+                del self._messages[queue_id]
+            else:
+                self._messages[queue_id] = evolve(
+                    message, state=state, attempts=attempts, next_attempt_at=next_attempt_at
+                )
+
+        return self._write(durable)
+
+    def read(self, location: JournalLocation) -> Deferred[tuple[Envelope, bytes]]:
+        """
+        The message accepted at C{location}.
+        """
+        if location.segment != 0 or not 0 <= location.offset < len(self._bodies):
+            return fail(KeyError(location))
+        envelope, body = self._bodies[location.offset]
+        if len(body) != location.length:
+            return fail(KeyError(location))
+        return succeed((envelope, body))
+
+    def replay(self) -> Iterable[JournaledMessage]:
+        """
+        Every durable message not in a final state, in acceptance order.
+        """
+        return sorted(self._messages.values(), key=lambda m: m.location.offset)
+
+    def flush(self) -> int:
+        """
+        Make every pending write durable and fire its L{Deferred}, in order.
+
+        @return: how many writes were made durable.
+        """
+        pending, self._pending = self._pending, []
+        for d, durable in pending:
+            durable()
+            d.callback(None)
+        return len(pending)
+
+    def _write(self, durable: Callable[[], None]) -> Deferred[None]:
+        if not self.manual:
+            durable()
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._pending.append((d, durable))
+        return d
