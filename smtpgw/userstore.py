@@ -1,10 +1,6 @@
 """
-Lists and SMTP+ users, kept in SQLite in the data directory.
-
-The database (C{<data-dir>/smtpgw.db}) runs in WAL mode with a busy timeout,
-so C{smtpgw-admin} can read and change it while the gateway runs. Its schema
-is versioned: L{MIGRATIONS} are applied in order when it is opened, and a
-database made by a newer gateway is refused rather than misread.
+Lists and SMTP+ users, kept in the SQLite database of the data directory
+(L{smtpgw.database}).
 
 Deleting a list that still has users is refused (L{ListNotEmpty}): removing
 credentials that live integrations use must be a deliberate act, one user at
@@ -21,22 +17,28 @@ import enum
 import json
 import os
 import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from attrs import define
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from smtpgw.database import (
+    PerThreadPool,
+    SchemaTooNew,
+    StoreError,
+    StoreNotRunning,
+    UnusableDatabase,
+    database_path,
+    open_database,
+    transaction,
+)
 from smtpgw.interfaces import IUserStore
 from smtpgw.model import Enforcement, MailList, Priority, SmtpUser
 from smtpgw.passwords import DEFAULT_ROUNDS, generate_password, generate_username, hash_password
@@ -52,9 +54,6 @@ from smtpgw.validation import (
 )
 
 __all__ = [
-    "DB_FILENAME",
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
     "UNSET",
     "ListExists",
     "ListNotEmpty",
@@ -75,11 +74,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-DB_FILENAME: Final = "smtpgw.db"
-
-BUSY_TIMEOUT: Final = 10.0
-"""Seconds a connection waits for another one's write lock before failing."""
-
 USERNAME_ATTEMPTS: Final = 10
 """Fresh usernames tried before giving up; a collision is already rare."""
 
@@ -88,24 +82,6 @@ DEFAULT_POOL_SIZE: Final = 4
 
 LOGIN_FLUSH_INTERVAL: Final = 1.0
 """Seconds between writes of coalesced login records."""
-
-
-class StoreError(Exception):
-    """
-    The user store cannot do what was asked; the message says why, in one line.
-    """
-
-
-class UnusableDatabase(StoreError):
-    """
-    The database file cannot be opened as an smtpgw database.
-    """
-
-
-class SchemaTooNew(UnusableDatabase):
-    """
-    The database was made by a newer smtpgw than this one.
-    """
 
 
 class NoSuchList(StoreError, LookupError):
@@ -130,176 +106,6 @@ class ListNotEmpty(StoreError):
     """
     The list still has SMTP+ users, so it is not deleted.
     """
-
-
-class StoreNotRunning(StoreError):
-    """
-    The threaded store is not started, or was stopped.
-    """
-
-
-def _migrate_1(connection: sqlite3.Connection) -> None:
-    statements = [
-        """
-        CREATE TABLE lists (
-            name TEXT PRIMARY KEY NOT NULL,
-            created_at REAL NOT NULL
-        )
-        """,
-        """
-        CREATE TABLE users (
-            username TEXT PRIMARY KEY NOT NULL,
-            list TEXT NOT NULL REFERENCES lists (name) ON DELETE RESTRICT,
-            password_hash BLOB NOT NULL,
-            active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
-            priority INTEGER NOT NULL DEFAULT 3 CHECK (priority BETWEEN 1 AND 5),
-            notes TEXT NOT NULL DEFAULT '',
-            authorized_domains TEXT NOT NULL DEFAULT '[]',
-            authorized_senders TEXT NOT NULL DEFAULT '[]',
-            enforcement TEXT NOT NULL DEFAULT 'enforce'
-                CHECK (enforcement IN ('enforce', 'monitor')),
-            created_at REAL NOT NULL,
-            last_used_at REAL,
-            last_used_ip TEXT
-        )
-        """,
-        "CREATE INDEX users_by_list ON users (list, username)",
-        """
-        CREATE TABLE alerts (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            type TEXT NOT NULL,
-            list TEXT,
-            message TEXT NOT NULL,
-            details TEXT NOT NULL DEFAULT '{}',
-            created_at REAL NOT NULL,
-            read INTEGER NOT NULL DEFAULT 0 CHECK (read IN (0, 1))
-        )
-        """,
-        "CREATE INDEX alerts_by_list ON alerts (list, id)",
-        "CREATE INDEX alerts_by_type ON alerts (type, id)",
-    ]
-    for statement in statements:
-        connection.execute(statement)
-
-
-MIGRATIONS: Final[Mapping[int, Callable[[sqlite3.Connection], None]]] = {
-    1: _migrate_1,
-}
-"""
-Schema changes by the version they bring the database to. Each runs inside
-the one transaction that also records the new version, so a crash leaves the
-schema at a known version. Append, never edit: C{api_tokens} and C{admins}
-come as version 2 and later.
-"""
-
-SCHEMA_VERSION: Final = max(MIGRATIONS)
-
-
-def database_path(data_dir: str | os.PathLike[str]) -> Path:
-    """
-    Where the database of a data directory is.
-    """
-    return Path(data_dir) / DB_FILENAME
-
-
-def _stored_version(connection: sqlite3.Connection, path: Path) -> int:
-    tables = {
-        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    if "schema_version" not in tables:
-        if tables:
-            raise UnusableDatabase(f"{path} is an SQLite database, but not an smtpgw one")
-        return 0
-    row = connection.execute("SELECT version FROM schema_version").fetchone()
-    return int(row[0]) if row is not None else 0
-
-
-def _refuse_newer(version: int, path: Path) -> None:
-    if version > SCHEMA_VERSION:
-        raise SchemaTooNew(
-            f"{path} has schema version {version}, newer than the {SCHEMA_VERSION} this "
-            "smtpgw knows: upgrade smtpgw"
-        )
-
-
-def _migrate(connection: sqlite3.Connection, path: Path) -> None:
-    version = _stored_version(connection, path)
-    _refuse_newer(version, path)
-    if version == SCHEMA_VERSION:
-        return
-    # Another process (the gateway, a second CLI) may be migrating too: the
-    # write lock serializes them, and the version is read again under it.
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        version = _stored_version(connection, path)
-        _refuse_newer(version, path)
-        if version == 0:
-            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            connection.execute("INSERT INTO schema_version (version) VALUES (0)")
-        for target in sorted(MIGRATIONS):
-            if target > version:
-                MIGRATIONS[target](connection)
-                connection.execute("UPDATE schema_version SET version = ?", (target,))
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-
-
-def open_database(
-    path: str | os.PathLike[str],
-    *,
-    create: bool = True,
-    check_same_thread: bool = True,
-) -> sqlite3.Connection:
-    """
-    Open the smtpgw database, bringing its schema up to date.
-
-    @param path: the database file.
-    @param create: make the file (mode 0600: it holds password hashes) when
-        it does not exist; when L{False}, a missing file is an error.
-    @param check_same_thread: passed to L{sqlite3.connect}.
-    @return: a connection in autocommit mode (transactions are explicit),
-        with foreign keys enforced.
-    @raise UnusableDatabase: missing, unreadable, not SQLite, not smtpgw's,
-        or corrupt; L{SchemaTooNew} when made by a newer smtpgw.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UnusableDatabase(f"{path} is a directory, not a database file")
-    if not path.exists():
-        if not create:
-            raise UnusableDatabase(f"no database at {path} (wrong data directory?)")
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        except OSError as e:
-            raise UnusableDatabase(f"cannot create {path}: {e.strerror}") from e
-    try:
-        connection = sqlite3.connect(
-            path,
-            timeout=BUSY_TIMEOUT,
-            isolation_level=None,
-            check_same_thread=check_same_thread,
-        )
-    except sqlite3.Error as e:
-        raise UnusableDatabase(f"cannot open {path}: {e}") from e
-    try:
-        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-        connection.execute("PRAGMA foreign_keys = ON")
-        connection.execute("PRAGMA journal_mode = WAL")
-        # User changes are rare and an admin was shown the password: keep them.
-        connection.execute("PRAGMA synchronous = FULL")
-        _migrate(connection, path)
-    except sqlite3.OperationalError as e:
-        connection.close()
-        raise UnusableDatabase(f"cannot use {path}: {e}") from e
-    except sqlite3.DatabaseError as e:
-        connection.close()
-        raise UnusableDatabase(f"{path} is not a usable smtpgw database: {e}") from e
-    except BaseException:
-        connection.close()
-        raise
-    return connection
 
 
 class Unset(enum.Enum):
@@ -383,18 +189,6 @@ class SQLiteUserStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front, so checks made inside
-        # the transaction still hold when it writes.
-        self._connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._connection
-        except BaseException:
-            self._connection.execute("ROLLBACK")
-            raise
-        self._connection.execute("COMMIT")
-
     def _list_exists(self, name: str) -> bool:
         row = self._connection.execute("SELECT 1 FROM lists WHERE name = ?", (name,)).fetchone()
         return row is not None
@@ -408,7 +202,7 @@ class SQLiteUserStore:
         """
         validate_list_name(name)
         created = MailList(name=name, created_at=self._clock.seconds())
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             if self._list_exists(name):
                 raise ListExists(f"list {name!r} already exists")
             db.execute(
@@ -447,7 +241,7 @@ class SQLiteUserStore:
         @raise NoSuchList: when there is none of that name.
         @raise ListNotEmpty: when it still has SMTP+ users.
         """
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             if not self._list_exists(name):
                 raise NoSuchList(f"no list named {name!r}")
             (count,) = db.execute("SELECT count(*) FROM users WHERE list = ?", (name,)).fetchone()
@@ -492,7 +286,7 @@ class SQLiteUserStore:
         # bcrypt is slow: hash before taking the write lock.
         password_hash = hash_password(password, self.rounds if rounds is None else rounds)
         now = self._clock.seconds()
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             if not self._list_exists(list):
                 raise NoSuchList(f"no list named {list!r}")
             for _ in range(USERNAME_ATTEMPTS):
@@ -596,7 +390,7 @@ class SQLiteUserStore:
             changes["enforcement"] = validate_enforcement(enforcement).value
         if not isinstance(list, Unset):
             changes["list"] = list
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             if self._fetch_user(username) is None:
                 raise NoSuchUser(f"no SMTP+ user named {username!r}")
             if not isinstance(list, Unset) and not self._list_exists(list):
@@ -624,7 +418,7 @@ class SQLiteUserStore:
             raise NoSuchUser(f"no SMTP+ user named {username!r}")
         password = generate_password()
         password_hash = hash_password(password, self.rounds if rounds is None else rounds)
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             cursor = db.execute(
                 "UPDATE users SET password_hash = ? WHERE username = ?", (password_hash, username)
             )
@@ -638,7 +432,7 @@ class SQLiteUserStore:
 
         @raise NoSuchUser: when there is no such user.
         """
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             cursor = db.execute("DELETE FROM users WHERE username = ?", (username,))
             if cursor.rowcount == 0:
                 raise NoSuchUser(f"no SMTP+ user named {username!r}")
@@ -650,7 +444,7 @@ class SQLiteUserStore:
         @param logins: (username, time, client address) triples; an older
             time never replaces a newer one, and unknown users are ignored.
         """
-        with self._transaction() as db:
+        with transaction(self._connection) as db:
             db.executemany(
                 "UPDATE users SET last_used_at = ?, last_used_ip = ? "
                 "WHERE username = ? AND (last_used_at IS NULL OR last_used_at <= ?)",
@@ -746,15 +540,12 @@ class ThreadedUserStore(Service):
         @param clock: gives times, and schedules login flushes.
         """
         self._path = Path(path)
-        self._reactor = reactor
         self._clock = clock
-        self._pool_size = pool_size
         self.rounds = rounds
         self._flush_interval = flush_interval
-        self._pool: ThreadPool | None = None
-        self._local = threading.local()
-        self._stores: list[SQLiteUserStore] = []
-        self._stores_lock = threading.Lock()
+        self._threads = PerThreadPool(
+            reactor, self._open_store, size=pool_size, name="smtpgw-userstore"
+        )
         self._pending_logins: dict[str, tuple[float, str]] = {}
         self._flush_timer: IDelayedCall | None = None
         self._flushes_in_flight = 0
@@ -766,9 +557,7 @@ class ThreadedUserStore(Service):
         then start the threads.
         """
         open_database(self._path, create=True).close()
-        self._local = threading.local()
-        self._pool = ThreadPool(self._pool_size, self._pool_size, name="smtpgw-userstore")
-        self._pool.start()
+        self._threads.start()
         super().startService()
 
     def stopService(self) -> Deferred[None]:
@@ -779,32 +568,13 @@ class ThreadedUserStore(Service):
         super().stopService()
         self._cancel_flush_timer()
         self._flush_logins_now()
-        return self._when_idle().addCallback(lambda _: self._stop_pool())
+        return self._when_idle().addCallback(lambda _: self._threads.stop())
 
-    def _stop_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
-        with self._stores_lock:
-            stores, self._stores = self._stores, []
-        for store in stores:
-            store.close()
-
-    def _thread_store(self) -> SQLiteUserStore:
-        store: SQLiteUserStore | None = getattr(self._local, "store", None)
-        if store is None:
-            # Closed by _stop_pool once the thread is gone, hence not
-            # tied to this thread.
-            store = SQLiteUserStore.open(
-                self._path, self._clock, rounds=self.rounds, check_same_thread=False
-            )
-            self._local.store = store
-            with self._stores_lock:
-                self._stores.append(store)
-        return store
-
-    def _call_with_store(self, f: Callable[[SQLiteUserStore], T]) -> T:
-        return f(self._thread_store())
+    def _open_store(self) -> SQLiteUserStore:
+        # Closed by the pool once its thread is gone, hence not tied to it.
+        return SQLiteUserStore.open(
+            self._path, self._clock, rounds=self.rounds, check_same_thread=False
+        )
 
     def run(self, f: Callable[[SQLiteUserStore], T]) -> Deferred[T]:
         """
@@ -816,10 +586,7 @@ class ThreadedUserStore(Service):
         @return: what C{f} returns, or fails with what it raised, or with
             L{StoreNotRunning}.
         """
-        pool = self._pool
-        if pool is None:
-            return fail(StoreNotRunning("the user store is not running"))
-        return deferToThreadPool(self._reactor, pool, self._call_with_store, f)
+        return self._threads.run(f)
 
     def get_user(self, username: str) -> Deferred[SmtpUser | None]:
         return self.run(lambda store: store.get_user(username))

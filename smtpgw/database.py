@@ -1,0 +1,350 @@
+"""
+The SQLite database of a data directory: its file, its versioned schema, and
+the threads that use it.
+
+The database (C{<data-dir>/smtpgw.db}) holds the lists, the SMTP+ users and
+the alerts. It runs in WAL mode with a busy timeout, so C{smtpgw-admin} can
+read and change it while the gateway runs. Its schema is versioned:
+L{MIGRATIONS} are applied in order when it is opened, and a database made by
+a newer gateway is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final, Generic, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+__all__ = [
+    "BUSY_TIMEOUT",
+    "DB_FILENAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "PerThreadPool",
+    "SchemaTooNew",
+    "StoreError",
+    "StoreNotRunning",
+    "UnusableDatabase",
+    "database_path",
+    "open_database",
+    "transaction",
+]
+
+T = TypeVar("T")
+
+DB_FILENAME: Final = "smtpgw.db"
+
+BUSY_TIMEOUT: Final = 10.0
+"""Seconds a connection waits for another one's write lock before failing."""
+
+
+class StoreError(Exception):
+    """
+    A store of the database cannot do what was asked; the message says why, in one line.
+    """
+
+
+class UnusableDatabase(StoreError):
+    """
+    The database file cannot be opened as an smtpgw database.
+    """
+
+
+class SchemaTooNew(UnusableDatabase):
+    """
+    The database was made by a newer smtpgw than this one.
+    """
+
+
+class StoreNotRunning(StoreError):
+    """
+    A threaded store is not started, or was stopped.
+    """
+
+
+def _migrate_1(connection: sqlite3.Connection) -> None:
+    statements = [
+        """
+        CREATE TABLE lists (
+            name TEXT PRIMARY KEY NOT NULL,
+            created_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE users (
+            username TEXT PRIMARY KEY NOT NULL,
+            list TEXT NOT NULL REFERENCES lists (name) ON DELETE RESTRICT,
+            password_hash BLOB NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
+            priority INTEGER NOT NULL DEFAULT 3 CHECK (priority BETWEEN 1 AND 5),
+            notes TEXT NOT NULL DEFAULT '',
+            authorized_domains TEXT NOT NULL DEFAULT '[]',
+            authorized_senders TEXT NOT NULL DEFAULT '[]',
+            enforcement TEXT NOT NULL DEFAULT 'enforce'
+                CHECK (enforcement IN ('enforce', 'monitor')),
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            last_used_ip TEXT
+        )
+        """,
+        "CREATE INDEX users_by_list ON users (list, username)",
+        """
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            type TEXT NOT NULL,
+            list TEXT,
+            message TEXT NOT NULL,
+            details TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            read INTEGER NOT NULL DEFAULT 0 CHECK (read IN (0, 1))
+        )
+        """,
+        "CREATE INDEX alerts_by_list ON alerts (list, id)",
+        "CREATE INDEX alerts_by_type ON alerts (type, id)",
+    ]
+    for statement in statements:
+        connection.execute(statement)
+
+
+MIGRATIONS: Final[Mapping[int, Callable[[sqlite3.Connection], None]]] = {
+    1: _migrate_1,
+}
+"""
+Schema changes by the version they bring the database to. Each runs inside
+the one transaction that also records the new version, so a crash leaves the
+schema at a known version. Append, never edit: C{api_tokens} and C{admins}
+come as version 2 and later.
+"""
+
+SCHEMA_VERSION: Final = max(MIGRATIONS)
+
+
+def database_path(data_dir: str | os.PathLike[str]) -> Path:
+    """
+    Where the database of a data directory is.
+    """
+    return Path(data_dir) / DB_FILENAME
+
+
+def _stored_version(connection: sqlite3.Connection, path: Path) -> int:
+    tables = {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    if "schema_version" not in tables:
+        if tables:
+            raise UnusableDatabase(f"{path} is an SQLite database, but not an smtpgw one")
+        return 0
+    row = connection.execute("SELECT version FROM schema_version").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _refuse_newer(version: int, path: Path) -> None:
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"{path} has schema version {version}, newer than the {SCHEMA_VERSION} this "
+            "smtpgw knows: upgrade smtpgw"
+        )
+
+
+def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+    version = _stored_version(connection, path)
+    _refuse_newer(version, path)
+    if version == SCHEMA_VERSION:
+        return
+    # Another process (the gateway, a second CLI) may be migrating too: the
+    # write lock serializes them, and the version is read again under it.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = _stored_version(connection, path)
+        _refuse_newer(version, path)
+        if version == 0:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version (version) VALUES (0)")
+        for target in sorted(MIGRATIONS):
+            if target > version:
+                MIGRATIONS[target](connection)
+                connection.execute("UPDATE schema_version SET version = ?", (target,))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def open_database(
+    path: str | os.PathLike[str],
+    *,
+    create: bool = True,
+    check_same_thread: bool = True,
+) -> sqlite3.Connection:
+    """
+    Open the smtpgw database, bringing its schema up to date.
+
+    @param path: the database file.
+    @param create: make the file (mode 0600: it holds password hashes) when
+        it does not exist; when L{False}, a missing file is an error.
+    @param check_same_thread: passed to L{sqlite3.connect}.
+    @return: a connection in autocommit mode (transactions are explicit),
+        with foreign keys enforced.
+    @raise UnusableDatabase: missing, unreadable, not SQLite, not smtpgw's,
+        or corrupt; L{SchemaTooNew} when made by a newer smtpgw.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UnusableDatabase(f"{path} is a directory, not a database file")
+    if not path.exists():
+        if not create:
+            raise UnusableDatabase(f"no database at {path} (wrong data directory?)")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as e:
+            raise UnusableDatabase(f"cannot create {path}: {e.strerror}") from e
+    try:
+        connection = sqlite3.connect(
+            path,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+        )
+    except sqlite3.Error as e:
+        raise UnusableDatabase(f"cannot open {path}: {e}") from e
+    try:
+        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA journal_mode = WAL")
+        # User changes are rare and an admin was shown the password: keep them.
+        connection.execute("PRAGMA synchronous = FULL")
+        _migrate(connection, path)
+    except sqlite3.OperationalError as e:
+        connection.close()
+        raise UnusableDatabase(f"cannot use {path}: {e}") from e
+    except sqlite3.DatabaseError as e:
+        connection.close()
+        raise UnusableDatabase(f"{path} is not a usable smtpgw database: {e}") from e
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+@contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """
+    A write transaction on a connection from L{open_database}.
+
+    It takes the write lock up front (C{BEGIN IMMEDIATE}), so that checks
+    made inside it still hold when it writes; it commits when the block
+    ends, and rolls back when the block raises.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+class Closeable(Protocol):
+    """
+    What each thread of a L{PerThreadPool} holds: something to close at the end.
+    """
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closeable)
+
+
+class PerThreadPool(Generic[C]):
+    """
+    A fixed number of threads, each with its own resource (an SQLite
+    connection must not be shared between threads), made on first use in
+    that thread and closed when the pool stops.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        factory: Callable[[], C],
+        *,
+        size: int,
+        name: str,
+    ) -> None:
+        """
+        @param reactor: delivers results from the threads.
+        @param factory: makes a thread's resource; called in that thread.
+        @param size: how many threads.
+        @param name: names the threads, for debugging.
+        """
+        self._reactor = reactor
+        self._factory = factory
+        self._size = size
+        self._name = name
+        self._pool: ThreadPool | None = None
+        self._local = threading.local()
+        self._resources: list[C] = []
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """
+        Whether L{run} runs functions (between L{start} and L{stop}).
+        """
+        return self._pool is not None
+
+    def start(self) -> None:
+        """
+        Start the threads. A stopped pool may be started again.
+        """
+        if self._pool is not None:
+            return
+        self._local = threading.local()
+        self._pool = ThreadPool(self._size, self._size, name=self._name)
+        self._pool.start()
+
+    def stop(self) -> None:
+        """
+        Let the threads finish the work they were given, join them, and
+        close their resources. Blocks until then: call it when stopping.
+        """
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        with self._lock:
+            resources, self._resources = self._resources, []
+        for resource in resources:
+            resource.close()
+
+    def _resource(self) -> C:
+        resource: C | None = getattr(self._local, "resource", None)
+        if resource is None:
+            resource = self._factory()
+            self._local.resource = resource
+            with self._lock:
+                self._resources.append(resource)
+        return resource
+
+    def _call(self, f: Callable[[C], T]) -> T:
+        return f(self._resource())
+
+    def run(self, f: Callable[[C], T]) -> Deferred[T]:
+        """
+        Call C{f} with the resource of the thread that runs it.
+
+        @return: what C{f} returns, or fails with what it raised, or with
+            L{StoreNotRunning} when the pool is not running (a stopped
+            L{ThreadPool} would silently drop the work).
+        """
+        pool = self._pool
+        if pool is None:
+            return fail(StoreNotRunning(f"{self._name} is not running"))
+        return deferToThreadPool(self._reactor, pool, self._call, f)

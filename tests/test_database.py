@@ -1,0 +1,263 @@
+"""
+Tests for L{smtpgw.database}: the database file, its versioned schema, and
+the per-thread pool the threaded stores run on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, ParamSpec
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
+
+from smtpgw import database
+from smtpgw.database import (
+    SCHEMA_VERSION,
+    PerThreadPool,
+    SchemaTooNew,
+    StoreNotRunning,
+    UnusableDatabase,
+    database_path,
+    open_database,
+    transaction,
+)
+
+P = ParamSpec("P")
+
+
+def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
+    """
+    L{pytest_twisted.ensureDeferred}, typed.
+    """
+    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
+    return wrapped
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return database_path(tmp_path)
+
+
+def test_new_database_is_private_wal_and_current(db_path: Path) -> None:
+    """
+    A new database file is readable by its owner only (it holds password
+    hashes), runs in WAL mode, enforces foreign keys and has the current
+    schema.
+    """
+    connection = open_database(db_path)
+    try:
+        assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert connection.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [
+            (SCHEMA_VERSION,)
+        ]
+        tables = {
+            row[0]
+            for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        assert {"lists", "users", "alerts", "schema_version"} <= tables
+    finally:
+        connection.close()
+
+
+def test_database_data_dir_path() -> None:
+    """
+    The database lives at C{<data-dir>/smtpgw.db}.
+    """
+    assert database_path("/srv/gw") == Path("/srv/gw/smtpgw.db")
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    """
+    A database written by a newer smtpgw is not opened, and the error says
+    which versions and what to do.
+    """
+    open_database(db_path).close()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    raw.close()
+    with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}.*upgrade smtpgw"):
+        open_database(db_path)
+
+
+def test_non_sqlite_file_is_refused_clearly(db_path: Path) -> None:
+    """
+    A file that is not SQLite gives an error naming it, not a traceback.
+    """
+    db_path.write_bytes(b"this is not a database at all\n" * 100)
+    with pytest.raises(UnusableDatabase, match="not a usable smtpgw database") as e:
+        open_database(db_path)
+    assert str(db_path) in str(e.value)
+
+
+def test_other_applications_database_is_refused(db_path: Path) -> None:
+    """
+    An SQLite database with tables but no smtpgw schema is left alone.
+    """
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("CREATE TABLE customers (id INTEGER)")
+    raw.close()
+    with pytest.raises(UnusableDatabase, match="not an smtpgw one"):
+        open_database(db_path)
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT name FROM sqlite_master").fetchall() == [("customers",)]
+    raw.close()
+
+
+def test_missing_database_without_create(db_path: Path) -> None:
+    """
+    Read-only callers get a clear error, and no file appears.
+    """
+    with pytest.raises(UnusableDatabase, match="no database at"):
+        open_database(db_path, create=False)
+    assert not db_path.exists()
+
+
+def test_directory_instead_of_database(db_path: Path) -> None:
+    """
+    A directory where the file should be is reported as such.
+    """
+    db_path.mkdir()
+    with pytest.raises(UnusableDatabase, match="is a directory"):
+        open_database(db_path)
+
+
+def test_migrations_run_in_order_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A database at version 1 gets the later migrations, in version order,
+    each once; the next open runs none.
+    """
+    open_database(db_path).close()
+    ran: list[int] = []
+
+    def make(version: int) -> Callable[[sqlite3.Connection], None]:
+        def migrate(connection: sqlite3.Connection) -> None:
+            ran.append(version)
+            connection.execute(f"CREATE TABLE t{version} (x INTEGER)")
+
+        return migrate
+
+    monkeypatch.setattr(
+        database, "MIGRATIONS", {3: make(3), 1: database.MIGRATIONS[1], 2: make(2)}
+    )
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 3)
+    open_database(db_path).close()
+    open_database(db_path).close()
+    assert ran == [2, 3]
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT version FROM schema_version").fetchone() == (3,)
+    raw.close()
+
+
+def test_failed_migration_leaves_the_previous_version(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A migration that fails half-way is rolled back with the version number,
+    so the next start tries it again from a known state.
+    """
+    open_database(db_path).close()
+
+    def broken(connection: sqlite3.Connection) -> None:
+        connection.execute("CREATE TABLE half_done (x INTEGER)")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(database, "MIGRATIONS", {1: database.MIGRATIONS[1], 2: broken})
+    monkeypatch.setattr(database, "SCHEMA_VERSION", 2)
+    with pytest.raises(RuntimeError, match="migration bug"):
+        open_database(db_path)
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT version FROM schema_version").fetchone() == (1,)
+        assert (
+            raw.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchall() == []
+        )
+    raw.close()
+
+
+def test_transaction_commits_or_rolls_back(db_path: Path) -> None:
+    """
+    A block that ends commits; a block that raises leaves nothing behind.
+    """
+    connection = open_database(db_path)
+    try:
+        with transaction(connection) as db:
+            db.execute("INSERT INTO lists (name, created_at) VALUES ('kept', 0)")
+
+        def aborted() -> None:
+            with transaction(connection) as db:
+                db.execute("INSERT INTO lists (name, created_at) VALUES ('dropped', 0)")
+                raise RuntimeError("abort")
+
+        with pytest.raises(RuntimeError):
+            aborted()
+        assert connection.execute("SELECT name FROM lists").fetchall() == [("kept",)]
+    finally:
+        connection.close()
+
+
+class Resource:
+    """
+    Stands for a connection: remembers its thread and whether it was closed.
+    """
+
+    def __init__(self) -> None:
+        self.thread = threading.current_thread()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@async_test
+async def test_pool_gives_each_thread_its_own_resource_and_closes_them() -> None:
+    """
+    Work runs in the pool's threads, each with the resource made there;
+    stopping closes them all; after a stop, work fails instead of hanging,
+    and a restart makes fresh resources.
+    """
+    made: list[Resource] = []
+
+    def factory() -> Resource:
+        made.append(Resource())
+        return made[-1]
+
+    pool = PerThreadPool(_reactor(), factory, size=2, name="test-pool")
+    assert not pool.running
+    pool.start()
+    barrier = threading.Barrier(2, timeout=10)
+
+    def meet(resource: Resource) -> Resource:
+        barrier.wait()
+        assert resource.thread is threading.current_thread()
+        return resource
+
+    seen = await gatherResults([pool.run(meet), pool.run(meet)])
+    assert seen[0] is not seen[1]
+    assert all(r.thread is not threading.main_thread() for r in seen)
+    again = await pool.run(lambda r: r)
+    assert again in seen
+    assert len(made) == 2
+    pool.stop()
+    assert all(r.closed for r in made)
+    with pytest.raises(StoreNotRunning, match="test-pool"):
+        await pool.run(lambda r: r)
+    pool.start()
+    fresh = await pool.run(lambda r: r)
+    assert fresh not in made[:2]
+    assert not fresh.closed
+    pool.stop()
+    assert fresh.closed
