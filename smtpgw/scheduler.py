@@ -286,6 +286,13 @@ class Scheduler:
         """
         return {Priority(p): n for p, n in self._ready.items()}
 
+    def has_ready(self, now: float) -> bool:
+        """
+        Whether L{pop_ready} would hand out an entry at C{now}.
+        """
+        self._promote_due(now)
+        return any(self._ready.values())
+
     def next_wakeup(self, now: float) -> float | None:
         """
         When the earliest deferred entry becomes ready, or L{None} when none

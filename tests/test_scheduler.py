@@ -156,7 +156,9 @@ class TestDeferred:
         s = Scheduler()
         s.add(entry("d", state=MessageState.DEFERRED, attempts=1, next_attempt_at=100.0))
         assert s.pop_ready(99.999) is None
+        assert not s.has_ready(99.999)
         assert s.next_wakeup(99.999) == 100.0
+        assert s.has_ready(100.0)
         popped = s.pop_ready(100.0)
         assert popped is not None
         assert popped.queue_id == "d"
