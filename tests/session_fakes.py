@@ -191,6 +191,7 @@ class Client:
     def __init__(self, session: GatewaySMTP, transport: StringTransport) -> None:
         self.session = session
         self.transport = transport
+        self.greeting: list[bytes] = []
 
     def send(self, data: bytes) -> None:
         self.session.dataReceived(data)
@@ -293,8 +294,8 @@ class Harness:
         session.makeConnection(transport)
         client = Client(session, transport)
         if self.limits.greet_delay == 0:
-            greeting = client.replies()
-            assert greeting == [] or greeting[0].startswith((b"220 ", b"421 ")), greeting
+            client.greeting = client.replies()
+            assert client.greeting[0].startswith((b"220 ", b"421 ")), client.greeting
         return client
 
     def logged_in(self, ip: str = "192.0.2.1") -> Client:

@@ -1,0 +1,212 @@
+"""
+Tests for L{smtpgw.limits} (the session limits and their ranges) and
+L{smtpgw.abuse} (per-address connection counts and login failures).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from smtpgw.abuse import AuthFailureTracker, ConnectionCounter
+from smtpgw.limits import MIB, Limits
+
+
+def test_defaults() -> None:
+    """
+    The defaults are the documented ones, and every field has one.
+    """
+    limits = Limits()
+    assert limits.max_size == 25 * MIB
+    assert limits.max_recipients == 100
+    assert limits.max_command_length == 512
+    assert limits.max_auth_line_length == 12288
+    assert limits.max_path_length == 256
+    assert limits.max_data_line_length == 998
+    assert limits.idle_timeout == 300
+    assert limits.command_deadline == 60
+    assert limits.data_deadline == 600
+    assert limits.max_connections_per_ip == 50
+    assert limits.max_bad_commands == 10
+    assert limits.auth_failure_limit == 5
+    assert limits.auth_failure_window == 300
+    assert limits.auth_failure_delay == 1
+    assert limits.auth_failure_delay_cap == 10
+    assert limits.greet_delay == 0
+    for field in attrs.fields(Limits):
+        assert field.default is not attrs.NOTHING, field.name
+
+
+def test_limits_are_frozen() -> None:
+    """
+    Limits cannot be changed after construction.
+    """
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        Limits().max_size = 1  # type: ignore[misc]
+
+
+# Each field with its lowest and highest accepted value.
+_RANGES: list[tuple[str, float, float]] = [
+    ("max_size", 1024, 2**31 - 1),
+    ("max_recipients", 1, 100_000),
+    ("max_command_length", 512, 12288),
+    ("max_path_length", 256, 4096),
+    ("max_data_line_length", 998, 65536),
+    ("idle_timeout", 1, 3600),
+    ("command_deadline", 1, 3600),
+    ("data_deadline", 1, 86400),
+    ("max_connections_per_ip", 1, 100_000),
+    ("max_bad_commands", 1, 1000),
+    ("auth_failure_limit", 1, 1000),
+    ("auth_failure_window", 1, 86400),
+    ("auth_failure_delay", 0, 60),
+    ("auth_failure_delay_cap", 0, 300),
+    ("greet_delay", 0, 60),
+]
+
+
+def _limits(**changes: Any) -> Limits:
+    if "greet_delay" in changes:
+        changes.setdefault("idle_timeout", 3600)
+    return Limits(**changes)
+
+
+@pytest.mark.parametrize(("name", "low", "high"), _RANGES)
+def test_range_bounds_are_accepted(name: str, low: float, high: float) -> None:
+    """
+    The lowest and highest value of each range are accepted.
+    """
+    assert getattr(_limits(**{name: low}), name) == low
+    assert getattr(_limits(**{name: high}), name) == high
+
+
+@pytest.mark.parametrize(("name", "low", "high"), _RANGES)
+def test_values_past_the_range_are_refused(name: str, low: float, high: float) -> None:
+    """
+    One past either end of each range is refused, naming the field.
+    """
+    step = 1 if isinstance(low, int) and isinstance(high, int) else 0.001
+    with pytest.raises(ValueError, match=name):
+        _limits(**{name: low - step})
+    with pytest.raises(ValueError, match=name):
+        _limits(**{name: high + step})
+
+
+@pytest.mark.parametrize("value", ["10", None, True, [1]])
+def test_non_numbers_are_refused(value: object) -> None:
+    """
+    Strings, None and booleans are not limits.
+    """
+    with pytest.raises(TypeError, match="max_size"):
+        Limits(max_size=value)  # type: ignore[arg-type]
+
+
+def test_auth_lines_may_not_be_shorter_than_commands() -> None:
+    """
+    max_auth_line_length at max_command_length is fine; below it is not.
+    """
+    assert Limits(max_command_length=1000, max_auth_line_length=1000)
+    with pytest.raises(ValueError, match="max_auth_line_length"):
+        Limits(max_command_length=1000, max_auth_line_length=999)
+
+
+def test_greet_delay_must_be_shorter_than_the_idle_timeout() -> None:
+    """
+    A greet delay the idle timeout would cut short is refused.
+    """
+    assert Limits(greet_delay=9.9, idle_timeout=10)
+    with pytest.raises(ValueError, match="greet_delay"):
+        Limits(greet_delay=10, idle_timeout=10)
+
+
+@given(
+    max_size=st.integers(min_value=1024, max_value=2**31 - 1),
+    max_recipients=st.integers(min_value=1, max_value=100_000),
+    idle_timeout=st.floats(min_value=1, max_value=3600),
+)
+def test_any_value_in_range_round_trips(
+    max_size: int, max_recipients: int, idle_timeout: float
+) -> None:
+    """
+    Values inside the ranges are kept as given.
+    """
+    limits = Limits(max_size=max_size, max_recipients=max_recipients, idle_timeout=idle_timeout)
+    assert (limits.max_size, limits.max_recipients, limits.idle_timeout) == (
+        max_size,
+        max_recipients,
+        idle_timeout,
+    )
+
+
+# -- ConnectionCounter ------------------------------------------------------------------
+
+
+def test_connection_counter_at_the_limit_and_past_it() -> None:
+    """
+    An address may hold C{limit} connections; the next is refused until one
+    is released; other addresses are counted apart.
+    """
+    counter = ConnectionCounter(3)
+    assert all(counter.acquire("a") for _ in range(3))
+    assert not counter.acquire("a")
+    assert counter.acquire("b")
+    counter.release("a")
+    assert counter.count("a") == 2
+    assert counter.acquire("a")
+
+
+def test_connection_counter_forgets_idle_addresses() -> None:
+    """
+    An address without connections takes no memory.
+    """
+    counter = ConnectionCounter(2)
+    counter.acquire("a")
+    counter.release("a")
+    counter.release("a")
+    assert counter.count("a") == 0
+    assert counter._open == {}
+
+
+# -- AuthFailureTracker -------------------------------------------------------------------
+
+
+def test_auth_failures_at_the_limit_and_past_the_window() -> None:
+    """
+    C{limit} failures within the window block the address; it is free again
+    once the oldest failure leaves the window.
+    """
+    clock = Clock()
+    tracker = AuthFailureTracker(limit=3, window=100, clock=clock)
+    assert tracker.record_failure("a") == 1
+    clock.advance(10)
+    assert tracker.record_failure("a") == 2
+    assert not tracker.blocked("a")
+    assert tracker.record_failure("a") == 3
+    assert tracker.blocked("a")
+    assert not tracker.blocked("b")
+    clock.advance(89.9)
+    assert tracker.blocked("a")
+    clock.advance(0.1)
+    assert tracker.failures("a") == 2
+    assert not tracker.blocked("a")
+
+
+def test_auth_failure_tracker_forgets_old_addresses() -> None:
+    """
+    Addresses whose failures have left the window are swept, so a scan from
+    many addresses does not grow the tracker without bound.
+    """
+    clock = Clock()
+    tracker = AuthFailureTracker(limit=5, window=10, clock=clock)
+    for i in range(1000):
+        tracker.record_failure(f"10.0.{i // 256}.{i % 256}")
+    assert tracker.tracked() == 1000
+    clock.advance(11)
+    for i in range(100):
+        tracker.record_failure(f"10.9.0.{i}")
+    assert tracker.tracked() == 100

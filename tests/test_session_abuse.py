@@ -1,0 +1,550 @@
+"""
+Abuse limits of L{smtpgw.session.GatewaySMTP}, each at the limit and one
+past it, each followed by proof that the server still serves a client.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import smtpgw.realm
+from smtpgw.limits import Limits
+from smtpgw.message import MessageAssembler
+from tests.session_fakes import Client, Harness, message, plain
+
+
+def assert_still_serving(harness: Harness, ip: str = "198.51.100.200") -> None:
+    """
+    A fresh client from another address can log in and send a message.
+    """
+    client = harness.connect(ip)
+    assert client.login()[-1].startswith(b"235 ")
+    assert client.mail_transaction(message())[-1].startswith(b"250 2.0.0 Ok: queued as ")
+
+
+# -- command line length ------------------------------------------------------
+
+
+def _noop_of_length(length: int) -> bytes:
+    """
+    A NOOP command line of C{length} octets, CRLF included.
+    """
+    return b"NOOP " + b"x" * (length - len(b"NOOP ") - 2) + b"\r\n"
+
+
+def test_command_line_at_512_octets_is_served() -> None:
+    """
+    A 512-octet command line (CRLF included, RFC 5321 4.5.3.1.4) is served.
+    """
+    harness = Harness()
+    client = harness.connect()
+    line = _noop_of_length(512)
+    assert len(line) == 512
+    client.send(line)
+    assert client.replies() == [b"250 2.0.0 Ok"]
+
+
+def test_command_line_of_513_octets_is_500() -> None:
+    """
+    A 513-octet command line gets 500 5.5.2 (stock Twisted runs it), the
+    session goes on, and the server serves others.
+    """
+    harness = Harness()
+    client = harness.connect()
+    client.send(_noop_of_length(513))
+    assert client.replies() == [b"500 5.5.2 Line too long"]
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+    assert_still_serving(harness)
+
+
+def test_endless_command_line_is_discarded_then_refused_once() -> None:
+    """
+    A command line that never ends is not buffered: its octets are dropped
+    and, when it ends, it gets one 500 5.5.2.
+    """
+    harness = Harness()
+    client = harness.connect()
+    for _ in range(10):
+        client.send(b"x" * 10_000)
+    assert len(client.session._buffer) <= harness.limits.max_auth_line_length
+    client.send(b"yyy\r\nNOOP\r\n")
+    assert client.replies() == [b"500 5.5.2 Line too long", b"250 2.0.0 Ok"]
+    assert_still_serving(harness)
+
+
+def test_long_mail_command_is_not_run() -> None:
+    """
+    A MAIL command over 512 octets is refused, not run.
+    """
+    harness = Harness()
+    client = harness.logged_in()
+    line = b"MAIL FROM:<a@example.com> " + b"X" * 500
+    assert client.command(line) == [b"500 5.5.2 Line too long"]
+    assert client.session.transaction is None
+
+
+# -- path length --------------------------------------------------------------
+
+
+def _path_of_length(length: int, domain: bytes = b"@example.com") -> bytes:
+    """
+    A path of C{length} octets, angle brackets included.
+    """
+    return b"<" + b"a" * (length - 2 - len(domain)) + domain + b">"
+
+
+@pytest.mark.parametrize("verb", [b"MAIL FROM:", b"RCPT TO:"])
+def test_path_at_256_octets_is_accepted(verb: bytes) -> None:
+    """
+    A 256-octet path (RFC 5321 4.5.3.1.3) is accepted.
+    """
+    harness = Harness()
+    client = harness.logged_in()
+    if verb == b"RCPT TO:":
+        client.command(b"MAIL FROM:<a@example.com>")
+    path = _path_of_length(256)
+    assert len(path) == 256
+    assert client.command(verb + path)[0].startswith(b"250 ")
+
+
+@pytest.mark.parametrize("verb", [b"MAIL FROM:", b"RCPT TO:"])
+def test_path_of_257_octets_is_501(verb: bytes) -> None:
+    """
+    A 257-octet path gets 501 5.1.3, and the server goes on.
+    """
+    harness = Harness()
+    client = harness.logged_in()
+    if verb == b"RCPT TO:":
+        client.command(b"MAIL FROM:<a@example.com>")
+    assert client.command(verb + _path_of_length(257)) == [b"501 5.1.3 Path too long"]
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+    assert_still_serving(harness)
+
+
+# -- bad characters -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("line", [b"NOOP\0", b"MAIL FROM:<a\0@example.com>", b"NO\rOP"])
+def test_nul_or_bare_cr_in_a_command_is_500(line: bytes) -> None:
+    """
+    A NUL or a CR inside a command line gets 500 5.5.2.
+    """
+    harness = Harness()
+    client = harness.logged_in()
+    assert client.command(line) == [b"500 5.5.2 Invalid character in command"]
+    assert client.session.transaction is None
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+    assert_still_serving(harness)
+
+
+# -- pre-greet traffic --------------------------------------------------------
+
+
+def test_talking_before_the_greeting_is_554_and_close() -> None:
+    """
+    With a greet delay, a client that talks before the 220 (a spam bot) gets
+    554 5.5.1 and is closed; the server serves others.
+    """
+    harness = Harness(limits=Limits(greet_delay=2.0))
+    client = harness.connect()
+    harness.clock.advance(1.999)
+    assert client.replies() == []
+    client.send(b"EHLO bot\r\n")
+    assert client.replies() == [b"554 5.5.1 Error: talking before the greeting"]
+    assert client.closed
+    polite = harness.connect("198.51.100.200")
+    harness.clock.advance(2.0)
+    assert polite.replies() == [b"220 gw.example.net ESMTP smtpgw"]
+    assert polite.login()[-1].startswith(b"235 ")
+
+
+def test_talking_right_after_the_greeting_delay_is_fine() -> None:
+    """
+    A client that waits exactly the greet delay is greeted and served.
+    """
+    harness = Harness(limits=Limits(greet_delay=2.0))
+    client = harness.connect()
+    harness.clock.advance(2.0)
+    assert client.replies()[0].startswith(b"220 ")
+    assert client.command(b"EHLO c")[-1].startswith(b"250 ")
+
+
+# -- HTTP ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET / HTTP/1.1",
+        b"POST /submit HTTP/1.0",
+        b"HEAD / HTTP/1.1",
+        b"CONNECT mail.example.com:25 HTTP/1.1",
+        b"Host: gw.example.net",
+    ],
+)
+def test_http_request_closes_at_once(request_line: bytes) -> None:
+    """
+    An HTTP request line or a Host: header closes the connection without a
+    reply; the rest of the request is never read.
+    """
+    harness = Harness()
+    client = harness.connect()
+    client.send(request_line + b"\r\nHost: x\r\nNOOP\r\n\r\n")
+    assert client.replies() == []
+    assert client.closed
+    assert_still_serving(harness)
+
+
+# -- bursts of errors ---------------------------------------------------------
+
+
+def test_bad_commands_up_to_the_limit_are_answered() -> None:
+    """
+    max_bad_commands errors each get their reply; the session stays open.
+    """
+    harness = Harness(limits=Limits(max_bad_commands=10))
+    client = harness.connect()
+    client.send(b"JUNK\r\n" * 10)
+    assert client.codes() == [b"500"] * 10
+    assert not client.closed
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+
+
+def test_one_bad_command_past_the_limit_is_421() -> None:
+    """
+    The next error after max_bad_commands gets 421 4.7.0 and a close; the
+    commands after it are not read; other clients are served.
+    """
+    harness = Harness(limits=Limits(max_bad_commands=10))
+    client = harness.connect()
+    client.send(b"JUNK\r\n" * 11 + b"NOOP\r\n")
+    replies = client.replies()
+    assert [r[:3] for r in replies] == [b"500"] * 10 + [b"421"]
+    assert replies[-1].startswith(b"421 4.7.0 ")
+    assert client.closed
+    assert_still_serving(harness)
+
+
+def test_failed_commands_of_every_kind_count() -> None:
+    """
+    Syntax errors, sequence errors and MAIL before AUTH all count as errors.
+    """
+    harness = Harness(limits=Limits(max_bad_commands=3))
+    client = harness.connect()
+    client.send(b"EHLO\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@c.example>\r\nDATA\r\n")
+    assert client.codes() == [b"501", b"530", b"503", b"421"]
+    assert client.closed
+
+
+def test_accepted_message_resets_the_error_count() -> None:
+    """
+    An accepted message forgives earlier errors.
+    """
+    harness = Harness(limits=Limits(max_bad_commands=2))
+    client = harness.logged_in()
+    client.send(b"JUNK\r\nJUNK\r\n")
+    assert client.mail_transaction(message())[-1].startswith(b"250 2.0.0 ")
+    client.send(b"JUNK\r\nJUNK\r\n")
+    assert client.codes() == [b"500", b"500"]
+    assert not client.closed
+
+
+# -- timeouts -----------------------------------------------------------------
+
+
+def test_idle_client_gets_421_at_the_idle_timeout() -> None:
+    """
+    A client silent for idle_timeout gets 421 4.4.2 and is closed, not a
+    moment before.
+    """
+    harness = Harness(limits=Limits(idle_timeout=300))
+    client = harness.connect()
+    client.command(b"EHLO c")
+    harness.clock.advance(299.9)
+    assert client.replies() == []
+    assert not client.closed
+    harness.clock.advance(0.1)
+    [reply] = client.replies()
+    assert reply.startswith(b"421 4.4.2 ")
+    assert client.closed
+    assert_still_serving(harness)
+
+
+def test_activity_postpones_the_idle_timeout() -> None:
+    """
+    Each command restarts the idle time.
+    """
+    harness = Harness(limits=Limits(idle_timeout=300))
+    client = harness.connect()
+    for _ in range(5):
+        harness.clock.advance(200)
+        assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+    assert not client.closed
+
+
+def test_slow_drip_gets_421_at_the_command_deadline() -> None:
+    """
+    A command dripped one octet at a time never looks idle, but gets
+    421 4.4.2 when the line is still unfinished at command_deadline.
+    """
+    harness = Harness(limits=Limits(command_deadline=60, idle_timeout=300))
+    client = harness.connect()
+    for octet in b"NOOP" + b"x" * 100:
+        client.send(bytes([octet]))
+        harness.clock.advance(5)
+        if client.closed:
+            break
+    [reply] = client.replies()
+    assert reply.startswith(b"421 4.4.2 ")
+    assert harness.clock.seconds() - 1_700_000_000.0 == 60
+    assert_still_serving(harness)
+
+
+def test_dripped_command_finished_within_the_deadline_is_served() -> None:
+    """
+    A command that takes just under command_deadline is served.
+    """
+    harness = Harness(limits=Limits(command_deadline=60))
+    client = harness.connect()
+    for octet in b"NOO":
+        client.send(bytes([octet]))
+        harness.clock.advance(19.9)
+    client.send(b"P\r\n")
+    assert client.replies() == [b"250 2.0.0 Ok"]
+    harness.clock.advance(100)
+    assert not client.closed
+
+
+def test_slow_data_gets_421_at_the_data_deadline() -> None:
+    """
+    A DATA section that keeps trickling gets 421 4.4.2 at data_deadline and
+    nothing is queued.
+    """
+    harness = Harness(limits=Limits(data_deadline=600, idle_timeout=300))
+    client = harness.logged_in()
+    client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@c.example>\r\nDATA\r\n")
+    client.replies()
+    for _ in range(5):
+        harness.clock.advance(119.9)
+        client.send(b"a line\r\n")
+    assert not client.closed
+    harness.clock.advance(0.5)
+    [reply] = client.replies()
+    assert reply.startswith(b"421 4.4.2 ")
+    assert client.closed
+    client.lose()
+    assert harness.queue.submitted == []
+    assert_still_serving(harness)
+
+
+def test_no_timer_survives_the_connection() -> None:
+    """
+    Closing a session cancels its timers.
+    """
+    harness = Harness(limits=Limits(greet_delay=1.0))
+    client = harness.connect()
+    client.lose()
+    assert harness.clock.getDelayedCalls() == []
+
+
+# -- connections per address --------------------------------------------------
+
+
+def test_connections_per_address_at_the_limit_and_past_it() -> None:
+    """
+    max_connections_per_ip connections from one address are greeted; the
+    next gets 421 4.7.0 and is closed, while another address is served and
+    a slot freed by a close can be used again.
+    """
+    harness = Harness(limits=Limits(max_connections_per_ip=5))
+    clients = [harness.connect("192.0.2.50") for _ in range(5)]
+    assert not any(c.closed for c in clients)
+    extra = harness.connect("192.0.2.50")
+    [reply] = extra.greeting
+    assert reply.startswith(b"421 4.7.0 ")
+    assert extra.closed
+    extra.lose()
+    assert harness.factory.connections.count("192.0.2.50") == 5
+    assert_still_serving(harness)
+    clients[0].lose()
+    again = harness.connect("192.0.2.50")
+    assert not again.closed
+    assert again.command(b"NOOP") == [b"250 2.0.0 Ok"]
+
+
+# -- recipients ---------------------------------------------------------------
+
+
+def test_recipients_at_the_limit_and_past_it() -> None:
+    """
+    max_recipients recipients are accepted; the next gets 452 4.5.3; the
+    message goes to the accepted ones.
+    """
+    harness = Harness(limits=Limits(max_recipients=100))
+    client = harness.logged_in()
+    rcpts = tuple(b"r%d@dest.example" % i for i in range(101))
+    replies = client.mail_transaction(message(), rcpts=rcpts)
+    assert [r[:3] for r in replies[1:101]] == [b"250"] * 100
+    assert replies[101] == b"452 4.5.3 Too many recipients"
+    assert replies[-1].startswith(b"250 2.0.0 ")
+    assert len(harness.queue.submitted[0][0].recipients) == 100
+    assert_still_serving(harness)
+
+
+# -- dropped connections ------------------------------------------------------
+
+
+def test_connection_dropped_mid_data_submits_nothing() -> None:
+    """
+    A connection lost in the middle of DATA queues nothing and releases its
+    connection slot.
+    """
+    harness = Harness()
+    client = harness.logged_in("192.0.2.77")
+    client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@c.example>\r\nDATA\r\n")
+    client.send(b"From: a@example.com\r\n\r\nhalf a mes")
+    client.lose()
+    assert harness.queue.submitted == []
+    assert harness.factory.connections.count("192.0.2.77") == 0
+    assert_still_serving(harness)
+
+
+def test_connection_dropped_while_the_queue_works_is_harmless() -> None:
+    """
+    A client that leaves before the queue answered causes no error.
+    """
+    from tests.session_fakes import FakeQueue
+
+    harness = Harness(queue=FakeQueue(mode="pending"))
+    client = harness.logged_in()
+    client.mail_transaction(message())
+    client.lose()
+    harness.queue.pending[0].callback(None)
+    assert client.replies()[-3:] == []
+
+
+# -- one message sink per transaction -----------------------------------------
+
+
+def test_each_line_reaches_the_assembler_once_whatever_the_recipients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    With 50 recipients, every DATA line is handed to one assembler once
+    (stock Twisted copies every line into one message object per
+    recipient).
+    """
+    calls: dict[int, int] = {}
+
+    class CountingAssembler(MessageAssembler):
+        def line(self, line: bytes) -> None:
+            calls[id(self)] = calls.get(id(self), 0) + 1
+            super().line(line)
+
+    monkeypatch.setattr(smtpgw.realm, "MessageAssembler", CountingAssembler)
+    harness = Harness()
+    client = harness.logged_in()
+    body = message(body=b"".join(b"line %d\r\n" % i for i in range(20)))
+    rcpts = tuple(b"r%d@dest.example" % i for i in range(50))
+    assert client.mail_transaction(body, rcpts=rcpts)[-1].startswith(b"250 2.0.0 ")
+    assert list(calls.values()) == [body.count(b"\r\n")]
+
+
+# -- AUTH failures ------------------------------------------------------------
+
+
+def _fail_login(client: Client) -> None:
+    client.send(b"AUTH PLAIN " + plain(password="wrong") + b"\r\n")
+
+
+def test_failed_logins_are_tarpitted_more_each_time() -> None:
+    """
+    The n-th failed login from an address is answered after n times the
+    tarpit step.
+    """
+    harness = Harness(limits=Limits(auth_failure_delay=1.0, auth_failure_limit=5))
+    client = harness.connect()
+    client.command(b"EHLO c")
+    for n in range(1, 5):
+        _fail_login(client)
+        harness.clock.advance(n - 0.01)
+        assert client.replies() == []
+        harness.clock.advance(0.01)
+        assert client.replies() == [b"535 5.7.8 Authentication credentials invalid"]
+
+
+def test_tarpit_delay_is_capped() -> None:
+    """
+    The tarpit delay never exceeds auth_failure_delay_cap.
+    """
+    harness = Harness(
+        limits=Limits(auth_failure_delay=5.0, auth_failure_delay_cap=7.0, auth_failure_limit=10)
+    )
+    client = harness.connect()
+    client.command(b"EHLO c")
+    for _ in range(3):
+        _fail_login(client)
+        harness.clock.advance(7.0)
+        assert client.codes() == [b"535"]
+
+
+def test_auth_failures_at_the_limit_and_past_it() -> None:
+    """
+    auth_failure_limit - 1 failures get 535; the one reaching the limit gets
+    421 4.7.0 and a close, with one auth_failures alert; later AUTH from
+    the address gets 421 at once, from any connection, until the window has
+    passed; other addresses log in meanwhile.
+    """
+    limits = Limits(auth_failure_limit=3, auth_failure_window=300, auth_failure_delay=0)
+    harness = Harness(limits=limits)
+    first = harness.connect("203.0.113.5")
+    first.command(b"EHLO c")
+    for _ in range(2):
+        _fail_login(first)
+        assert first.codes() == [b"535"]
+    _fail_login(first)
+    [reply] = first.replies()
+    assert reply.startswith(b"421 4.7.0 ")
+    assert first.closed
+    [alert] = harness.alerts.of_type("auth_failures")
+    assert alert.details["client_ip"] == "203.0.113.5"
+    assert alert.details["failures"] == 3
+
+    second = harness.connect("203.0.113.5")
+    assert second.login()[-1].startswith(b"421 4.7.0 ")
+    assert second.closed
+    assert len(harness.alerts.of_type("auth_failures")) == 1
+    assert_still_serving(harness)
+
+    harness.clock.advance(300)
+    third = harness.connect("203.0.113.5")
+    assert third.login()[-1].startswith(b"235 ")
+
+
+def test_failures_from_one_address_add_up_across_connections() -> None:
+    """
+    A brute force spread over connections is counted per address.
+    """
+    limits = Limits(auth_failure_limit=3, auth_failure_delay=0)
+    harness = Harness(limits=limits)
+    for expected in (b"535", b"535", b"421"):
+        client = harness.connect("203.0.113.6")
+        client.command(b"EHLO c")
+        _fail_login(client)
+        assert client.codes() == [expected]
+        client.lose()
+    assert len(harness.alerts.of_type("auth_failures")) == 1
+
+
+def test_connection_lost_during_the_tarpit_is_clean() -> None:
+    """
+    A client that hangs up while its failed login is tarpitted leaves no
+    timer and no error behind.
+    """
+    harness = Harness(limits=Limits(auth_failure_delay=3.0))
+    client = harness.connect()
+    client.command(b"EHLO c")
+    _fail_login(client)
+    client.lose()
+    assert harness.clock.getDelayedCalls() == []
+    assert client.replies() == []
