@@ -1,0 +1,535 @@
+"""
+The servers the benchmark measures, each started on 127.0.0.1 in a work
+directory of its own and stopped afterwards:
+
+  - L{SmtpSink}: Postfix's C{smtp-sink}, which throws mail away: the
+    machine's limit (no durability);
+  - L{TwistedBare}: L{bench.twisted_server}, Twisted's own ESMTP with AUTH
+    and no durability;
+  - L{Postfix}: a throwaway Postfix instance with its own configuration and
+    durable queue, delivering to its C{discard} transport;
+  - L{Gateway}: smtpgw under C{twistd}, driven as an operator would.
+
+Each only ever listens on loopback, and each is stopped by the process id it
+started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from attrs import define, field, frozen
+
+from bench.tls import CertFiles, describe_key, make_self_signed
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServerError(Exception):
+    """
+    A server could not be started or configured.
+    """
+
+
+@frozen
+class Started:
+    """
+    A server that is up.
+
+    @ivar port: where it listens on 127.0.0.1.
+    @ivar root_pid: the process whose tree is the server (for CPU time).
+    @ivar username: the AUTH user to send with, or L{None} for no AUTH.
+    @ivar password: its password.
+    @ivar notes: facts that qualify the figures (e.g. "no AUTH").
+    """
+
+    port: int
+    root_pid: int
+    username: str | None
+    password: str | None = field(repr=False)
+    notes: tuple[str, ...] = ()
+
+
+def free_port() -> int:
+    """
+    @return: a TCP port that was free on 127.0.0.1 a moment ago.
+    """
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def can_connect(port: int, timeout: float = 0.2) -> bool:
+    """
+    @return: whether a TCP connection to 127.0.0.1:C{port} succeeds now.
+    """
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """
+    @return: the last lines of a log file, for an error message.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerError(f"exited with status {process.returncode}:\n{tail(log)}")
+        if can_connect(port):
+            return
+        time.sleep(0.02)
+    raise ServerError(f"port {port} not open after {limit:.0f}s:\n{tail(log)}")
+
+
+def _terminate(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("ab")
+
+
+@define
+class SmtpSink:
+    """
+    Postfix's C{smtp-sink}: answers every command, keeps nothing.
+    """
+
+    name: str = "smtp-sink"
+    process: subprocess.Popen[bytes] | None = None
+
+    def unavailable(self) -> str | None:
+        """
+        @return: why this server cannot run here, or L{None}.
+        """
+        if shutil.which("smtp-sink") is None:
+            return "smtp-sink not installed (Debian package postfix)"
+        return None
+
+    def start(self, workdir: Path) -> Started:
+        """
+        Start it on a free loopback port.
+        """
+        port = free_port()
+        log = workdir / "smtp-sink.log"
+        with _open_log(log) as output:
+            # As root it must be told whom to run as.
+            self.process = subprocess.Popen(
+                ["smtp-sink", "-u", "nobody", "-4", f"{LOOPBACK}:{port}", "1024"],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_for_port(port, self.process, log, 10)
+        return Started(
+            port=port,
+            root_pid=self.process.pid,
+            username="bench",
+            password="bench",
+            notes=("discards everything; accepts any AUTH",),
+        )
+
+    def stop(self) -> None:
+        """
+        Stop it.
+        """
+        if self.process is not None:
+            _terminate(self.process, 5)
+
+
+@define
+class TwistedBare:
+    """
+    L{bench.twisted_server} in a process of its own.
+
+    @ivar pipelining: advertise PIPELINING (stock Twisted does not).
+    """
+
+    pipelining: bool = False
+    name: str = "twisted"
+    process: subprocess.Popen[bytes] | None = None
+    key_type: str = ""
+
+    def unavailable(self) -> str | None:
+        """
+        @return: L{None}: it needs only this virtualenv.
+        """
+        return None
+
+    def start(self, workdir: Path) -> Started:
+        """
+        Start it on a free loopback port, with STARTTLS.
+        """
+        files = make_self_signed(workdir / "twisted-tls")
+        port = free_port()
+        log = workdir / "twisted.log"
+        argv = [sys.executable, "-m", "bench.twisted_server", "--port", str(port)]
+        argv += ["--cert", str(files.cert), "--key", str(files.key)]
+        argv += ["--user", "bench", "--password", "bench"]
+        if self.pipelining:
+            argv.append("--pipelining")
+        with _open_log(log) as output:
+            self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+        _wait_for_port(port, self.process, log, 30)
+        notes = [
+            "AUTH against an in-memory table, messages discarded, no durability",
+            f"TLS key {describe_key(files.cert.read_bytes())}",
+        ]
+        if not self.pipelining:
+            notes.append("no PIPELINING (stock Twisted)")
+        return Started(
+            port=port, root_pid=self.process.pid, username="bench", password="bench",
+            notes=tuple(notes),
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """
+        Stop it.
+        """
+        if self.process is not None:
+            _terminate(self.process, 10)
+
+
+#: The services a Postfix instance needs, as in Debian's master.cf but with
+#: nothing chrooted (the queue lives in a temporary directory) and SMTP only
+#: on the loopback port the benchmark picked.
+_MASTER_SERVICES = """\
+pickup    unix  n - n 60    1 pickup
+cleanup   unix  n - n -     0 cleanup
+qmgr      unix  n - n 300   1 qmgr
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+rewrite   unix  - - n -     - trivial-rewrite
+bounce    unix  - - n -     0 bounce
+defer     unix  - - n -     0 bounce
+trace     unix  - - n -     0 bounce
+verify    unix  - - n -     1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -     - proxymap
+proxywrite unix - - n -     1 proxymap
+smtp      unix  - - n -     - smtp
+relay     unix  - - n -     - smtp
+showq     unix  n - n -     - showq
+error     unix  - - n -     - error
+retry     unix  - - n -     - error
+discard   unix  - - n -     - discard
+local     unix  - n n -     - local
+virtual   unix  - n n -     - virtual
+lmtp      unix  - - n -     - lmtp
+anvil     unix  - - n -     1 anvil
+scache    unix  - - n -     1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def postfix_version() -> str | None:
+    """
+    @return: the installed Postfix's version, or L{None}.
+    """
+    if shutil.which("postconf") is None:
+        return None
+    done = subprocess.run(
+        ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or None
+
+
+@define
+class Postfix:
+    """
+    A throwaway Postfix instance: configuration, queue and data directories
+    under the work directory, SMTP on one loopback port, every message
+    delivered to the C{discard} transport so nothing leaves the machine.
+
+    It relays for 127.0.0.0/8 without AUTH (Postfix's SASL needs a Cyrus or
+    Dovecot back end that is not installed), so its rows do one round trip
+    less per connection than the gateway's: the comparison favours Postfix.
+    """
+
+    name: str = "postfix"
+    config: Path | None = None
+    master_pid: int | None = None
+
+    def unavailable(self) -> str | None:
+        """
+        @return: why Postfix cannot run here, or L{None}.
+        """
+        if shutil.which("postfix") is None or shutil.which("postconf") is None:
+            return "postfix not installed (Debian package postfix)"
+        if os.geteuid() != 0:
+            return "a throwaway Postfix instance needs root"
+        return None
+
+    def start(self, workdir: Path) -> Started:
+        """
+        Configure and start the instance on a free loopback port.
+        """
+        base = workdir / "postfix"
+        config, queue, data = base / "conf", base / "queue", base / "data"
+        for directory in (config, queue, data):
+            directory.mkdir(parents=True)
+        shutil.chown(data, user="postfix")
+        files = make_self_signed(base / "tls")
+        port = free_port()
+        maillog = base / "maillog"
+        (config / "main.cf").write_text(self._main_cf(base, queue, data, maillog, files))
+        (config / "master.cf").write_text(
+            f"{LOOPBACK}:{port} inet n - n - - smtpd\n" + _MASTER_SERVICES
+        )
+        self.config = config
+        done = subprocess.run(
+            ["postfix", "-c", str(config), "start"], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise ServerError(f"postfix start failed: {done.stderr.strip()}\n{tail(maillog)}")
+        pid_file = queue / "pid" / "master.pid"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                self.master_pid = int(pid_file.read_text().split()[0])
+            if self.master_pid is not None and can_connect(port):
+                break
+            time.sleep(0.05)
+        else:
+            raise ServerError(f"postfix did not open port {port}:\n{tail(maillog)}")
+        return Started(
+            port=port,
+            root_pid=self.master_pid,
+            username=None,
+            password=None,
+            notes=(
+                f"Postfix {postfix_version()}",
+                "no AUTH: relays for 127.0.0.0/8 (the gateway pays for AUTH)",
+                "durable queue, delivered to the discard transport",
+                f"TLS key {describe_key(files.cert.read_bytes())}",
+            ),
+        )
+
+    @staticmethod
+    def _main_cf(base: Path, queue: Path, data: Path, maillog: Path, tls: CertFiles) -> str:
+        return f"""\
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix-bench.invalid
+mydomain = invalid
+myorigin = $myhostname
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+default_transport = discard:benchmark
+relay_transport = discard:benchmark
+local_transport = discard:benchmark
+alias_maps =
+alias_database =
+local_recipient_maps =
+maillog_file = {maillog}
+maillog_file_prefixes = {base}
+smtpd_tls_cert_file = {tls.cert}
+smtpd_tls_key_file = {tls.key}
+smtpd_tls_security_level = may
+biff = no
+"""
+
+    def stop(self) -> None:
+        """
+        Stop the instance and wait for its master to exit.
+        """
+        if self.config is None:
+            return
+        subprocess.run(
+            ["postfix", "-c", str(self.config), "stop"], capture_output=True, check=False
+        )
+        deadline = time.monotonic() + 20
+        while self.master_pid is not None and time.monotonic() < deadline:
+            try:
+                os.kill(self.master_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            if self.master_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.master_pid, signal.SIGKILL)
+        self.config = None
+
+
+def system_postfix_running() -> bool:
+    """
+    @return: whether the machine's own Postfix (default configuration) runs;
+        the benchmark leaves it alone.
+    """
+    if shutil.which("postfix") is None:
+        return False
+    done = subprocess.run(["postfix", "status"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def _venv_tool(name: str) -> Path:
+    return Path(sys.executable).with_name(name)
+
+
+def gateway_unavailable() -> str | None:
+    """
+    @return: why the gateway cannot be run from this virtualenv, or L{None}.
+    """
+    twistd = _venv_tool("twistd")
+    if not twistd.exists():
+        return f"{twistd} not found"
+    try:
+        done = subprocess.run(
+            [str(twistd), "smtpgw", "--help"], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return "`twistd smtpgw --help` did not finish in 120s"
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        return f"`twistd smtpgw --help` failed: {lines[-1] if lines else done.returncode}"
+    if not _venv_tool("smtpgw-admin").exists():
+        return "smtpgw-admin not installed in the virtualenv"
+    return None
+
+
+def _admin(data_dir: Path, *args: str) -> dict[str, Any]:
+    argv = [str(_venv_tool("smtpgw-admin")), "--data-dir", str(data_dir), "--json", *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise ServerError(f"smtpgw-admin {' '.join(args)}: {done.stderr.strip()}")
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except ValueError as error:
+        raise ServerError(f"smtpgw-admin {' '.join(args)}: not JSON: {done.stdout!r}") from error
+    return result
+
+
+@define
+class Gateway:
+    """
+    smtpgw under C{twistd -n}, with a fresh data directory, one list and one
+    SMTP+ user allowed to send from example.com, and C{--relay capture}.
+
+    @ivar ports: the C{--ports} value, or L{None} for one free port.
+    @ivar extra: more command-line options (e.g. C{--rate 1000}).
+    """
+
+    ports: str | None = None
+    extra: Sequence[str] = ()
+    name: str = "gateway"
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    data_dir: Path | None = None
+
+    def unavailable(self) -> str | None:
+        """
+        @return: why the gateway cannot run, or L{None}.
+        """
+        return gateway_unavailable()
+
+    def argv(self, data_dir: Path, ports: str | None) -> list[str]:
+        """
+        @return: the gateway's command line.
+        """
+        argv = [str(_venv_tool("twistd")), "-n", "--pidfile=", "smtpgw"]
+        argv += ["--data-dir", str(data_dir)]
+        if ports is not None:
+            argv += ["--ports", ports]
+        argv += ["--interface", LOOPBACK, "--relay", "capture", *self.extra]
+        return argv
+
+    def create_user(self, data_dir: Path) -> tuple[str, str]:
+        """
+        Create the C{bench} list and a user of it.
+
+        @return: the username and password.
+        """
+        _admin(data_dir, "list", "add", "bench")
+        user = _admin(data_dir, "user", "add", "--list", "bench", "--domains", "example.com")
+        return str(user["username"]), str(user["password"])
+
+    def spawn(self, workdir: Path, ports: str | None) -> subprocess.Popen[bytes]:
+        """
+        Start the process without waiting for it.
+        """
+        self.data_dir = workdir / "gateway-data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "gateway.log"
+        with _open_log(self.log) as output:
+            self.process = subprocess.Popen(
+                self.argv(self.data_dir, ports),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+        return self.process
+
+    def start(self, workdir: Path) -> Started:
+        """
+        Create the user, start the gateway, wait for its port.
+        """
+        data_dir = workdir / "gateway-data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        username, password = self.create_user(data_dir)
+        port = free_port()
+        process = self.spawn(workdir, str(port))
+        assert self.log is not None
+        _wait_for_port(port, process, self.log, 60)
+        notes = ["AUTH PLAIN (bcrypt, as configured)", "--relay capture"]
+        tls_dir = data_dir / "tls"
+        for path in sorted(tls_dir.iterdir()) if tls_dir.is_dir() else []:
+            with contextlib.suppress(ValueError, OSError):
+                notes.append(f"TLS key {describe_key(path.read_bytes())}")
+                break
+        return Started(
+            port=port,
+            root_pid=process.pid,
+            username=username,
+            password=password,
+            notes=tuple(notes),
+        )
+
+    def stop(self) -> None:
+        """
+        Stop the gateway (SIGTERM, then SIGKILL after 30 s).
+        """
+        if self.process is not None:
+            _terminate(self.process, 30)
+
+
+#: The gateway's own summary of binding, e.g. "listening on 3980 of 3980
+#: ports of 127.0.0.1 in 0.105s".
+BIND_SUMMARY = re.compile(
+    r"listening on (?P<bound>\d+) of (?P<total>\d+) ports\b.*?\bin (?P<seconds>[0-9.]+)s"
+)
