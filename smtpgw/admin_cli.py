@@ -1,0 +1,544 @@
+"""
+C{smtpgw-admin}: manage a data directory from scripts and the shell, also
+while the gateway runs.
+
+    smtpgw-admin [--data-dir DIR] [--json] GROUP COMMAND [ARGS] [--json]
+
+C{--data-dir} defaults to C{./smtpgw-data}. With C{--json} (right after the
+global options, or at the end of the line) a command prints one JSON
+document with the field names of the product's section 1; password hashes
+are never printed, and a password only when it was just generated.
+
+Exit status: 0 on success; 1 when the command cannot be done (no such user,
+list exists, unusable database); 2 for bad input (unknown command, bad
+option, invalid value). Errors are one line on standard error, and a
+failed command changes nothing.
+
+The environment variable C{SMTPGW_BCRYPT_ROUNDS} (default 12, 4 to 31) sets
+the bcrypt cost of new password hashes; tests set it to 4. It is not in
+C{--help} on purpose: lowering it weakens every new password.
+
+Adding a command group (C{queue}, C{admin}, C{token}): write a function that
+takes the subparsers object, adds the group's parser and its commands with
+L{add_command}, and append it to L{COMMAND_GROUPS}. A command's handler gets
+the parsed arguments and a L{Context}, and returns an L{Output}, or raises
+L{CommandError}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+from attrs import define, frozen
+from twisted.internet.interfaces import IReactorTime
+
+from smtpgw.database import StoreError, database_path
+from smtpgw.model import Enforcement, SmtpUser
+from smtpgw.passwords import DEFAULT_ROUNDS, MAX_ROUNDS, MIN_ROUNDS
+from smtpgw.userstore import (
+    UNSET,
+    SQLiteUserStore,
+    Unset,
+    list_document,
+    user_document,
+)
+from smtpgw.validation import (
+    ValidationError,
+    parse_domains,
+    parse_senders,
+    validate_list_name,
+    validate_notes,
+    validate_priority,
+)
+
+__all__ = [
+    "COMMAND_GROUPS",
+    "DEFAULT_DATA_DIR",
+    "ROUNDS_ENVIRONMENT_VARIABLE",
+    "CommandError",
+    "Context",
+    "Output",
+    "UsageError",
+    "add_command",
+    "build_parser",
+    "main",
+]
+
+PROG: Final = "smtpgw-admin"
+DEFAULT_DATA_DIR: Final = "./smtpgw-data"
+ROUNDS_ENVIRONMENT_VARIABLE: Final = "SMTPGW_BCRYPT_ROUNDS"
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+# Where each field of a ValidationError is entered on the command line.
+_OPTION_OF_FIELD: Final = {
+    "name": "NAME",
+    "priority": "--priority",
+    "authorized_domains": "--domains",
+    "authorized_senders": "--senders",
+    "notes": "--notes",
+    "enforcement": "--enforce/--monitor",
+    "active": "--active/--inactive",
+}
+
+
+class CommandError(Exception):
+    """
+    The command cannot be done; the message is the one line shown.
+
+    @ivar exit_status: the process exit status.
+    """
+
+    exit_status = EXIT_FAILED
+
+
+class UsageError(CommandError):
+    """
+    The command line is wrong.
+    """
+
+    exit_status = EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    An argument parser whose errors are exceptions, so that L{main} reports
+    them on one line and returns instead of exiting.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+@frozen
+class Output:
+    """
+    What a command prints: one JSON document with C{--json}, else text.
+    """
+
+    document: Any
+    text: str
+
+
+@define
+class Context:
+    """
+    What commands share: the data directory, the clock, the bcrypt cost,
+    and the user store, opened on first use.
+    """
+
+    data_dir: Path
+    clock: IReactorTime
+    rounds: int
+    _store: SQLiteUserStore | None = None
+
+    def user_store(self, *, create: bool = False) -> SQLiteUserStore:
+        """
+        The user store of the data directory.
+
+        @param create: make the data directory (mode 0700) and the database
+            when missing; only commands that create something do.
+        @raise StoreError: when the database cannot be used.
+        """
+        if self._store is None:
+            if create:
+                try:
+                    self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError as e:
+                    raise CommandError(
+                        f"cannot create data directory {self.data_dir}: {e.strerror}"
+                    ) from e
+            self._store = SQLiteUserStore.open(
+                database_path(self.data_dir), self.clock, rounds=self.rounds, create=create
+            )
+        return self._store
+
+    def close(self) -> None:
+        """
+        Close what was opened.
+        """
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+Handler = Callable[[argparse.Namespace, Context], Output]
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction[_Parser],
+    name: str,
+    handler: Handler,
+    help: str,
+) -> _Parser:
+    """
+    Add a command: its parser, which also takes C{--json}, runs C{handler}.
+
+    @return: the parser, for the command's own arguments.
+    """
+    parser = subparsers.add_parser(name, help=help, description=help)
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print one JSON document",
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _validation_message(error: ValidationError) -> str:
+    return f"{_OPTION_OF_FIELD.get(error.field, error.field)}: {error.message}"
+
+
+# --- list commands ------------------------------------------------------------
+
+
+def _list_add(args: argparse.Namespace, context: Context) -> Output:
+    validate_list_name(args.name)
+    created = context.user_store(create=True).create_list(args.name)
+    return Output(list_document(created, 0), f"created list {created.name}")
+
+
+def _list_show(args: argparse.Namespace, context: Context) -> Output:
+    store = context.user_store()
+    counts = store.user_counts()
+    lists = store.lists()
+    documents = [list_document(m, counts.get(m.name, 0)) for m in lists]
+    if not documents:
+        return Output({"lists": []}, "no lists")
+    rows = [("NAME", "USERS", "CREATED")] + [
+        (d["name"], str(d["users"]), d["created_at"]) for d in documents
+    ]
+    return Output({"lists": documents}, _table(rows))
+
+
+def add_list_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{list add NAME} and C{list show}.
+    """
+    group = subparsers.add_parser("list", help="mailing lists", description="mailing lists")
+    commands = group.add_subparsers(dest="list_command", metavar="COMMAND", required=True)
+    add = add_command(commands, "add", _list_add, "create a list")
+    add.add_argument("name", metavar="NAME", help="lower-case letters, digits, '.', '_', '-'")
+    add_command(commands, "show", _list_show, "show every list and its number of SMTP+ users")
+
+
+# --- user commands ------------------------------------------------------------
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _user_text(user: SmtpUser, password: str | None = None) -> str:
+    document = user_document(user, password)
+    lines = [f"username: {user.username}"]
+    if password is not None:
+        lines.append(f"password: {password}")
+    lines += [
+        f"list: {user.list}",
+        f"active: {'yes' if user.active else 'no'}",
+        f"priority: {int(user.priority)}",
+        f"enforcement: {user.enforcement.value}",
+        f"authorized_domains: {';'.join(user.authorized_domains) or '(none)'}",
+        f"authorized_senders: {';'.join(user.authorized_senders) or '(none)'}",
+        f"notes: {_one_line(user.notes)}",
+        f"created_at: {document['created_at']}",
+        f"last_used_at: {document['last_used_at'] or 'never'}",
+        f"last_used_ip: {user.last_used_ip or '-'}",
+    ]
+    if not user.authorized_domains and not user.authorized_senders:
+        lines.append("note: no sender is authorized until --domains or --senders is set")
+    if password is not None:
+        lines.append("note: the password is shown only this once; it is stored only as a hash")
+    return "\n".join(lines)
+
+
+def _add_user_fields(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--priority", metavar="N", help="1 (very high) to 5 (very low)")
+    parser.add_argument(
+        "--domains", metavar="LIST", help="authorized sender domains, ';'-separated"
+    )
+    parser.add_argument(
+        "--senders", metavar="LIST", help="authorized sender addresses, ';'-separated"
+    )
+    parser.add_argument("--notes", metavar="TEXT", help="a memo for admins")
+
+
+def _user_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The user fields given on the command line, validated (before anything
+    is opened, so that bad input changes nothing).
+    """
+    fields: dict[str, Any] = {}
+    if args.priority is not None:
+        fields["priority"] = validate_priority(args.priority)
+    if args.domains is not None:
+        fields["domains"] = parse_domains(args.domains)
+    if args.senders is not None:
+        fields["senders"] = parse_senders(args.senders)
+    if args.notes is not None:
+        fields["notes"] = validate_notes(args.notes)
+    return fields
+
+
+def _user_add(args: argparse.Namespace, context: Context) -> Output:
+    fields = _user_fields(args)
+    user, password = context.user_store().create_user(
+        args.list,
+        active=not args.inactive,
+        enforcement=Enforcement.MONITOR if args.monitor else Enforcement.ENFORCE,
+        **fields,
+    )
+    return Output(user_document(user, password), _user_text(user, password))
+
+
+def _user_list(args: argparse.Namespace, context: Context) -> Output:
+    users = context.user_store().users(args.list)
+    documents = [user_document(user) for user in users]
+    if not users:
+        return Output({"users": []}, "no users")
+    rows = [("USERNAME", "LIST", "ACTIVE", "PRIORITY", "ENFORCEMENT", "LAST USED")] + [
+        (
+            d["username"],
+            d["list"],
+            "yes" if d["active"] else "no",
+            str(d["priority"]),
+            d["enforcement"],
+            d["last_used_at"] or "never",
+        )
+        for d in documents
+    ]
+    return Output({"users": documents}, _table(rows))
+
+
+def _no_such_user(username: str) -> CommandError:
+    return CommandError(f"no SMTP+ user named {username!r}")
+
+
+def _user_show(args: argparse.Namespace, context: Context) -> Output:
+    user = context.user_store().get_user(args.username)
+    if user is None:
+        raise _no_such_user(args.username)
+    return Output(user_document(user), _user_text(user))
+
+
+def _user_set(args: argparse.Namespace, context: Context) -> Output:
+    fields = _user_fields(args)
+    active: bool | Unset = UNSET if args.active is None else args.active
+    enforcement: Enforcement | Unset = UNSET if args.enforcement is None else args.enforcement
+    list_name: str | Unset = UNSET if args.list is None else args.list
+    unchanged = [active, enforcement, list_name]
+    if not fields and all(isinstance(value, Unset) for value in unchanged):
+        raise UsageError(
+            "user set: nothing to change: give --list, --priority, --domains, "
+            "--senders, --notes, --active/--inactive or --enforce/--monitor"
+        )
+    user = context.user_store().update_user(
+        args.username, list=list_name, active=active, enforcement=enforcement, **fields
+    )
+    return Output(user_document(user), _user_text(user))
+
+
+def _user_regenerate_password(args: argparse.Namespace, context: Context) -> Output:
+    password = context.user_store().regenerate_password(args.username)
+    return Output(
+        {"username": args.username, "password": password},
+        f"username: {args.username}\npassword: {password}\n"
+        "note: the password is shown only this once; the old one no longer works",
+    )
+
+
+def _user_delete(args: argparse.Namespace, context: Context) -> Output:
+    context.user_store().delete_user(args.username)
+    return Output(
+        {"username": args.username, "deleted": True}, f"deleted SMTP+ user {args.username}"
+    )
+
+
+def add_user_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{user add}, C{list}, C{show}, C{set}, C{regenerate-password}, C{delete}.
+    """
+    group = subparsers.add_parser("user", help="SMTP+ users", description="SMTP+ users")
+    commands = group.add_subparsers(dest="user_command", metavar="COMMAND", required=True)
+
+    add = add_command(
+        commands, "add", _user_add, "create an SMTP+ user; prints its password, once"
+    )
+    add.add_argument("--list", required=True, metavar="NAME", help="the list it relays for")
+    _add_user_fields(add)
+    add.add_argument("--inactive", action="store_true", help="create it unable to log in")
+    add.add_argument(
+        "--monitor",
+        action="store_true",
+        help="accept unauthorized senders (still raising alerts) instead of refusing them",
+    )
+
+    listing = add_command(commands, "list", _user_list, "show the SMTP+ users")
+    listing.add_argument("--list", metavar="NAME", help="only the users of this list")
+
+    show = add_command(commands, "show", _user_show, "show one SMTP+ user")
+    show.add_argument("username", metavar="USERNAME")
+
+    change = add_command(commands, "set", _user_set, "change fields of an SMTP+ user")
+    change.add_argument("username", metavar="USERNAME")
+    change.add_argument("--list", metavar="NAME", help="move it to this list")
+    _add_user_fields(change)
+    activity = change.add_mutually_exclusive_group()
+    activity.add_argument(
+        "--active", dest="active", action="store_const", const=True, help="let it log in"
+    )
+    activity.add_argument(
+        "--inactive", dest="active", action="store_const", const=False, help="stop its logins"
+    )
+    mode = change.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--enforce",
+        dest="enforcement",
+        action="store_const",
+        const=Enforcement.ENFORCE,
+        help="refuse unauthorized senders",
+    )
+    mode.add_argument(
+        "--monitor",
+        dest="enforcement",
+        action="store_const",
+        const=Enforcement.MONITOR,
+        help="accept unauthorized senders, still raising alerts",
+    )
+
+    regenerate = add_command(
+        commands,
+        "regenerate-password",
+        _user_regenerate_password,
+        "give an SMTP+ user a new password; prints it, once",
+    )
+    regenerate.add_argument("username", metavar="USERNAME")
+
+    delete = add_command(commands, "delete", _user_delete, "delete an SMTP+ user")
+    delete.add_argument("username", metavar="USERNAME")
+
+
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
+    add_list_commands,
+    add_user_commands,
+]
+"""
+The command groups, each a function that adds its parser. C{queue},
+C{admin} and C{token} will be appended here.
+"""
+
+
+def build_parser() -> _Parser:
+    """
+    The whole command line.
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="Manage an smtpgw data directory (also while the gateway runs).",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"the gateway's data directory (default {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    for add_group in COMMAND_GROUPS:
+        add_group(groups)
+    return parser
+
+
+def _rounds_from_environment(environ: os._Environ[str] | dict[str, str]) -> int:
+    text = environ.get(ROUNDS_ENVIRONMENT_VARIABLE)
+    if text is None:
+        return DEFAULT_ROUNDS
+    try:
+        rounds = int(text)
+    except ValueError:
+        rounds = 0
+    if not MIN_ROUNDS <= rounds <= MAX_ROUNDS:
+        raise UsageError(
+            f"{ROUNDS_ENVIRONMENT_VARIABLE} must be a number from {MIN_ROUNDS} "
+            f"to {MAX_ROUNDS}, not {text!r}"
+        )
+    return rounds
+
+
+def _system_clock() -> IReactorTime:
+    from twisted.internet import reactor
+
+    clock: IReactorTime = reactor
+    return clock
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def _run(argv: Sequence[str], clock: IReactorTime | None) -> tuple[Output, bool]:
+    args = build_parser().parse_args(argv)
+    context = Context(
+        data_dir=Path(args.data_dir),
+        clock=_system_clock() if clock is None else clock,
+        rounds=_rounds_from_environment(os.environ),
+    )
+    try:
+        output: Output = args.handler(args, context)
+    finally:
+        context.close()
+    return output, bool(args.json)
+
+
+def main(argv: Sequence[str] | None = None, *, clock: IReactorTime | None = None) -> int:
+    """
+    Run one C{smtpgw-admin} command.
+
+    @param argv: the arguments, without the program name; default
+        C{sys.argv[1:]}.
+    @param clock: gives the time of new records; default the reactor's.
+    @return: the exit status.
+    """
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    try:
+        output, as_json = _run(arguments, clock)
+    except SystemExit as e:
+        # --help and --version print and exit; nothing else calls exit.
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except ValidationError as e:
+        return _fail(_validation_message(e), EXIT_USAGE)
+    except CommandError as e:
+        return _fail(str(e), e.exit_status)
+    except StoreError as e:
+        return _fail(str(e), EXIT_FAILED)
+    if as_json:
+        _print(json.dumps(output.document, indent=2, ensure_ascii=False))
+    else:
+        _print(output.text)
+    return EXIT_OK
+
+
+def _fail(message: str, status: int) -> int:
+    sys.stderr.write(f"{PROG}: error: {_one_line(message)}\n")
+    return status
