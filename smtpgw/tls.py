@@ -406,6 +406,7 @@ def ensure_self_signed(
     data_dir: Pathish,
     hostname: str,
     *,
+    owner: tuple[int, int] | None = None,
     log: Logger = _log,
     now: datetime | None = None,
 ) -> tuple[FilePath[str], FilePath[str]]:
@@ -421,6 +422,9 @@ def ensure_self_signed(
 
     @param data_dir: the gateway's data directory; C{tls/} is created in it.
     @param hostname: the name clients use to reach the gateway.
+    @param owner: the uid and gid the gateway runs as after
+        C{twistd --uid/--gid}; the directory and files are given to them so
+        that a reload after the drop can still read the key. Needs root.
     @param log: where generation is reported.
     @param now: the current time, by default the clock's.
     @return: the certificate and key paths.
@@ -429,8 +433,25 @@ def ensure_self_signed(
     now = now or utc_now()
     directory = _as_path(data_dir).child("tls")
     cert, key = directory.child("selfsigned.crt"), directory.child("selfsigned.key")
-    if _reusable(cert, key, now, log):
-        return cert, key
+    if not _reusable(cert, key, now, log):
+        _generate(directory, cert, key, hostname, now, log)
+    if owner is not None:
+        for path in (directory, key, cert):
+            os.chown(path.path, *owner)
+    return cert, key
+
+
+def _generate(
+    directory: FilePath[str],
+    cert: FilePath[str],
+    key: FilePath[str],
+    hostname: str,
+    now: datetime,
+    log: Logger,
+) -> None:
+    """
+    Write a new self-signed pair into C{directory}.
+    """
     certificate, private_key = _self_signed(hostname, now)
     directory.makedirs(ignoreExistingDirectory=True)
     os.chmod(directory.path, 0o700)
@@ -452,7 +473,6 @@ def ensure_self_signed(
         names=", ".join(_names(certificate)),
         not_after=certificate.not_valid_after_utc.isoformat(),
     )
-    return cert, key
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -542,11 +562,14 @@ def reloadable_tls(
     cert_path: Pathish | None = None,
     key_path: Pathish | None = None,
     *,
+    owner: tuple[int, int] | None = None,
     log: Logger = _log,
 ) -> ReloadableTLS:
     """
     The TLS options for C{--tls-cert/--tls-key}, or for the self-signed
     pair in the data directory when neither is given.
+
+    @param owner: see L{ensure_self_signed}; given files are left alone.
 
     @raise TLSConfigError: when only one of the two files is given, or the
         files cannot be used.
@@ -554,7 +577,7 @@ def reloadable_tls(
     if (cert_path is None) != (key_path is None):
         raise TLSConfigError("--tls-cert and --tls-key must be given together")
     if cert_path is None or key_path is None:
-        cert_path, key_path = ensure_self_signed(data_dir, hostname, log=log)
+        cert_path, key_path = ensure_self_signed(data_dir, hostname, owner=owner, log=log)
     return ReloadableTLS(cert_path, key_path, log=log)
 
 

@@ -10,6 +10,7 @@ C{ssl} in a thread, so they share nothing with the server's OpenSSL setup).
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import ssl
@@ -234,6 +235,22 @@ def test_self_signed_key_is_private_despite_permissive_umask(tmp_path: Path) -> 
         _, key = ensure_self_signed(tmp_path, "mail.test")
     finally:
         os.umask(previous)
+    assert stat.S_IMODE(os.stat(key.path).st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+def test_self_signed_given_to_the_dropped_user(tmp_path: Path) -> None:
+    """
+    With an owner (the --uid/--gid the gateway drops to), the directory and
+    both files belong to that user, also when the pair is reused, so a
+    reload after the drop can read the key.
+    """
+    nobody = pwd.getpwnam("nobody")
+    owner = (nobody.pw_uid, nobody.pw_gid)
+    ensure_self_signed(tmp_path, "mail.test")
+    cert, key = ensure_self_signed(tmp_path, "mail.test", owner=owner)
+    for path in (tmp_path / "tls", Path(cert.path), Path(key.path)):
+        assert (path.stat().st_uid, path.stat().st_gid) == owner
     assert stat.S_IMODE(os.stat(key.path).st_mode) == 0o600
 
 
