@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
-from smtpgw.model import Envelope, MessageState
+from smtpgw.model import Envelope, MessageState, Priority
 
 __all__ = ["MemoryJournal"]
 
@@ -98,6 +98,22 @@ class MemoryJournal:
                 self._messages[queue_id] = evolve(
                     message, state=state, attempts=attempts, next_attempt_at=next_attempt_at
                 )
+
+        return self._write(durable)
+
+    def reprioritize(self, queue_id: str, priority: Priority) -> Deferred[None]:
+        """
+        Record a change of priority (beyond L{IJournal}, as the file journal
+        has it); replay gives the message this priority.
+        """
+        if not self.available:
+            return fail(JournalUnavailable("the memory journal is unavailable"))
+
+        def durable() -> None:
+            message = self._messages.get(queue_id)
+            if message is not None:
+                envelope = evolve(message.envelope, priority=Priority(priority))
+                self._messages[queue_id] = evolve(message, envelope=envelope)
 
         return self._write(durable)
 

@@ -400,18 +400,26 @@ class MessageQueue(Service):
         """
         Change a message's priority.
 
-        Only in memory for now: L{IJournal} has no record for it, so the
-        message has its journaled priority again after a restart.
+        L{IJournal} has no record for it: the change is journaled when the
+        journal has a C{reprioritize(queue_id, priority)} method (as the file
+        journal does); otherwise it lasts until a restart.
+
+        @return: fires once journaled; fails with
+            L{smtpgw.scheduler.UnknownMessage}, or L{ValueError} for a
+            priority outside 1..5.
         """
         try:
-            self.scheduler.reprioritize(queue_id, priority)
+            new = Priority(priority)
+            self.scheduler.reprioritize(queue_id, new)
         except (KeyError, ValueError):
             return fail()
         self._log.info(
-            "{queue_id} re-prioritized to {priority}", queue_id=queue_id, priority=int(priority)
+            "{queue_id} re-prioritized to {priority}", queue_id=queue_id, priority=int(new)
         )
+        journal_it = getattr(self._journal, "reprioritize", None)
+        d: Deferred[None] = journal_it(queue_id, new) if journal_it else succeed(None)
         self._dispatch()
-        return succeed(None)
+        return d
 
     def stats(self) -> QueueStats:
         """

@@ -647,6 +647,28 @@ class TestLifecycle:
 
 
 class TestAdmin:
+    def test_reprioritize_is_journaled(self) -> None:
+        """
+        A new priority is kept in the journal (when it can keep one), so the
+        message has it again after a restart.
+        """
+        clock = Clock()
+        queue, journal = make_queue(clock, InstantOutbound(clock))
+        queue.startService()
+        queue.pause()
+        env = envelope(5)
+        queue.submit(env, b"x\r\n")
+        d = queue.reprioritize(env.queue_id, Priority.HIGH)
+        assert d.called
+        [message] = journal.replay()
+        assert message.envelope.priority is Priority.HIGH
+        restarted, _ = make_queue(clock, InstantOutbound(clock), journal)
+        restarted.pause()
+        restarted.startService()
+        entry = restarted.get(env.queue_id)
+        assert entry is not None
+        assert entry.priority is Priority.HIGH
+
     def test_hold_release_cancel_are_journaled(self) -> None:
         """
         Hold keeps a message back and is journaled; release sends it;
