@@ -636,18 +636,22 @@ def _worker(
     results.close()
 
 
-def run_load(spec: LoadSpec, workers: int = 1) -> LoadResult:
+def run_load(
+    spec: LoadSpec, workers: int = 1, started: Callable[[], None] | None = None
+) -> LoadResult:
     """
     Run the load in C{workers} separate processes that start together.
 
     @param spec: the whole run.
     @param workers: how many generator processes (each with its own share
         of sessions and messages).
+    @param started: called when the workers are ready and start sending
+        (after their interpreters started), e.g. to read CPU counters.
     @return: the merged result.
     """
     specs = split(spec, workers)
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(len(specs))
+    barrier = context.Barrier(len(specs) + 1, timeout=120)
     pipes = []
     processes = []
     for part in specs:
@@ -658,8 +662,11 @@ def run_load(spec: LoadSpec, workers: int = 1) -> LoadResult:
         pipes.append(receiver)
         processes.append(process)
     results = []
-    deadline = time.monotonic() + spec.time_limit + 60
     try:
+        barrier.wait()
+        if started is not None:
+            started()
+        deadline = time.monotonic() + spec.time_limit + 60
         for receiver in pipes:
             if not receiver.poll(max(0.0, deadline - time.monotonic())):
                 raise RuntimeError("load generator worker did not report in time")

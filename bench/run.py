@@ -217,28 +217,34 @@ def _spec(row: Row, started: Started, settings: Settings, count: int) -> loadgen
 
 @frozen
 class _Cpu:
+    at: float
     server: float
     machine: MachineCpu
 
     @classmethod
     def now(cls, root_pid: int) -> _Cpu:
-        return cls(server=tree_cpu_seconds(root_pid), machine=MachineCpu.now())
+        return cls(
+            at=time.monotonic(), server=tree_cpu_seconds(root_pid), machine=MachineCpu.now()
+        )
 
 
-def _cpu_fields(
-    before: _Cpu, after: _Cpu, elapsed: float, loadgen_cpu: float, units: int
-) -> dict[str, Any]:
+def _cpu_fields(before: _Cpu, after: _Cpu, loadgen_cpu: float, units: int) -> dict[str, Any]:
+    """
+    CPU figures over the interval between two snapshots taken as the load
+    started and when it ended.
+    """
+    interval = max(after.at - before.at, 1e-9)
     server = after.server - before.server
     busy = after.machine.busy - before.machine.busy
     other = max(0.0, busy - server - loadgen_cpu)
     return {
         "server_cpu_s": round(server, 3),
-        "server_cores": round(server / elapsed, 2),
+        "server_cores": round(server / interval, 2),
         "server_us_per_unit": round(server / units * 1e6, 1) if units else None,
-        "loadgen_cores": round(loadgen_cpu / elapsed, 2),
+        "loadgen_cores": round(loadgen_cpu / interval, 2),
         "loadgen_us_per_unit": round(loadgen_cpu / units * 1e6, 1) if units else None,
-        "other_cores": round(other / elapsed, 2),
-        "machine_busy_cores": round(busy / elapsed, 2),
+        "other_cores": round(other / interval, 2),
+        "machine_busy_cores": round(busy / interval, 2),
     }
 
 
@@ -249,11 +255,13 @@ def _run_loadgen_row(row: Row, started: Started, settings: Settings, count: int)
         if warm_result.failed:
             raise ServerError(f"warm-up failed: {warm_result.errors}")
     spec = _spec(row, started, settings, count)
-    before = _Cpu.now(started.root_pid)
-    result = loadgen.run_load(spec, settings.workers)
+    snapshots = []
+    result = loadgen.run_load(
+        spec, settings.workers, lambda: snapshots.append(_Cpu.now(started.root_pid))
+    )
     after = _Cpu.now(started.root_pid)
     fields = result.summary()
-    fields.update(_cpu_fields(before, after, result.elapsed, result.cpu_seconds, result.accepted))
+    fields.update(_cpu_fields(snapshots[0], after, result.cpu_seconds, result.accepted))
     return fields
 
 
@@ -285,7 +293,7 @@ def _run_source_row(row: Row, started: Started, settings: Settings, count: int) 
         "errors": {} if done.returncode == 0 else {done.stderr.strip()[-200:]: 1},
         "workers": 1,
     }
-    fields.update(_cpu_fields(before, after, elapsed, cpu, accepted))
+    fields.update(_cpu_fields(before, after, cpu, accepted))
     return fields
 
 
@@ -405,6 +413,32 @@ def ratios(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def loadgen_ceiling(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """
+    What the load generator can do, from the rows against smtp-sink (which
+    costs almost nothing): its rate there and its CPU per message, hence the
+    most it could send with one core to itself.
+
+    @param rows: row results by id.
+    @return: C{lines} to print and the figures, by row id.
+    """
+    lines = []
+    figures = {}
+    for row_id in ("sink-single", "sink-reuse"):
+        row = rows.get(row_id, {})
+        per_unit = row.get("loadgen_us_per_unit")
+        if not row.get("rate_per_s") or not per_unit:
+            continue
+        per_core = 1e6 / per_unit
+        figures[row_id] = {"rate_per_s": row["rate_per_s"], "per_core_per_s": round(per_core)}
+        lines.append(
+            f"load generator ceiling ({row_id}): {row['rate_per_s']:,.0f} msg/s against smtp-sink "
+            f"using {row['loadgen_cores']:.2f} cores; {per_unit:,.0f} us CPU per message, "
+            f"so ~{per_core:,.0f} msg/s per core"
+        )
+    return {"lines": lines, "figures": figures}
 
 
 def _fmt(value: Any, digits: int = 0) -> str:
@@ -589,6 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.keep:
             shutil.rmtree(base, ignore_errors=True)
     out(TABLE_LEGEND)
+    ceiling = loadgen_ceiling(results)
+    for line in ceiling["lines"]:
+        out(line)
     found = ratios(results)
     if found:
         out("\nratios (targets from the issue):")
@@ -617,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": results,
         "ratios": found,
+        "loadgen_ceiling": ceiling["figures"],
         "references": REFERENCES,
     }
     text = json.dumps(summary, indent=2, default=str)
