@@ -172,10 +172,16 @@ class GatewayDelivery:
     @ivar user: the user record, as it was at login.
     """
 
+    #: Sender decisions remembered per avatar; a session seldom uses more
+    #: than two addresses (the envelope sender and the header From, usually
+    #: the same), so the memo is small and cleared when it is not.
+    _MEMO_SIZE = 16
+
     def __init__(self, user: SmtpUser, mind: SessionMind) -> None:
         self.user = user
         self._mind = mind
         self._services = mind.services
+        self._decisions: dict[str, SenderDecision] = {}
 
     @property
     def client_ip(self) -> str:
@@ -191,7 +197,11 @@ class GatewayDelivery:
         @return: the refusing decision when the user's enforcement refuses,
             otherwise C{None}.
         """
-        decision = check_sender(self.user, address)
+        decision = self._decisions.get(address)
+        if decision is None:
+            if len(self._decisions) >= self._MEMO_SIZE:
+                self._decisions.clear()
+            decision = self._decisions[address] = check_sender(self.user, address)
         if decision.allowed:
             return None
         services = self._services

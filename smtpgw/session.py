@@ -229,6 +229,8 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _greet(self) -> None:
         self._delayed = None
+        if self._mode is not _GREETING or self._t.disconnecting:
+            return
         self._mode = _COMMAND
         self._t.write(b"220 " + self.host + b" ESMTP smtpgw\r\n")
 
@@ -287,10 +289,10 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _deadline(self) -> tuple[float, bytes]:
         limits = self._limits
-        now = self._clock.seconds()
-        # Time spent waiting on our own Deferred is not the client's idleness.
-        idle_from = now if self._paused else self._last_activity
-        at, why = idle_from + limits.idle_timeout, b"Error: timeout exceeded"
+        # Waiting on our own Deferred counts too (L{_resume} restarts the
+        # idle time), so that a check that never answers cannot hold the
+        # connection forever.
+        at, why = self._last_activity + limits.idle_timeout, b"Error: timeout exceeded"
         if self._line_started_at is not None:
             line_at = self._line_started_at + limits.command_deadline
             if line_at < at:
@@ -303,7 +305,7 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._mode is _CLOSED:
+        if self._mode is _CLOSED or self._t.disconnecting:
             return
         at, why = self._deadline()
         if at <= self._clock.seconds():
@@ -356,22 +358,10 @@ class GatewaySMTP(smtp.ESMTP):
                 self._buffer = b""
                 return
             if self._mode is _DATA:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
+                pos = self._data_lines(buf, pos)
+                if self._mode is _DATA:
+                    # No complete line left, or the connection is closing.
                     break
-                line = buf[pos:eol]
-                pos = eol + 2
-                if line[:1] == b".":
-                    if len(line) == 1:
-                        self._end_of_data()
-                        continue
-                    line = line[1:]
-                sink = self._sink
-                if sink is not None:
-                    try:
-                        sink(line)
-                    except MessageRejected as rejection:
-                        self._data_rejected(rejection)
                 continue
             eol = buf.find(b"\n", pos)
             if eol < 0:
@@ -391,6 +381,36 @@ class GatewaySMTP(smtp.ESMTP):
             self._line_started_at = None
         elif not self._paused and not transport.disconnecting:
             self._partial_line(len(rest))
+
+    def _data_lines(self, buf: bytes, pos: int) -> int:
+        """
+        Hand the complete DATA lines of C{buf} from C{pos} on to the message
+        sink, un-dot-stuffed, until the final dot.
+
+        @return: where the unconsumed input starts.
+        """
+        find = buf.find
+        sink = self._sink
+        while True:
+            eol = find(b"\r\n", pos)
+            if eol < 0:
+                return pos
+            if buf[pos] == 0x2E:  # "."
+                if eol == pos + 1:
+                    self._end_of_data()
+                    return eol + 2
+                line = buf[pos + 1 : eol]
+            else:
+                line = buf[pos:eol]
+            pos = eol + 2
+            if sink is not None:
+                try:
+                    sink(line)
+                except MessageRejected as rejection:
+                    self._data_rejected(rejection)
+                    if self._t.disconnecting:
+                        return len(buf)
+                    sink = None
 
     def _partial_line(self, length: int) -> None:
         """
@@ -455,7 +475,11 @@ class GatewaySMTP(smtp.ESMTP):
     def _bad(self, reply: bytes) -> None:
         """
         Answer a protocol error, or disconnect once there were too many.
+        An error in an AUTH response line ends the AUTH exchange.
         """
+        if self._mode is _AUTH:
+            self._mode = _COMMAND
+            self._challenger = None
         self._bad_commands += 1
         if self._bad_commands > self._limits.max_bad_commands:
             log.info("too many errors from {client_ip}", client_ip=self._client_ip)
@@ -639,7 +663,6 @@ class GatewaySMTP(smtp.ESMTP):
         self._onLogout = logout
         self.authenticated = True
         username = avatar.user.username
-        log.info("login {username} from {client_ip}", username=username, client_ip=self._client_ip)
         recorded = self.factory.users.record_login(
             username, self._clock.seconds(), self._client_ip
         )
@@ -925,8 +948,12 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _queued(self, queue_id: str) -> None:
         self._bad_commands = 0
+        # The one log event of an accepted message (and of its login).
         log.info(
-            "queued {queue_id} from {client_ip}", queue_id=queue_id, client_ip=self._client_ip
+            "queued {queue_id} from {username} at {client_ip}",
+            queue_id=queue_id,
+            username=self.delivery.user.username if self.delivery else None,
+            client_ip=self._client_ip,
         )
         if self._mode is not _CLOSED:
             self._t.write(b"250 2.0.0 Ok: queued as " + queue_id.encode("ascii") + b"\r\n")

@@ -152,6 +152,8 @@ def test_talking_before_the_greeting_is_554_and_close() -> None:
     client.send(b"EHLO bot\r\n")
     assert client.replies() == [b"554 5.5.1 Error: talking before the greeting"]
     assert client.closed
+    harness.clock.advance(1.0)
+    assert client.replies() == []
     polite = harness.connect("198.51.100.200")
     harness.clock.advance(2.0)
     assert polite.replies() == [b"220 gw.example.net ESMTP smtpgw"]
@@ -548,3 +550,32 @@ def test_connection_lost_during_the_tarpit_is_clean() -> None:
     client.lose()
     assert harness.clock.getDelayedCalls() == []
     assert client.replies() == []
+
+
+def test_auth_that_never_answers_times_out() -> None:
+    """
+    A credential check that never answers does not hold the connection past
+    the idle timeout.
+    """
+    harness = Harness(delayed_auth=True, limits=Limits(idle_timeout=300))
+    client = harness.connect()
+    client.command(b"EHLO c")
+    client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+    harness.clock.advance(299)
+    assert client.replies() == []
+    harness.clock.advance(1)
+    assert client.replies()[0].startswith(b"421 4.4.2 ")
+    assert client.closed
+
+
+@pytest.mark.parametrize("bad", [b"\0", b"A" * 12300])
+def test_bad_auth_response_line_ends_the_exchange(bad: bytes) -> None:
+    """
+    An AUTH response line with a NUL or over the AUTH line limit gets
+    500 5.5.2 and ends the exchange: the next line is a command again.
+    """
+    client = Harness().connect()
+    client.command(b"EHLO c")
+    assert client.command(b"AUTH LOGIN")[0].startswith(b"334 ")
+    assert client.command(bad)[0].startswith(b"500 5.5.2 ")
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
