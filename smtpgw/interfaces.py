@@ -12,7 +12,7 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from smtpgw.model import Envelope, MailList, SmtpUser
+from smtpgw.model import Envelope, MailList, Priority, SmtpUser
 
 
 class JournalUnavailable(Exception):
@@ -133,6 +133,13 @@ class IJournal(Interface):
         Append a state change (delivered, deferred, bounced, held, ...)
         for a message; fires once it is durable.
         """
+
+    def reprioritize(queue_id: str, priority: Priority) -> Deferred[None]:
+        """
+        Append a change of a message's effective priority; fires once durable.
+        """
+
+    accepting = Attribute("C{bool}: L{False} while the last write failed (disk full, ...).")
 
     def read(location: JournalLocation) -> Deferred[tuple[Envelope, bytes]]:
         """
