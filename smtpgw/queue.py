@@ -252,10 +252,9 @@ class MessageQueue(Service):
     @property
     def accepting(self) -> bool:
         """
-        L{False} while the journal says it cannot take mail (a journal that
-        does not say is taken to accept).
+        L{False} while the journal says it cannot take mail.
         """
-        return bool(getattr(self._journal, "accepting", True))
+        return bool(self._journal.accepting)
 
     def submit(self, envelope: Envelope, body: bytes) -> Deferred[None]:
         """
@@ -416,8 +415,7 @@ class MessageQueue(Service):
         self._log.info(
             "{queue_id} re-prioritized to {priority}", queue_id=queue_id, priority=int(new)
         )
-        journal_it = getattr(self._journal, "reprioritize", None)
-        d: Deferred[None] = journal_it(queue_id, new) if journal_it else succeed(None)
+        d: Deferred[None] = self._journal.reprioritize(queue_id, new)
         self._dispatch()
         return d
 
