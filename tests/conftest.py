@@ -6,33 +6,35 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
 
 @pytest.fixture(autouse=True)
-def _fail_on_logged_errors() -> Iterator[None]:
+def logged_errors() -> Iterator[list[dict[str, Any]]]:
     """
     Observe the global log publisher and fail the test if anything logged a
     failure or an error, including "Unhandled error in Deferred" surfaced by
     a garbage collection at the end of the test.
+
+    A test that expects an error asks for this fixture by name and removes
+    the events it expected from the list it gets.
     """
     errors: list[dict[str, Any]] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if event.get("log_failure") is not None or event.get("isError"):
-            errors.append(event)
-        elif event.get("log_level") in (LogLevel.error, LogLevel.critical):
+        failed = event.get("log_failure") is not None or event.get("isError")
+        if failed or event.get("log_level") in (LogLevel.error, LogLevel.critical):
             errors.append(event)
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(cast(ILogObserver, observer))
     try:
-        yield
+        yield errors
         gc.collect()
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observer))
     if errors:
         from twisted.logger import formatEvent
 
