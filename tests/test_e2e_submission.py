@@ -113,7 +113,7 @@ def test_starttls_then_auth_plain_delivers(gateway: Gateway, user: Credentials) 
         ),
     )
     client.quit()
-    assert code == 250 and reply.startswith(b"2.0.0"), reply
+    assert (code, reply[:5]) == (250, b"2.0.0"), reply
     qid = queue_id_of(reply)
     entry = delivered(gateway, qid)
     assert entry["list"] == "news"
@@ -163,7 +163,7 @@ def test_mail_before_auth_is_refused_with_530(gateway: Gateway) -> None:
     client = connect(gateway)
     code, reply = client.mail("app@example.com")
     client.quit()
-    assert code == 530 and reply.startswith(b"5.7.0"), reply
+    assert (code, reply[:5]) == (530, b"5.7.0"), reply
 
 
 def test_wrong_password_gets_535(gateway: Gateway, user: Credentials) -> None:
@@ -173,7 +173,8 @@ def test_wrong_password_gets_535(gateway: Gateway, user: Credentials) -> None:
     client.close()
     assert info.value.smtp_code == 535
     error = info.value.smtp_error
-    assert isinstance(error, bytes) and error.startswith(b"5.7.8"), error
+    assert isinstance(error, bytes)
+    assert error.startswith(b"5.7.8"), error
 
 
 def test_unknown_and_inactive_users_get_the_same_535(gateway: Gateway) -> None:
@@ -200,7 +201,7 @@ def test_unauthorized_envelope_sender_is_refused_and_alerted(
     client.login(user.username, user.password)
     code, reply = client.mail("app@sub.example.com")
     client.quit()
-    assert code == 550 and reply.startswith(b"5.7.1"), reply
+    assert (code, reply[:5]) == (550, b"5.7.1"), reply
     assert b"app@sub.example.com" in reply
     assert alerts(gateway, "sender_domain", "app@sub.example.com")
 
@@ -217,7 +218,7 @@ def test_unauthorized_header_from_is_refused_after_data(
         message("Mallory <mallory@evil.test>", "dave@dest.test", "spoof"),
     )
     client.quit()
-    assert code == 550 and reply.startswith(b"5.7.1"), reply
+    assert (code, reply[:5]) == (550, b"5.7.1"), reply
     assert b"mallory@evil.test" in reply
     assert alerts(gateway, "sender_domain", "mallory@evil.test")
 
@@ -247,7 +248,7 @@ def test_size_over_the_limit_is_refused_with_552(gateway: Gateway, user: Credent
     assert client.esmtp_features["size"] == str(MAX_SIZE)
     client.login(user.username, user.password)
     code, reply = client.mail("app@example.com", [f"SIZE={MAX_SIZE + 1}"])
-    assert code == 552 and reply.startswith(b"5.3.4"), reply
+    assert (code, reply[:5]) == (552, b"5.3.4"), reply
     client.rset()
     head = message("app@example.com", "frank@dest.test", "big")
     filler = MAX_SIZE - len(head.encode()) - 2
@@ -259,7 +260,7 @@ def test_size_over_the_limit_is_refused_with_552(gateway: Gateway, user: Credent
     assert code == 250, reply
     code, reply = send(client, "app@example.com", ["frank@dest.test"], body_at_limit + "z")
     client.quit()
-    assert code == 552 and reply.startswith(b"5.3.4"), reply
+    assert (code, reply[:5]) == (552, b"5.3.4"), reply
 
 
 def test_too_many_recipients_get_452(gateway: Gateway, user: Credentials) -> None:
@@ -270,7 +271,7 @@ def test_too_many_recipients_get_452(gateway: Gateway, user: Credentials) -> Non
         assert client.rcpt(f"r{i}@dest.test")[0] == 250
     code, reply = client.rcpt("one-too-many@dest.test")
     client.quit()
-    assert code == 452 and reply.startswith(b"4.5.3"), reply
+    assert (code, reply[:5]) == (452, b"4.5.3"), reply
 
 
 def alerts(gateway: Gateway, kind: str, needle: str) -> list[tuple[str, str]]:
