@@ -559,6 +559,8 @@ class ThreadedUserStore(Service):
         open_database(self._path, create=True).close()
         self._threads.start()
         super().startService()
+        if self._pending_logins:
+            self._schedule_flush()
 
     def stopService(self) -> Deferred[None]:
         """
@@ -658,9 +660,13 @@ class ThreadedUserStore(Service):
         previous = self._pending_logins.get(username)
         if previous is None or previous[0] <= at:
             self._pending_logins[username] = (at, ip)
-        if self._flush_timer is None and self.running:
-            self._flush_timer = self._clock.callLater(self._flush_interval, self._flush_from_timer)
+        if self.running:
+            self._schedule_flush()
         return succeed(None)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_timer is None:
+            self._flush_timer = self._clock.callLater(self._flush_interval, self._flush_from_timer)
 
     @property
     def pending_logins(self) -> int:
@@ -690,7 +696,7 @@ class ThreadedUserStore(Service):
         self._flush_logins_now()
 
     def _flush_logins_now(self) -> None:
-        if not self._pending_logins:
+        if not self._pending_logins or not self._threads.running:
             return
         batch = [(username, at, ip) for username, (at, ip) in self._pending_logins.items()]
         self._pending_logins = {}

@@ -627,3 +627,29 @@ async def test_older_login_does_not_replace_newer_in_memory(
     threaded.record_login(user.username, T0 + 1, "192.0.2.1")
     await threaded.flush_logins()
     assert _last_used(db_path, clock, user.username) == (T0 + 5, "192.0.2.5")
+
+
+@async_test
+async def test_logins_recorded_while_stopped_are_written_after_start(
+    db_path: Path, clock: Clock
+) -> None:
+    """
+    A login reported before the store runs waits, without an error, and is
+    written one interval after the start.
+    """
+    s = ThreadedUserStore(db_path, reactor=_reactor(), clock=clock, rounds=ROUNDS)
+    with SQLiteUserStore.open(db_path, clock, rounds=ROUNDS) as setup:
+        setup.create_list("news")
+        user, _ = setup.create_user("news")
+    s.record_login(user.username, T0 + 7, "192.0.2.7")
+    await s.flush_logins()
+    assert s.pending_logins == 1
+    assert clock.getDelayedCalls() == []
+    s.startService()
+    try:
+        clock.advance(1.0)
+        assert s.pending_logins == 0
+        await s.flush_logins()
+        assert _last_used(db_path, clock, user.username) == (T0 + 7, "192.0.2.7")
+    finally:
+        await s.stopService()
