@@ -377,9 +377,10 @@ class GatewaySMTP(smtp.ESMTP):
                 line = line[:-1]
             self._line(line, length, pos < end)
         self._buffer = rest = buf[pos:] if pos else buf
-        if not rest:
+        if pos:
+            # A line ended: whatever is left started now.
             self._line_started_at = None
-        elif not self._paused and not transport.disconnecting:
+        if rest and not self._paused and not transport.disconnecting:
             self._partial_line(len(rest))
 
     def _data_lines(self, buf: bytes, pos: int) -> int:
@@ -522,29 +523,33 @@ class GatewaySMTP(smtp.ESMTP):
         self._sender = None
         self._message_factory = None
 
-    def _ehlo(self, argument: bytes) -> None:
+    def _hello(self, argument: bytes) -> bool:
+        """
+        Remember the client's HELO/EHLO name (and start a new transaction).
+
+        @return: whether the argument was acceptable.
+        """
         if not argument:
             self._bad(R_HELO_SYNTAX)
-            return
+            return False
         self._helo_name = argument.decode("ascii", "replace")
         self._helo = (argument, self._client_ip.encode("ascii", "replace"))
         self._reset_transaction()
-        self._t.write(
-            self.factory.ehlo_reply(
-                self.host,
-                starttls=self.canStartTLS and not self._tls_active,
-                auth=self._tls_active or not self.factory.require_tls,
+        return True
+
+    def _ehlo(self, argument: bytes) -> None:
+        if self._hello(argument):
+            self._t.write(
+                self.factory.ehlo_reply(
+                    self.host,
+                    starttls=self.canStartTLS and not self._tls_active,
+                    auth=self._tls_active or not self.factory.require_tls,
+                )
             )
-        )
 
     def _helo_command(self, argument: bytes) -> None:
-        if not argument:
-            self._bad(R_HELO_SYNTAX)
-            return
-        self._helo_name = argument.decode("ascii", "replace")
-        self._helo = (argument, self._client_ip.encode("ascii", "replace"))
-        self._reset_transaction()
-        self._t.write(b"250 " + self.host + b"\r\n")
+        if self._hello(argument):
+            self._t.write(b"250 " + self.host + b"\r\n")
 
     def _noop(self, argument: bytes) -> None:
         self._t.write(R_OK)

@@ -317,6 +317,25 @@ def test_dripped_command_finished_within_the_deadline_is_served() -> None:
     assert not client.closed
 
 
+def test_each_command_line_gets_its_own_deadline() -> None:
+    """
+    The deadline runs from the first octet of each line: a read that ends
+    one dripped line and starts the next gives the next its full time.
+    """
+    harness = Harness(limits=Limits(command_deadline=60))
+    client = harness.connect()
+    client.send(b"NO")
+    harness.clock.advance(50)
+    client.send(b"OP\r\nNO")
+    harness.clock.advance(50)
+    assert not client.closed
+    client.send(b"OP\r\n")
+    assert client.replies() == [b"250 2.0.0 Ok", b"250 2.0.0 Ok"]
+    client.send(b"NO")
+    harness.clock.advance(60)
+    assert client.replies()[0].startswith(b"421 4.4.2 ")
+
+
 def test_slow_data_gets_421_at_the_data_deadline() -> None:
     """
     A DATA section that keeps trickling gets 421 4.4.2 at data_deadline and
