@@ -55,6 +55,7 @@ from smtpgw.validation import (
 
 __all__ = [
     "UNSET",
+    "Unset",
     "ListExists",
     "ListNotEmpty",
     "NoSuchList",
