@@ -55,7 +55,6 @@ from smtpgw.validation import (
 
 __all__ = [
     "UNSET",
-    "Unset",
     "ListExists",
     "ListNotEmpty",
     "NoSuchList",
@@ -65,6 +64,7 @@ __all__ = [
     "StoreError",
     "StoreNotRunning",
     "ThreadedUserStore",
+    "Unset",
     "UnusableDatabase",
     "ValidationError",
     "database_path",
