@@ -33,6 +33,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
+from attrs import frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
@@ -57,7 +58,14 @@ from smtpgw.model import Priority, QueueIdGenerator
 from smtpgw.priority import parse_mt_priority_param
 from smtpgw.realm import GatewayMessage, GatewayServices, SessionMind, Transaction
 
-__all__ = ["GatewaySMTP", "GatewaySMTPFactory"]
+__all__ = [
+    "CommandRefused",
+    "GatewaySMTP",
+    "GatewaySMTPFactory",
+    "MailParameters",
+    "parse_mail_parameters",
+    "parse_path",
+]
 
 log = Logger()
 
@@ -134,6 +142,118 @@ _CHALLENGERS: dict[bytes, Callable[[], Any]] = {
     b"PLAIN": PLAINCredentials,
     b"LOGIN": smtp.LOGINCredentials,
 }
+
+
+class CommandRefused(Exception):
+    """
+    A command cannot be carried out as given.
+
+    @ivar reply: the complete reply line.
+    @ivar protocol_error: whether it counts towards C{max_bad_commands}
+        (a syntax error does, a message too big does not).
+    """
+
+    def __init__(self, reply: bytes, *, protocol_error: bool = True) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.protocol_error = protocol_error
+
+
+@frozen
+class MailParameters:
+    """
+    The MAIL parameters the gateway understands.
+
+    @ivar size: the C{SIZE=} the client declared (RFC 1870).
+    @ivar mt_priority: the C{MT-PRIORITY=} it asked for (RFC 6710).
+    """
+
+    size: int | None = None
+    mt_priority: Priority | None = None
+
+
+def parse_path(
+    text: bytes, max_length: int, bad: bytes, *, null_allowed: bool
+) -> tuple[smtp.Address, bytes]:
+    """
+    Read the C{<path> [parameters]} after C{MAIL FROM:} or C{RCPT TO:}.
+
+    @param max_length: the longest path, angle brackets included.
+    @param bad: the reply for a path that is not an address.
+    @param null_allowed: whether C{<>} is acceptable.
+    @return: the address and the text after the path.
+    @raise CommandRefused: with C{bad}, or C{501 5.1.3} for a long path.
+    """
+    text = text.lstrip()
+    if text[:1] == b"<":
+        close = text.find(b">")
+        if close < 0:
+            raise CommandRefused(bad)
+        path, rest = text[: close + 1], text[close + 1 :]
+        wire_length = len(path)
+    else:
+        # Tolerate a path without angle brackets, as many MTAs do.
+        path, space, rest = text.partition(b" ")
+        rest = space + rest
+        wire_length = len(path) + 2
+    if wire_length > max_length:
+        raise CommandRefused(R_PATH_TOO_LONG)
+    if rest[:1] not in (b"", b" "):
+        raise CommandRefused(bad)
+    if path == b"<>":
+        if not null_allowed:
+            raise CommandRefused(bad)
+        return smtp.Address(path), rest
+    if b"@" not in path:
+        raise CommandRefused(bad)
+    try:
+        # An empty default domain: Twisted would complete "<a@>" with this
+        # host's name.
+        address = smtp.Address(path, b"")
+    except smtp.AddressError:
+        raise CommandRefused(bad) from None
+    if not (address.local and address.domain):
+        raise CommandRefused(bad)
+    return address, rest
+
+
+def parse_mail_parameters(text: bytes, max_size: int) -> MailParameters:
+    """
+    Read the MAIL parameters: C{SIZE}, C{BODY=7BIT|8BITMIME},
+    C{MT-PRIORITY} and C{AUTH} (RFC 4954 section 5; accepted and ignored,
+    the gateway never relays on behalf of another identity).
+
+    @param max_size: the largest message accepted.
+    @raise CommandRefused: C{501 5.5.4} for a bad or repeated value,
+        C{555 5.5.4} for an unknown parameter, C{552 5.3.4} for a declared
+        size over C{max_size}.
+    """
+    size: int | None = None
+    mt_priority: Priority | None = None
+    seen: set[bytes] = set()
+    for parameter in text.split():
+        keyword, _, value = parameter.partition(b"=")
+        keyword = keyword.upper()
+        if keyword in seen:
+            raise CommandRefused(R_PARAMETER_DUPLICATE)
+        seen.add(keyword)
+        if keyword == b"SIZE":
+            if not value.isdigit() or len(value) > 20:
+                raise CommandRefused(R_PARAMETER_SYNTAX)
+            size = int(value)
+            if size > max_size:
+                raise CommandRefused(R_SIZE_EXCEEDED, protocol_error=False)
+        elif keyword == b"BODY":
+            if value.upper() not in (b"7BIT", b"8BITMIME"):
+                raise CommandRefused(R_PARAMETER_SYNTAX)
+        elif keyword == b"MT-PRIORITY":
+            try:
+                mt_priority = parse_mt_priority_param(value.decode("ascii"))
+            except ValueError:
+                raise CommandRefused(R_PARAMETER_SYNTAX) from None
+        elif keyword != b"AUTH":
+            raise CommandRefused(R_PARAMETER_UNKNOWN)
+    return MailParameters(size=size, mt_priority=mt_priority)
 
 
 class _Mode(enum.Enum):
@@ -489,6 +609,12 @@ class GatewaySMTP(smtp.ESMTP):
         else:
             self._t.write(reply)
 
+    def _refuse(self, refused: CommandRefused) -> None:
+        if refused.protocol_error:
+            self._bad(refused.reply)
+        else:
+            self._t.write(refused.reply)
+
     # -- waiting on Deferreds ---------------------------------------------
 
     def _pause_until(self, d: Deferred[Any]) -> None:
@@ -739,44 +865,14 @@ class GatewaySMTP(smtp.ESMTP):
         if argument[:5].upper() != b"FROM:":
             self._bad(R_MAIL_SYNTAX)
             return
-        parsed = self._path(argument[5:], R_BAD_SENDER, null_allowed=True)
-        if isinstance(parsed, bytes):
-            self._bad(parsed)
+        try:
+            address, rest = parse_path(
+                argument[5:], self._limits.max_path_length, R_BAD_SENDER, null_allowed=True
+            )
+            parameters = parse_mail_parameters(rest, self._limits.max_size)
+        except CommandRefused as refused:
+            self._refuse(refused)
             return
-        address, parameters = parsed
-        mt_priority: Priority | None = None
-        declared_size: int | None = None
-        seen: set[bytes] = set()
-        for parameter in parameters.split():
-            keyword, _, value = parameter.partition(b"=")
-            keyword = keyword.upper()
-            if keyword in seen:
-                self._bad(R_PARAMETER_DUPLICATE)
-                return
-            seen.add(keyword)
-            if keyword == b"SIZE":
-                if not value.isdigit() or len(value) > 20:
-                    self._bad(R_PARAMETER_SYNTAX)
-                    return
-                declared_size = int(value)
-                if declared_size > self._limits.max_size:
-                    self._t.write(R_SIZE_EXCEEDED)
-                    return
-            elif keyword == b"BODY":
-                if value.upper() not in (b"7BIT", b"8BITMIME"):
-                    self._bad(R_PARAMETER_SYNTAX)
-                    return
-            elif keyword == b"MT-PRIORITY":
-                try:
-                    mt_priority = parse_mt_priority_param(value.decode("ascii"))
-                except ValueError:
-                    self._bad(R_PARAMETER_SYNTAX)
-                    return
-            elif keyword != b"AUTH":
-                # AUTH= (RFC 4954 section 5) is accepted and ignored: the
-                # gateway never relays on behalf of another identity.
-                self._bad(R_PARAMETER_UNKNOWN)
-                return
         if not self.factory.services.queue.accepting:
             self._t.write(R_STORAGE)
             return
@@ -788,8 +884,8 @@ class GatewaySMTP(smtp.ESMTP):
         transaction = Transaction(
             helo=self._helo_name or "",
             sender=str(address),
-            mt_priority=mt_priority,
-            declared_size=declared_size,
+            mt_priority=parameters.mt_priority,
+            declared_size=parameters.size,
         )
         if isinstance(result, Deferred):
             result.addCallbacks(self._sender_accepted, self._sender_refused, (transaction,))
@@ -815,42 +911,6 @@ class GatewaySMTP(smtp.ESMTP):
         text = resp if isinstance(resp, bytes) else str(resp).encode("ascii", "replace")
         self._t.write(b"%d %s\r\n" % (refusal.code, text))
 
-    def _path(
-        self, text: bytes, bad: bytes, *, null_allowed: bool
-    ) -> tuple[smtp.Address, bytes] | bytes:
-        """
-        Parse C{<path> [parameters]} after C{FROM:} or C{TO:}.
-
-        @return: the address and the parameter text, or the error reply.
-        """
-        text = text.lstrip()
-        if text[:1] == b"<":
-            close = text.find(b">")
-            if close < 0:
-                return bad
-            path, parameters = text[: close + 1], text[close + 1 :]
-            wire_length = len(path)
-        else:
-            # Tolerate a path without angle brackets, as many MTAs do.
-            path, _, parameters = text.partition(b" ")
-            wire_length = len(path) + 2
-        if wire_length > self._limits.max_path_length:
-            return R_PATH_TOO_LONG
-        if parameters[:1] not in (b"", b" "):
-            return bad
-        if path == b"<>":
-            if not null_allowed:
-                return bad
-        elif b"@" not in path:
-            return bad
-        try:
-            address = smtp.Address(path, self.host)
-        except smtp.AddressError:
-            return bad
-        if path != b"<>" and not (address.local and address.domain):
-            return bad
-        return address, parameters
-
     def _rcpt(self, argument: bytes) -> None:
         transaction = self.transaction
         if transaction is None:
@@ -859,12 +919,15 @@ class GatewaySMTP(smtp.ESMTP):
         if argument[:3].upper() != b"TO:":
             self._bad(R_RCPT_SYNTAX)
             return
-        parsed = self._path(argument[3:], R_BAD_RECIPIENT, null_allowed=False)
-        if isinstance(parsed, bytes):
-            self._bad(parsed)
+        try:
+            address, rest = parse_path(
+                argument[3:], self._limits.max_path_length, R_BAD_RECIPIENT, null_allowed=False
+            )
+        except CommandRefused as refused:
+            self._refuse(refused)
             return
-        address, parameters = parsed
-        if parameters.strip():
+        if rest.strip():
+            # No RCPT parameter is offered (no DSN).
             self._bad(R_PARAMETER_UNKNOWN)
             return
         recipient = str(address)

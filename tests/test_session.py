@@ -490,6 +490,8 @@ def test_rset_forgets_the_transaction() -> None:
         b"MAIL FROM:<a@example.com>SIZE=1",
         b"MAIL FROM:<\xc3\xa9@example.com>",
         b"MAIL FROM:<@>",
+        b"MAIL FROM:<a@>",
+        b"MAIL FROM:<a@b@c.example>",
     ],
 )
 def test_bad_sender_syntax_is_501(line: bytes) -> None:
