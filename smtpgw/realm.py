@@ -89,14 +89,12 @@ class Transaction:
     @ivar helo: the HELO/EHLO argument the client gave.
     @ivar sender: the envelope sender (C{""} for the null sender).
     @ivar mt_priority: the C{MT-PRIORITY=} MAIL parameter, if given.
-    @ivar declared_size: the C{SIZE=} MAIL parameter, if given.
     @ivar recipients: the accepted recipients, in order, without duplicates.
     """
 
     helo: str
     sender: str
     mt_priority: Priority | None = None
-    declared_size: int | None = None
     recipients: list[str] = field(factory=list)
 
 
@@ -133,7 +131,7 @@ def _no_logout() -> None:
     """
 
 
-def sender_alert(
+def _sender_alert(
     *,
     user: SmtpUser,
     decision: SenderDecision,
@@ -206,7 +204,7 @@ class GatewayDelivery:
             return None
         services = self._services
         services.alerts.raise_alert(
-            sender_alert(
+            _sender_alert(
                 user=self.user,
                 decision=decision,
                 where=where,

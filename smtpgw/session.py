@@ -885,7 +885,6 @@ class GatewaySMTP(smtp.ESMTP):
             helo=self._helo_name or "",
             sender=str(address),
             mt_priority=parameters.mt_priority,
-            declared_size=parameters.size,
         )
         if isinstance(result, Deferred):
             result.addCallbacks(self._sender_accepted, self._sender_refused, (transaction,))
