@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= ./smtpgw-data
 RUN_ARGS ?=
+# Relaying to MX hosts comes in a later version; until then mail is captured.
+RELAY ?= capture
 
 .PHONY: run test lint types pytest bench clean
 
@@ -18,7 +20,7 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/twistd -n smtpgw --data-dir $(DATA_DIR) $(RUN_ARGS)
+	$(BIN)/twistd -n --pidfile= smtpgw --data-dir $(DATA_DIR) --relay $(RELAY) $(RUN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check smtpgw twisted/plugins tests bench

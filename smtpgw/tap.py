@@ -1,0 +1,328 @@
+"""
+The twistd plugin's options and service wiring.
+
+This is the only module that turns option strings into objects and wires the
+parts of the gateway together.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.cred.portal import Portal
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from smtpgw.limits import Limits
+from smtpgw.ports import PortSpecError, parse_ports
+
+DEFAULT_PORTS = "23,25,26,587,1025-5000"
+DEFAULT_MAX_SIZE = 25 * 1024 * 1024
+
+log = Logger()
+
+
+def _positive_int(name: str, text: str, minimum: int = 1) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a whole number, not {text!r}") from None
+    if value < minimum:
+        raise usage.UsageError(f"--{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _size(name: str, text: str) -> int:
+    """
+    Parse a byte count with an optional K/M/G suffix (powers of 1024).
+    """
+    multipliers = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    stripped = text.strip().lower().removesuffix("b")
+    factor = 1
+    if stripped and stripped[-1] in multipliers:
+        factor = multipliers[stripped[-1]]
+        stripped = stripped[:-1]
+    return _positive_int(name, stripped, minimum=1) * factor
+
+
+#: The session limits settable from the command line: kind, and help text.
+LIMIT_OPTIONS: dict[str, tuple[str, str]] = {
+    "max_size": ("size", "Largest message, in octets as SIZE counts (K/M/G suffixes)."),
+    "max_recipients": ("int", "Recipients per message; the next gets 452 4.5.3."),
+    "max_command_length": ("int", "Longest command line with CRLF; longer gets 500 5.5.2."),
+    "max_path_length": ("int", "Longest MAIL/RCPT path; longer gets 501 5.1.3."),
+    "max_data_line_length": ("int", "Longest message line; longer refuses and disconnects."),
+    "idle_timeout": ("seconds", "Silence allowed before 421 4.4.2."),
+    "command_deadline": ("seconds", "Time one command line may take, however it trickles."),
+    "data_deadline": ("seconds", "Time the whole DATA section may take."),
+    "max_connections_per_ip": ("int", "Simultaneous connections from one address."),
+    "max_bad_commands": ("int", "Protocol errors allowed before 421 4.7.0."),
+    "auth_failure_limit": ("int", "Failed logins per address within the window before 421."),
+    "auth_failure_window": ("seconds", "Window over which failed logins are counted."),
+    "auth_failure_delay": ("seconds", "Tarpit step: the n-th failed login waits n times this."),
+    "auth_failure_delay_cap": ("seconds", "Longest tarpit delay."),
+    "greet_delay": ("seconds", "Wait before the greeting; talking early gets 554 (0: off)."),
+}
+
+
+def _option(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd smtpgw}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "An authenticated SMTP relay gateway: it checks who may send as whom, "
+        "keeps every accepted message in a durable journal and sends it on in "
+        "priority order. All state lives under --data-dir."
+    )
+
+    optFlags = [
+        ["require-tls", None, "Offer AUTH only after STARTTLS."],
+    ]
+
+    optParameters = [
+        ["data-dir", "d", "./smtpgw-data", "Directory holding all state."],
+        ["ports", "p", DEFAULT_PORTS, "SMTP ports to listen on: a list of ports and ranges."],
+        ["interface", "i", "0.0.0.0", "Address the SMTP ports listen on."],
+        ["hostname", None, None, "Name the gateway uses in its greeting and headers."],
+        ["tls-cert", None, None, "PEM certificate (chain) for STARTTLS."],
+        ["tls-key", None, None, "PEM private key for STARTTLS."],
+        [
+            "relay",
+            None,
+            "mx",
+            "Where mail goes: 'mx', 'smtp://host:port' or 'capture' (into the data dir).",
+        ],
+        ["rate", None, "0", "Messages per second for the whole gateway (0: unlimited)."],
+        ["concurrency", None, "20", "Deliveries at once."],
+        *[[_option(name), None, None, text] for name, (_, text) in LIMIT_OPTIONS.items()],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, (_, text) in LIMIT_OPTIONS.items():
+            default = getattr(Limits(), name)
+            if name == "max_size":
+                default = DEFAULT_MAX_SIZE
+            self.docs[_option(name)] = f"{text} [default: {default}]"
+
+    def postOptions(self) -> None:
+        try:
+            self["ports"] = parse_ports(self["ports"])
+        except PortSpecError as e:
+            raise usage.UsageError(f"--ports: {e}") from None
+        try:
+            rate = float(self["rate"])
+        except ValueError:
+            raise usage.UsageError(f"--rate must be a number, not {self['rate']!r}") from None
+        if rate < 0 or rate != rate:
+            raise usage.UsageError("--rate must be 0 (unlimited) or more")
+        self["rate"] = rate
+        self["concurrency"] = _positive_int("concurrency", self["concurrency"])
+        self["limits"] = self._limits()
+        if (self["tls-cert"] is None) != (self["tls-key"] is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        relay = self["relay"]
+        if relay not in ("mx", "capture") and not relay.startswith("smtp://"):
+            raise usage.UsageError(
+                f"--relay must be 'mx', 'capture' or 'smtp://host:port', not {relay!r}"
+            )
+        if relay != "capture":
+            # Relaying to MX hosts and smarthosts is not built yet; starting
+            # with either must not look as if mail went anywhere.
+            raise usage.UsageError(
+                f"--relay {relay} is not available in this version yet; use --relay capture"
+            )
+        if self["hostname"] is None:
+            self["hostname"] = socket.getfqdn()
+
+    def _limits(self) -> Limits:
+        changes: dict[str, Any] = {"max_size": DEFAULT_MAX_SIZE}
+        for name, (kind, _) in LIMIT_OPTIONS.items():
+            text = self[_option(name)]
+            if text is None:
+                continue
+            option = _option(name)
+            if kind == "size":
+                changes[name] = _size(option, text)
+            elif kind == "int":
+                changes[name] = _positive_int(option, text, minimum=0)
+            else:
+                try:
+                    changes[name] = float(text)
+                except ValueError:
+                    raise usage.UsageError(f"--{option} must be a number of seconds") from None
+        try:
+            return Limits(**changes)
+        except (TypeError, ValueError) as e:
+            raise usage.UsageError(str(e).replace("_", "-")) from None
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _outbound(relay: str, data_dir: FilePath[str], reactor: Any) -> IService:
+    from smtpgw.outbound import CaptureOutbound
+
+    assert relay == "capture", relay  # postOptions refuses the others
+    return CaptureOutbound(data_dir.path, reactor)
+
+
+def _run_as(options: Options) -> tuple[int, int] | None:
+    """
+    The uid and gid twistd will switch to after binding (C{--uid/--gid}),
+    when it runs as root and will switch.
+    """
+    import pwd
+
+    parent = getattr(options, "parent", None)
+    if parent is None or os.getuid() != 0:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None:
+        return None
+    if gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    return int(uid), int(gid)
+
+
+def _hand_over(data_dir: FilePath[str], owner: tuple[int, int]) -> None:
+    """
+    Give the data directory and the state files in it to the user twistd
+    drops to, so the gateway can still write them after shedding root.
+    Captured messages are left alone: there may be very many of them, and
+    the gateway only ever adds new ones.
+    """
+    uid, gid = owner
+    paths = [data_dir]
+    for name in ("journal", "tls", "captured"):
+        child = data_dir.child(name)
+        if child.isdir():
+            paths.append(child)
+            if name != "captured":
+                paths.extend(child.children())
+    paths.extend(data_dir.globChildren("smtpgw.db*"))
+    paths.extend(data_dir.globChildren("captured/index.jsonl"))
+    for path in paths:
+        os.chown(path.path, uid, gid)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the gateway: user store, alerts, journal, queue, outbound, TLS and
+    the SMTP listeners, as one L{MultiService}. Children start in the order
+    they are added and stop in reverse: the listeners close first, the
+    queue lets deliveries under way finish, the journal flushes last.
+    """
+    from smtpgw.alerts import SQLiteAlertStore
+    from smtpgw.checker import SmtpUserChecker
+    from smtpgw.database import database_path
+    from smtpgw.journal import FileJournal, JournalService
+    from smtpgw.listening import MultiPortListener
+    from smtpgw.model import QueueIdGenerator
+    from smtpgw.queue import MessageQueue
+    from smtpgw.realm import GatewayRealm
+    from smtpgw.services import OrderedMultiService
+    from smtpgw.session import GatewaySMTPFactory
+    from smtpgw.tls import TLSConfigError, install_sighup_reload, reloadable_tls
+    from smtpgw.userstore import ThreadedUserStore
+
+    if reactor is None:
+        reactor = _reactor()
+    data_dir = FilePath(os.path.abspath(options["data-dir"]))
+    try:
+        data_dir.makedirs(ignoreExistingDirectory=True)
+    except OSError as e:
+        raise usage.UsageError(f"--data-dir {data_dir.path}: {e.strerror}") from None
+    limits: Limits = options["limits"]
+    owner = _run_as(options)
+    try:
+        tls = reloadable_tls(
+            data_dir.path,
+            options["hostname"],
+            options["tls-cert"],
+            options["tls-key"],
+            owner=owner,
+        )
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+
+    top = OrderedMultiService()
+    db = database_path(data_dir.path)
+    users = ThreadedUserStore(db, reactor=reactor, clock=reactor)
+    users.setServiceParent(top)
+    alerts = SQLiteAlertStore(db, reactor=reactor)
+    alerts.setServiceParent(top)
+    journal = FileJournal(data_dir.child("journal").path, reactor)
+    JournalService(journal).setServiceParent(top)
+    outbound = _outbound(options["relay"], data_dir, reactor)
+    outbound.setServiceParent(top)
+    queue = MessageQueue(
+        journal,
+        outbound,  # type: ignore[arg-type]
+        reactor,
+        rate=options["rate"],
+        concurrency=options["concurrency"],
+    )
+    queue.setServiceParent(top)
+    portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor)])
+    factory = GatewaySMTPFactory(
+        portal=portal,
+        queue=queue,
+        alerts=alerts,
+        users=users,
+        hostname=options["hostname"],
+        limits=limits,
+        tls=tls.options,
+        require_tls=bool(options["require-tls"]),
+        clock=reactor,
+        queue_ids=QueueIdGenerator(),
+    )
+    listener = MultiPortListener(
+        reactor=reactor,
+        ports=options["ports"],
+        interface=options["interface"],
+        factory=factory,
+    )
+    listener.setServiceParent(top)
+    _SighupService(reactor, tls, install_sighup_reload).setServiceParent(top)
+    if owner is not None:
+        _hand_over(data_dir, owner)
+    return top
+
+
+class _SighupService(Service):
+    """
+    Reloads the TLS certificate on C{SIGHUP} while the gateway runs.
+    """
+
+    def __init__(self, reactor: Any, tls: Any, install: Any) -> None:
+        self._reactor = reactor
+        self._tls = tls
+        self._install = install
+        self._uninstall: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._uninstall = self._install(self._reactor, self._tls)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._uninstall is not None:
+            self._uninstall()
+            self._uninstall = None
+
+
+__all__ = ["Options", "makeService"]
