@@ -538,13 +538,21 @@ def test_path_without_angle_brackets_is_tolerated() -> None:
     """
     harness = Harness()
     client = harness.logged_in()
-    replies = client.mail_transaction(message(), sender=b"")
-    assert replies[0].startswith(b"550 ")  # the null sender is not authorized
-    client.command(b"RSET")
     client.send(b"MAIL FROM:a@example.com\r\nRCPT TO:b@c.example\r\nDATA\r\n")
     client.send(message() + b".\r\n")
     assert client.codes() == [b"250", b"250", b"354", b"250"]
     assert harness.queue.submitted[0][0].recipients == ("b@c.example",)
+
+
+def test_null_sender_is_refused_by_the_sender_policy() -> None:
+    """
+    C{MAIL FROM:<>} is well-formed but no SMTP+ user may send as nobody:
+    550 5.7.1 (enforce).
+    """
+    harness = Harness()
+    client = harness.logged_in()
+    assert client.command(b"MAIL FROM:<>")[0].startswith(b"550 5.7.1 ")
+    assert len(harness.alerts.of_type("sender_domain")) == 1
 
 
 def test_duplicate_recipients_are_kept_once() -> None:
