@@ -34,7 +34,9 @@ journal when a reader looks for the next record after a damaged one.
 
 Metadata by record type::
 
-    ACCEPT    qid_len u8, queue id, JSON object of the other Envelope fields
+    ACCEPT    qid_len u8, queue id, JSON array of the other Envelope fields:
+              [list, username, sender, [recipients], priority, accepted_at,
+              client_ip, size] (a reader ignores elements it does not know)
     STATE     qid_len u8, queue id, state_len u8, state, attempts u32,
               next_attempt_at f64, JSON object of details (or nothing)
     PRIORITY  qid_len u8, queue id, priority u8
@@ -48,8 +50,8 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 from attrs import field, frozen
 
@@ -78,6 +80,7 @@ __all__ = [
     "UnsupportedRecord",
     "accept_queue_id",
     "decode_envelope",
+    "decode_priority",
     "decode_record",
     "decode_record_at",
     "decode_segment_header",
@@ -90,6 +93,7 @@ __all__ = [
     "encode_state",
     "frame_header",
     "read_header",
+    "walk_records",
 ]
 
 FORMAT_VERSION = 1
@@ -120,6 +124,8 @@ _RECORD_CHECKED = RECORD_HEADER_SIZE - 4
 _SEGMENT_CHECKED = SEGMENT_HEADER_SIZE - 4
 
 _PRIORITIES = {int(p): p for p in Priority}
+_RECORD_TYPES: dict[int, RecordType] = {}
+_json_decoder = json.JSONDecoder()
 
 
 class JournalRecordError(Exception):
@@ -156,6 +162,9 @@ class RecordType(enum.IntEnum):
     STATE = 2
     PRIORITY = 3
     NOOP = 4
+
+
+_RECORD_TYPES.update((int(t), t) for t in RecordType)
 
 
 @frozen
@@ -199,10 +208,9 @@ class Payload:
         return RECORD_HEADER_SIZE + len(self.meta) + len(self.body)
 
 
-@frozen
-class RecordHeader:
+class RecordHeader(NamedTuple):
     """
-    A record header that passed its checks.
+    A record header that passed its checks (a tuple: replay makes millions).
     """
 
     type: RecordType
@@ -295,7 +303,7 @@ def _read_short_ascii(meta: bytes, offset: int) -> tuple[str, int]:
         raise CorruptRecord("metadata string is not ASCII") from None
 
 
-def _dump_json(value: Mapping[str, Any]) -> bytes:
+def _dump_json(value: Mapping[str, Any] | list[Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
@@ -313,16 +321,16 @@ def encode_accept(envelope: Envelope, body: bytes) -> Payload:
     """
     if not math.isfinite(envelope.accepted_at):
         raise ValueError(f"accepted_at must be finite: {envelope.accepted_at}")
-    fields = {
-        "list": envelope.list,
-        "username": envelope.username,
-        "sender": envelope.sender,
-        "recipients": list(envelope.recipients),
-        "priority": int(envelope.priority),
-        "accepted_at": envelope.accepted_at,
-        "client_ip": envelope.client_ip,
-        "size": envelope.size,
-    }
+    fields = [
+        envelope.list,
+        envelope.username,
+        envelope.sender,
+        list(envelope.recipients),
+        int(envelope.priority),
+        envelope.accepted_at,
+        envelope.client_ip,
+        envelope.size,
+    ]
     meta = _short_ascii(envelope.queue_id, "queue id") + _dump_json(fields)
     return Payload(RecordType.ACCEPT, _check_meta(meta), body)
 
@@ -394,16 +402,11 @@ def encode_record(key: bytes, payload: Payload) -> bytes:
     return frame_header(key, payload) + payload.meta + payload.body
 
 
-def read_header(buffer: Any, offset: int, key: bytes, end: int) -> RecordHeader:
+def _checked_header(
+    buffer: Any, offset: int, key: bytes, end: int
+) -> tuple[RecordType, int, int, int, int]:
     """
-    Check the record header at C{offset} of C{buffer} (bytes, mmap...) and
-    that the whole record lies before C{end}; the payload checksums are not
-    checked here.
-
-    @raise TruncatedRecord: if the header or the record runs past C{end}.
-    @raise CorruptRecord: on a wrong key or header checksum.
-    @raise UnsupportedRecord: on an intact header of an unknown version,
-        type or flags.
+    The checks of L{read_header}, giving a plain tuple.
     """
     if end - offset < RECORD_HEADER_SIZE:
         raise TruncatedRecord(f"{end - offset} bytes left, a record header is 32")
@@ -426,23 +429,92 @@ def read_header(buffer: Any, offset: int, key: bytes, end: int) -> RecordHeader:
         raise UnsupportedRecord(f"record format version {version}, expected {FORMAT_VERSION}")
     if flags:
         raise UnsupportedRecord(f"record flags {flags:#x}")
-    try:
-        record_type = RecordType(rtype)
-    except ValueError:
-        raise UnsupportedRecord(f"record type {rtype}") from None
+    record_type = _RECORD_TYPES.get(rtype)
+    if record_type is None:
+        raise UnsupportedRecord(f"record type {rtype}")
     if meta_length > MAX_META_LENGTH:
         raise CorruptRecord(f"record metadata length {meta_length}")
-    header = RecordHeader(record_type, meta_length, body_length, meta_crc, body_crc)
-    if end - offset < header.length:
-        raise TruncatedRecord(f"{end - offset} bytes left, the record is {header.length}")
-    return header
+    if end - offset < RECORD_HEADER_SIZE + meta_length + body_length:
+        raise TruncatedRecord(
+            f"{end - offset} bytes left, the record is"
+            f" {RECORD_HEADER_SIZE + meta_length + body_length}"
+        )
+    return record_type, meta_length, body_length, meta_crc, body_crc
+
+
+def read_header(buffer: Any, offset: int, key: bytes, end: int) -> RecordHeader:
+    """
+    Check the record header at C{offset} of C{buffer} (bytes, mmap...) and
+    that the whole record lies before C{end}; the payload checksums are not
+    checked here.
+
+    @raise TruncatedRecord: if the header or the record runs past C{end}.
+    @raise CorruptRecord: on a wrong key or header checksum.
+    @raise UnsupportedRecord: on an intact header of an unknown version,
+        type or flags.
+    """
+    return RecordHeader(*_checked_header(buffer, offset, key, end))
+
+
+def walk_records(
+    buffer: Any, offset: int, end: int, key: bytes, check_bodies: bool
+) -> Iterator[tuple[int, RecordType, int, bytes]]:
+    """
+    Check and yield the records from C{offset} until C{end}, as
+    C{(offset, type, length, metadata)}; a body is checked only when
+    C{check_bodies} (replay skips bodies to stay fast).
+
+    @raise JournalRecordError: at the first record that is not intact (see
+        L{read_header}; L{CorruptRecord} for a payload checksum mismatch):
+        the records before it were yielded.
+    """
+    crc32 = zlib.crc32
+    while offset < end:
+        rtype, meta_length, body_length, meta_crc, body_crc = _checked_header(
+            buffer, offset, key, end
+        )
+        body_start = offset + RECORD_HEADER_SIZE + meta_length
+        meta = bytes(buffer[offset + RECORD_HEADER_SIZE : body_start])
+        if crc32(meta) != meta_crc:
+            raise CorruptRecord("record metadata checksum mismatch")
+        if check_bodies and body_length:
+            with memoryview(buffer) as view, view[body_start : body_start + body_length] as body:
+                if crc32(body) != body_crc:
+                    raise CorruptRecord("record body checksum mismatch")
+        yield offset, rtype, RECORD_HEADER_SIZE + meta_length + body_length, meta
+        offset = body_start + body_length
 
 
 def accept_queue_id(meta: bytes) -> str:
     """
     @return: the queue id of ACCEPT metadata, without decoding the rest.
+    @raise CorruptRecord: if it cannot be decoded.
     """
-    return _read_short_ascii(meta, 0)[0]
+    # Replay calls this once per message: _read_short_ascii, inlined.
+    end = 1 + meta[0] if meta else 0
+    if not 1 < end <= len(meta):
+        raise CorruptRecord("metadata ends inside the queue id")
+    try:
+        return meta[1:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise CorruptRecord("queue id is not ASCII") from None
+
+
+def _json_value(text: bytes, what: str) -> Any:
+    """
+    @return: the one JSON value that C{text} holds.
+    @raise CorruptRecord: if it holds anything else.
+    """
+    try:
+        # JSON that ensure_ascii wrote: decoding it as ASCII is exact, and
+        # raw_decode skips json.loads' encoding detection.
+        string = text.decode("ascii")
+        value, end = _json_decoder.raw_decode(string)
+    except ValueError:
+        raise CorruptRecord(f"undecodable {what}") from None
+    if end != len(string):
+        raise CorruptRecord(f"undecodable {what}: trailing data")
+    return value
 
 
 def decode_envelope(meta: bytes) -> Envelope:
@@ -450,19 +522,20 @@ def decode_envelope(meta: bytes) -> Envelope:
     @return: the envelope in checked ACCEPT metadata.
     @raise CorruptRecord: if it cannot be decoded.
     """
-    queue_id, offset = _read_short_ascii(meta, 0)
+    queue_id = accept_queue_id(meta)
+    fields = _json_value(meta[1 + len(queue_id) :], "accept metadata")
     try:
-        fields = json.loads(meta[offset:])
+        list_, username, sender, recipients, priority, accepted_at, client_ip, size = fields[:8]
         return Envelope(
-            queue_id=queue_id,
-            list=fields["list"],
-            username=fields["username"],
-            sender=fields["sender"],
-            recipients=tuple(fields["recipients"]),
-            priority=_PRIORITIES[fields["priority"]],
-            accepted_at=float(fields["accepted_at"]),
-            client_ip=fields["client_ip"],
-            size=fields["size"],
+            queue_id,
+            list_,
+            username,
+            sender,
+            tuple(recipients),
+            _PRIORITIES[priority],
+            float(accepted_at),
+            client_ip,
+            size,
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptRecord(f"undecodable accept metadata: {e}") from None
@@ -481,16 +554,17 @@ def decode_state(meta: bytes) -> StateRecord:
     attempts, next_attempt_at = _STATE_NUMBERS.unpack_from(meta, offset)
     details: Mapping[str, Any] = {}
     if end < len(meta):
-        try:
-            details = json.loads(meta[end:])
-        except ValueError as e:
-            raise CorruptRecord(f"undecodable state details: {e}") from None
+        details = _json_value(meta[end:], "state details")
         if not isinstance(details, dict):
             raise CorruptRecord("state details are not an object")
     return StateRecord(queue_id, state, attempts, next_attempt_at, details)
 
 
-def _decode_priority(meta: bytes) -> PriorityRecord:
+def decode_priority(meta: bytes) -> PriorityRecord:
+    """
+    @return: the change in checked PRIORITY metadata.
+    @raise CorruptRecord: if it cannot be decoded.
+    """
     queue_id, offset = _read_short_ascii(meta, 0)
     if len(meta) != offset + 1 or meta[offset] not in _PRIORITIES:
         raise CorruptRecord("bad priority metadata")
@@ -523,7 +597,7 @@ def decode_record_at(buffer: Any, offset: int, key: bytes, end: int) -> tuple[Re
     elif header.type is RecordType.STATE:
         record = decode_state(meta)
     elif header.type is RecordType.PRIORITY:
-        record = _decode_priority(meta)
+        record = decode_priority(meta)
     else:
         if meta:
             raise CorruptRecord("NOOP record with metadata")

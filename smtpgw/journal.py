@@ -1,0 +1,1447 @@
+"""
+The journal: the durable record of every accepted message and of what
+became of it.
+
+On disk it is a directory of numbered segment files (C{000000000001.seg},
+...; the format is in L{smtpgw.journal_codec}) and a C{LOCK} file held by
+the process that uses them.
+
+Who does what:
+  - the reactor thread encodes each record (its checksums included) and
+    queues it;
+  - one writer thread takes everything queued, writes it with one write,
+    makes it durable with one C{fdatasync} (group commit) and hands the
+    whole batch's results back with one C{callFromThread}; between batches
+    it rotates and compacts segments;
+  - reads run on a thread pool;
+  - replay, at start and before the writer runs, happens on the caller's
+    thread.
+
+Compaction: a segment is deleted once it is the oldest and none of its
+messages is live (delivered, bounced and cancelled are final). Deleting
+only the oldest keeps every state record of a live message on disk: those
+records always come after the message's accept record. When the oldest
+segment holds few live messages, or the journal takes much more room than
+its live messages, the live messages of the oldest segment are copied
+forward (their accept record with the current priority, then their current
+state), which bounds disk use under sustained load.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import gc
+import math
+import mmap
+import os
+import re
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from time import perf_counter
+from typing import Any
+
+import attrs
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
+from smtpgw.journal_codec import (
+    FINAL_STATES,
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    SEGMENT_KEY_SIZE,
+    AcceptRecord,
+    CorruptRecord,
+    JournalRecordError,
+    Payload,
+    RecordHeader,
+    RecordType,
+    TruncatedRecord,
+    UnsupportedRecord,
+    accept_queue_id,
+    decode_envelope,
+    decode_priority,
+    decode_record,
+    decode_segment_header,
+    decode_state,
+    encode_accept,
+    encode_noop,
+    encode_priority,
+    encode_segment_header,
+    encode_state,
+    frame_header,
+    read_header,
+    walk_records,
+)
+from smtpgw.model import Envelope, Priority
+
+__all__ = [
+    "DEFAULT_COMPACTION_CHUNK",
+    "DEFAULT_COMPACT_LIVE_RATIO",
+    "DEFAULT_RETRY_INTERVAL",
+    "DEFAULT_SEGMENT_SIZE",
+    "FileJournal",
+    "FileOps",
+    "JournalFormatError",
+    "JournalLocked",
+    "JournalReadError",
+    "JournalStats",
+]
+
+DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+"""A segment is closed and a new one started once it reaches this size."""
+
+DEFAULT_COMPACT_LIVE_RATIO = 0.25
+"""The oldest segment is compacted when its live messages take at most this
+share of it."""
+
+DEFAULT_COMPACTION_CHUNK = 4 * 1024 * 1024
+"""At most this many bytes of live messages are copied forward per group
+commit, so compaction never holds back acknowledgements for long."""
+
+DEFAULT_RETRY_INTERVAL = 5.0
+"""Seconds between attempts to write again after a write failed."""
+
+_SEGMENT_NAME = re.compile(r"\A(\d{12})\.seg\Z")
+_LOCK_NAME = "LOCK"
+# After these the file is as it was before the write: the same file is
+# used again once there is room. After any other error (EIO...) the page
+# cache may no longer match the disk, so writing goes on in a new segment.
+_CLEAN_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class JournalReadError(Exception):
+    """
+    A message could not be read back: damaged bytes, an I/O error, or a
+    location that is no longer in the journal.
+    """
+
+
+class JournalFormatError(Exception):
+    """
+    The journal holds intact records of a format this code does not know
+    (written by a newer gateway): it refuses to open rather than skip them.
+    """
+
+
+class JournalLocked(Exception):
+    """
+    Another process uses this journal directory.
+    """
+
+
+def _default_pwrite(fd: int, data: memoryview, offset: int) -> int:
+    return os.pwrite(fd, data, offset)
+
+
+def _default_fdatasync(fd: int) -> None:
+    os.fdatasync(fd)
+
+
+@frozen
+class FileOps:
+    """
+    The system calls that make records durable; tests replace them to
+    simulate a full or failing disk.
+    """
+
+    pwrite: Callable[[int, memoryview, int], int] = _default_pwrite
+    fdatasync: Callable[[int], None] = _default_fdatasync
+
+
+@frozen
+class JournalStats:
+    """
+    Counters for metrics, since the journal was opened.
+
+    @ivar fsyncs: group commits made durable.
+    @ivar records: records written (copies made by compaction included).
+    @ivar last_batch_records: records made durable by the last fsync.
+    @ivar last_fsync_seconds: how long the last fsync took.
+    @ivar write_errors: group commits that failed.
+    @ivar copied_records: accept records copied forward by compaction.
+    @ivar deleted_segments: segment files deleted by compaction.
+    """
+
+    fsyncs: int
+    records: int
+    bytes_written: int
+    last_batch_records: int
+    last_fsync_seconds: float
+    write_errors: int
+    segments: int
+    disk_bytes: int
+    live_messages: int
+    live_bytes: int
+    copied_records: int
+    deleted_segments: int
+
+    @property
+    def records_per_fsync(self) -> float:
+        """
+        @return: the average batch size.
+        """
+        return self.records / self.fsyncs if self.fsyncs else 0.0
+
+
+class _Live:
+    """
+    Where a live message's accept record lies and what state it is in.
+
+    A slotted class: there is one per queued message, a million of them in
+    a big queue.
+
+    @ivar priority: set by a re-prioritization, else L{None}.
+    @ivar moved_from: earlier locations of a record compaction copied.
+    @ivar meta: the accept metadata, kept from replay's scan until the
+        messages are built.
+    """
+
+    __slots__ = (
+        "attempts",
+        "length",
+        "meta",
+        "moved_from",
+        "next_attempt_at",
+        "offset",
+        "priority",
+        "segment",
+        "state",
+    )
+
+    def __init__(self, segment: int, offset: int, length: int) -> None:
+        self.segment = segment
+        self.offset = offset
+        self.length = length
+        self.state = "queued"
+        self.attempts = 0
+        self.next_attempt_at = 0.0
+        self.priority: Priority | None = None
+        self.moved_from: list[JournalLocation] | None = None
+        self.meta: bytes | None = None
+
+    def location(self) -> JournalLocation:
+        return JournalLocation(self.segment, self.offset, self.length)
+
+
+class _Index:
+    """
+    The live messages and how many of them each segment holds, kept by
+    applying records in journal order (at replay and after each commit).
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[str, _Live] = {}
+        self.counts: dict[int, int] = {}
+        self.live_bytes: dict[int, int] = {}
+        self.total_live_bytes = 0
+
+    def _add(self, segment: int, length: int) -> None:
+        self.counts[segment] = self.counts.get(segment, 0) + 1
+        self.live_bytes[segment] = self.live_bytes.get(segment, 0) + length
+        self.total_live_bytes += length
+
+    def _remove(self, segment: int, length: int) -> None:
+        count = self.counts[segment] - 1
+        if count:
+            self.counts[segment] = count
+            self.live_bytes[segment] -= length
+        else:
+            del self.counts[segment]
+            del self.live_bytes[segment]
+        self.total_live_bytes -= length
+
+    def on_accept(self, queue_id: str, segment: int, offset: int, length: int) -> _Live | None:
+        """
+        @return: the entry, when this accept record is a copy of one
+            already seen (compaction moved it); its state is kept.
+        """
+        entry = self.live.get(queue_id)
+        if entry is None:
+            self.live[queue_id] = _Live(segment, offset, length)
+            self._add(segment, length)
+            return None
+        if entry.moved_from is None:
+            entry.moved_from = []
+        entry.moved_from.append(entry.location())
+        self._remove(entry.segment, entry.length)
+        entry.segment, entry.offset, entry.length = segment, offset, length
+        self._add(segment, length)
+        return entry
+
+    def on_state(
+        self, queue_id: str, state: str, attempts: int, next_attempt_at: float
+    ) -> _Live | None:
+        """
+        @return: the entry, when the message reached a final state and left.
+        """
+        entry = self.live.get(queue_id)
+        if entry is None:
+            # Its accept record was compacted away: it was final already.
+            return None
+        if state in FINAL_STATES:
+            del self.live[queue_id]
+            self._remove(entry.segment, entry.length)
+            return entry
+        entry.state = state
+        entry.attempts = attempts
+        entry.next_attempt_at = next_attempt_at
+        return None
+
+    def recount(self) -> None:
+        """
+        Count what each segment holds; replay fills L{live} directly.
+        """
+        counts: dict[int, int] = {}
+        sizes: dict[int, int] = {}
+        for entry in self.live.values():
+            segment = entry.segment
+            counts[segment] = counts.get(segment, 0) + 1
+            sizes[segment] = sizes.get(segment, 0) + entry.length
+        self.counts, self.live_bytes = counts, sizes
+        self.total_live_bytes = sum(sizes.values())
+
+    def on_priority(self, queue_id: str, priority: Priority) -> None:
+        entry = self.live.get(queue_id)
+        if entry is not None:
+            entry.priority = priority
+
+    def members(self, segment: int) -> deque[str]:
+        """
+        @return: the live messages whose accept record is in C{segment}.
+        """
+        return deque(qid for qid, entry in self.live.items() if entry.segment == segment)
+
+
+class _Lookup:
+    """
+    What reader threads need to find a record: the key of each segment on
+    disk, and where compaction moved records to. Shared between threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[int, bytes] = {}
+        self._redirects: dict[JournalLocation, JournalLocation] = {}
+
+    def add_segment(self, number: int, key: bytes) -> None:
+        with self._lock:
+            self._keys[number] = key
+
+    def remove_segment(self, number: int) -> None:
+        with self._lock:
+            self._keys.pop(number, None)
+
+    def moved(self, previous: Sequence[JournalLocation], now: JournalLocation) -> None:
+        with self._lock:
+            for location in previous:
+                self._redirects[location] = now
+
+    def forget(self, previous: Sequence[JournalLocation]) -> None:
+        with self._lock:
+            for location in previous:
+                self._redirects.pop(location, None)
+
+    def resolve(self, location: JournalLocation) -> tuple[JournalLocation, bytes | None]:
+        """
+        @return: where the record is now, and the key of its segment
+            (L{None} if that segment is gone).
+        """
+        with self._lock:
+            current = self._redirects.get(location, location)
+            return current, self._keys.get(current.segment)
+
+
+@define(eq=False)
+class _Segment:
+    number: int
+    key: bytes = field(repr=False)
+    path: str
+    size: int
+    read_fd: int | None = None
+
+
+@define(eq=False)
+class _Pending:
+    """
+    A record waiting for the writer; a barrier (no payload) waits for
+    compaction to finish instead.
+    """
+
+    payload: Payload | None
+    deferred: Deferred[Any]
+    gives_location: bool = False
+
+
+_Outcome = list[JournalLocation | None] | BaseException
+_Visit = Callable[[RecordType, bytes, int, int], None]
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _intact_records(
+    mm: mmap.mmap, start: int, end: int, key: bytes, bodies: bool
+) -> tuple[list[tuple[int, RecordHeader, bytes]], int, str | None]:
+    """
+    @return: the intact records from C{start} on (as L{walk_records} gives
+        them), where they stop, and why (L{None} if at C{end}).
+    """
+    found: list[tuple[int, RecordHeader, bytes]] = []
+    position = start
+    try:
+        for offset, _rtype, length, meta in walk_records(mm, start, end, key, bodies):
+            found.append((offset, read_header(mm, offset, key, end), meta))
+            position = offset + length
+    except (TruncatedRecord, CorruptRecord) as e:
+        return found, position, str(e)
+    return found, position, None
+
+
+def _resync(mm: mmap.mmap, start: int, end: int, key: bytes, bodies: bool) -> int | None:
+    """
+    @return: the offset of the next intact record at or after C{start}, or
+        L{None}. The segment key starts every record and cannot come from
+        a message body, so no body is ever taken for a record.
+    """
+    position = mm.find(key, start, end)
+    while position != -1:
+        try:
+            next(walk_records(mm, position, end, key, bodies))
+        except (TruncatedRecord, CorruptRecord):
+            position = mm.find(key, position + 1, end)
+        else:
+            return position
+    return None
+
+
+def _write_all(ops: FileOps, fd: int, data: bytes, offset: int) -> None:
+    with memoryview(data) as view:
+        while view:
+            written = ops.pwrite(fd, view, offset)
+            if written <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            offset += written
+            view = view[written:]
+
+
+def _accepted_at(message: JournaledMessage) -> float:
+    return message.envelope.accepted_at
+
+
+class _SegmentStore:
+    """
+    The segment files and the index of live messages. Used by one thread
+    at a time: the opening thread at replay, then the writer thread.
+
+    @ivar warn: logs a warning; L{FileJournal} points it at the reactor
+        thread while the writer runs.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        lookup: _Lookup,
+        log: Logger,
+        segment_size: int,
+        compact_live_ratio: float,
+        compaction_chunk: int,
+        file_ops: FileOps,
+    ) -> None:
+        self.directory = directory
+        self.lookup = lookup
+        self.warn: Callable[..., None] = log.warn
+        self.segment_size = segment_size
+        self.compact_live_ratio = compact_live_ratio
+        self.compaction_chunk = compaction_chunk
+        self.ops = file_ops
+        self.index = _Index()
+        self.segments: list[_Segment] = []
+        self.write_fd = -1
+        self.lock_fd = -1
+        self.needs_new_segment = False
+        self.compaction_blocked = False
+        self.stuck: set[int] = set()
+        self._copy_segment = -1
+        self._copy_queue: deque[str] = deque()
+        self.fsyncs = 0
+        self.records = 0
+        self.bytes_written = 0
+        self.last_batch_records = 0
+        self.last_fsync_seconds = 0.0
+        self.write_errors = 0
+        self.copied_records = 0
+        self.deleted_segments = 0
+
+    # Opening and recovery
+
+    def path(self, number: int) -> str:
+        return os.path.join(self.directory, f"{number:012d}.seg")
+
+    def open(self) -> None:
+        """
+        Lock the directory, check every segment, cut off a torn tail and
+        build the index.
+        """
+        os.makedirs(self.directory, exist_ok=True)
+        self._lock()
+        numbers = sorted(
+            int(match.group(1))
+            for name in os.listdir(self.directory)
+            if (match := _SEGMENT_NAME.match(name))
+        )
+        for position, number in enumerate(numbers):
+            segment = self._check_segment_file(number, last=position == len(numbers) - 1)
+            if segment is not None:
+                self.segments.append(segment)
+        if not self.segments or self.segments[-1].number != numbers[-1]:
+            self.segments.append(self._create_segment(max(numbers, default=0) + 1))
+        else:
+            self._recover_tail()
+        for segment in self.segments:
+            self.lookup.add_segment(segment.number, segment.key)
+        for segment in self.segments:
+            self._scan(segment)
+        self.index.recount()
+        self.write_fd = os.open(self.current.path, os.O_WRONLY | os.O_CLOEXEC)
+
+    @property
+    def current(self) -> _Segment:
+        return self.segments[-1]
+
+    def _lock(self) -> None:
+        self.lock_fd = os.open(
+            os.path.join(self.directory, _LOCK_NAME),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+            raise JournalLocked(f"{self.directory} is used by another process") from None
+
+    def _check_segment_file(self, number: int, last: bool) -> _Segment | None:
+        """
+        @return: the segment, or L{None} if its file had to be set aside.
+        """
+        path = self.path(number)
+        with open(path, "rb") as f:
+            head = f.read(SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
+        try:
+            header = decode_segment_header(head)
+        except UnsupportedRecord as e:
+            raise JournalFormatError(f"{path}: {e}") from e
+        except JournalRecordError as e:
+            return self._damaged_segment_header(number, path, head, size, last, str(e))
+        if header.number != number:
+            self.warn(
+                "journal segment {path} says it is segment {found}",
+                path=path,
+                found=header.number,
+            )
+        return _Segment(number, header.key, path, size)
+
+    def _damaged_segment_header(
+        self, number: int, path: str, head: bytes, size: int, last: bool, problem: str
+    ) -> _Segment | None:
+        key = head[SEGMENT_HEADER_SIZE : SEGMENT_HEADER_SIZE + SEGMENT_KEY_SIZE]
+        try:
+            read_header(head, SEGMENT_HEADER_SIZE, key, size)
+        except JournalRecordError:
+            pass
+        else:
+            self.warn(
+                "journal segment {path} has a damaged header ({problem});"
+                " its key was recovered from its first record",
+                path=path,
+                problem=problem,
+            )
+            return _Segment(number, key, path, size)
+        if size <= SEGMENT_HEADER_SIZE:
+            # Created but never written to (records follow a durable header).
+            self.warn(
+                "journal segment {path} was never completed ({problem}); recreating it",
+                path=path,
+                problem=problem,
+            )
+            os.unlink(path)
+            return self._create_segment(number) if last else None
+        quarantine = path + ".corrupt"
+        suffix = 0
+        while os.path.exists(quarantine):
+            suffix += 1
+            quarantine = f"{path}.corrupt-{suffix}"
+        os.rename(path, quarantine)
+        self.warn(
+            "journal segment {path} is unreadable ({problem}); set aside as {quarantine}",
+            path=path,
+            problem=problem,
+            quarantine=quarantine,
+        )
+        return None
+
+    def _recover_tail(self) -> None:
+        """
+        Cut off what follows the last intact record of the last segment (a
+        torn write, or garbage a crash left in unsynced blocks). Intact
+        records found beyond damage are first copied into a new segment,
+        so damage in the middle loses nothing that can still be read.
+        """
+        segment = self.current
+        salvaged: list[Payload] = []
+        with open(segment.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with mm:
+            end = segment.size
+            try:
+                _, good_end, problem = _intact_records(
+                    mm, SEGMENT_HEADER_SIZE, end, segment.key, True
+                )
+                if problem is None:
+                    return
+                position = _resync(mm, good_end + 1, end, segment.key, True)
+                while position is not None:
+                    found, stop, _ = _intact_records(mm, position, end, segment.key, True)
+                    for offset, header, meta in found:
+                        body_start = offset + RECORD_HEADER_SIZE + header.meta_length
+                        body = mm[body_start : body_start + header.body_length]
+                        salvaged.append(
+                            Payload(header.type, meta, body, header.meta_crc, header.body_crc)
+                        )
+                    position = _resync(mm, stop + 1, end, segment.key, True)
+            except UnsupportedRecord as e:
+                raise JournalFormatError(f"{segment.path}: {e}") from e
+        moved_to = None
+        if salvaged:
+            new = self._create_segment(segment.number + 1)
+            self._append_durably(new, salvaged)
+            self.segments.append(new)
+            moved_to = new.number
+        fd = os.open(segment.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, good_end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.warn(
+            "journal segment {segment} has {dropped} torn or damaged bytes from offset"
+            " {offset} ({problem}); cut off, {salvaged} intact records after them"
+            " moved to segment {moved_to}",
+            segment=segment.number,
+            dropped=end - good_end,
+            offset=good_end,
+            problem=problem,
+            salvaged=len(salvaged),
+            moved_to=moved_to,
+        )
+        segment.size = good_end
+
+    def _append_durably(self, segment: _Segment, payloads: Sequence[Payload]) -> None:
+        data = b"".join(frame_header(segment.key, p) + p.meta + p.body for p in payloads)
+        fd = os.open(segment.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _write_all(self.ops, fd, data, segment.size)
+            self.ops.fdatasync(fd)
+        finally:
+            os.close(fd)
+        segment.size += len(data)
+
+    def _scan(self, segment: _Segment) -> None:
+        """
+        Apply the records of C{segment} to the index, skipping damaged
+        stretches (with a warning). Bodies are not read: only headers and
+        metadata are checked, which keeps replay fast. L{_Index.recount}
+        must follow.
+        """
+        if segment.size <= SEGMENT_HEADER_SIZE:
+            return
+        with open(segment.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with mm:
+            end = min(segment.size, len(mm))
+            position: int | None = SEGMENT_HEADER_SIZE
+            while position is not None:
+                try:
+                    stop, problem = self._apply_segment(mm, position, end, segment)
+                except UnsupportedRecord as e:
+                    raise JournalFormatError(f"{segment.path}: {e}") from e
+                if problem is None:
+                    return
+                position = _resync(mm, stop + 1, end, segment.key, False)
+                self.warn(
+                    "journal segment {segment}: damaged record at offset {offset} ({problem});"
+                    " skipped {skipped} bytes",
+                    segment=segment.number,
+                    offset=stop,
+                    problem=problem,
+                    skipped=(end if position is None else position) - stop,
+                )
+
+    def _apply_segment(
+        self, mm: mmap.mmap, start: int, end: int, segment: _Segment
+    ) -> tuple[int, str | None]:
+        """
+        The hot loop of replay: apply a segment's records from C{start} on.
+
+        @return: where it stopped, and why (L{None} at C{end}).
+        """
+        live = self.index.live
+        number = segment.number
+        accept, state, priority = RecordType.ACCEPT, RecordType.STATE, RecordType.PRIORITY
+        position = start
+        try:
+            for offset, rtype, length, meta in walk_records(mm, start, end, segment.key, False):
+                position = offset + length
+                try:
+                    if rtype is accept:
+                        queue_id = accept_queue_id(meta)
+                        entry = live.get(queue_id)
+                        if entry is None:
+                            live[queue_id] = entry = _Live(number, offset, length)
+                        else:
+                            entry.segment, entry.offset, entry.length = number, offset, length
+                        entry.meta = meta
+                    elif rtype is state:
+                        change = decode_state(meta)
+                        entry = live.get(change.queue_id)
+                        if entry is None:
+                            continue
+                        if change.state in FINAL_STATES:
+                            del live[change.queue_id]
+                        else:
+                            entry.state = change.state
+                            entry.attempts = change.attempts
+                            entry.next_attempt_at = change.next_attempt_at
+                    elif rtype is priority:
+                        change_priority = decode_priority(meta)
+                        self.index.on_priority(change_priority.queue_id, change_priority.priority)
+                except CorruptRecord as e:
+                    # Intact by its checksums, yet undecodable: skip it alone.
+                    self.warn(
+                        "journal segment {segment}: undecodable record at offset {offset}:"
+                        " {problem}",
+                        segment=number,
+                        offset=offset,
+                        problem=str(e),
+                    )
+        except (TruncatedRecord, CorruptRecord) as e:
+            return position, str(e)
+        return position, None
+
+    def messages(self) -> list[JournaledMessage]:
+        """
+        @return: the live messages as replay gives them, in acceptance order
+            (by acceptance time; in journal order for equal times).
+        """
+        found = []
+        undecodable = []
+        latest = -math.inf
+        in_order = True
+        for queue_id, entry in self.index.live.items():
+            meta, entry.meta = entry.meta, None
+            try:
+                envelope = decode_envelope(meta or b"")
+            except CorruptRecord as e:
+                self.warn(
+                    "journal: cannot decode message {queue_id}: {problem}",
+                    queue_id=queue_id,
+                    problem=str(e),
+                )
+                undecodable.append(queue_id)
+                continue
+            if entry.priority is not None and entry.priority is not envelope.priority:
+                envelope = attrs.evolve(envelope, priority=entry.priority)
+            if envelope.accepted_at < latest:
+                in_order = False
+            latest = envelope.accepted_at
+            found.append(
+                JournaledMessage(
+                    envelope,
+                    entry.location(),
+                    entry.state,
+                    entry.attempts,
+                    entry.next_attempt_at,
+                )
+            )
+        if undecodable:
+            for queue_id in undecodable:
+                del self.index.live[queue_id]
+            self.index.recount()
+        if not in_order:
+            # A copy made by compaction sits later than its acceptance.
+            found.sort(key=_accepted_at)
+        return found
+
+    def forget_metadata(self) -> None:
+        """
+        Drop what replay kept for L{messages}.
+        """
+        for entry in self.index.live.values():
+            entry.meta = None
+
+    # Writing
+
+    def _create_segment(self, number: int) -> _Segment:
+        """
+        Create segment C{number} with a durable header (and a durable
+        directory entry) before any record goes into it.
+        """
+        key = os.urandom(SEGMENT_KEY_SIZE)
+        path = self.path(number)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(self.ops, fd, encode_segment_header(number, key), 0)
+            self.ops.fdatasync(fd)
+            _fsync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return _Segment(number, key, path, SEGMENT_HEADER_SIZE)
+
+    def _start_new_segment(self) -> None:
+        new = self._create_segment(self.current.number + 1)
+        fd = os.open(new.path, os.O_WRONLY | os.O_CLOEXEC)
+        os.close(self.write_fd)
+        self.write_fd = fd
+        self.segments.append(new)
+        self.lookup.add_segment(new.number, new.key)
+        self.needs_new_segment = False
+
+    def commit(self, payloads: Sequence[Payload]) -> list[JournalLocation] | OSError:
+        """
+        Write C{payloads} with one write and one fdatasync, then apply them
+        to the index. On failure the segment is cut back to where it was.
+        """
+        try:
+            if self.needs_new_segment:
+                self._start_new_segment()
+        except OSError as e:
+            self.write_errors += 1
+            return e
+        segment = self.current
+        start = segment.size
+        parts: list[bytes] = []
+        locations: list[JournalLocation] = []
+        offset = start
+        for payload in payloads:
+            parts += (frame_header(segment.key, payload), payload.meta, payload.body)
+            locations.append(JournalLocation(segment.number, offset, payload.length))
+            offset += payload.length
+        try:
+            _write_all(self.ops, self.write_fd, b"".join(parts), start)
+            began = perf_counter()
+            self.ops.fdatasync(self.write_fd)
+            self.last_fsync_seconds = perf_counter() - began
+        except OSError as e:
+            self.write_errors += 1
+            self._undo_write(start, e)
+            return e
+        segment.size = offset
+        self.fsyncs += 1
+        self.records += len(payloads)
+        self.bytes_written += offset - start
+        self.last_batch_records = len(payloads)
+        for payload, location in zip(payloads, locations, strict=True):
+            self._apply(payload, location)
+        if segment.size >= self.segment_size:
+            try:
+                self._start_new_segment()
+            except OSError as e:
+                self.warn(
+                    "journal: cannot start a new segment ({error}); segment {segment} grows",
+                    error=str(e),
+                    segment=segment.number,
+                )
+        return locations
+
+    def _undo_write(self, start: int, error: OSError) -> None:
+        try:
+            os.ftruncate(self.write_fd, start)
+            self.ops.fdatasync(self.write_fd)
+        except OSError:
+            self.needs_new_segment = True
+        if error.errno not in _CLEAN_WRITE_ERRORS:
+            self.needs_new_segment = True
+
+    def _apply(self, payload: Payload, location: JournalLocation) -> None:
+        if payload.type is RecordType.ACCEPT:
+            moved = self.index.on_accept(
+                accept_queue_id(payload.meta), location.segment, location.offset, location.length
+            )
+            if moved is not None and moved.moved_from:
+                self.lookup.moved(moved.moved_from, location)
+        elif payload.type is RecordType.STATE:
+            change = decode_state(payload.meta)
+            gone = self.index.on_state(
+                change.queue_id, change.state, change.attempts, change.next_attempt_at
+            )
+            if gone is not None and gone.moved_from:
+                self.lookup.forget(gone.moved_from)
+        elif payload.type is RecordType.PRIORITY:
+            priority = decode_priority(payload.meta)
+            self.index.on_priority(priority.queue_id, priority.priority)
+
+    # Compaction
+
+    def disk_bytes(self) -> int:
+        return sum(segment.size for segment in self.segments)
+
+    def _compaction_target(self) -> _Segment | None:
+        if len(self.segments) < 2:
+            return None
+        oldest = self.segments[0]
+        live = self.index.live_bytes.get(oldest.number, 0)
+        if not live or oldest.number in self.stuck:
+            return None
+        if live <= self.compact_live_ratio * oldest.size:
+            return oldest
+        if self.disk_bytes() > 2 * (self.index.total_live_bytes + self.segment_size):
+            return oldest
+        return None
+
+    def compaction_due(self) -> bool:
+        return not self.compaction_blocked and self._compaction_target() is not None
+
+    def plan_copies(self) -> list[Payload]:
+        """
+        @return: records that copy up to L{compaction_chunk} bytes of the
+            live messages of the segment being compacted.
+        """
+        target = self._compaction_target() if not self.compaction_blocked else None
+        if target is None:
+            return []
+        if self._copy_segment != target.number:
+            self._copy_segment = target.number
+            self._copy_queue = self.index.members(target.number)
+        copies: list[Payload] = []
+        budget = self.compaction_chunk
+        while self._copy_queue and budget > 0:
+            queue_id = self._copy_queue.popleft()
+            entry = self.index.live.get(queue_id)
+            if entry is None or entry.segment != target.number:
+                continue
+            try:
+                copies.append(self._copy_of(target, entry))
+            except (OSError, JournalRecordError) as e:
+                self.stuck.add(target.number)
+                self.warn(
+                    "journal: cannot compact segment {segment}: message {queue_id}: {error}",
+                    segment=target.number,
+                    queue_id=queue_id,
+                    error=str(e),
+                )
+                break
+            copies.append(
+                encode_state(queue_id, entry.state, entry.attempts, entry.next_attempt_at)
+            )
+            budget -= entry.length
+        self.copied_records += len(copies) // 2
+        return copies
+
+    def _copy_of(self, segment: _Segment, entry: _Live) -> Payload:
+        """
+        @return: the accept record of C{entry}, with its current priority.
+        The body and its checksum are copied as they are.
+        """
+        if segment.read_fd is None:
+            segment.read_fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(segment.read_fd, entry.length, entry.offset)
+        header = read_header(data, 0, segment.key, len(data))
+        meta = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + header.meta_length]
+        if zlib.crc32(meta) != header.meta_crc:
+            raise CorruptRecord("record metadata checksum mismatch")
+        body = data[RECORD_HEADER_SIZE + header.meta_length :]
+        if entry.priority is None:
+            return Payload(RecordType.ACCEPT, meta, body, header.meta_crc, header.body_crc)
+        envelope = attrs.evolve(decode_envelope(meta), priority=entry.priority)
+        new_meta = encode_accept(envelope, b"").meta
+        return Payload(RecordType.ACCEPT, new_meta, body, body_crc=header.body_crc)
+
+    def delete_dead_segments(self) -> None:
+        """
+        Delete the oldest segments while they hold no live message.
+        """
+        deleted = False
+        while len(self.segments) > 1 and not self.index.counts.get(self.segments[0].number):
+            oldest = self.segments[0]
+            self.lookup.remove_segment(oldest.number)
+            if oldest.read_fd is not None:
+                os.close(oldest.read_fd)
+                oldest.read_fd = None
+            try:
+                os.unlink(oldest.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.lookup.add_segment(oldest.number, oldest.key)
+                self.warn(
+                    "journal: cannot delete segment {segment}: {error}",
+                    segment=oldest.number,
+                    error=str(e),
+                )
+                break
+            del self.segments[0]
+            self.stuck.discard(oldest.number)
+            self.deleted_segments += 1
+            deleted = True
+        if deleted:
+            try:
+                _fsync_directory(self.directory)
+            except OSError as e:
+                self.warn("journal: cannot sync its directory: {error}", error=str(e))
+
+    def _compaction_failed(self) -> None:
+        # Until a client record is written again; the copies planned were
+        # not written, so planning starts over.
+        self.compaction_blocked = True
+        self._copy_segment = -1
+
+    def compact_fully(self) -> None:
+        """
+        Compact until nothing is due (or a write fails).
+        """
+        while True:
+            self.delete_dead_segments()
+            copies = self.plan_copies()
+            if not copies:
+                return
+            if isinstance(self.commit(copies), OSError):
+                self._compaction_failed()
+                return
+
+    def process(self, batch: Sequence[_Pending], compact: bool) -> _Outcome:
+        """
+        Group-commit C{batch}, with a chunk of compaction copies ahead of it.
+
+        @return: the location of each record of C{batch} (L{None} for a
+            barrier), or the error that failed them all.
+        """
+        payloads = [pending.payload for pending in batch if pending.payload is not None]
+        copies = self.plan_copies() if compact else []
+        locations: list[JournalLocation] = []
+        if payloads or copies:
+            written = self.commit(copies + payloads)
+            if isinstance(written, OSError):
+                self._compaction_failed()
+                return written
+            if payloads:
+                self.compaction_blocked = False
+            locations = written[len(copies) :]
+        found = iter(locations)
+        outcome = [next(found) if pending.payload is not None else None for pending in batch]
+        if compact and len(payloads) < len(batch):
+            self.compact_fully()
+        return outcome
+
+    def stats(self) -> JournalStats:
+        return JournalStats(
+            fsyncs=self.fsyncs,
+            records=self.records,
+            bytes_written=self.bytes_written,
+            last_batch_records=self.last_batch_records,
+            last_fsync_seconds=self.last_fsync_seconds,
+            write_errors=self.write_errors,
+            segments=len(self.segments),
+            disk_bytes=self.disk_bytes(),
+            live_messages=len(self.index.live),
+            live_bytes=self.index.total_live_bytes,
+            copied_records=self.copied_records,
+            deleted_segments=self.deleted_segments,
+        )
+
+    def close(self) -> None:
+        for segment in self.segments:
+            if segment.read_fd is not None:
+                os.close(segment.read_fd)
+                segment.read_fd = None
+        for fd in (self.write_fd, self.lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.write_fd = self.lock_fd = -1
+
+
+class _Writer:
+    """
+    The writer thread: group commits, then compaction when idle.
+    """
+
+    def __init__(
+        self,
+        store: _SegmentStore,
+        deliver: Callable[[Sequence[_Pending], _Outcome], None],
+        exited: Callable[[Failure | None], None],
+    ) -> None:
+        self._store = store
+        self._deliver = deliver
+        self._exited = exited
+        self._cond = threading.Condition()
+        self._queue: deque[_Pending] = deque()
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="smtpgw-journal-writer", daemon=True)
+
+    def submit(self, pending: _Pending) -> None:
+        with self._cond:
+            self._queue.append(pending)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """
+        Write what is queued, then end the thread.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def drain(self) -> list[_Pending]:
+        """
+        @return: what is still queued (after the thread ended), now removed.
+        """
+        with self._cond:
+            rest = list(self._queue)
+            self._queue.clear()
+            return rest
+
+    def _next_batch(self) -> tuple[list[_Pending], bool]:
+        with self._cond:
+            while not (self._queue or self._stopping or self._store.compaction_due()):
+                self._cond.wait()
+            batch = list(self._queue)
+            self._queue.clear()
+            return batch, self._stopping
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch, stopping = self._next_batch()
+                if stopping and not batch:
+                    break
+                try:
+                    outcome = self._store.process(batch, compact=not stopping)
+                except BaseException as e:
+                    self._deliver(batch, e)
+                    raise
+                self._deliver(batch, outcome)
+                if not isinstance(outcome, BaseException):
+                    self._store.delete_dead_segments()
+        except BaseException:
+            self._exited(Failure())
+        else:
+            self._exited(None)
+
+
+class _Phase(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    BROKEN = "broken"
+
+
+@implementer(IJournal)
+class FileJournal:
+    """
+    The journal on local disk.
+
+    Lifecycle: L{replay} (once, at start), L{start}, then L{accept},
+    L{record_state}, L{reprioritize}, L{read}; L{stop} at the end.
+
+    @ivar accepting: L{False} while writing fails (disk full, unwritable
+        file); the journal retries by itself every C{retry_interval} seconds
+        and becomes L{True} again on the first write that succeeds.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        reactor: IReactorThreads,
+        *,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        compact_live_ratio: float = DEFAULT_COMPACT_LIVE_RATIO,
+        compaction_chunk: int = DEFAULT_COMPACTION_CHUNK,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        file_ops: FileOps | None = None,
+        read_pool: ThreadPool | None = None,
+    ) -> None:
+        """
+        @param directory: where the segment files are; created if missing.
+        @param reactor: provides L{IReactorThreads} and L{IReactorTime}.
+        @param segment_size: see L{DEFAULT_SEGMENT_SIZE}.
+        @param compact_live_ratio: see L{DEFAULT_COMPACT_LIVE_RATIO}.
+        @param compaction_chunk: see L{DEFAULT_COMPACTION_CHUNK}.
+        @param retry_interval: see L{DEFAULT_RETRY_INTERVAL}.
+        @param file_ops: the write and fdatasync calls (tests inject faults).
+        @param read_pool: runs reads; the reactor's thread pool by default.
+        """
+        self.directory = os.fspath(directory)
+        self._reactor = reactor
+        self._clock = IReactorTime(reactor)
+        self._retry_interval = retry_interval
+        self._read_pool = read_pool
+        self._lookup = _Lookup()
+        self._store = _SegmentStore(
+            self.directory,
+            self._lookup,
+            self._log,
+            segment_size,
+            compact_live_ratio,
+            compaction_chunk,
+            file_ops or FileOps(),
+        )
+        self._phase = _Phase.NEW
+        self._writer: _Writer | None = None
+        self._retry: IDelayedCall | None = None
+        self._stopped: list[Deferred[None]] = []
+        self.accepting = True
+
+    def _open(self) -> None:
+        try:
+            self._store.open()
+        except BaseException:
+            self._store.close()
+            raise
+        self._phase = _Phase.OPEN
+
+    def replay(self) -> list[JournaledMessage]:
+        """
+        Open the journal, recover it from a crash (a torn tail is cut off
+        with a warning) and return every message not in a final state, in
+        acceptance order, with its latest state. Call once, before L{start}.
+
+        @raise JournalLocked: if another process uses the directory.
+        @raise JournalFormatError: if the journal was written by a newer,
+            incompatible version.
+        """
+        if self._phase is not _Phase.NEW:
+            raise RuntimeError("replay() is called once, before start()")
+        # A million messages make millions of objects that live on: the
+        # collections their creation would trigger cost more than the replay.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._open()
+            return self._store.messages()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def start(self) -> None:
+        """
+        Start the writer thread (opening the journal if L{replay} did not).
+        """
+        if self._phase is _Phase.NEW:
+            self._open()
+            self._store.forget_metadata()
+        if self._phase is not _Phase.OPEN:
+            raise RuntimeError(f"cannot start a journal that is {self._phase.value}")
+        self._store.warn = self._warn_from_thread
+        self._writer = _Writer(self._store, self._deliver_from_thread, self._exited_from_thread)
+        self._phase = _Phase.RUNNING
+        self._writer.thread.start()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Write and make durable what is queued, end the writer thread and
+        close the files.
+
+        @return: fires once all that is done.
+        """
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._phase is _Phase.RUNNING:
+            assert self._writer is not None
+            self._phase = _Phase.STOPPING
+            self._writer.stop()
+        elif self._phase is not _Phase.STOPPING:
+            if self._phase is not _Phase.STOPPED:
+                self._store.close()
+                self._phase = _Phase.STOPPED
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stopped.append(waiter)
+        return waiter
+
+    def accept(self, envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+        """
+        Append the accept record of a message.
+
+        @return: fires with where the record lies once it is durable, or
+            fails with L{JournalUnavailable}.
+        """
+        return self._submit(encode_accept(envelope, body), gives_location=True)
+
+    def record_state(
+        self,
+        queue_id: str,
+        state: str,
+        attempts: int = 0,
+        next_attempt_at: float = 0.0,
+        details: dict[str, Any] | None = None,
+    ) -> Deferred[None]:
+        """
+        Append a change of state. Final states (delivered, bounced,
+        cancelled) let compaction drop the message.
+
+        @param details: extra JSON-able fields kept with the change.
+        @return: fires once durable, or fails with L{JournalUnavailable}.
+        """
+        return self._submit(encode_state(queue_id, state, attempts, next_attempt_at, details))
+
+    def reprioritize(self, queue_id: str, priority: Priority) -> Deferred[None]:
+        """
+        Append a change of priority; replay gives the message this priority.
+
+        @return: fires once durable, or fails with L{JournalUnavailable}.
+        """
+        return self._submit(encode_priority(queue_id, priority))
+
+    def compact(self) -> Deferred[None]:
+        """
+        @return: fires once the records queued before are written (or have
+            failed) and compaction has nothing more to do (or cannot go on).
+        """
+        return self._submit(None)
+
+    def read(self, location: JournalLocation) -> Deferred[tuple[Envelope, bytes]]:
+        """
+        Read a message back on a thread, checking its checksums. A location
+        that compaction has since moved is followed.
+
+        @return: fires with the envelope of the accept record (with the
+            priority it had when written) and the message, or fails with
+            L{JournalReadError}.
+        """
+        pool = self._read_pool or self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, pool, self._read_blocking, location)
+
+    def stats(self) -> JournalStats:
+        """
+        @return: counters for metrics; read without locking, so they may be
+            a batch behind.
+        """
+        return self._store.stats()
+
+    def _read_blocking(self, requested: JournalLocation) -> tuple[Envelope, bytes]:
+        # A retry covers a segment deleted between resolving and opening:
+        # by then its records were copied and the lookup points at them.
+        for _attempt in range(3):
+            location, key = self._lookup.resolve(requested)
+            if key is None:
+                break
+            try:
+                fd = os.open(self._store.path(location.segment), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise JournalReadError(f"cannot read {location}: {e}") from e
+            try:
+                data = os.pread(fd, location.length, location.offset)
+            except OSError as e:
+                raise JournalReadError(f"cannot read {location}: {e}") from e
+            finally:
+                os.close(fd)
+            try:
+                record = decode_record(data, key)
+            except JournalRecordError as e:
+                raise JournalReadError(f"message at {location} is damaged: {e}") from e
+            if not isinstance(record, AcceptRecord):
+                raise JournalReadError(f"no message at {location}")
+            return record.envelope, record.body
+        raise JournalReadError(f"{requested} is no longer in the journal")
+
+    def _submit(self, payload: Payload | None, gives_location: bool = False) -> Deferred[Any]:
+        if self._phase is not _Phase.RUNNING or self._writer is None:
+            return fail(JournalUnavailable(f"the journal is {self._phase.value}"))
+        deferred: Deferred[Any] = Deferred()
+        self._writer.submit(_Pending(payload, deferred, gives_location))
+        return deferred
+
+    # Calls from the writer thread, each hopping to the reactor thread.
+
+    def _warn_from_thread(self, format: str, **fields: object) -> None:
+        self._reactor.callFromThread(self._log.warn, format, **fields)
+
+    def _deliver_from_thread(self, batch: Sequence[_Pending], outcome: _Outcome) -> None:
+        self._reactor.callFromThread(self._batch_done, batch, outcome)
+
+    def _exited_from_thread(self, failure: Failure | None) -> None:
+        self._reactor.callFromThread(self._writer_exited, failure)
+
+    def _batch_done(self, batch: Sequence[_Pending], outcome: _Outcome) -> None:
+        if isinstance(outcome, BaseException):
+            self._write_failed(outcome)
+            for pending in batch:
+                if pending.payload is None:
+                    pending.deferred.callback(None)
+                else:
+                    error = JournalUnavailable(f"journal write failed: {outcome}")
+                    pending.deferred.errback(error)
+            return
+        wrote = any(pending.payload is not None for pending in batch)
+        if wrote and not self.accepting and self._phase is _Phase.RUNNING:
+            self._log.info("journal: writing works again")
+            self.accepting = True
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+        for pending, location in zip(batch, outcome, strict=True):
+            pending.deferred.callback(location if pending.gives_location else None)
+
+    def _write_failed(self, error: BaseException) -> None:
+        if self.accepting:
+            self._log.warn(
+                "journal: cannot write ({error}); refusing mail with 452 and"
+                " retrying every {interval} seconds",
+                error=str(error),
+                interval=self._retry_interval,
+            )
+        self.accepting = False
+        if self._phase is _Phase.RUNNING and self._retry is None:
+            self._retry = self._clock.callLater(self._retry_interval, self._probe)
+
+    def _probe(self) -> None:
+        self._retry = None
+        # The outcome reaches _batch_done, which flips accepting or retries.
+        self._submit(encode_noop()).addErrback(lambda f: f.trap(JournalUnavailable))
+
+    def _writer_exited(self, failure: Failure | None) -> None:
+        assert self._writer is not None
+        self._writer.thread.join()
+        self._store.close()
+        for pending in self._writer.drain():
+            pending.deferred.errback(JournalUnavailable("the journal writer has stopped"))
+        if failure is not None:
+            self._phase = _Phase.BROKEN
+            self.accepting = False
+            self._log.failure("journal writer thread failed", failure)
+        else:
+            self._phase = _Phase.STOPPED
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        waiters, self._stopped = self._stopped, []
+        for waiter in waiters:
+            waiter.callback(None)
