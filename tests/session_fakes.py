@@ -1,6 +1,7 @@
 """
-In-memory stand-ins and a harness for the SMTP session tests: a queue, an
-alert sink, a user store, a user lookup for the real credential checker, and
+In-memory stand-ins and a harness for the SMTP session tests: a queue, a
+user store, a user lookup for the real credential checker (alerts go to
+smtpgw's own L{MemoryAlertSink}), and
 L{Harness}, which builds a L{GatewaySMTPFactory} on a L{Clock} and connects
 sessions to L{StringTransport}s.
 """
@@ -20,8 +21,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from smtpgw.alerts import MemoryAlertSink
 from smtpgw.checker import SmtpUserChecker, UserLookup
-from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
+from smtpgw.interfaces import IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
 from smtpgw.model import Enforcement, Envelope, MailList, Priority, QueueIdGenerator, SmtpUser
 from smtpgw.passwords import hash_password
@@ -86,22 +88,6 @@ class FakeQueue:
             self.pending.append(d)
             return d
         return succeed(None)
-
-
-@implementer(IAlertSink)
-@define
-class FakeAlerts:
-    """
-    Keeps every alert raised.
-    """
-
-    alerts: list[Alert] = field(factory=list)
-
-    def raise_alert(self, alert: Alert) -> None:
-        self.alerts.append(alert)
-
-    def of_type(self, kind: str) -> list[Alert]:
-        return [a for a in self.alerts if a.type == kind]
 
 
 @implementer(IUserStore)
@@ -259,7 +245,7 @@ class Harness:
     require_tls: bool = False
     clock: Clock = field(factory=Clock)
     queue: FakeQueue = field(factory=FakeQueue)
-    alerts: FakeAlerts = field(factory=FakeAlerts)
+    alerts: MemoryAlertSink = field(factory=MemoryAlertSink)
     user_store: FakeUsers = field(factory=FakeUsers)
     runner: LookupRunner = field(init=False)
     factory: GatewaySMTPFactory = field(init=False)

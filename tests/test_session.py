@@ -19,6 +19,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from smtpgw.alerts import MemoryAlertSink
 from smtpgw.interfaces import IAlertSink, IMessageQueue, IUserStore
 from smtpgw.limits import Limits
 from smtpgw.model import Enforcement, Priority, SmtpUser
@@ -27,7 +28,6 @@ from tests.session_fakes import (
     HOSTNAME,
     PASSWORD,
     START,
-    FakeAlerts,
     FakeQueue,
     FakeUsers,
     Harness,
@@ -776,7 +776,7 @@ def test_portal_login_through_the_realm() -> None:
     [(_, avatar, _)] = got
     assert avatar.user.username == "alice"
     assert verifyObject(IMessageQueue, FakeQueue())
-    assert verifyObject(IAlertSink, FakeAlerts())
+    assert verifyObject(IAlertSink, MemoryAlertSink())
     assert verifyObject(IUserStore, FakeUsers())
 
 

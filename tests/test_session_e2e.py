@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
 
+from smtpgw.alerts import MemoryAlertSink
 from smtpgw.checker import SmtpUserChecker
 from smtpgw.limits import Limits
 from smtpgw.model import QueueIdGenerator
@@ -32,7 +33,6 @@ from smtpgw.realm import GatewayRealm
 from smtpgw.session import GatewaySMTPFactory
 from tests.session_fakes import (
     PASSWORD,
-    FakeAlerts,
     FakeQueue,
     FakeUsers,
     LookupRunner,
@@ -84,7 +84,7 @@ class Gateway:
         from twisted.internet import reactor
 
         self.queue = FakeQueue()
-        self.alerts = FakeAlerts()
+        self.alerts = MemoryAlertSink()
         self.users = FakeUsers()
         options = _self_signed_options() if tls else None
         checker = SmtpUserChecker(LookupRunner({"alice": make_user()}), reactor, rounds=4)
