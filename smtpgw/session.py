@@ -1102,7 +1102,11 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         @param queue_ids: makes the queue id of each accepted message.
         """
         super().__init__(portal)
-        self.domain = hostname.encode("idna")
+        try:
+            self.domain = hostname.encode("idna")
+        except UnicodeError:
+            # Not a valid domain name, but the greeting must still be ASCII.
+            self.domain = hostname.encode("ascii", "replace")
         self.users = users
         self.alerts = alerts
         self.limits = limits

@@ -243,6 +243,7 @@ class Harness:
     delayed_auth: bool = False
     tls: Any = None
     require_tls: bool = False
+    hostname: str = HOSTNAME
     clock: Clock = field(factory=Clock)
     queue: FakeQueue = field(factory=FakeQueue)
     alerts: MemoryAlertSink = field(factory=MemoryAlertSink)
@@ -259,7 +260,7 @@ class Harness:
             queue=self.queue,
             alerts=self.alerts,
             users=self.user_store,
-            hostname=HOSTNAME,
+            hostname=self.hostname,
             limits=self.limits,
             tls=lambda: self.tls,
             require_tls=self.require_tls,

@@ -50,6 +50,19 @@ def test_greeting_names_the_host_and_esmtp() -> None:
     assert transport.value() == b"220 gw.example.net ESMTP smtpgw\r\n"
 
 
+@pytest.mark.parametrize(
+    ("hostname", "greeting"),
+    [("bücher.example", b"xn--bcher-kva.example"), ("a..b", b"a..b")],
+)
+def test_greeting_host_is_ascii(hostname: str, greeting: bytes) -> None:
+    """
+    An internationalized host name is greeted with as its A-label; a name
+    IDNA refuses is still sent as ASCII.
+    """
+    client = Harness(hostname=hostname).connect()
+    assert client.greeting == [b"220 " + greeting + b" ESMTP smtpgw"]
+
+
 def test_ehlo_advertises_the_extensions() -> None:
     """
     EHLO lists PIPELINING, SIZE with the limit, 8BITMIME,
