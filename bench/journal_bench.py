@@ -96,6 +96,7 @@ def _accept(reactor: Any, options: argparse.Namespace) -> Generator[Any, Any, No
                 "records_per_fsync": round(stats.records_per_fsync, 2),
                 "last_fsync_ms": round(stats.last_fsync_seconds * 1000, 3),
                 "timer_late_ms_p50": round(lateness[len(lateness) // 2] * 1000, 2),
+                "timer_late_ms_p99": round(lateness[len(lateness) * 99 // 100] * 1000, 2),
                 "timer_late_ms_max": round(lateness[-1] * 1000, 2),
             }
         )

@@ -475,6 +475,7 @@ class _SegmentStore:
         self.write_fd = -1
         self.lock_fd = -1
         self.needs_new_segment = False
+        self._rotation_failing = False
         self.compaction_blocked = False
         self.stuck: set[int] = set()
         self._copy_segment = -1
@@ -751,7 +752,8 @@ class _SegmentStore:
         @return: the live messages as replay gives them, in acceptance order
             (by acceptance time; in journal order for equal times).
         """
-        found = []
+        found: list[JournaledMessage] = []
+        append = found.append
         undecodable = []
         latest = -math.inf
         in_order = True
@@ -769,16 +771,14 @@ class _SegmentStore:
                 continue
             if entry.priority is not None and entry.priority is not envelope.priority:
                 envelope = attrs.evolve(envelope, priority=entry.priority)
-            if envelope.accepted_at < latest:
+            accepted_at = envelope.accepted_at
+            if accepted_at < latest:
                 in_order = False
-            latest = envelope.accepted_at
-            found.append(
+            latest = accepted_at
+            location = JournalLocation(entry.segment, entry.offset, entry.length)
+            append(
                 JournaledMessage(
-                    envelope,
-                    entry.location(),
-                    entry.state,
-                    entry.attempts,
-                    entry.next_attempt_at,
+                    envelope, location, entry.state, entry.attempts, entry.next_attempt_at
                 )
             )
         if undecodable:
@@ -867,11 +867,15 @@ class _SegmentStore:
             try:
                 self._start_new_segment()
             except OSError as e:
-                self.warn(
-                    "journal: cannot start a new segment ({error}); segment {segment} grows",
-                    error=str(e),
-                    segment=segment.number,
-                )
+                if not self._rotation_failing:
+                    self.warn(
+                        "journal: cannot start a new segment ({error}); segment {segment} grows",
+                        error=str(e),
+                        segment=segment.number,
+                    )
+                self._rotation_failing = True
+            else:
+                self._rotation_failing = False
         return locations
 
     def _undo_write(self, start: int, error: OSError) -> None:
@@ -1131,6 +1135,8 @@ class _Writer:
 
     def _run(self) -> None:
         try:
+            # Segments that replay found dead go now, not after the first batch.
+            self._store.delete_dead_segments()
             while True:
                 batch, stopping = self._next_batch()
                 if stopping and not batch:

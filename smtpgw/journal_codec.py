@@ -126,6 +126,7 @@ _SEGMENT_CHECKED = SEGMENT_HEADER_SIZE - 4
 _PRIORITIES = {int(p): p for p in Priority}
 _RECORD_TYPES: dict[int, RecordType] = {}
 _json_decoder = json.JSONDecoder()
+_ENVELOPE_FIELDS = 8
 
 
 class JournalRecordError(Exception):
@@ -525,7 +526,9 @@ def decode_envelope(meta: bytes) -> Envelope:
     queue_id = accept_queue_id(meta)
     fields = _json_value(meta[1 + len(queue_id) :], "accept metadata")
     try:
-        list_, username, sender, recipients, priority, accepted_at, client_ip, size = fields[:8]
+        if len(fields) != _ENVELOPE_FIELDS:
+            fields = fields[:_ENVELOPE_FIELDS]
+        list_, username, sender, recipients, priority, accepted_at, client_ip, size = fields
         return Envelope(
             queue_id,
             list_,

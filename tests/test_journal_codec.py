@@ -379,3 +379,26 @@ def test_segment_header_damage_is_reported() -> None:
         decode_segment_header(future)
     with pytest.raises(ValueError, match="key"):
         encode_segment_header(1, b"short")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [b'{"list":"l"}', b'["l","u"]', b"[1,2,3,4,9,6,7,8]", b"[", b'["l"] x', b""],
+)
+def test_accept_metadata_that_is_not_an_envelope_is_corrupt(fields: bytes) -> None:
+    """
+    Accept metadata that passed its checksum but does not hold an envelope
+    (a writer bug) is reported, never turned into a wrong envelope.
+    """
+    with pytest.raises(CorruptRecord):
+        decode_envelope(b"\x01Q" + fields)
+
+
+def test_accept_metadata_may_grow_new_fields() -> None:
+    """
+    Fields appended by a later writer of the same format version are
+    ignored by this reader.
+    """
+    envelope = Envelope("Q", "l", "u", "s@x", ("r@x",), Priority.LOW, 5.0, "::1", 3)
+    meta = encode_accept(envelope, b"").meta
+    assert decode_envelope(meta[:-1] + b',"new"]') == envelope
