@@ -879,7 +879,7 @@ class GatewaySMTP(smtp.ESMTP):
         try:
             result = self.delivery.validateFrom(self._helo, address)
         except smtp.SMTPServerError as refusal:
-            self._refused(refusal)
+            self._server_error(refusal)
             return
         transaction = Transaction(
             helo=self._helo_name or "",
@@ -887,7 +887,7 @@ class GatewaySMTP(smtp.ESMTP):
             mt_priority=parameters.mt_priority,
         )
         if isinstance(result, Deferred):
-            result.addCallbacks(self._sender_accepted, self._sender_refused, (transaction,))
+            result.addCallbacks(self._sender_accepted, self._validation_failed, (transaction,))
             self._pause_until(result)
         else:
             self._sender_accepted(result, transaction)
@@ -900,12 +900,12 @@ class GatewaySMTP(smtp.ESMTP):
         self._message_factory = None
         self._t.write(R_SENDER_OK)
 
-    def _sender_refused(self, failure: Failure) -> None:
+    def _validation_failed(self, failure: Failure) -> None:
         failure.trap(smtp.SMTPServerError)
         refusal: smtp.SMTPServerError = failure.value  # type: ignore[assignment]
-        self._refused(refusal)
+        self._server_error(refusal)
 
-    def _refused(self, refusal: smtp.SMTPServerError) -> None:
+    def _server_error(self, refusal: smtp.SMTPServerError) -> None:
         resp = refusal.resp
         text = resp if isinstance(resp, bytes) else str(resp).encode("ascii", "replace")
         self._t.write(b"%d %s\r\n" % (refusal.code, text))
@@ -940,11 +940,11 @@ class GatewaySMTP(smtp.ESMTP):
         try:
             result = self.delivery.validateTo(user)
         except smtp.SMTPServerError as refusal:
-            self._refused(refusal)
+            self._server_error(refusal)
             return
         if isinstance(result, Deferred):
             result.addCallbacks(
-                self._recipient_accepted, self._sender_refused, (transaction, recipient)
+                self._recipient_accepted, self._validation_failed, (transaction, recipient)
             )
             self._pause_until(result)
         else:
@@ -1005,9 +1005,10 @@ class GatewaySMTP(smtp.ESMTP):
         message, self._message, self._sink = self._message, None, None
         rejection, self._rejection = self._rejection, None
         self._reset_transaction()
-        if rejection is not None or message is None:
-            if rejection is not None:
-                self._t.write(b"%d %s\r\n" % (rejection.code, rejection.reply_bytes()))
+        if rejection is not None:
+            self._t.write(b"%d %s\r\n" % (rejection.code, rejection.reply_bytes()))
+            return
+        if message is None:  # refused and already answered
             return
         d = message.eomReceived()
         d.addCallbacks(self._queued, self._not_queued)
