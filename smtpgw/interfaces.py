@@ -149,7 +149,17 @@ class IJournal(Interface):
     def replay() -> Iterable[JournaledMessage]:
         """
         Every message that is not in a final state, in acceptance order.
-        Called once at start, before the journal accepts new records.
+        Called once at start, before L{start}.
+        """
+
+    def start() -> None:
+        """
+        Start taking records (after L{replay}).
+        """
+
+    def stop() -> Deferred[None]:
+        """
+        Make durable what is queued and close; fires once that is done.
         """
 
 

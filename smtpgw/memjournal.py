@@ -35,6 +35,7 @@ class MemoryJournal:
         L{JournalUnavailable}, as a journal on a full disk does.
     @ivar manual: when L{True}, writes stay pending (not durable) until
         L{flush}; otherwise they are durable at once.
+    @ivar running: between L{start} and L{stop}.
     @ivar state_records: every durable state change, in order, as
         C{(queue_id, state, attempts, next_attempt_at)}.
     """
@@ -42,6 +43,7 @@ class MemoryJournal:
     def __init__(self, *, manual: bool = False) -> None:
         self.available = True
         self.manual = manual
+        self.running = False
         self.state_records: list[tuple[str, str, int, float]] = []
         self._bodies: list[tuple[Envelope, bytes]] = []
         self._messages: dict[str, JournaledMessage] = {}
@@ -133,6 +135,20 @@ class MemoryJournal:
         Every durable message not in a final state, in acceptance order.
         """
         return sorted(self._messages.values(), key=lambda m: m.location.offset)
+
+    def start(self) -> None:
+        """
+        Start taking records.
+        """
+        self.running = True
+
+    def stop(self) -> Deferred[None]:
+        """
+        Make every pending write durable, then stop.
+        """
+        self.flush()
+        self.running = False
+        return succeed(None)
 
     def flush(self) -> int:
         """

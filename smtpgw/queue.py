@@ -295,21 +295,27 @@ class MessageQueue(Service):
 
     def startService(self) -> None:
         """
-        Replay the journal (at the first start) and start dispatching.
+        Replay the journal and start it (at the first start), then start
+        dispatching.
         """
         super().startService()
         if not self._replayed:
             self._replayed = True
             self._replay()
+            self._journal.start()
         self._dispatch()
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop dispatching; fires once the deliveries under way are finished,
-        or after C{stop_timeout} seconds.
+        Stop dispatching, let the deliveries under way finish (for at most
+        C{stop_timeout} seconds), then flush and close the journal; fires
+        once that is done.
         """
         super().stopService()
         self._cancel_wakeup()
+        return self._drain().addCallback(lambda _: self._journal.stop())
+
+    def _drain(self) -> Deferred[None]:
         if not self._in_flight:
             return succeed(None)
         d: Deferred[None] = Deferred()

@@ -229,7 +229,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from smtpgw.alerts import SQLiteAlertStore
     from smtpgw.checker import SmtpUserChecker
     from smtpgw.database import database_path
-    from smtpgw.journal import FileJournal, JournalService
+    from smtpgw.journal import FileJournal
     from smtpgw.listening import MultiPortListener
     from smtpgw.model import QueueIdGenerator
     from smtpgw.queue import MessageQueue
@@ -265,8 +265,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     users.setServiceParent(top)
     alerts = SQLiteAlertStore(db, reactor=reactor)
     alerts.setServiceParent(top)
+    # The queue replays, starts and (after draining) stops the journal.
     journal = FileJournal(data_dir.child("journal").path, reactor)
-    JournalService(journal).setServiceParent(top)
     outbound = _outbound(options["relay"], data_dir, reactor)
     outbound.setServiceParent(top)
     queue = MessageQueue(

@@ -576,6 +576,26 @@ class TestLifecycle:
         assert queue.scheduler.counts_by_state()[MessageState.QUEUED] == 2
         assert clock.getDelayedCalls() == []
 
+    def test_the_queue_runs_the_journal_between_start_and_stop(self) -> None:
+        """
+        Starting the queue replays then starts the journal; stopping it
+        closes the journal only after the deliveries under way finished, so
+        their outcomes are still journaled.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, journal = make_queue(clock, outbound)
+        assert not journal.running
+        queue.startService()
+        assert journal.running
+        queue.submit(envelope(queue_id="Q1"), b"x\r\n")
+        stopped = queue.stopService()
+        assert journal.running
+        outbound.finish_first()
+        assert stopped.called
+        assert not journal.running
+        assert states(journal, "Q1")[-1][0] == "delivered"
+
     def test_stop_gives_up_after_timeout(self) -> None:
         """
         stopService fires after stop_timeout even when a delivery hangs, and
