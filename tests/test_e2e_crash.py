@@ -21,7 +21,7 @@ from tests.gateway_process import Credentials, Gateway, add_user, free_port, wai
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CLIENTS = 6
-KILLS = 5
+KILLS = 10
 
 
 class Sender(threading.Thread):
@@ -48,8 +48,7 @@ class Sender(threading.Thread):
                     client.rcpt("crash@dest.test")
                     code, reply = client.data(
                         f"From: app@example.com\r\nSubject: c{self.number}-{sequence}\r\n\r\n"
-                        + "x" * 2000
-                        + "\r\n"
+                        + ("x" * 76 + "\r\n") * 26
                     )
                     if code == 250:
                         self.acknowledged.append(reply.decode().rsplit(" ", 1)[1])
@@ -98,7 +97,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(tmp_path: Path) 
             "every acknowledged message to be delivered",
         )
     finally:
-        assert gw.stop() == 0, gw.log_tail()
+        assert gw.stop(), gw.log_tail()
     delivered = collections.Counter(e["queue_id"] for e in gw.index())
     duplicates = {qid: n for qid, n in delivered.items() if n > 1}
     print(

@@ -44,6 +44,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             str(MAX_SIZE),
             "--max-recipients",
             str(MAX_RECIPIENTS),
+            # smtplib tries every mechanism, so one wrong password is two
+            # failures; the burst limit has its own test below.
+            "--auth-failure-limit",
+            "50",
+            "--auth-failure-delay",
+            "0.05",
         ),
     )
     gw.start()
@@ -51,7 +57,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
     finally:
         if gw.process is not None:
-            assert gw.stop() == 0, gw.log_tail()
+            assert gw.stop(), gw.log_tail()
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +104,20 @@ def test_starttls_then_auth_plain_delivers(gateway: Gateway, user: Credentials) 
     STARTTLS, then AUTH PLAIN: the message is acknowledged with a queue id and
     arrives in the capture relay with the envelope and headers rewritten.
     """
-    client = connect(gateway)
-    assert "PLAIN" in client.esmtp_features["auth"].split()
-    client.login(user.username, user.password)  # smtplib picks PLAIN first here
-    code, reply = send(
-        client,
-        "app@example.com",
-        ["alice@dest.test", "bob@dest.test"],
-        message(
-            "App <app@example.com>",
-            "alice@dest.test",
-            "plain",
-            extra_headers='X-SMTPAPI: {"Priority": 2}\r\n',
-        ),
-    )
-    client.quit()
+    with connect(gateway) as client:
+        assert "PLAIN" in client.esmtp_features["auth"].split()
+        client.login(user.username, user.password)  # smtplib picks PLAIN first here
+        code, reply = send(
+            client,
+            "app@example.com",
+            ["alice@dest.test", "bob@dest.test"],
+            message(
+                "App <app@example.com>",
+                "alice@dest.test",
+                "plain",
+                extra_headers='X-SMTPAPI: {"Priority": 2}\r\n',
+            ),
+        )
     assert (code, reply[:5]) == (250, b"2.0.0"), reply
     qid = queue_id_of(reply)
     entry = delivered(gateway, qid)
@@ -139,19 +144,19 @@ def test_starttls_then_auth_login_delivers(gateway: Gateway, user: Credentials) 
     """
     AUTH LOGIN after STARTTLS works too, and an existing Message-ID is kept.
     """
-    client = connect(gateway)
-    client.user, client.password = user.username, user.password
-    code, reply = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
-    assert code == 235, reply
-    code, reply = send(
-        client,
-        "boss@other.org",
-        ["carol@dest.test"],
-        message("boss@other.org", "carol@dest.test", "login", "Message-ID: <keep@me.test>\r\n"),
-    )
-    client.quit()
+    with connect(gateway) as client:
+        client.user, client.password = user.username, user.password
+        code, reply = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+        assert code == 235, reply
+        code, reply = send(
+            client,
+            "boss@other.org",
+            ["carol@dest.test"],
+            message(
+                "boss@other.org", "carol@dest.test", "login", "Message-ID: <keep@me.test>\r\n"
+            ),
+        )
     assert code == 250, reply
-    raw = (gateway.captured / f"{queue_id_of(reply)}.eml").read_bytes()
     delivered(gateway, queue_id_of(reply))
     raw = (gateway.captured / f"{queue_id_of(reply)}.eml").read_bytes()
     parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
@@ -160,17 +165,14 @@ def test_starttls_then_auth_login_delivers(gateway: Gateway, user: Credentials) 
 
 
 def test_mail_before_auth_is_refused_with_530(gateway: Gateway) -> None:
-    client = connect(gateway)
-    code, reply = client.mail("app@example.com")
-    client.quit()
+    with connect(gateway) as client:
+        code, reply = client.mail("app@example.com")
     assert (code, reply[:5]) == (530, b"5.7.0"), reply
 
 
 def test_wrong_password_gets_535(gateway: Gateway, user: Credentials) -> None:
-    client = connect(gateway)
-    with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+    with connect(gateway) as client, pytest.raises(smtplib.SMTPAuthenticationError) as info:
         client.login(user.username, user.password + "x")
-    client.close()
     assert info.value.smtp_code == 535
     error = info.value.smtp_error
     assert isinstance(error, bytes)
@@ -185,10 +187,8 @@ def test_unknown_and_inactive_users_get_the_same_535(gateway: Gateway) -> None:
     inactive = add_user(gateway.data_dir, "news", "--domains", "example.com", "--inactive")
     replies = []
     for username, password in ((inactive.username, inactive.password), ("nobody-x", "pw")):
-        client = connect(gateway)
-        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+        with connect(gateway) as client, pytest.raises(smtplib.SMTPAuthenticationError) as info:
             client.login(username, password)
-        client.close()
         replies.append((info.value.smtp_code, info.value.smtp_error))
     assert replies[0] == replies[1]
     assert replies[0][0] == 535
@@ -197,10 +197,9 @@ def test_unknown_and_inactive_users_get_the_same_535(gateway: Gateway) -> None:
 def test_unauthorized_envelope_sender_is_refused_and_alerted(
     gateway: Gateway, user: Credentials
 ) -> None:
-    client = connect(gateway)
-    client.login(user.username, user.password)
-    code, reply = client.mail("app@sub.example.com")
-    client.quit()
+    with connect(gateway) as client:
+        client.login(user.username, user.password)
+        code, reply = client.mail("app@sub.example.com")
     assert (code, reply[:5]) == (550, b"5.7.1"), reply
     assert b"app@sub.example.com" in reply
     assert alerts(gateway, "sender_domain", "app@sub.example.com")
@@ -209,15 +208,14 @@ def test_unauthorized_envelope_sender_is_refused_and_alerted(
 def test_unauthorized_header_from_is_refused_after_data(
     gateway: Gateway, user: Credentials
 ) -> None:
-    client = connect(gateway)
-    client.login(user.username, user.password)
-    code, reply = send(
-        client,
-        "app@example.com",
-        ["dave@dest.test"],
-        message("Mallory <mallory@evil.test>", "dave@dest.test", "spoof"),
-    )
-    client.quit()
+    with connect(gateway) as client:
+        client.login(user.username, user.password)
+        code, reply = send(
+            client,
+            "app@example.com",
+            ["dave@dest.test"],
+            message("Mallory <mallory@evil.test>", "dave@dest.test", "spoof"),
+        )
     assert (code, reply[:5]) == (550, b"5.7.1"), reply
     assert b"mallory@evil.test" in reply
     assert alerts(gateway, "sender_domain", "mallory@evil.test")
@@ -225,15 +223,14 @@ def test_unauthorized_header_from_is_refused_after_data(
 
 def test_monitor_mode_accepts_and_still_alerts(gateway: Gateway) -> None:
     watched = add_user(gateway.data_dir, "news", "--domains", "example.com", "--monitor")
-    client = connect(gateway)
-    client.login(watched.username, watched.password)
-    code, reply = send(
-        client,
-        "someone@unlisted.test",
-        ["erin@dest.test"],
-        message("someone@unlisted.test", "erin@dest.test", "monitored"),
-    )
-    client.quit()
+    with connect(gateway) as client:
+        client.login(watched.username, watched.password)
+        code, reply = send(
+            client,
+            "someone@unlisted.test",
+            ["erin@dest.test"],
+            message("someone@unlisted.test", "erin@dest.test", "monitored"),
+        )
     assert code == 250, reply
     delivered(gateway, queue_id_of(reply))
     assert alerts(gateway, "sender_domain", "someone@unlisted.test")
@@ -244,33 +241,32 @@ def test_size_over_the_limit_is_refused_with_552(gateway: Gateway, user: Credent
     SIZE is advertised; a declared size over it is refused at MAIL, and a
     body over it at the end of DATA; one at the limit is accepted.
     """
-    client = connect(gateway)
-    assert client.esmtp_features["size"] == str(MAX_SIZE)
-    client.login(user.username, user.password)
-    code, reply = client.mail("app@example.com", [f"SIZE={MAX_SIZE + 1}"])
-    assert (code, reply[:5]) == (552, b"5.3.4"), reply
-    client.rset()
-    head = message("app@example.com", "frank@dest.test", "big")
-    filler = MAX_SIZE - len(head.encode()) - 2
-    lines = ["x" * 98] * (filler // 100)
-    body_at_limit = head.rstrip("\r\n") + "\r\n" + "\r\n".join(lines)
-    body_at_limit += "\r\n" + "y" * (MAX_SIZE - len(body_at_limit.encode()) - 2)
-    assert len(body_at_limit.encode()) + 2 == MAX_SIZE
-    code, reply = send(client, "app@example.com", ["frank@dest.test"], body_at_limit)
-    assert code == 250, reply
-    code, reply = send(client, "app@example.com", ["frank@dest.test"], body_at_limit + "z")
-    client.quit()
+    with connect(gateway) as client:
+        assert client.esmtp_features["size"] == str(MAX_SIZE)
+        client.login(user.username, user.password)
+        code, reply = client.mail("app@example.com", [f"SIZE={MAX_SIZE + 1}"])
+        assert (code, reply[:5]) == (552, b"5.3.4"), reply
+        client.rset()
+        head = message("app@example.com", "frank@dest.test", "big")
+        filler = MAX_SIZE - len(head.encode()) - 2
+        lines = ["x" * 98] * (filler // 100)
+        body_at_limit = head.rstrip("\r\n") + "\r\n" + "\r\n".join(lines)
+        # The rest, less the CRLF before it and the CRLF smtplib ends DATA with.
+        body_at_limit += "\r\n" + "y" * (MAX_SIZE - len(body_at_limit.encode()) - 4)
+        assert len(body_at_limit.encode()) + 2 == MAX_SIZE
+        code, reply = send(client, "app@example.com", ["frank@dest.test"], body_at_limit)
+        assert code == 250, reply
+        code, reply = send(client, "app@example.com", ["frank@dest.test"], body_at_limit + "z")
     assert (code, reply[:5]) == (552, b"5.3.4"), reply
 
 
 def test_too_many_recipients_get_452(gateway: Gateway, user: Credentials) -> None:
-    client = connect(gateway)
-    client.login(user.username, user.password)
-    assert client.mail("app@example.com")[0] == 250
-    for i in range(MAX_RECIPIENTS):
-        assert client.rcpt(f"r{i}@dest.test")[0] == 250
-    code, reply = client.rcpt("one-too-many@dest.test")
-    client.quit()
+    with connect(gateway) as client:
+        client.login(user.username, user.password)
+        assert client.mail("app@example.com")[0] == 250
+        for i in range(MAX_RECIPIENTS):
+            assert client.rcpt(f"r{i}@dest.test")[0] == 250
+        code, reply = client.rcpt("one-too-many@dest.test")
     assert (code, reply[:5]) == (452, b"4.5.3"), reply
 
 
@@ -354,9 +350,8 @@ def test_admin_cli_sees_the_last_login_the_gateway_recorded(
     """
     from tests.gateway_process import wait_until
 
-    client = connect(gateway)
-    client.login(user.username, user.password)
-    client.quit()
+    with connect(gateway) as client:
+        client.login(user.username, user.password)
     shown: dict[str, object] = {}
 
     def recorded() -> bool:
@@ -368,3 +363,45 @@ def test_admin_cli_sees_the_last_login_the_gateway_recorded(
     assert shown["last_used_at"]
     assert "password" not in shown
     assert not any("$2b$" in str(value) for value in shown.values())
+
+
+def test_a_burst_of_auth_failures_gets_421_and_an_alert(tmp_path: Path) -> None:
+    """
+    Failed logins from one address are answered more and more slowly, and
+    past the limit AUTH gets 421 4.7.0 and the connection is closed, even
+    with the right password; one auth_failures alert is stored.
+    """
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    gw = Gateway(
+        data_dir,
+        free_port(),
+        extra_args=("--auth-failure-limit", "3", "--auth-failure-delay", "0.1"),
+    )
+    gw.start()
+    try:
+        good = add_user(data_dir, "burst", "--domains", "example.com")
+        codes = []
+        for _ in range(3):
+            with connect(gw) as client:
+                code, _ = client.docmd("AUTH", "PLAIN " + _plain(good.username, "wrong"))
+                codes.append(code)
+                if code == 421:
+                    with pytest.raises(smtplib.SMTPServerDisconnected):
+                        client.noop()
+        # The failure that reaches the limit is answered 421 and closed.
+        assert codes == [535, 535, 421]
+        with connect(gw) as client:
+            code, reply = client.docmd("AUTH", "PLAIN " + _plain(good.username, good.password))
+            assert (code, reply[:5]) == (421, b"4.7.0"), reply
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                client.noop()
+        assert alerts(gw, "auth_failures", "127.0.0.1")
+    finally:
+        assert gw.stop(), gw.log_tail()
+
+
+def _plain(username: str, password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"\0{username}\0{password}".encode()).decode()
