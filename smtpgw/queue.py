@@ -153,6 +153,8 @@ class QueueStats:
     @ivar in_flight: deliveries under way.
     @ivar queued_by_priority: messages ready to be sent, per priority.
     @ivar by_state: messages in the scheduler, per state.
+    @ivar redelivered: messages found being sent at replay (a crash or a
+        stop that did not wait for them): sent again, so possible duplicates.
     @ivar paused: whether dispatching is paused by an admin.
     """
 
@@ -161,6 +163,7 @@ class QueueStats:
     delivered: int
     deferred: int
     bounced: int
+    redelivered: int
     in_flight: int
     queued_by_priority: Mapping[Priority, int]
     by_state: Mapping[MessageState, int]
@@ -232,6 +235,7 @@ class MessageQueue(Service):
         self._delivered = 0
         self._deferred = 0
         self._bounced = 0
+        self._redelivered = 0
 
     @property
     def rate(self) -> float:
@@ -435,6 +439,7 @@ class MessageQueue(Service):
             delivered=self._delivered,
             deferred=self._deferred,
             bounced=self._bounced,
+            redelivered=self._redelivered,
             in_flight=len(self._in_flight),
             queued_by_priority=self.scheduler.ready_by_priority(),
             by_state=self.scheduler.counts_by_state(),
@@ -492,11 +497,19 @@ class MessageQueue(Service):
                 )
                 continue
             counts[state.value] = counts.get(state.value, 0) + 1
+            if message.state == MessageState.SENDING.value:
+                self._redelivered += 1
         self._log.info(
             "replayed {total} journaled messages {counts}",
             total=sum(counts.values()),
             counts=counts,
         )
+        if self._redelivered:
+            self._log.warn(
+                "{count} messages were being delivered when the gateway stopped without "
+                "finishing; they are sent again and may arrive twice",
+                count=self._redelivered,
+            )
 
     def _dispatch(self) -> None:
         # A delivery that finishes at once calls back in here: loop instead
@@ -576,6 +589,9 @@ class MessageQueue(Service):
             return
         if envelope.priority != entry.priority:
             envelope = evolve(envelope, priority=entry.priority)
+        # Journaled before the attempt, so that after a crash the messages
+        # that may have gone out already are known and counted.
+        await self._record(entry.queue_id, MessageState.SENDING, entry.attempts)
         try:
             result = await self._outbound.deliver(envelope, body)
         except Exception:

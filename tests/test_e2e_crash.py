@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import re
 import smtplib
 import threading
 from collections.abc import Callable
@@ -112,6 +113,11 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(tmp_path: Path) 
     # redeliveries after a crash, not mix-ups.
     for qid in duplicates:
         assert (gw.captured / f"{qid}.eml").exists()
-    # Duplicates are possible only for messages in flight at a kill: at most
-    # the delivery concurrency per kill.
-    assert sum(duplicates.values()) - len(duplicates) <= KILLS * 20
+    # Duplicates are possible only for messages in flight at a kill, and
+    # the gateway counted every one of those at its restarts.
+    reported = sum(
+        int(match)
+        for match in re.findall(r"(\d+) messages were being delivered", gw.log_text())
+    )
+    print(f"the gateway reported {reported} possible duplicates")
+    assert sum(duplicates.values()) - len(duplicates) <= reported

@@ -224,6 +224,9 @@ class TestSubmit:
         journal.flush()
         assert d.called
         assert d.result is None
+        # The attempt starts once its "sending" record is durable too.
+        assert outbound.calls == []
+        journal.flush()
         assert outbound.ids == [env.queue_id]
 
     def test_journal_unavailable_propagates(self) -> None:
@@ -400,7 +403,7 @@ class TestOutcomes:
         queue.startService()
         env = envelope()
         queue.submit(env, b"x\r\n")
-        assert states(journal, env.queue_id) == [("delivered", 1, 0.0)]
+        assert states(journal, env.queue_id) == [("sending", 0, 0.0), ("delivered", 1, 0.0)]
         assert env.queue_id not in queue.scheduler
         assert list(journal.replay()) == []
 
@@ -423,7 +426,7 @@ class TestOutcomes:
         queue.startService()
         env = envelope()
         queue.submit(env, b"x\r\n")
-        assert states(journal, env.queue_id) == [("deferred", 1, 1060.0)]
+        assert states(journal, env.queue_id) == [("sending", 0, 0.0), ("deferred", 1, 1060.0)]
         entry = queue.get(env.queue_id)
         assert entry is not None
         assert entry.state is MessageState.DEFERRED
@@ -453,7 +456,7 @@ class TestOutcomes:
         env = envelope()
         queue.submit(env, b"x\r\n")
         run_timers(clock)
-        assert states(journal, env.queue_id) == [("bounced", 1, 0.0)]
+        assert states(journal, env.queue_id) == [("sending", 0, 0.0), ("bounced", 1, 0.0)]
         assert len(outbound.calls) == 1
         assert queue.stats().bounced == 1
         assert len(queue.scheduler) == 0
@@ -474,7 +477,10 @@ class TestOutcomes:
         queue.startService()
         env = envelope()
         queue.submit(env, b"x\r\n")
-        assert states(journal, env.queue_id) == [("deferred", 1, RETRY_BASE)]
+        assert states(journal, env.queue_id) == [
+            ("sending", 0, 0.0),
+            ("deferred", 1, RETRY_BASE),
+        ]
 
     def test_journal_failure_after_delivery_is_not_fatal(self) -> None:
         """
@@ -596,6 +602,26 @@ class TestLifecycle:
         assert not journal.running
         assert states(journal, "Q1")[-1][0] == "delivered"
 
+    def test_a_message_found_sending_at_replay_is_sent_again_and_counted(self) -> None:
+        """
+        A message whose last journaled state is "sending" (the gateway died
+        during the attempt) is sent again after a restart and counted as a
+        possible duplicate.
+        """
+        clock = Clock()
+        journal = MemoryJournal()
+        first, _ = make_queue(clock, PendingOutbound(), journal)
+        first.startService()
+        env = envelope(queue_id="Q-SENDING")
+        first.submit(env, b"x\r\n")
+        assert states(journal, "Q-SENDING") == [("sending", 0, 0.0)]
+        outbound = InstantOutbound(clock)
+        second, _ = make_queue(clock, outbound, journal)
+        second.startService()
+        assert outbound.ids == ["Q-SENDING"]
+        assert second.stats().redelivered == 1
+        assert first.stats().redelivered == 0
+
     def test_stop_gives_up_after_timeout(self) -> None:
         """
         stopService fires after stop_timeout even when a delivery hangs, and
@@ -711,7 +737,11 @@ class TestAdmin:
         assert outbound.calls == []
         queue.release(kept.queue_id)
         assert outbound.ids == [kept.queue_id]
-        assert states(journal, kept.queue_id)[1:] == [("queued", 0, 0.0), ("delivered", 1, 0.0)]
+        assert states(journal, kept.queue_id)[1:] == [
+            ("queued", 0, 0.0),
+            ("sending", 0, 0.0),
+            ("delivered", 1, 0.0),
+        ]
 
     def test_admin_errors(self) -> None:
         """
