@@ -16,6 +16,7 @@ is never above C{rate}.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable, Iterator, Mapping
 
@@ -201,6 +202,7 @@ class MessageQueue(Service):
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         retry: Callable[[int], float] = retry_delay,
         scheduler: Scheduler | None = None,
+        freeze_after_replay: bool = False,
     ) -> None:
         """
         @param journal: where messages are made durable.
@@ -211,7 +213,10 @@ class MessageQueue(Service):
         @param stop_timeout: seconds stopping waits for deliveries under way.
         @param retry: the wait after the n-th failed attempt.
         @param scheduler: the scheduler to fill; a new one when not given.
+        @param freeze_after_replay: call C{gc.freeze()} after the replay (for
+            the gateway process; tests keep collecting everything).
         """
+        self._freeze_after_replay = freeze_after_replay
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self._journal = journal
@@ -306,6 +311,10 @@ class MessageQueue(Service):
         if not self._replayed:
             self._replayed = True
             self._replay()
+            if self._freeze_after_replay:
+                # Millions of replayed entries live as long as the process:
+                # keep the collector from walking them again and again.
+                gc.freeze()
             self._journal.start()
         self._dispatch()
 

@@ -275,6 +275,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor,
         rate=options["rate"],
         concurrency=options["concurrency"],
+        freeze_after_replay=True,
     )
     queue.setServiceParent(top)
     portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor)])
