@@ -8,6 +8,7 @@ protocol logic is tested elsewhere with a Clock.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -22,6 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from attrs import define, field
+
+#: Gateways started and not yet stopped: killed when the test run ends,
+#: whatever failed on the way, so no test leaves a process behind.
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for process in list(_RUNNING):
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -135,6 +149,7 @@ class Gateway:
             self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         log.close()
+        _RUNNING.add(self.process)
         wait_until(self._greets, timeout, f"gateway to greet on port {self.port}")
 
     def _greets(self) -> bool:
@@ -163,6 +178,7 @@ class Gateway:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
+            _RUNNING.discard(self.process)
             self.process = None
         clean_end = self.log_text().rstrip().endswith("Server Shut Down.")
         return code in (0, -signal.SIGTERM) and clean_end
@@ -171,6 +187,7 @@ class Gateway:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+        _RUNNING.discard(self.process)
         self.process = None
 
     def log_tail(self, lines: int = 60) -> str:

@@ -73,6 +73,14 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(tmp_path: Path) 
     data_dir.mkdir()
     gw = Gateway(data_dir, free_port())
     gw.start()
+    try:
+        run_and_check(gw, data_dir, rng, seed)
+    finally:
+        if gw.process is not None:
+            gw.kill9()
+
+
+def run_and_check(gw: Gateway, data_dir: Path, rng: random.Random, seed: int) -> None:
     user = add_user(data_dir, "crash", "--domains", "example.com")
     senders = [Sender(gw, user, n) for n in range(CLIENTS)]
     for sender in senders:
@@ -116,8 +124,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_message(tmp_path: Path) 
     # Duplicates are possible only for messages in flight at a kill, and
     # the gateway counted every one of those at its restarts.
     reported = sum(
-        int(match)
-        for match in re.findall(r"(\d+) messages were being delivered", gw.log_text())
+        int(match) for match in re.findall(r"(\d+) messages were being delivered", gw.log_text())
     )
     print(f"the gateway reported {reported} possible duplicates")
     assert sum(duplicates.values()) - len(duplicates) <= reported
