@@ -1,12 +1,15 @@
 """
 A small, fast SMTP load generator.
 
-It speaks just enough SMTP, by hand, on asyncio: EHLO, optional STARTTLS,
-C{AUTH PLAIN} with an initial response (one round trip), then C{MAIL}, C{RCPT}
-and C{DATA} in one write when the server advertises C{PIPELINING}, and the
-pre-built, dot-stuffed message. It never times itself inside the measured loop
-beyond two clock reads per message, so that its own ceiling, measured against
-Postfix's C{smtp-sink}, stays far above the servers it measures.
+It speaks just enough SMTP, by hand, on non-blocking sockets and a bare epoll
+loop: EHLO, optional STARTTLS (TLS through memory BIOs), C{AUTH PLAIN} with an
+initial response (one round trip), then C{MAIL}, C{RCPT} and C{DATA} in one
+write when the server advertises C{PIPELINING}, the pre-built dot-stuffed
+message, and C{QUIT} in the same write when it is the connection's last. An
+asyncio version of the same client used about three times as much CPU per
+message (mostly in extra system calls); on a 2-core machine every
+microsecond the generator spends is taken from the server it measures.
+Its ceiling is measured against Postfix's C{smtp-sink}.
 
 Every run is bounded: a fixed number of messages (or handshakes) and a
 wall-clock cap; it only connects to the host it is given (the harness gives
@@ -19,11 +22,13 @@ wall-clock cap; it only connects to the host it is given (the harness gives
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
+import errno
 import json
 import multiprocessing
 import multiprocessing.connection
+import select
+import socket
 import ssl
 import sys
 import time
@@ -268,12 +273,15 @@ def _client_tls_context() -> ssl.SSLContext:
 
 class _Run:
     """
-    The state of one worker's run: the units left, the counters, the sessions.
+    One worker's run: the units left, the counters, the sessions, and the
+    epoll loop that drives them.
     """
 
-    def __init__(self, spec: LoadSpec, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
-        self.loop = loop
+        self.address = (spec.host, spec.port)
+        self.poller = select.epoll()
+        self.sessions: dict[int, _Session] = {}
         self.remaining = spec.messages
         self.next_seq = spec.first_seq
         self.accepted = 0
@@ -281,8 +289,7 @@ class _Run:
         self.connections = 0
         self.errors: Counter[str] = Counter()
         self.latencies: list[float] = []
-        self.sessions: set[_Session] = set()
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.done = False
         self.timed_out = False
         self.finished = 0.0
         self.tls = _client_tls_context() if spec.starttls else None
@@ -304,7 +311,7 @@ class _Run:
         return _message_head(seq, spec.sender, spec.recipient, spec.tag) + self.rest
 
     def claim(self) -> int | None:
-        if self.remaining <= 0 or self.done.done():
+        if self.remaining <= 0 or self.done:
             return None
         self.remaining -= 1
         seq = self.next_seq
@@ -312,88 +319,235 @@ class _Run:
         return seq
 
     def fill(self) -> None:
-        while len(self.sessions) < self.spec.sessions:
+        while len(self.sessions) < self.spec.sessions and not self.done:
             seq = self.claim()
             if seq is None:
                 break
-            self.open(seq)
-        self.check_done()
-
-    def open(self, seq: int) -> None:
-        session = _Session(self, seq)
-        self.sessions.add(session)
-        self.connections += 1
-        task = self.loop.create_task(
-            self.loop.create_connection(lambda: session, self.spec.host, self.spec.port)
-        )
-        task.add_done_callback(session.connect_done)
-
-    def ended(self, session: _Session) -> None:
-        self.sessions.discard(session)
-        if not self.done.done():
-            self.fill()
+            self.connections += 1
+            _Session(self, seq).connect()
 
     def check_done(self) -> None:
-        total = self.spec.messages
-        if self.accepted + self.failed >= total and not self.done.done():
+        if self.accepted + self.failed >= self.spec.messages and not self.done:
             self.finished = time.monotonic()
-            self.done.set_result(None)
+            self.done = True
 
-    def error(self, what: str) -> None:
-        self.errors[what] += 1
+    def run(self) -> None:
+        deadline = time.monotonic() + self.spec.time_limit
+        poll = self.poller.poll
+        sessions = self.sessions
+        self.fill()
+        self.check_done()
+        try:
+            while not self.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.time_up()
+                    break
+                for fd, events in poll(min(left, 1.0)):
+                    session = sessions.get(fd)
+                    if session is None:
+                        continue
+                    if events & _WRITABLE:
+                        session.flush()
+                    if events & _READABLE:
+                        session.readable()
+        finally:
+            for session in list(sessions.values()):
+                session.end(None)
+            self.poller.close()
 
     def time_up(self) -> None:
-        if self.done.done():
-            return
         self.timed_out = True
         self.finished = time.monotonic()
         self.failed = self.spec.messages - self.accepted
-        self.done.set_result(None)
-        for session in list(self.sessions):
-            session.abort()
+        self.done = True
 
 
-class _Session(asyncio.Protocol):
+_READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITABLE = select.EPOLLOUT
+
+
+class _Session:
     """
-    One SMTP client connection, driven by the server's replies: each command
-    sent pushes the reply class it expects and what to do on it.
+    One SMTP client connection on a non-blocking socket, driven by the
+    server's replies: each command sent pushes the reply it expects and what
+    to do on it. With STARTTLS, TLS runs through memory BIOs on the same
+    socket.
     """
+
+    __slots__ = (
+        "buffer",
+        "expect",
+        "extensions",
+        "fd",
+        "finished",
+        "incoming",
+        "lines",
+        "outgoing",
+        "pending",
+        "run",
+        "sent",
+        "seq",
+        "sock",
+        "spec",
+        "started",
+        "switched",
+        "tls",
+        "tls_ready",
+    )
 
     def __init__(self, run: _Run, seq: int) -> None:
         self.run = run
         self.spec = run.spec
-        self.transport: asyncio.Transport | None = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self.fd = self.sock.fileno()
         self.buffer = b""
         self.lines: Reply = []
         # (the reply code, or its first digits, expected; the stage; what next)
         self.expect: deque[tuple[bytes, str, _Handler | None]] = deque()
         self.extensions: set[bytes] = set()
-        self.secure = False
+        self.pending = b""
+        self.tls: ssl.SSLObject | None = None
+        self.tls_ready = False
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.switched = False
         self.sent = 0
         # The unit this session is working on; it counts as failed if the
         # connection ends before it is done.
         self.seq: int | None = seq
         self.started = time.perf_counter()
-        self.closing = False
+        self.finished = False
 
-    # asyncio.Protocol
+    # The socket
 
-    def connect_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            exc = None if task.cancelled() else task.exception()
-            self.run.error(f"connect: {type(exc).__name__}")
-            self.closing = True
-            self.give_up()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connect(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        status = self.sock.connect_ex(self.run.address)
+        if status not in (0, errno.EINPROGRESS):
+            self.end(f"connect: {errno.errorcode.get(status, status)}")
+            return
+        self.run.sessions[self.fd] = self
+        self.run.poller.register(self.fd, select.EPOLLIN)
         self.expect.append((b"220", "greeting", self.greeted))
+
+    def end(self, error: str | None) -> None:
+        """
+        Close the connection; count the unit in hand as failed; let another
+        session start.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        run = self.run
+        if error is not None:
+            run.errors[error] += 1
+        run.sessions.pop(self.fd, None)
+        self.sock.close()
+        if self.seq is not None and not run.done:
+            run.failed += 1
+            self.seq = None
+            run.check_done()
+        if not run.done:
+            run.fill()
+
+    def lost(self, error: OSError | None) -> None:
+        if self.finished:
+            return
+        stage = self.expect[0][1] if self.expect else "idle"
+        if isinstance(error, ConnectionRefusedError) and stage == "greeting":
+            self.end("connect: ConnectionRefusedError")
+        elif self.seq is not None:
+            self.end(f"{stage}: connection lost")
+        else:
+            self.end(None)
+
+    def send_raw(self, data: bytes) -> None:
+        if self.pending:
+            self.pending += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self.lost(error)
+            return
+        if sent < len(data):
+            self.pending = data[sent:]
+            self.run.poller.modify(self.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def flush(self) -> None:
+        data, self.pending = self.pending, b""
+        if not data:
+            return
+        self.run.poller.modify(self.fd, select.EPOLLIN)
+        self.send_raw(data)
+
+    def write(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self.outgoing.read()
+        self.send_raw(data)
+
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.lost(error)
+            return
+        if not data:
+            self.lost(None)
+            return
+        if self.tls is not None:
+            self.incoming.write(data)
+            if not self.tls_ready:
+                self.handshake()
+                return
+            data = self.decrypt()
+            if not data:
+                return
+        self.data_received(data)
+
+    def decrypt(self) -> bytes:
+        assert self.tls is not None
+        chunks = []
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLError, OSError) as error:
+                self.fail("tls", [repr(error).encode()])
+                return b""
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def handshake(self) -> None:
+        assert self.tls is not None
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.send_raw(self.outgoing.read())
+            return
+        except (ssl.SSLError, OSError) as error:
+            self.fail("tls", [f"handshake failed: {error!r}".encode()])
+            return
+        self.send_raw(self.outgoing.read())
+        self.tls_ready = True
+        self.expect.popleft()  # the handshake's placeholder, for error reports
+        self.greeted([])
+
+    # SMTP
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
         start = 0
-        while not self.closing:
+        while not self.finished:
             end = buffer.find(b"\r\n", start)
             if end < 0:
                 break
@@ -403,24 +557,12 @@ class _Session(asyncio.Protocol):
             if line[3:4] != b"-":
                 lines, self.lines = self.lines, []
                 self.reply(lines)
+                if self.switched:
+                    # Whatever followed the 220 in clear text is not ours to read.
+                    self.switched = False
+                    self.buffer = b""
+                    return
         self.buffer = buffer[start:]
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.seq is not None and not self.closing:
-            stage = self.expect[0][1] if self.expect else "idle"
-            self.run.error(f"{stage}: connection lost")
-        self.closing = True
-        self.give_up()
-
-    def give_up(self) -> None:
-        run = self.run
-        if self.seq is not None and not run.done.done():
-            run.failed += 1
-            self.seq = None
-            run.check_done()
-        run.ended(self)
-
-    # SMTP
 
     def reply(self, lines: Reply) -> None:
         if not self.expect:
@@ -434,17 +576,7 @@ class _Session(asyncio.Protocol):
 
     def fail(self, stage: str, lines: Reply) -> None:
         text = lines[-1][:60].decode("ascii", "replace") if lines else ""
-        self.run.error(f"{stage}: {text}")
-        self.abort()
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.closing = True
-            self.transport.abort()
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self.end(f"{stage}: {text}")
 
     def greeted(self, lines: Reply) -> None:
         self.write(b"EHLO loadgen.bench.invalid\r\n")
@@ -452,7 +584,7 @@ class _Session(asyncio.Protocol):
 
     def ehlo(self, lines: Reply) -> None:
         self.extensions = {line[4:].split(b" ", 1)[0].upper() for line in lines[1:]}
-        if self.run.tls is not None and not self.secure:
+        if self.run.tls is not None and self.tls is None:
             if b"STARTTLS" not in self.extensions:
                 self.fail("starttls", [b"STARTTLS not offered"])
                 return
@@ -466,23 +598,12 @@ class _Session(asyncio.Protocol):
             self.next()
 
     def upgrade(self, lines: Reply) -> None:
-        assert self.transport is not None
         assert self.run.tls is not None
-        task = self.run.loop.create_task(
-            self.run.loop.start_tls(self.transport, self, self.run.tls)
-        )
-        task.add_done_callback(self.upgraded)
-
-    def upgraded(self, task: asyncio.Task[asyncio.Transport | None]) -> None:
-        if self.closing:
-            return
-        if task.cancelled() or task.exception() is not None or task.result() is None:
-            exc = None if task.cancelled() else task.exception()
-            self.fail("tls", [f"handshake failed: {exc!r}".encode()])
-            return
-        self.transport = task.result()
-        self.secure = True
-        self.greeted([])
+        self.tls = self.run.tls.wrap_bio(self.incoming, self.outgoing)
+        self.switched = True
+        # Names the stage if the connection drops during the handshake.
+        self.expect.append((b"", "tls", None))
+        self.handshake()
 
     def authenticated(self, lines: Reply) -> None:
         self.next()
@@ -537,7 +658,7 @@ class _Session(asyncio.Protocol):
 
     def last_message(self) -> bool:
         per_session = self.spec.per_session
-        return (per_session and self.sent + 1 >= per_session) or self.run.remaining <= 0
+        return bool(per_session and self.sent + 1 >= per_session) or self.run.remaining <= 0
 
     def accepted_last(self, lines: Reply) -> None:
         self.sent += 1
@@ -560,27 +681,25 @@ class _Session(asyncio.Protocol):
         self.expect.append((b"221", "quit", self.close))
 
     def close(self, lines: Reply) -> None:
-        assert self.transport is not None
-        self.closing = True
-        self.transport.close()
+        self.end(None)
 
 
-async def _run_async(spec: LoadSpec, ready: Callable[[], None] | None) -> LoadResult:
-    loop = asyncio.get_running_loop()
-    run = _Run(spec, loop)
+def run_here(spec: LoadSpec, ready: Callable[[], None] | None = None) -> LoadResult:
+    """
+    Run the load in this thread, on an epoll loop of its own.
+
+    @param spec: what to send.
+    @param ready: called once everything is built, just before the clock
+        starts.
+    @return: what was measured; its CPU time is this thread's.
+    """
+    run = _Run(spec)
     if ready is not None:
         ready()
     started = time.monotonic()
     cpu = time.thread_time()
-    timer = loop.call_later(spec.time_limit, run.time_up)
-    run.fill()
-    await run.done
-    timer.cancel()
+    run.run()
     cpu = time.thread_time() - cpu
-    for session in list(run.sessions):
-        session.abort()
-    # Let the aborted transports close before the loop goes away.
-    await asyncio.sleep(0)
     return LoadResult(
         accepted=run.accepted,
         failed=run.failed,
@@ -592,18 +711,6 @@ async def _run_async(spec: LoadSpec, ready: Callable[[], None] | None) -> LoadRe
         latencies=tuple(run.latencies),
         timed_out=run.timed_out,
     )
-
-
-def run_here(spec: LoadSpec, ready: Callable[[], None] | None = None) -> LoadResult:
-    """
-    Run the load in this thread, on a new asyncio loop.
-
-    @param spec: what to send.
-    @param ready: called once everything is built, just before the clock
-        starts.
-    @return: what was measured; its CPU time is this thread's.
-    """
-    return asyncio.run(_run_async(spec, ready))
 
 
 def split(spec: LoadSpec, workers: int) -> list[LoadSpec]:
