@@ -552,7 +552,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the default counts")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5 * 1024, help="message size in bytes")
-    parser.add_argument("--workers", type=int, default=2, help="load generator processes")
+    parser.add_argument("--workers", type=int, default=1, help="load generator processes")
     parser.add_argument(
         "--per-session", type=int, default=100, help="messages per connection in *-reuse rows"
     )
