@@ -290,6 +290,7 @@ class _Run:
         self.errors: Counter[str] = Counter()
         self.latencies: list[float] = []
         self.done = False
+        self.filling = False
         self.timed_out = False
         self.finished = 0.0
         self.tls = _client_tls_context() if spec.starttls else None
@@ -319,12 +320,20 @@ class _Run:
         return seq
 
     def fill(self) -> None:
-        while len(self.sessions) < self.spec.sessions and not self.done:
-            seq = self.claim()
-            if seq is None:
-                break
-            self.connections += 1
-            _Session(self, seq).connect()
+        # A connection refused at once ends inside connect() and asks to
+        # fill again: loop here instead of recursing once per message.
+        if self.filling:
+            return
+        self.filling = True
+        try:
+            while len(self.sessions) < self.spec.sessions and not self.done:
+                seq = self.claim()
+                if seq is None:
+                    break
+                self.connections += 1
+                _Session(self, seq).connect()
+        finally:
+            self.filling = False
 
     def check_done(self) -> None:
         if self.accepted + self.failed >= self.spec.messages and not self.done:
