@@ -42,6 +42,7 @@ from bench.servers import (
     Started,
     TwistedBare,
     can_connect,
+    log_problems,
     postfix_version,
     system_postfix_running,
     tail,
@@ -321,7 +322,14 @@ def run_row(row: Row, settings: Settings, workdir: Path) -> dict[str, Any]:
     finally:
         server.stop()
     status = "ok" if not figures["failed"] else "errors"
-    return {**base, "status": status, "notes": list(started.notes), **figures}
+    problems = log_problems(started.log)
+    return {
+        **base,
+        "status": status,
+        "notes": list(started.notes),
+        **figures,
+        "server_log_problems": problems,
+    }
 
 
 def run_repeated(row: Row, settings: Settings, workdir: Path, times: int) -> dict[str, Any]:
@@ -495,6 +503,10 @@ def print_row(row: dict[str, Any], out: Callable[[str], None]) -> None:
     )
     if row.get("errors"):
         out(f"{'':<24} errors: {row['errors']}")
+    problems = row.get("server_log_problems") or {}
+    if problems.get("count"):
+        count, first = problems["count"], problems["first"]
+        out(f"{'':<24} server log: {count} problem line(s), first: {first}")
 
 
 TABLE_HEADER = (

@@ -53,6 +53,7 @@ class Started:
     @ivar username: the AUTH user to send with, or L{None} for no AUTH.
     @ivar password: its password.
     @ivar notes: facts that qualify the figures (e.g. "no AUTH").
+    @ivar log: the server's log file, searched for problems after the row.
     """
 
     port: int
@@ -60,6 +61,7 @@ class Started:
     username: str | None
     password: str | None = field(repr=False)
     notes: tuple[str, ...] = ()
+    log: Path | None = None
 
 
 def free_port() -> int:
@@ -157,6 +159,7 @@ class SmtpSink:
             username="bench",
             password="bench",
             notes=("discards everything; accepts any AUTH",),
+            log=log,
         )
 
     def stop(self) -> None:
@@ -209,7 +212,7 @@ class TwistedBare:
             notes.append("no PIPELINING (stock Twisted)")
         return Started(
             port=port, root_pid=self.process.pid, username="bench", password="bench",
-            notes=tuple(notes),
+            notes=tuple(notes), log=log,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -332,6 +335,7 @@ class Postfix:
                 "durable queue, delivered to the discard transport",
                 f"TLS key {describe_key(files.cert.read_bytes())}",
             ),
+            log=maillog,
         )
 
     @staticmethod
@@ -518,6 +522,7 @@ class Gateway:
             username=username,
             password=password,
             notes=tuple(notes),
+            log=self.log,
         )
 
     def stop(self) -> None:
@@ -526,6 +531,29 @@ class Gateway:
         """
         if self.process is not None:
             _terminate(self.process, 30)
+
+
+#: Log lines that say something went wrong: Twisted's error and critical
+#: levels and tracebacks, Postfix's warnings, errors, fatals and panics.
+PROBLEM = re.compile(
+    r"#(error|critical)\]|Traceback|Unhandled|postfix/\S+\[\d+\]: (warning|error|fatal|panic):"
+)
+
+
+def log_problems(path: Path | None) -> dict[str, Any]:
+    """
+    @param path: a server's log file.
+    @return: how many lines in it report a problem, and the first of them.
+    """
+    count = 0
+    first = None
+    if path is not None and path.exists():
+        with path.open(errors="replace") as lines:
+            for line in lines:
+                if PROBLEM.search(line):
+                    count += 1
+                    first = first or line.strip()[:300]
+    return {"count": count, "first": first}
 
 
 #: The gateway's own summary of binding, e.g. "listening on 3980 of 3980
