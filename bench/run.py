@@ -177,6 +177,7 @@ class Settings:
     time_limit: float
     warmup: int
     gateway_args: tuple[str, ...]
+    postfix_settings: tuple[str, ...]
     twisted_pipelining: bool
     keep: bool
 
@@ -196,7 +197,7 @@ def _server_for(row: Row, settings: Settings) -> Any:
     if row.server == "twisted":
         return TwistedBare(pipelining=settings.twisted_pipelining)
     if row.server == "postfix":
-        return Postfix()
+        return Postfix(settings=settings.postfix_settings)
     return Gateway(extra=settings.gateway_args)
 
 
@@ -574,6 +575,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--gateway-arg", action="append", default=[], help="extra gateway option (repeatable)"
     )
     parser.add_argument(
+        "--postfix-main",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra main.cf setting for the Postfix instance (repeatable)",
+    )
+    parser.add_argument(
         "--twisted-pipelining", action="store_true", help="bare Twisted advertises PIPELINING"
     )
     parser.add_argument("--workdir", type=Path, help="where servers keep their data")
@@ -608,6 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_limit=args.time_limit,
         warmup=args.warmup,
         gateway_args=tuple(args.gateway_arg),
+        postfix_settings=tuple(
+            " = ".join(part.strip() for part in setting.split("=", 1))
+            for setting in args.postfix_main
+        ),
         twisted_pipelining=args.twisted_pipelining,
         keep=args.keep,
     )
@@ -684,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup": settings.warmup,
             "time_limit_s": settings.time_limit,
             "gateway_args": list(settings.gateway_args),
+            "postfix_main": list(settings.postfix_settings),
             "workdir_filesystem": _filesystem(base.parent),
         },
         "rows": results,
