@@ -140,9 +140,7 @@ class CaptureOutbound(Service):
         self, pool: ThreadPool, envelope: Envelope, body: bytes, delivered_at: float
     ) -> DeliveryResult:
         try:
-            path = await deferToThreadPool(
-                self._reactor, pool, self._write, envelope, body, delivered_at
-            )
+            await deferToThreadPool(self._reactor, pool, self._write, envelope, body, delivered_at)
         except OSError as error:
             reason = f"capture failed: {error.strerror or error}"
             self._log.warn(
@@ -152,13 +150,7 @@ class CaptureOutbound(Service):
         except Exception:
             self._log.failure("capture of {queue_id} failed", queue_id=envelope.queue_id)
             return all_deferred(envelope.recipients, "capture failed: internal error")
-        self._log.info(
-            "captured {queue_id} for {list} ({recipients} recipients) in {path}",
-            queue_id=envelope.queue_id,
-            list=envelope.list,
-            recipients=len(envelope.recipients),
-            path=path,
-        )
+        # The queue logs the delivery: one line per message is enough.
         return DeliveryResult(delivered=envelope.recipients)
 
     def _write(self, envelope: Envelope, body: bytes, delivered_at: float) -> str:

@@ -286,12 +286,6 @@ class MessageQueue(Service):
             )
         )
         self._accepted += 1
-        self._log.debug(
-            "scheduled {queue_id} for {list} at priority {priority}",
-            queue_id=envelope.queue_id,
-            list=envelope.list,
-            priority=int(envelope.priority),
-        )
         self._dispatch()
 
     def _refused_by_journal(self, failure: Failure) -> Failure:
