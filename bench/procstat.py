@@ -83,10 +83,13 @@ class MachineCpu:
 
     @ivar busy: time not idle.
     @ivar total: all time.
+    @ivar steal: time the hypervisor gave to other machines (part of
+        C{busy}): a virtual machine's neighbours show up here.
     """
 
     busy: float
     total: float
+    steal: float = 0.0
 
     @classmethod
     def now(cls) -> MachineCpu:
@@ -96,7 +99,11 @@ class MachineCpu:
         first = (_PROC / "stat").read_text().split("\n", 1)[0].split()
         values = [int(value) for value in first[1:9]]
         idle = values[3] + values[4]
-        return cls(busy=(sum(values) - idle) / _TICKS, total=sum(values) / _TICKS)
+        return cls(
+            busy=(sum(values) - idle) / _TICKS,
+            total=sum(values) / _TICKS,
+            steal=values[7] / _TICKS,
+        )
 
 
 def cpu_count() -> int:

@@ -247,6 +247,7 @@ def _cpu_fields(before: _Cpu, after: _Cpu, loadgen_cpu: float, units: int) -> di
         "loadgen_us_per_unit": round(loadgen_cpu / units * 1e6, 1) if units else None,
         "other_cores": round(other / interval, 2),
         "machine_busy_cores": round(busy / interval, 2),
+        "steal_cores": round((after.machine.steal - before.machine.steal) / interval, 2),
     }
 
 
@@ -517,7 +518,8 @@ TABLE_HEADER = (
 TABLE_LEGEND = (
     "msg/s: accepted per second (handshakes/s for *-handshakes); cpu columns: cores used "
     "on average\n(srv = server process tree, lg = load generator, other = the rest of the "
-    "machine);\nus: CPU microseconds per message or handshake; p50/p99: MAIL to final 250."
+    "machine, including\nCPU stolen by the hypervisor); us: CPU microseconds per message or "
+    "handshake;\np50/p99: MAIL to final 250."
 )
 
 
