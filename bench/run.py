@@ -37,6 +37,7 @@ from bench.servers import (
     BIND_SUMMARY,
     Gateway,
     Postfix,
+    Server,
     ServerError,
     SmtpSink,
     Started,
@@ -191,7 +192,7 @@ class Settings:
         return max(1, int(base * self.scale))
 
 
-def _server_for(row: Row, settings: Settings) -> Any:
+def _server_for(row: Row, settings: Settings) -> Server:
     if row.server == "sink":
         return SmtpSink()
     if row.server == "twisted":

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from attrs import define, field, frozen
 
@@ -62,6 +62,29 @@ class Started:
     password: str | None = field(repr=False)
     notes: tuple[str, ...] = ()
     log: Path | None = None
+
+
+class Server(Protocol):
+    """
+    A server the benchmark can start, measure and stop.
+    """
+
+    name: str
+
+    def unavailable(self) -> str | None:
+        """
+        @return: why it cannot run on this machine, or L{None}.
+        """
+
+    def start(self, workdir: Path) -> Started:
+        """
+        Start it on 127.0.0.1, keeping its files under C{workdir}.
+        """
+
+    def stop(self) -> None:
+        """
+        Stop what C{start} started.
+        """
 
 
 def free_port() -> int:
