@@ -111,6 +111,7 @@ class LoadResult:
         message (from connect to AUTH's reply per handshake).
     @ivar timed_out: whether the wall-clock cap ended the run.
     @ivar workers: how many generator processes took part.
+    @ivar tls: the TLS version and cipher the first STARTTLS negotiated.
     """
 
     accepted: int
@@ -123,6 +124,7 @@ class LoadResult:
     latencies: tuple[float, ...] = field(repr=False)
     timed_out: bool
     workers: int = 1
+    tls: str | None = None
 
     @property
     def elapsed(self) -> float:
@@ -167,6 +169,7 @@ class LoadResult:
             "errors": dict(self.errors),
             "timed_out": self.timed_out,
             "workers": self.workers,
+            "tls": self.tls,
         }
 
 
@@ -193,6 +196,7 @@ def merge(results: Sequence[LoadResult]) -> LoadResult:
         latencies=tuple(latencies),
         timed_out=any(r.timed_out for r in results),
         workers=sum(r.workers for r in results),
+        tls=next((r.tls for r in results if r.tls), None),
     )
 
 
@@ -291,6 +295,7 @@ class _Run:
         self.latencies: list[float] = []
         self.done = False
         self.filling = False
+        self.negotiated: str | None = None
         self.timed_out = False
         self.finished = 0.0
         self.tls = _client_tls_context() if spec.starttls else None
@@ -548,6 +553,9 @@ class _Session:
             return
         self.send_raw(self.outgoing.read())
         self.tls_ready = True
+        if self.run.negotiated is None:
+            cipher = self.tls.cipher()
+            self.run.negotiated = f"{self.tls.version()} {cipher[0] if cipher else ''}".strip()
         self.expect.popleft()  # the handshake's placeholder, for error reports
         self.greeted([])
 
@@ -719,6 +727,7 @@ def run_here(spec: LoadSpec, ready: Callable[[], None] | None = None) -> LoadRes
         errors=dict(run.errors),
         latencies=tuple(run.latencies),
         timed_out=run.timed_out,
+        tls=run.negotiated,
     )
 
 

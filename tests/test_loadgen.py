@@ -137,6 +137,8 @@ async def test_starttls_then_auth(certificate: CertFiles) -> None:
     spec = _spec(port, starttls=True, messages=6, sessions=3)
     result = await _load(port, spec)
     assert (result.accepted, result.failed, result.errors) == (6, 0, {})
+    assert result.tls is not None
+    assert result.tls.startswith("TLSv1.")
     assert sorted(store) == _expected(spec)
 
 
