@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from typing import Any
 
 from twisted.application.service import IService, Service
@@ -198,25 +199,57 @@ def _run_as(options: Options) -> tuple[int, int] | None:
     return int(uid), int(gid)
 
 
+#: The state files, by directory, that the gateway itself writes.
+_STATE_FILES = {
+    "": ("smtpgw.db", "smtpgw.db-wal", "smtpgw.db-shm"),
+    "captured": ("index.jsonl",),
+    "tls": ("selfsigned.crt", "selfsigned.key"),
+}
+
+
 def _hand_over(data_dir: FilePath[str], owner: tuple[int, int]) -> None:
     """
     Give the data directory and the state files in it to the user twistd
     drops to, so the gateway can still write them after shedding root.
-    Captured messages are left alone: there may be very many of them, and
-    the gateway only ever adds new ones.
+
+    This runs as root on a directory the service user has owned since the
+    first start: nothing is followed through a symbolic link (a link is left
+    alone, and a linked directory is not entered), so that user cannot have
+    root give it files elsewhere. Captured messages are left alone too:
+    there may be very many, and the gateway only ever adds new ones.
     """
     uid, gid = owner
-    paths = [data_dir]
-    for name in ("journal", "tls", "captured"):
-        child = data_dir.child(name)
-        if child.isdir():
-            paths.append(child)
-            if name != "captured":
-                paths.extend(child.children())
-    paths.extend(data_dir.globChildren("smtpgw.db*"))
-    paths.extend(data_dir.globChildren("captured/index.jsonl"))
-    for path in paths:
-        os.chown(path.path, uid, gid)
+
+    def chown(path: str) -> None:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+    chown(data_dir.path)
+    for name in ("", "captured", "journal", "tls"):
+        directory = os.path.join(data_dir.path, name) if name else data_dir.path
+        if name:
+            if not _is_real(directory, stat.S_ISDIR):
+                continue
+            chown(directory)
+        if name == "journal":
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        chown(entry.path)
+            continue
+        for file_name in _STATE_FILES[name]:
+            path = os.path.join(directory, file_name)
+            if _is_real(path, stat.S_ISREG):
+                chown(path)
+
+
+def _is_real(path: str, kind: Any) -> bool:
+    """
+    Whether C{path} exists as that kind of file itself, not through a link.
+    """
+    try:
+        return bool(kind(os.lstat(path).st_mode))
+    except FileNotFoundError:
+        return False
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

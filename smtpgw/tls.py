@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import stat
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -432,13 +433,34 @@ def ensure_self_signed(
     """
     now = now or utc_now()
     directory = _as_path(data_dir).child("tls")
+    _refuse_links(directory)
     cert, key = directory.child("selfsigned.crt"), directory.child("selfsigned.key")
     if not _reusable(cert, key, now, log):
         _generate(directory, cert, key, hostname, now, log)
     if owner is not None:
+        # Never through a link: whoever owns the directory could otherwise
+        # point these names at any file and have root give it away.
         for path in (directory, key, cert):
-            os.chown(path.path, *owner)
+            os.chown(path.path, *owner, follow_symlinks=False)
     return cert, key
+
+
+def _refuse_links(directory: FilePath[str]) -> None:
+    """
+    Refuse a C{tls} directory that is a symbolic link or not a directory,
+    or that holds the certificate or key as links: the gateway changes the
+    mode and owner of what is there while it is still root.
+    """
+    try:
+        mode = os.lstat(directory.path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        raise TLSConfigError(f"{directory.path} must be a directory, not a link or a file")
+    for name in ("selfsigned.crt", "selfsigned.key"):
+        child = directory.child(name)
+        if os.path.islink(child.path):
+            raise TLSConfigError(f"{child.path} is a symbolic link; refusing to use it")
 
 
 def _generate(

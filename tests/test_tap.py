@@ -1,0 +1,176 @@
+"""
+Tests for L{smtpgw.tap}: option parsing, the hand-over of the data directory
+to the user twistd drops to, and C{gateway.tac}.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from smtpgw.limits import Limits
+from smtpgw.tap import DEFAULT_MAX_SIZE, Options, _hand_over
+from smtpgw.tls import TLSConfigError, ensure_self_signed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(["--relay", "capture", *argv])
+    return options
+
+
+def test_defaults_follow_the_product() -> None:
+    options = parse()
+    assert len(options["ports"]) == 3980
+    assert options["ports"][:4] == (23, 25, 26, 587)
+    assert options["limits"].max_size == DEFAULT_MAX_SIZE
+    assert options["limits"].max_recipients == Limits().max_recipients
+    assert options["rate"] == 0.0
+    assert options["concurrency"] == 20
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ports", "25,,26"], "--ports"),
+        (["--ports", "5000-1025"], "--ports"),
+        (["--ports", "70000"], "--ports"),
+        (["--rate", "fast"], "--rate"),
+        (["--rate", "-1"], "--rate"),
+        (["--concurrency", "0"], "--concurrency"),
+        (["--max-size", "lots"], "--max-size"),
+        (["--max-recipients", "x"], "--max-recipients"),
+        (["--max-command-length", "511"], "max-command-length"),
+        (["--idle-timeout", "soon"], "--idle-timeout"),
+        (["--tls-cert", "a.pem"], "--tls-cert"),
+    ],
+)
+def test_bad_options_are_refused_with_a_clear_reason(argv: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+def test_relays_that_are_not_built_yet_are_refused_not_faked() -> None:
+    for relay in ("mx", "smtp://127.0.0.1:25"):
+        options = Options()
+        with pytest.raises(usage.UsageError, match="not available"):
+            options.parseOptions(["--relay", relay])
+
+
+def test_limits_are_options_with_suffixes() -> None:
+    options = parse("--max-size", "10M", "--max-recipients", "7", "--greet-delay", "0.5")
+    limits = options["limits"]
+    assert limits.max_size == 10 * 1024 * 1024
+    assert limits.max_recipients == 7
+    assert limits.greet_delay == 0.5
+
+
+def test_hand_over_gives_the_state_to_the_service_user(tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("chown to another user needs root")
+    data = tmp_path / "data"
+    (data / "journal").mkdir(parents=True)
+    (data / "journal" / "000000000001.seg").write_bytes(b"")
+    (data / "captured").mkdir()
+    (data / "captured" / "index.jsonl").write_text("")
+    (data / "smtpgw.db").write_bytes(b"")
+    ensure_self_signed(str(data), "gw.test")
+    _hand_over(FilePath(str(data)), (65534, 65534))
+    for path in (
+        data,
+        data / "journal" / "000000000001.seg",
+        data / "captured" / "index.jsonl",
+        data / "smtpgw.db",
+        data / "tls" / "selfsigned.key",
+    ):
+        assert path.stat().st_uid == 65534, path
+
+
+def test_hand_over_never_follows_a_planted_link(tmp_path: Path) -> None:
+    """
+    The service user owns the data directory; links it plants there must not
+    make root give away their targets.
+    """
+    if os.getuid() != 0:
+        pytest.skip("chown to another user needs root")
+    data = tmp_path / "data"
+    (data / "journal").mkdir(parents=True)
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (victims / name).write_text("root's")
+    (victims / "dir").mkdir()
+    (victims / "dir" / "inner").write_text("root's")
+    (data / "journal" / "x.seg").symlink_to(victims / "a")
+    (data / "smtpgw.db").symlink_to(victims / "b")
+    (data / "smtpgw.db-wal").symlink_to(victims / "c")
+    (data / "captured").symlink_to(victims / "dir")
+    (data / "tls").symlink_to(victims / "dir")
+    _hand_over(FilePath(str(data)), (65534, 65534))
+    for victim in (*(victims / n for n in "abcd"), victims / "dir", victims / "dir" / "inner"):
+        assert victim.stat().st_uid == 0, victim
+
+
+def test_a_linked_tls_directory_or_key_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    elsewhere.chmod(0o755)
+    (data / "tls").symlink_to(elsewhere)
+    with pytest.raises(TLSConfigError, match="must be a directory"):
+        ensure_self_signed(str(data), "gw.test")
+    assert elsewhere.stat().st_mode & 0o777 == 0o755
+    assert list(elsewhere.iterdir()) == []
+    (data / "tls").unlink()
+    (data / "tls").mkdir()
+    (data / "tls" / "selfsigned.key").symlink_to(elsewhere / "secret")
+    with pytest.raises(TLSConfigError, match="symbolic link"):
+        ensure_self_signed(str(data), "gw.test")
+
+
+def test_gateway_tac_builds_the_same_service(tmp_path: Path) -> None:
+    """
+    gateway.tac loads (it is not linted, so it is at least run) and builds
+    the gateway from SMTPGW_OPTIONS.
+    """
+    script = (
+        "import sys\n"
+        "from twisted.application.service import IService, IServiceCollection\n"
+        "namespace = {'__file__': sys.argv[1]}\n"
+        "exec(compile(open(sys.argv[1]).read(), sys.argv[1], 'exec'), namespace)\n"
+        "top = IService(namespace['application'])\n"
+        "[gateway] = list(IServiceCollection(top))\n"
+        "print(type(gateway).__name__)\n"
+        "print(' '.join(sorted(type(s).__name__ for s in gateway)))\n"
+    )
+    env = dict(
+        os.environ,
+        SMTPGW_OPTIONS=f"--data-dir {tmp_path / 'data'} --ports 2525 --relay capture",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT / "gateway.tac")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    top, children = result.stdout.splitlines()
+    assert top == "OrderedMultiService"
+    assert set(children.split()) >= {
+        "ThreadedUserStore",
+        "SQLiteAlertStore",
+        "CaptureOutbound",
+        "MessageQueue",
+        "MultiPortListener",
+    }
