@@ -78,7 +78,8 @@ def test_each_priority_source_and_the_resulting_delivery_order(tmp_path: Path) -
         if gw.process is not None:
             gw.stop()
 
-    gw.extra_args = ()
+    # One delivery at a time: the capture index then shows dispatch order.
+    gw.extra_args = ("--concurrency", "1")
     gw.start()
     try:
         entries = gw.wait_delivered(2 + len(CASES))[1:]

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import Credentials, Gateway, add_user, admin, free_port
+from tests.gateway_process import (
+    Credentials,
+    Gateway,
+    add_user,
+    admin,
+    free_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -77,11 +84,17 @@ def connect(gateway: Gateway, tls: bool = True) -> smtplib.SMTP:
 
 
 def delivered(gateway: Gateway, queue_id: str) -> dict[str, object]:
-    for entry in gateway.wait_delivered(1):
-        if entry["queue_id"] == queue_id:
-            return entry
-    gateway.wait_delivered(len(gateway.index()) + 1)
-    return delivered(gateway, queue_id)
+    """
+    The capture index entry of C{queue_id}, once it is there.
+    """
+    found: list[dict[str, object]] = []
+
+    def arrived() -> bool:
+        found[:] = [e for e in gateway.index() if e["queue_id"] == queue_id]
+        return bool(found)
+
+    wait_until(arrived, 30, f"delivery of {queue_id}")
+    return found[0]
 
 
 def queue_id_of(reply: bytes) -> str:
@@ -274,8 +287,6 @@ def alerts(gateway: Gateway, kind: str, needle: str) -> list[tuple[str, str]]:
     """
     Stored alerts of C{kind} whose message or details mention C{needle}.
     """
-    from tests.gateway_process import wait_until
-
     found: list[tuple[str, str]] = []
 
     def look() -> bool:
@@ -348,8 +359,6 @@ def test_admin_cli_sees_the_last_login_the_gateway_recorded(
     The gateway records the time and address of the last login; the CLI, a
     second process on the same data directory, reads it while the gateway runs.
     """
-    from tests.gateway_process import wait_until
-
     with connect(gateway) as client:
         client.login(user.username, user.password)
     shown: dict[str, object] = {}
