@@ -5,42 +5,84 @@ and how many logins it failed lately.
 Both are shared by every session of one L{smtpgw.session.GatewaySMTPFactory}
 (every port), live on the reactor thread, and forget addresses they no longer
 need so that a scan from many addresses cannot grow them without bound.
+
+They count per I{address key} (L{address_key}): an IPv6 client is given a
+whole /64 and could otherwise open connections and guess passwords from
+2**64 addresses.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["AuthFailureTracker", "ConnectionCounter"]
+__all__ = ["AuthFailureTracker", "ConnectionCounter", "address_key"]
+
+
+def address_key(ip: str) -> str:
+    """
+    What per-address limits count a client address as.
+
+    @param ip: the client's address, as the transport gives it.
+    @return: an IPv4 address as is; an IPv4-mapped IPv6 address
+        (C{::ffff:192.0.2.1}, what a dual-stack listener sees) as its IPv4
+        address; any other IPv6 address as its /64, in the form
+        C{2001:db8:1:2::/64}; anything else (not an IP address) unchanged.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    mapped = address.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    prefix = ipaddress.IPv6Address(int(address) >> 64 << 64)
+    return f"{prefix}/64"
 
 
 class ConnectionCounter:
     """
-    Counts the open connections of each client address.
+    Counts the open connections of each client address, and of all of them.
 
     @ivar limit: the most connections one address may hold.
+    @ivar total_limit: the most connections all addresses together may
+        hold, or L{None} for no such limit.
+    @ivar total: the connections counted now.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, total_limit: int | None = None) -> None:
         """
         @param limit: the most simultaneous connections per address.
+        @param total_limit: the most simultaneous connections in all.
         """
         self.limit = limit
+        self.total_limit = total_limit
+        self.total = 0
         self._open: dict[str, int] = {}
+
+    def full(self) -> bool:
+        """
+        @return: whether L{total_limit} connections are open.
+        """
+        return self.total_limit is not None and self.total >= self.total_limit
 
     def acquire(self, address: str) -> bool:
         """
         Count a new connection from C{address}, unless it already holds
-        L{limit} of them.
+        L{limit} of them or L{total_limit} connections are open.
 
-        @return: whether the connection was counted (and must be released).
+        @return: whether the connection was counted (and must be released);
+            L{full} tells which limit refused it.
         """
         current = self._open.get(address, 0)
-        if current >= self.limit:
+        if current >= self.limit or self.full():
             return False
         self._open[address] = current + 1
+        self.total += 1
         return True
 
     def release(self, address: str) -> None:
@@ -48,8 +90,11 @@ class ConnectionCounter:
         Forget one connection counted by L{acquire}.
         """
         current = self._open.get(address, 0)
-        if current <= 1:
-            self._open.pop(address, None)
+        if current <= 0:
+            return
+        self.total -= 1
+        if current == 1:
+            del self._open[address]
         else:
             self._open[address] = current - 1
 

@@ -77,7 +77,11 @@ class Limits:
         octet to its end, however the octets trickle in; then C{421 4.4.2}.
     @ivar data_deadline: seconds the whole DATA section may take, from the
         C{354} to the final dot; then C{421 4.4.2}.
-    @ivar max_connections_per_ip: simultaneous connections from one address;
+    @ivar max_connections: simultaneous connections in all, from every
+        address and on every port; the next one gets C{421 4.7.0} instead of
+        the greeting and is closed.
+    @ivar max_connections_per_ip: simultaneous connections from one address
+        (an IPv6 client: from one /64; see L{smtpgw.abuse.address_key});
         the next one gets C{421 4.7.0} and is closed.
     @ivar max_bad_commands: protocol errors (unknown commands, syntax errors,
         commands out of sequence) a session may make; the next one gets
@@ -104,6 +108,7 @@ class Limits:
     idle_timeout: float = _seconds(300.0, 1.0, 3600.0)
     command_deadline: float = _seconds(60.0, 1.0, 3600.0)
     data_deadline: float = _seconds(600.0, 1.0, 86400.0)
+    max_connections: int = _int(1000, 1, 1_000_000)
     max_connections_per_ip: int = _int(50, 1, 100_000)
     max_bad_commands: int = _int(10, 1, 1000)
     auth_failure_limit: int = _int(5, 1, 1000)

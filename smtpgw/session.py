@@ -50,7 +50,7 @@ from twisted.mail._except import IllegalClientResponse
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 
-from smtpgw.abuse import AuthFailureTracker, ConnectionCounter
+from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, address_key
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
 from smtpgw.message import MessageRejected
@@ -299,6 +299,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._transport_paused = False
         self._discarding_line = False
         self._client_ip = ""
+        self._client_key = ""
         self._counted = False
         self._tls_active = False
         self._bad_commands = 0
@@ -330,10 +331,18 @@ class GatewaySMTP(smtp.ESMTP):
         peer = self._t.getPeer()
         self._client_ip = str(getattr(peer, "host", peer))
         self._helo = (None, self._client_ip.encode("ascii", "replace"))
-        if not factory.connections.acquire(self._client_ip):
-            log.info("too many connections from {client_ip}", client_ip=self._client_ip)
+        self._client_key = address_key(self._client_ip)
+        connections = factory.connections
+        if not connections.acquire(self._client_key):
             self._mode = _CLOSED
-            self._t.write(self._421(b"4.7.0", b"Too many connections from your address"))
+            if connections.full():
+                log.info(
+                    "connection limit reached, refusing {client_ip}", client_ip=self._client_ip
+                )
+                self._t.write(self._421(b"4.7.0", b"Too many connections, try again later"))
+            else:
+                log.info("too many connections from {client_ip}", client_ip=self._client_ip)
+                self._t.write(self._421(b"4.7.0", b"Too many connections from your address"))
             self._t.loseConnection()
             return
         self._counted = True
@@ -373,7 +382,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._logout()
         if self._counted:
             self._counted = False
-            self.factory.connections.release(self._client_ip)
+            self.factory.connections.release(self._client_key)
 
     def _logout(self) -> None:
         logout, self._onLogout = self._onLogout, None
@@ -738,7 +747,7 @@ class GatewaySMTP(smtp.ESMTP):
         if factory.require_tls and not self._tls_active:
             self._bad(R_TLS_REQUIRED)
             return
-        if factory.auth_failures.blocked(self._client_ip):
+        if factory.auth_failures.blocked(self._client_key):
             self._auth_blocked()
             return
         mechanism, _, initial = argument.partition(b" ")
@@ -810,7 +819,7 @@ class GatewaySMTP(smtp.ESMTP):
             return None
         factory = self.factory
         limits = self._limits
-        failures = factory.auth_failures.record_failure(self._client_ip)
+        failures = factory.auth_failures.record_failure(self._client_key)
         log.info(
             "AUTH failed from {client_ip} ({failures} recently)",
             client_ip=self._client_ip,
@@ -822,12 +831,12 @@ class GatewaySMTP(smtp.ESMTP):
                     Alert(
                         type="auth_failures",
                         message=(
-                            f"{failures} failed SMTP logins from {self._client_ip} within "
+                            f"{failures} failed SMTP logins from {self._client_key} within "
                             f"{limits.auth_failure_window:g} s; further AUTH refused"
                         ),
                         created_at=self._clock.seconds(),
                         details={
-                            "client_ip": self._client_ip,
+                            "client_ip": self._client_key,
                             "failures": failures,
                             "window": limits.auth_failure_window,
                         },
@@ -1122,7 +1131,9 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
             queue_ids=queue_ids,
             limits=limits,
         )
-        self.connections = ConnectionCounter(limits.max_connections_per_ip)
+        self.connections = ConnectionCounter(
+            limits.max_connections_per_ip, total_limit=limits.max_connections
+        )
         self.auth_failures = AuthFailureTracker(
             limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=clock
         )

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
@@ -272,7 +272,8 @@ class Harness:
         """
         A new connection from C{ip}, greeting already read.
         """
-        address = IPv4Address("TCP", ip, 40000)
+        address: IPv4Address | IPv6Address
+        address = IPv6Address("TCP", ip, 40000) if ":" in ip else IPv4Address("TCP", ip, 40000)
         session = self.factory.buildProtocol(address)
         transport_class = TLSStringTransport if tls_capable else StringTransport
         transport = transport_class(

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from smtpgw.abuse import AuthFailureTracker, ConnectionCounter
+from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, address_key
 from smtpgw.limits import MIB, Limits
 
 
@@ -38,6 +38,7 @@ def test_defaults() -> None:
     assert limits.auth_failure_delay == 1
     assert limits.auth_failure_delay_cap == 10
     assert limits.greet_delay == 0
+    assert limits.max_connections == 1000
     for field in attrs.fields(Limits):
         assert field.default is not attrs.NOTHING, field.name
 
@@ -67,6 +68,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("auth_failure_delay", 0, 60),
     ("auth_failure_delay_cap", 0, 300),
     ("greet_delay", 0, 60),
+    ("max_connections", 1, 1_000_000),
 ]
 
 
@@ -170,6 +172,73 @@ def test_connection_counter_forgets_idle_addresses() -> None:
     counter.release("a")
     assert counter.count("a") == 0
     assert counter._open == {}
+
+
+def test_connection_counter_total_at_the_limit_and_past_it() -> None:
+    """
+    C{total_limit} connections may be open across all addresses; the next
+    is refused, from any address, until one is released.
+    """
+    counter = ConnectionCounter(10, total_limit=3)
+    assert counter.acquire("a")
+    assert counter.acquire("b")
+    assert counter.acquire("c")
+    assert counter.total == 3
+    assert counter.full()
+    assert not counter.acquire("d")
+    assert not counter.acquire("a")
+    assert counter.total == 3
+    counter.release("b")
+    assert not counter.full()
+    assert counter.acquire("d")
+    assert counter.total == 3
+
+
+def test_connection_counter_without_a_total_limit() -> None:
+    """
+    With no total limit, only the per-address limit refuses.
+    """
+    counter = ConnectionCounter(2)
+    for i in range(50):
+        assert counter.acquire(f"10.0.0.{i}")
+    assert not counter.full()
+    assert counter.total == 50
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("::FFFF:c000:0201", "192.0.2.1"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2:0:0:0:7", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::1", "::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("unix-socket", "unix-socket"),
+        ("not:an:address", "not:an:address"),
+    ],
+)
+def test_address_key_groups_ipv6_by_64(ip: str, key: str) -> None:
+    """
+    IPv4 counts per address, an IPv4-mapped IPv6 address as its IPv4
+    address, any other IPv6 address by its /64 (one subnet, usually one
+    customer, holds 2**64 addresses); what is no IP address counts as is.
+    """
+    assert address_key(ip) == key
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1))
+def test_every_address_of_a_64_has_the_same_key(host: int) -> None:
+    """
+    Any interface identifier inside 2001:db8:aa:bb::/64 gives that /64.
+    """
+    import ipaddress
+
+    ip = str(ipaddress.IPv6Address((0x20010DB800AA00BB << 64) | host))
+    assert address_key(ip) == "2001:db8:aa:bb::/64"
 
 
 # -- AuthFailureTracker -------------------------------------------------------------------

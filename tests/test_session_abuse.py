@@ -393,6 +393,59 @@ def test_connections_per_address_at_the_limit_and_past_it() -> None:
     assert again.command(b"NOOP") == [b"250 2.0.0 Ok"]
 
 
+def test_total_connections_at_the_limit_and_past_it() -> None:
+    """
+    max_connections connections from any addresses are greeted; the next
+    one, from a fresh address, gets 421 4.7.0 instead of the greeting and is
+    closed; a slot freed by a close can be used again.
+    """
+    harness = Harness(limits=Limits(max_connections=4, max_connections_per_ip=50))
+    clients = [harness.connect(f"192.0.2.{i}") for i in range(1, 5)]
+    assert all(c.greeting[0].startswith(b"220 ") for c in clients)
+    extra = harness.connect("198.51.100.9")
+    [reply] = extra.greeting
+    assert reply.startswith(b"421 4.7.0 ")
+    assert b"Too many connections" in reply
+    assert extra.closed
+    extra.lose()
+    assert harness.factory.connections.total == 4
+    clients[0].lose()
+    again = harness.connect("198.51.100.9")
+    assert again.greeting[0].startswith(b"220 ")
+    assert again.login()[-1].startswith(b"235 ")
+
+
+def test_ipv6_connections_count_per_64() -> None:
+    """
+    Addresses of one IPv6 /64 share max_connections_per_ip (a client holds
+    the whole /64); another /64 is counted apart.
+    """
+    harness = Harness(limits=Limits(max_connections_per_ip=3))
+    clients = [harness.connect(f"2001:db8:1:2::{i}") for i in range(1, 4)]
+    assert not any(c.closed for c in clients)
+    extra = harness.connect("2001:db8:1:2:ffff::99")
+    [reply] = extra.greeting
+    assert reply.startswith(b"421 4.7.0 ")
+    assert extra.closed
+    extra.lose()
+    other = harness.connect("2001:db8:1:3::1")
+    assert other.greeting[0].startswith(b"220 ")
+    assert harness.factory.connections.count("2001:db8:1:2::/64") == 3
+
+
+def test_ipv4_mapped_ipv6_counts_as_its_ipv4_address() -> None:
+    """
+    A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: they share
+    the limit of the IPv4 address.
+    """
+    harness = Harness(limits=Limits(max_connections_per_ip=2))
+    harness.connect("192.0.2.60")
+    harness.connect("::ffff:192.0.2.60")
+    extra = harness.connect("::ffff:192.0.2.60")
+    assert extra.greeting[0].startswith(b"421 4.7.0 ")
+    assert harness.factory.connections.count("192.0.2.60") == 2
+
+
 # -- recipients ---------------------------------------------------------------
 
 
@@ -555,6 +608,26 @@ def test_failures_from_one_address_add_up_across_connections() -> None:
         assert client.codes() == [expected]
         client.lose()
     assert len(harness.alerts.of_type("auth_failures")) == 1
+
+
+def test_auth_failures_from_one_ipv6_64_add_up() -> None:
+    """
+    Failed logins from different addresses of one /64 count together: the
+    third one, from yet another address of it, reaches the limit; the alert
+    names the /64; another /64 still logs in.
+    """
+    harness = Harness(limits=Limits(auth_failure_limit=3, auth_failure_delay=0))
+    for host, expected in ((1, b"535"), (2, b"535"), (3, b"421")):
+        client = harness.connect(f"2001:db8:5:6::{host}")
+        client.command(b"EHLO c")
+        _fail_login(client)
+        assert client.codes() == [expected]
+        client.lose()
+    [alert] = harness.alerts.of_type("auth_failures")
+    assert alert.details["client_ip"] == "2001:db8:5:6::/64"
+    blocked = harness.connect("2001:db8:5:6:abcd::1")
+    assert blocked.login()[-1].startswith(b"421 4.7.0 ")
+    assert harness.connect("2001:db8:5:7::1").login()[-1].startswith(b"235 ")
 
 
 def test_connection_lost_during_the_tarpit_is_clean() -> None:
