@@ -1,0 +1,531 @@
+"""
+What an admin sees of the send queue: listings, and why a message waits
+(PRODUCT section 3). Pure: the scheduler's entries, the time and the
+dispatcher's situation go in; rows, positions, throttles and estimates come
+out. The control channel, the pages and the JSON API all use it.
+
+Position
+========
+
+A message's position is how many messages will be dispatched before it, if
+nothing new arrives: every ready message of a higher priority, then those of
+its own priority that the round-robin between lists serves first. Within one
+priority the lists take turns, one message each, in the order of the
+scheduler's ring; so the message at index C{i} of its list's lane, whose
+list is at index C{r} of the ring, goes after C{min(len(lane), i)} messages
+of every lane, and after one more message of each lane ahead of it in the
+ring that is longer than C{i}.
+
+Estimated send time
+===================
+
+The estimate assumes the gateway keeps dispatching at its limit and that
+nothing of a higher priority arrives:
+
+    - with C{--rate R}, the messages ahead leave at R a second, from the
+      next rate token on: C{start + position / R};
+    - when the mean delivery time C{d} is known, C{--concurrency C} caps the
+      pace at C{C / d} a second too, and the slower pace counts;
+    - with neither limit known to bind (no rate, no delivery time), a message
+      within the free delivery slots goes now, and for the others no estimate
+      is given (it depends on how long deliveries take);
+    - a deferred message is not sent before its next attempt time; a held
+      message, or any while the queue is stopped, has no estimate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import heapq
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from attrs import frozen
+
+from smtpgw.model import Envelope, MessageState, Priority
+from smtpgw.scheduler import ScheduledEntry
+
+__all__ = [
+    "DEFAULT_LIST_LIMIT",
+    "GONE_STATES",
+    "MAX_LISTED_RECIPIENTS",
+    "MAX_LIST_LIMIT",
+    "QUEUE_STATES",
+    "Conditions",
+    "QueueFilter",
+    "QueueRow",
+    "ReadyLane",
+    "ReadyOrder",
+    "Throttle",
+    "Why",
+    "estimate_send_at",
+    "explain",
+    "iso8601",
+    "page_candidates",
+    "parse_state",
+    "queue_row",
+    "row_document",
+    "why_document",
+]
+
+#: The states a message has while it is in the queue.
+QUEUE_STATES: Final = (
+    MessageState.QUEUED,
+    MessageState.SENDING,
+    MessageState.DEFERRED,
+    MessageState.HELD,
+)
+#: The final states: a message in one of them has left the queue.
+GONE_STATES: Final = (MessageState.DELIVERED, MessageState.BOUNCED, MessageState.CANCELLED)
+
+#: Rows a listing gives when no limit is asked for.
+DEFAULT_LIST_LIMIT: Final = 1000
+#: The most rows one listing gives, so that a huge queue is never listed
+#: whole by accident; page on with C{after}.
+MAX_LIST_LIMIT: Final = 10_000
+#: The recipients a listing row shows; C{recipient_count} has them all.
+MAX_LISTED_RECIPIENTS: Final = 10
+
+
+def iso8601(seconds: float | None) -> str | None:
+    """
+    A time as the CLI's and the API's JSON show it: ISO 8601, UTC, to the
+    second, with a C{Z}.
+    """
+    if seconds is None:
+        return None
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_state(text: str) -> MessageState:
+    """
+    Read a state to filter a listing on.
+
+    @raise ValueError: not a state, or a final state (those messages are no
+        longer in the queue), with a one-line reason.
+    """
+    try:
+        state = MessageState(text.strip().lower())
+    except ValueError:
+        names = ", ".join(s.value for s in QUEUE_STATES)
+        raise ValueError(f"{text!r} is not a queue state: use one of {names}") from None
+    if state in GONE_STATES:
+        names = ", ".join(s.value for s in QUEUE_STATES)
+        raise ValueError(
+            f"{state.value} messages are no longer in the queue (it holds only {names} messages)"
+        )
+    return state
+
+
+class Throttle(enum.Enum):
+    """
+    What keeps a message from being sent now.
+    """
+
+    SENDING = "sending"
+    HELD = "held"
+    STOPPED = "stopped"
+    DEFERRED = "deferred"
+    HIGHER_PRIORITY = "higher_priority"
+    CONCURRENCY = "concurrency"
+    RATE = "rate"
+    NEXT = "next"
+
+
+@frozen
+class Conditions:
+    """
+    The dispatcher's situation at one moment.
+
+    @ivar now: the time of the snapshot.
+    @ivar rate: C{--rate}, messages a second; 0 is no limit.
+    @ivar concurrency: C{--concurrency}, deliveries at once.
+    @ivar in_flight: deliveries under way.
+    @ivar paused: whether an admin stopped the queue.
+    @ivar next_token_at: when the rate limit lets the next message go, when
+        known.
+    @ivar delivery_time: the mean time one delivery takes, when known.
+    """
+
+    now: float
+    rate: float
+    concurrency: int
+    in_flight: int
+    paused: bool
+    next_token_at: float | None = None
+    delivery_time: float | None = None
+
+    @property
+    def free_slots(self) -> int:
+        """
+        Deliveries that could start now as far as C{--concurrency} goes.
+        """
+        return max(0, self.concurrency - self.in_flight)
+
+
+@frozen
+class ReadyLane:
+    """
+    The ready messages of one list at one priority, oldest first.
+    """
+
+    list: str
+    queue_ids: tuple[str, ...]
+
+
+class _PriorityLanes:
+    """
+    The lanes of one priority, in ring order, indexed for position queries.
+    """
+
+    __slots__ = ("lengths", "prefix", "ring_index", "sorted_lengths", "total")
+
+    def __init__(self, lanes: Sequence[ReadyLane]) -> None:
+        self.lengths = [len(lane.queue_ids) for lane in lanes]
+        self.ring_index = {lane.list: r for r, lane in enumerate(lanes)}
+        self.sorted_lengths = sorted(self.lengths)
+        self.prefix = [0]
+        for length in self.sorted_lengths:
+            self.prefix.append(self.prefix[-1] + length)
+        self.total = self.prefix[-1]
+
+    def ahead(self, ring: int, index: int) -> int:
+        """
+        Messages of this priority served before index C{index} of the lane
+        at ring position C{ring} (which may be one past the last lane).
+        """
+        # Every lane gives min(length, index) messages in the rounds before.
+        shorter = bisect.bisect_left(self.sorted_lengths, index)
+        rounds = self.prefix[shorter] + index * (len(self.sorted_lengths) - shorter)
+        # In the message's own round, the lanes ahead in the ring go first.
+        return rounds + sum(1 for length in self.lengths[:ring] if length > index)
+
+
+class ReadyOrder:
+    """
+    The order in which the ready messages will be dispatched.
+    """
+
+    def __init__(self, lanes: Mapping[Priority, Sequence[ReadyLane]]) -> None:
+        """
+        @param lanes: per priority, the lanes in the order the round-robin
+            serves their lists next.
+        """
+        self._priorities = {Priority(p): _PriorityLanes(lanes.get(p, ())) for p in Priority}
+        self._where: dict[str, tuple[Priority, str, int]] = {}
+        for priority, priority_lanes in lanes.items():
+            for lane in priority_lanes:
+                for index, queue_id in enumerate(lane.queue_ids):
+                    self._where[queue_id] = (Priority(priority), lane.list, index)
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[ScheduledEntry]) -> ReadyOrder:
+        """
+        An approximation of the order from the entries alone, for a
+        scheduler that does not show its lanes: each list's ready messages
+        in the order given (arrival order), and the lists in the order of
+        their oldest ready message. It is exact until a message is released
+        or re-prioritized (the scheduler puts those at the end of their
+        lane) and while the ring's turn has not moved past a list whose
+        oldest message is older than the next list's.
+        """
+        lanes: dict[Priority, dict[str, list[str]]] = {p: {} for p in Priority}
+        for entry in entries:
+            if entry.state is MessageState.QUEUED:
+                lanes[entry.priority].setdefault(entry.list, []).append(entry.queue_id)
+        return cls(
+            {
+                priority: [ReadyLane(name, tuple(ids)) for name, ids in by_list.items()]
+                for priority, by_list in lanes.items()
+            }
+        )
+
+    def ready(self, priority: Priority) -> int:
+        """
+        Ready messages of this priority.
+        """
+        return self._priorities[priority].total
+
+    def higher_than(self, priority: Priority) -> int:
+        """
+        Ready messages of a higher priority than C{priority}.
+        """
+        return sum(self._priorities[p].total for p in Priority if p < priority)
+
+    def same_priority_ahead(self, queue_id: str, priority: Priority, list: str) -> int:
+        """
+        Ready messages of C{priority} dispatched before this one. A message
+        not among the ready ones (a deferred message that is due) counts as
+        the last of its list's lane.
+        """
+        lanes = self._priorities[priority]
+        where = self._where.get(queue_id)
+        if where is not None and where[0] == priority and where[1] == list:
+            return lanes.ahead(lanes.ring_index[list], where[2])
+        ring = lanes.ring_index.get(list)
+        if ring is None:
+            return lanes.ahead(len(lanes.lengths), 0)
+        return lanes.ahead(ring, lanes.lengths[ring])
+
+
+@frozen
+class Why:
+    """
+    Why a message waits.
+
+    @ivar position: messages dispatched before it; L{None} when it is not
+        in line (being sent, held, deferred, or the queue is stopped).
+    @ivar higher_priority: ready messages of a higher priority.
+    @ivar throttle: what holds it.
+    @ivar reason: the same, in words.
+    @ivar estimated_send_at: see the module's description; L{None} when
+        there is no estimate.
+    """
+
+    queue_id: str
+    list: str
+    state: MessageState
+    priority: Priority
+    attempts: int
+    next_attempt_at: float | None
+    position: int | None
+    higher_priority: int
+    throttle: Throttle
+    reason: str
+    estimated_send_at: float | None
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
+def estimate_send_at(position: int, conditions: Conditions) -> float | None:
+    """
+    When a ready message with C{position} messages ahead of it is likely to
+    be dispatched (see the module's description).
+    """
+    now = conditions.now
+    pace = conditions.rate if conditions.rate > 0 else math.inf
+    if conditions.delivery_time is not None and conditions.delivery_time > 0:
+        pace = min(pace, conditions.concurrency / conditions.delivery_time)
+    if math.isinf(pace):
+        return now if position < conditions.free_slots else None
+    start = now
+    if conditions.rate > 0 and conditions.next_token_at is not None:
+        start = max(now, conditions.next_token_at)
+    return start + position / pace
+
+
+def _rate_text(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def _ready_throttle(position: int, higher: int, conditions: Conditions) -> tuple[Throttle, str]:
+    if higher:
+        return Throttle.HIGHER_PRIORITY, f"waiting for higher-priority messages ({higher})"
+    concurrency_text = (
+        f"concurrency limit (--concurrency {conditions.concurrency} deliveries under way)"
+    )
+    if conditions.rate > 0:
+        if conditions.in_flight >= conditions.concurrency:
+            return Throttle.CONCURRENCY, concurrency_text
+        token_ready = (
+            conditions.next_token_at is not None and conditions.next_token_at <= conditions.now
+        )
+        if position == 0 and token_ready:
+            return Throttle.NEXT, "next to go"
+        return Throttle.RATE, f"rate limit (--rate {_rate_text(conditions.rate)}/s)"
+    if position < conditions.free_slots:
+        return Throttle.NEXT, "next to go"
+    return Throttle.CONCURRENCY, concurrency_text
+
+
+def explain(entry: ScheduledEntry, order: ReadyOrder, conditions: Conditions) -> Why:
+    """
+    Why C{entry} waits: its position, the throttle that holds it and an
+    estimated send time.
+
+    The throttle is the first that applies of: being sent now; held; the
+    queue stopped by an admin; deferred until a later time; waiting for
+    higher-priority messages; the concurrency limit; the rate limit; and
+    otherwise it is next to go.
+    """
+    now = conditions.now
+    higher = order.higher_than(entry.priority)
+    deferred_until = entry.next_attempt_at if entry.state is MessageState.DEFERRED else None
+    position: int | None = None
+    estimate: float | None = None
+    if entry.state is MessageState.SENDING:
+        throttle, reason = Throttle.SENDING, "being sent now"
+        estimate = now
+    elif entry.state is MessageState.HELD:
+        throttle, reason = Throttle.HELD, "held"
+    elif conditions.paused:
+        throttle, reason = Throttle.STOPPED, "queue stopped by an admin"
+    elif deferred_until is not None and deferred_until > now:
+        throttle = Throttle.DEFERRED
+        reason = f"deferred until {iso8601(deferred_until)} after {_attempts(entry.attempts)}"
+        estimate = deferred_until
+    else:
+        same = order.same_priority_ahead(entry.queue_id, entry.priority, entry.list)
+        position = higher + same
+        throttle, reason = _ready_throttle(position, higher, conditions)
+        estimate = estimate_send_at(position, conditions)
+    return Why(
+        queue_id=entry.queue_id,
+        list=entry.list,
+        state=entry.state,
+        priority=entry.priority,
+        attempts=entry.attempts,
+        next_attempt_at=deferred_until,
+        position=position,
+        higher_priority=higher,
+        throttle=throttle,
+        reason=reason,
+        estimated_send_at=estimate,
+    )
+
+
+@frozen
+class QueueFilter:
+    """
+    Which messages a listing shows; L{None} matches anything.
+    """
+
+    list: str | None = None
+    username: str | None = None
+    priority: Priority | None = None
+    state: MessageState | None = None
+
+    def matches_entry(self, entry: ScheduledEntry) -> bool:
+        """
+        Whether the entry passes the filters the scheduler can answer (all
+        but C{username}).
+        """
+        return (
+            (self.list is None or entry.list == self.list)
+            and (self.priority is None or entry.priority == self.priority)
+            and (self.state is None or entry.state is self.state)
+        )
+
+    def matches_envelope(self, envelope: Envelope) -> bool:
+        """
+        Whether the message's envelope passes the C{username} filter.
+        """
+        return self.username is None or envelope.username == self.username
+
+
+def page_candidates(
+    entries: Iterable[ScheduledEntry],
+    queue_filter: QueueFilter,
+    after: str | None,
+    limit: int | None,
+) -> list[ScheduledEntry]:
+    """
+    The entries a listing page considers: those passing the scheduler-side
+    filters, with a queue id after C{after}, in queue id order (which is
+    acceptance order), the first C{limit} of them (all when L{None}).
+    """
+    selected = (
+        entry
+        for entry in entries
+        if (after is None or entry.queue_id > after) and queue_filter.matches_entry(entry)
+    )
+    if limit is None:
+        return sorted(selected, key=_queue_id)
+    return heapq.nsmallest(limit, selected, key=_queue_id)
+
+
+def _queue_id(entry: ScheduledEntry) -> str:
+    return entry.queue_id
+
+
+@frozen
+class QueueRow:
+    """
+    One message of a listing.
+
+    @ivar username: the SMTP+ user that submitted it; L{None}, as the
+        sender, recipients and acceptance time, when its envelope could not
+        be read.
+    @ivar recipients: the first L{MAX_LISTED_RECIPIENTS} recipients.
+    @ivar recipient_count: all of them.
+    @ivar next_attempt_at: for a deferred message, its next attempt.
+    """
+
+    queue_id: str
+    list: str
+    username: str | None
+    sender: str | None
+    recipients: tuple[str, ...]
+    recipient_count: int
+    priority: Priority
+    state: MessageState
+    attempts: int
+    accepted_at: float | None
+    next_attempt_at: float | None
+    estimated_send_at: float | None
+
+
+def queue_row(entry: ScheduledEntry, envelope: Envelope | None, why: Why) -> QueueRow:
+    """
+    The listing row of an entry, with its envelope when it could be read.
+    """
+    recipients = envelope.recipients if envelope is not None else ()
+    return QueueRow(
+        queue_id=entry.queue_id,
+        list=entry.list,
+        username=envelope.username if envelope is not None else None,
+        sender=envelope.sender if envelope is not None else None,
+        recipients=recipients[:MAX_LISTED_RECIPIENTS],
+        recipient_count=len(recipients),
+        priority=entry.priority,
+        state=entry.state,
+        attempts=entry.attempts,
+        accepted_at=envelope.accepted_at if envelope is not None else None,
+        next_attempt_at=why.next_attempt_at,
+        estimated_send_at=why.estimated_send_at,
+    )
+
+
+def row_document(row: QueueRow) -> dict[str, Any]:
+    """
+    A listing row as JSON (times in ISO 8601 UTC).
+    """
+    return {
+        "queue_id": row.queue_id,
+        "list": row.list,
+        "username": row.username,
+        "sender": row.sender,
+        "recipients": list(row.recipients),
+        "recipient_count": row.recipient_count,
+        "priority": int(row.priority),
+        "state": row.state.value,
+        "attempts": row.attempts,
+        "accepted_at": iso8601(row.accepted_at),
+        "next_attempt_at": iso8601(row.next_attempt_at),
+        "estimated_send_at": iso8601(row.estimated_send_at),
+    }
+
+
+def why_document(why: Why) -> dict[str, Any]:
+    """
+    A L{Why} as JSON (times in ISO 8601 UTC).
+    """
+    return {
+        "queue_id": why.queue_id,
+        "list": why.list,
+        "state": why.state.value,
+        "priority": int(why.priority),
+        "attempts": why.attempts,
+        "next_attempt_at": iso8601(why.next_attempt_at),
+        "position": why.position,
+        "higher_priority": why.higher_priority,
+        "throttle": why.throttle.value,
+        "reason": why.reason,
+        "estimated_send_at": iso8601(why.estimated_send_at),
+    }
