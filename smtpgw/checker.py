@@ -2,13 +2,22 @@
 The credential checker for SMTP AUTH: usernames and passwords against the
 SMTP+ user records.
 
-Everything slow (the record lookup and bcrypt) happens in one hop to the user
-store's threads. A wrong password, an unknown user and an inactive user fail
-the same way, after the same bcrypt work.
+A login costs one hop to the user store's threads: the record lookup and the
+check of the verified-credentials cache. Only a cache miss goes on to bcrypt,
+which runs in its own small pool (L{BcryptPool}), so a storm of bogus logins
+keeps bcrypt busy but never delays a cached login or any other database
+call. The pool takes a bounded number of checks; past it a login fails at
+once with L{TooManyPasswordChecks}, which is neither a success nor a refusal
+(SMTP answers 454, try again later).
+
+A wrong password, an unknown user and an inactive user fail the same way,
+after the same bcrypt work: an unknown user is checked against a dummy hash
+of the cost the stored hashes have (learned from them), so the time a
+failed login takes does not tell whether the user exists.
 
 A connection-per-message client would otherwise pay a bcrypt check per
 message, so credentials that verified recently are remembered: the cache key
-is an HMAC, under a random per-process key, of the username, the stored hash
+is a MAC, under a random per-process key, of the username, the stored hash
 and the password. A new password or any change of the stored hash (even by
 another process, such as C{smtpgw-admin}) makes the key miss, and a password
 never sits in memory longer than its login.
@@ -17,28 +26,44 @@ never sits in memory longer than its login.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
+from attrs import field, frozen
+from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from smtpgw.model import SmtpUser
-from smtpgw.passwords import DEFAULT_ROUNDS, MAX_PASSWORD_BYTES, dummy_hash, verify_password
+from smtpgw.passwords import (
+    DEFAULT_ROUNDS,
+    MAX_PASSWORD_BYTES,
+    dummy_hash,
+    hash_cost,
+    verify_password,
+)
 
 __all__ = [
+    "BCRYPT_THREADS",
     "CACHE_SIZE",
     "CACHE_TTL",
+    "MAX_PENDING_CHECKS",
     "MAX_USERNAME_BYTES",
+    "BcryptPool",
+    "HashCostLookup",
+    "PasswordCheckUnavailable",
     "SmtpUserChecker",
+    "TooManyPasswordChecks",
     "UserLookup",
     "UserLookupRunner",
     "VerifiedCredentialsCache",
@@ -55,6 +80,34 @@ CACHE_TTL: Final = 300.0
 MAX_USERNAME_BYTES: Final = 256
 """Longer usernames cannot exist (generated ones are under 50 bytes)."""
 
+BCRYPT_THREADS: Final = 2
+"""
+Threads of L{BcryptPool}: bcrypt releases the GIL, so each keeps a core busy;
+more than the cores only makes every check slower.
+"""
+
+MAX_PENDING_CHECKS: Final = 64
+"""
+bcrypt checks waiting or running at once, gateway-wide; one more fails with
+L{TooManyPasswordChecks} rather than queueing. At cost 12 on two threads, 64
+checks are about 6 s of work: a later client is better told to retry.
+"""
+
+_KEY_LENGTHS: Final = struct.Struct(">QQQ")
+
+
+class PasswordCheckUnavailable(Exception):
+    """
+    The password could not be checked now: the login is neither accepted
+    nor refused, and the client should try again later (SMTP C{454 4.7.0}).
+    """
+
+
+class TooManyPasswordChecks(PasswordCheckUnavailable):
+    """
+    L{MAX_PENDING_CHECKS} bcrypt checks are already waiting or running.
+    """
+
 
 class UserLookup(Protocol):
     """
@@ -62,6 +115,16 @@ class UserLookup(Protocol):
     """
 
     def get_user(self, username: str) -> SmtpUser | None: ...
+
+
+@runtime_checkable
+class HashCostLookup(Protocol):
+    """
+    A synchronous user store that can also tell the cost of its password
+    hashes, before any login has shown one.
+    """
+
+    def typical_hash_cost(self) -> int | None: ...
 
 
 class UserLookupRunner(Protocol):
@@ -91,7 +154,8 @@ class VerifiedCredentialsCache:
         @param clock: tells the time, from any thread.
         @param max_size: how many entries are kept.
         @param ttl: how long, in seconds, an entry is trusted.
-        @param secret: the HMAC key; random by default, and never stored.
+        @param secret: the MAC key, up to 64 bytes; random by default, and
+            never stored.
         """
         self._clock = clock
         self._max_size = max_size
@@ -104,12 +168,13 @@ class VerifiedCredentialsCache:
         """
         The cache key of a login: it changes when any of the three does.
         """
-        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
-        for part in (username.encode("utf-8"), password_hash, password):
-            # Length prefixes keep ("ab", "c") and ("a", "bc") apart.
-            mac.update(len(part).to_bytes(8, "big"))
-            mac.update(part)
-        return mac.digest()
+        name = username.encode("utf-8")
+        # Keyed BLAKE2b is a MAC, and half the cost of HMAC-SHA256 on every
+        # login. The lengths up front keep ("ab", "c") and ("a", "bc") apart.
+        message = _KEY_LENGTHS.pack(len(name), len(password_hash), len(password))
+        return hashlib.blake2b(
+            message + name + password_hash + password, key=self._secret, digest_size=32
+        ).digest()
 
     def __contains__(self, key: bytes) -> bool:
         now = self._clock.seconds()
@@ -144,6 +209,112 @@ class VerifiedCredentialsCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._expiry)
+
+
+class BcryptPool(Service):
+    """
+    The threads that run bcrypt checks, apart from every other thread pool,
+    with a gateway-wide bound on the checks waiting or running.
+
+    Start it before the checker's first login and stop it after the last
+    (as a service of the gateway, added before the listeners).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        *,
+        size: int = BCRYPT_THREADS,
+        max_pending: int = MAX_PENDING_CHECKS,
+    ) -> None:
+        """
+        @param reactor: delivers results from the threads.
+        @param size: how many threads; about the number of cores.
+        @param max_pending: how many checks may wait or run at once.
+        """
+        self._reactor = reactor
+        self._size = size
+        self._max_pending = max_pending
+        self._threads: ThreadPool | None = None
+        self._stopping = False
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """
+        How many checks are waiting or running.
+        """
+        return self._pending
+
+    def startService(self) -> None:
+        """
+        Start the threads.
+        """
+        super().startService()
+        self._stopping = False
+        self._threads = ThreadPool(self._size, self._size, name="smtpgw-bcrypt")
+        self._threads.start()
+
+    def stopService(self) -> None:
+        """
+        Fail the checks still waiting, let those running finish, and join
+        the threads (which takes at most one check's time).
+        """
+        super().stopService()
+        threads, self._threads = self._threads, None
+        self._stopping = True
+        if threads is not None:
+            threads.stop()
+
+    def run(self, check: Callable[[], T]) -> Deferred[T]:
+        """
+        Run C{check} (a bcrypt check) in one of the threads.
+
+        Call it from the reactor thread only: that is what keeps the count
+        of pending checks exact without a lock.
+
+        @return: what C{check} returns; or fails at once with
+            L{TooManyPasswordChecks} when L{MAX_PENDING_CHECKS} are
+            pending, or with L{PasswordCheckUnavailable} when the pool is
+            not running (or stops before C{check} starts).
+        """
+        threads = self._threads
+        if threads is None:
+            return fail(PasswordCheckUnavailable("the bcrypt pool is not running"))
+        if self._pending >= self._max_pending:
+            return fail(
+                TooManyPasswordChecks(f"{self._pending} password checks are already pending")
+            )
+        self._pending += 1
+        d = deferToThreadPool(self._reactor, threads, self._call, check)
+        d.addBoth(self._done)
+        return d
+
+    def _call(self, check: Callable[[], T]) -> T:
+        # A stop should not wait for a queue of checks nobody will use.
+        if self._stopping:
+            raise PasswordCheckUnavailable("the bcrypt pool stopped")
+        return check()
+
+    def _done(self, result: T) -> T:
+        self._pending -= 1
+        return result
+
+
+@frozen
+class _Miss:
+    """
+    A login the cache did not vouch for: bcrypt must check it.
+
+    @ivar user: the record, or L{None} for an unknown user.
+    @ivar key: the cache key to remember when the check passes.
+    @ivar password_hash: what to check the password against (the dummy
+        hash for an unknown user).
+    """
+
+    user: SmtpUser | None
+    key: bytes
+    password_hash: bytes = field(repr=False)
 
 
 def _as_bytes(value: bytes | str) -> bytes | None:
@@ -184,21 +355,28 @@ class SmtpUserChecker:
         store: UserLookupRunner,
         clock: IReactorTime,
         *,
+        bcrypt: BcryptPool | None = None,
         rounds: int = DEFAULT_ROUNDS,
         verify: Callable[[bytes, bytes], bool] = verify_password,
         cache: VerifiedCredentialsCache | None = None,
     ) -> None:
         """
-        @param store: runs the lookup and the check in its threads.
+        @param store: runs the lookup and the cache check in its threads.
         @param clock: tells the time, for the cache.
-        @param rounds: the bcrypt cost of the stored hashes, so that an
-            unknown user costs as much as a known one.
+        @param bcrypt: runs bcrypt checks. Without one, they run in the
+            store's hop, behind the lookup: only for a store nothing else
+            uses (tests), since a burst of checks would hold every store
+            thread.
+        @param rounds: the bcrypt cost assumed for the stored hashes until
+            the store or a login shows their real cost.
         @param verify: checks a password against a hash (tests count calls).
         @param cache: the verified credentials cache; a new one by default.
         """
         self._store = store
-        self._rounds = rounds
+        self._bcrypt = bcrypt
         self._verify = verify
+        self._dummy_cost = rounds
+        self._cost_known = False
         self.cache = VerifiedCredentialsCache(clock) if cache is None else cache
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[SmtpUser]:  # type: ignore[override]
@@ -207,7 +385,8 @@ class SmtpUserChecker:
 
         @return: fires with the L{SmtpUser}, or fails with
             L{UnauthorizedLogin} (the same for every reason); fails with
-            another error only when the store itself fails.
+            L{PasswordCheckUnavailable} (L{TooManyPasswordChecks} when
+            overloaded) or a store error when the check could not be made.
         """
         username = _as_text(credentials.username)
         password = _as_bytes(credentials.password)
@@ -221,19 +400,48 @@ class SmtpUserChecker:
             # Such credentials cannot be right; answering at once only tells
             # the client what it sent.
             return fail(UnauthorizedLogin())
-        return self._store.run(lambda users: self._check(users, username, password))
+        if self._bcrypt is None:
+            return self._store.run(lambda users: self._check_in_one_hop(users, username, password))
+        found = self._store.run(lambda users: self._look_up(users, username, password))
+        return found.addCallback(self._check_unless_cached, password)
 
-    def _check(self, users: UserLookup, username: str, password: bytes) -> SmtpUser:
+    def _look_up(self, users: UserLookup, username: str, password: bytes) -> SmtpUser | _Miss:
         user = users.get_user(username)
         if user is None:
-            self._verify(password, dummy_hash(self._rounds))
-            raise UnauthorizedLogin()
+            if not self._cost_known and isinstance(users, HashCostLookup):
+                self._learn_cost(users.typical_hash_cost())
+            return _Miss(None, b"", dummy_hash(self._dummy_cost))
         key = self.cache.key(user.username, user.password_hash, password)
         # An inactive user always pays bcrypt, so its answer takes as long
         # as any other failure, cached or not.
         if user.active and key in self.cache:
             return user
-        if not self._verify(password, user.password_hash) or not user.active:
+        # A hit's hash was learned from at its miss, so misses suffice.
+        self._learn_cost(hash_cost(user.password_hash))
+        return _Miss(user, key, user.password_hash)
+
+    def _learn_cost(self, cost: int | None) -> None:
+        if cost is not None:
+            self._dummy_cost = cost
+            self._cost_known = True
+
+    def _check_unless_cached(
+        self, found: SmtpUser | _Miss, password: bytes
+    ) -> SmtpUser | Deferred[SmtpUser]:
+        if not isinstance(found, _Miss):
+            return found
+        assert self._bcrypt is not None
+        d = self._bcrypt.run(lambda: self._verify(password, found.password_hash))
+        return d.addCallback(self._decide, found)
+
+    def _check_in_one_hop(self, users: UserLookup, username: str, password: bytes) -> SmtpUser:
+        found = self._look_up(users, username, password)
+        if not isinstance(found, _Miss):
+            return found
+        return self._decide(self._verify(password, found.password_hash), found)
+
+    def _decide(self, matched: bool, miss: _Miss) -> SmtpUser:
+        if miss.user is None or not matched or not miss.user.active:
             raise UnauthorizedLogin()
-        self.cache.add(key)
-        return user
+        self.cache.add(miss.key)
+        return miss.user

@@ -12,17 +12,17 @@ a newer gateway is refused rather than misread.
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -263,12 +263,20 @@ class Closeable(Protocol):
 
 C = TypeVar("C", bound=Closeable)
 
+_Job: TypeAlias = tuple[Deferred[T], Callable[[C], T]]
+
 
 class PerThreadPool(Generic[C]):
     """
     A fixed number of threads, each with its own resource (an SQLite
     connection must not be shared between threads), made on first use in
     that thread and closed when the pool stops.
+
+    Every login costs one hop here, so the hop is kept lean: one queue the
+    threads take work from, and results handed back with
+    L{IReactorFromThreads.callFromThread}. (L{twisted.python.threadpool}
+    spends as much again per call coordinating its workers and copying the
+    logging context, which this pool does not need.)
     """
 
     def __init__(
@@ -289,8 +297,8 @@ class PerThreadPool(Generic[C]):
         self._factory = factory
         self._size = size
         self._name = name
-        self._pool: ThreadPool | None = None
-        self._local = threading.local()
+        self._work: queue.SimpleQueue[_Job[Any, C] | None] | None = None
+        self._threads: list[threading.Thread] = []
         self._resources: list[C] = []
         self._lock = threading.Lock()
 
@@ -299,52 +307,74 @@ class PerThreadPool(Generic[C]):
         """
         Whether L{run} runs functions (between L{start} and L{stop}).
         """
-        return self._pool is not None
+        return self._work is not None
 
     def start(self) -> None:
         """
         Start the threads. A stopped pool may be started again.
         """
-        if self._pool is not None:
+        if self._work is not None:
             return
-        self._local = threading.local()
-        self._pool = ThreadPool(self._size, self._size, name=self._name)
-        self._pool.start()
+        work: queue.SimpleQueue[_Job[Any, C] | None] = queue.SimpleQueue()
+        # Daemon threads: a pool nobody stopped (a crash) must not keep the
+        # process alive; the orderly path joins them in stop().
+        self._threads = [
+            threading.Thread(
+                target=self._serve, args=(work,), name=f"{self._name}-{i}", daemon=True
+            )
+            for i in range(self._size)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._work = work
 
     def stop(self) -> None:
         """
         Let the threads finish the work they were given, join them, and
         close their resources. Blocks until then: call it when stopping.
         """
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
+        work, self._work = self._work, None
+        threads, self._threads = self._threads, []
+        if work is not None:
+            for _ in threads:
+                work.put(None)
+            for thread in threads:
+                thread.join()
         with self._lock:
             resources, self._resources = self._resources, []
         for resource in resources:
             resource.close()
 
-    def _resource(self) -> C:
-        resource: C | None = getattr(self._local, "resource", None)
-        if resource is None:
-            resource = self._factory()
-            self._local.resource = resource
-            with self._lock:
-                self._resources.append(resource)
+    def _make_resource(self) -> C:
+        resource = self._factory()
+        with self._lock:
+            self._resources.append(resource)
         return resource
 
-    def _call(self, f: Callable[[C], T]) -> T:
-        return f(self._resource())
+    def _serve(self, work: queue.SimpleQueue[_Job[Any, C] | None]) -> None:
+        call_from_thread = self._reactor.callFromThread
+        resource: C | None = None
+        while (job := work.get()) is not None:
+            done, f = job
+            try:
+                if resource is None:
+                    resource = self._make_resource()
+                result = f(resource)
+            except BaseException:
+                call_from_thread(done.errback, Failure())
+            else:
+                call_from_thread(done.callback, result)
 
     def run(self, f: Callable[[C], T]) -> Deferred[T]:
         """
         Call C{f} with the resource of the thread that runs it.
 
         @return: what C{f} returns, or fails with what it raised, or with
-            L{StoreNotRunning} when the pool is not running (a stopped
-            L{ThreadPool} would silently drop the work).
+            L{StoreNotRunning} when the pool is not running.
         """
-        pool = self._pool
-        if pool is None:
+        work = self._work
+        if work is None:
             return fail(StoreNotRunning(f"{self._name} is not running"))
-        return deferToThreadPool(self._reactor, pool, self._call, f)
+        done: Deferred[T] = Deferred()
+        work.put((done, f))
+        return done

@@ -25,6 +25,7 @@ __all__ = [
     "dummy_hash",
     "generate_password",
     "generate_username",
+    "hash_cost",
     "hash_password",
     "verify_password",
 ]
@@ -46,6 +47,9 @@ USERNAME_SUFFIX_LENGTH: Final = 8
 USERNAME_LIST_PART_MAX: Final = 32
 _USERNAME_ALPHABET: Final = string.ascii_lowercase + string.digits
 _NOT_USERNAME_CHAR: Final = re.compile(r"[^a-z0-9]+")
+_BCRYPT_ALPHABET: Final = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_BCRYPT_DIGEST_LENGTH: Final = 31
+_HASH_COST: Final = re.compile(rb"\$2[abxy]\$([0-9]{2})\$")
 
 DUMMY_HASH: Final = b"$2b$12$OCDXRrFcobgbpKV7BUZMa.WW0UYyg/DiK/2IzFG0/xlL9kyr/UNT."
 """
@@ -117,16 +121,37 @@ def verify_password(password: bytes | str, hashed: bytes) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=8)
+def hash_cost(hashed: bytes) -> int | None:
+    """
+    The cost a bcrypt hash was made with, which it states in its prefix
+    (C{$2b$12$...}).
+
+    @return: the cost, or L{None} when C{hashed} is not a bcrypt hash of a
+        cost in L{MIN_ROUNDS}..L{MAX_ROUNDS}.
+    """
+    match = _HASH_COST.match(hashed)
+    if match is None:
+        return None
+    cost = int(match.group(1))
+    return cost if MIN_ROUNDS <= cost <= MAX_ROUNDS else None
+
+
+@functools.lru_cache(maxsize=32)
 def dummy_hash(rounds: int = DEFAULT_ROUNDS) -> bytes:
     """
     A hash, of the given cost, that no password is known to match.
 
     @param rounds: the cost real hashes have, so that checking against the
         dummy takes as long.
-    @return: L{DUMMY_HASH} for the default cost, else a hash of a random
-        password made once per process.
+    @return: L{DUMMY_HASH} for the default cost, else a real salt of that
+        cost followed by a random digest (made once per process and cost):
+        checking a password against it costs a full bcrypt run, and making
+        it costs none.
+    @raise ValueError: when C{rounds} is out of range.
     """
     if rounds == DEFAULT_ROUNDS:
         return DUMMY_HASH
-    return hash_password(secrets.token_bytes(PASSWORD_ENTROPY_BYTES), rounds)
+    if not MIN_ROUNDS <= rounds <= MAX_ROUNDS:
+        raise ValueError(f"bcrypt rounds must be {MIN_ROUNDS}..{MAX_ROUNDS}, not {rounds}")
+    digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(_BCRYPT_DIGEST_LENGTH))
+    return bcrypt.gensalt(rounds) + digest.encode("ascii")

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from attrs import define
+from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
@@ -41,7 +41,13 @@ from smtpgw.database import (
 )
 from smtpgw.interfaces import IUserStore
 from smtpgw.model import Enforcement, MailList, Priority, SmtpUser
-from smtpgw.passwords import DEFAULT_ROUNDS, generate_password, generate_username, hash_password
+from smtpgw.passwords import (
+    DEFAULT_ROUNDS,
+    generate_password,
+    generate_username,
+    hash_cost,
+    hash_password,
+)
 from smtpgw.validation import (
     ValidationError,
     parse_domains,
@@ -79,7 +85,14 @@ USERNAME_ATTEMPTS: Final = 10
 """Fresh usernames tried before giving up; a collision is already rare."""
 
 DEFAULT_POOL_SIZE: Final = 4
-"""Threads of L{ThreadedUserStore}; bcrypt releases the GIL, so they run in parallel."""
+"""
+Threads of L{ThreadedUserStore}. They only run short queries (bcrypt has
+its own pool, L{smtpgw.checker.BcryptPool}); WAL readers do not block each
+other, so a few let a slow write not hold up logins.
+"""
+
+DECODED_USERS: Final = 4096
+"""Records each connection keeps decoded, for the lookup of every login."""
 
 LOGIN_FLUSH_INTERVAL: Final = 1.0
 """Seconds between writes of coalesced login records."""
@@ -159,6 +172,10 @@ class SQLiteUserStore:
     _connection: sqlite3.Connection
     _clock: IReactorTime
     rounds: int = DEFAULT_ROUNDS
+    # Rows already turned into records, by their whole contents: a login
+    # looks up the same unchanged row again and again, and decoding it
+    # costs more than the query.
+    _decoded: dict[tuple[Any, ...], SmtpUser] = field(factory=dict, init=False, repr=False)
 
     @classmethod
     def open(
@@ -335,7 +352,37 @@ class SQLiteUserStore:
         """
         The user named C{username}, or L{None}.
         """
-        return self._fetch_user(username)
+        row = self._connection.execute(
+            _SELECT_USERS + " WHERE username = ?", (username,)
+        ).fetchone()
+        if row is None:
+            return None
+        user = self._decoded.get(row)
+        if user is None:
+            if len(self._decoded) >= DECODED_USERS:
+                self._decoded.clear()
+            user = self._decoded[row] = _user_from_row(row)
+        return user
+
+    def typical_hash_cost(self) -> int | None:
+        """
+        The bcrypt cost most stored password hashes have (the checker makes
+        an unknown user's check cost as much).
+
+        @return: the cost, or L{None} when no stored hash states one.
+        """
+        rows = self._connection.execute(
+            "SELECT substr(password_hash, 1, 7) AS prefix FROM users "
+            "GROUP BY prefix ORDER BY count(*) DESC"
+        )
+        for (prefix,) in rows:
+            # A hash written as text by hand is still a hash.
+            if isinstance(prefix, str):
+                prefix = prefix.encode("ascii", "replace")
+            cost = hash_cost(prefix) if isinstance(prefix, bytes) else None
+            if cost is not None:
+                return cost
+        return None
 
     def users(self, list: str | None = None) -> list[SmtpUser]:
         """
@@ -584,7 +631,7 @@ class ThreadedUserStore(Service):
         Call C{f} with this thread's L{SQLiteUserStore}, in the pool.
 
         Callers that must do several steps off the reactor (the credential
-        checker: lookup and bcrypt) do them in one hop this way.
+        checker: lookup and cache check) do them in one hop this way.
 
         @return: what C{f} returns, or fails with what it raised, or with
             L{StoreNotRunning}.

@@ -457,7 +457,7 @@ async def test_threaded_crud_runs_off_the_reactor_thread(threaded: ThreadedUserS
     assert new_password != password
     await threaded.run(lambda _store: threads.append(threading.current_thread()))
     assert threads[0] is not threading.main_thread()
-    assert threads[0].name.startswith("PoolThread-smtpgw-userstore")
+    assert threads[0].name.startswith("smtpgw-userstore")
     await threaded.delete_user(user.username)
     assert (await threaded.get_user(user.username)) is None
     await threaded.delete_list("news")
