@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 __all__ = ["AuthFailureTracker", "ConnectionCounter", "address_key"]
@@ -108,12 +109,18 @@ class ConnectionCounter:
 class AuthFailureTracker:
     """
     Remembers the failed logins of each client address within a sliding
-    window.
+    window, and the checks of its credentials still running.
 
     An address with L{limit} failures in the window is I{blocked} until the
     oldest of them leaves the window; failures are not forgotten on a
     successful login, so one valid credential cannot reset the count for a
     brute force on others.
+
+    A check still running may yet fail, so it counts against the limit too:
+    an address may have at most L{limit} minus its recent failures checks
+    running at once (L{begin} to L{end}); the others wait their turn. Many
+    parallel connections therefore cannot get more passwords checked than
+    the limit allows, nor raise more than one alert.
     """
 
     #: Stale addresses are swept after this many recorded failures.
@@ -129,6 +136,9 @@ class AuthFailureTracker:
         self.window = window
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._pending: dict[str, int] = {}
+        self._waiting: dict[str, deque[Deferred[bool]]] = {}
+        self._alerted: dict[str, float] = {}
         self._since_sweep = 0
 
     def _recent(self, address: str, now: float) -> deque[float] | None:
@@ -156,12 +166,110 @@ class AuthFailureTracker:
         """
         return self.failures(address) >= self.limit
 
+    def pending(self, address: str) -> int:
+        """
+        @return: the checks of C{address} begun and not yet ended.
+        """
+        return self._pending.get(address, 0)
+
+    def begin(self, address: str) -> bool | Deferred[bool]:
+        """
+        Ask to check a credential from C{address}.
+
+        @return: C{True} when the check may run now (call L{end} when it is
+            over); C{False} when the address is blocked; or a L{Deferred}
+            that fires with one of those once earlier checks have ended
+            (cancel it to give up the turn).
+        """
+        waiters = self._waiting.get(address)
+        if waiters:
+            # Failures may have left the window since the last check ended.
+            self._admit_waiters(address)
+            waiters = self._waiting.get(address)
+        failures = self.failures(address)
+        if failures >= self.limit:
+            return False
+        pending = self._pending.get(address, 0)
+        if not waiters and failures + pending < self.limit:
+            self._pending[address] = pending + 1
+            return True
+        waiter: Deferred[bool] = Deferred(lambda d: self._forget_waiter(address, d))
+        if waiters is None:
+            waiters = self._waiting[address] = deque()
+        waiters.append(waiter)
+        return waiter
+
+    def end(self, address: str, *, failed: bool) -> bool:
+        """
+        A check allowed by L{begin} is over; admit the checks waiting for
+        it, or refuse them all when this failure blocked the address.
+
+        @param failed: whether the credential was wrong.
+        @return: whether to raise the C{auth_failures} alert: this failure
+            blocked the address, and no alert was raised for the address
+            within the window.
+        """
+        pending = self._pending.get(address, 0) - 1
+        if pending > 0:
+            self._pending[address] = pending
+        else:
+            self._pending.pop(address, None)
+        alert = False
+        if failed:
+            before = self.failures(address)
+            if before < self.limit <= self.record_failure(address):
+                alert = self._first_alert(address)
+        if address in self._waiting:
+            self._admit_waiters(address)
+        return alert
+
+    def _first_alert(self, address: str) -> bool:
+        now = self._clock.seconds()
+        last = self._alerted.get(address)
+        if last is not None and now - last < self.window:
+            return False
+        self._alerted[address] = now
+        return True
+
+    def _admit_waiters(self, address: str) -> None:
+        waiters = self._waiting[address]
+        failures = self.failures(address)
+        outcomes: list[tuple[Deferred[bool], bool]] = []
+        if failures >= self.limit:
+            outcomes = [(waiter, False) for waiter in waiters]
+            waiters.clear()
+        else:
+            pending = self._pending.get(address, 0)
+            while waiters and failures + pending < self.limit:
+                outcomes.append((waiters.popleft(), True))
+                pending += 1
+            if pending:
+                self._pending[address] = pending
+        if not waiters:
+            del self._waiting[address]
+        # Slots are reserved before any waiter runs: a waiter's own check
+        # may end (and call back into this tracker) before the next fires.
+        for waiter, admitted in outcomes:
+            waiter.callback(admitted)
+
+    def _forget_waiter(self, address: str, waiter: Deferred[bool]) -> None:
+        waiters = self._waiting.get(address)
+        if waiters is None:
+            return
+        try:
+            waiters.remove(waiter)
+        except ValueError:
+            return
+        if not waiters:
+            del self._waiting[address]
+
     def record_failure(self, address: str) -> int:
         """
-        Count one failed login from C{address}.
+        Count one failed login from C{address} (L{end} does it for the
+        checks it admitted).
 
         @return: the failures of C{address} within the window, this one
-            included; the caller raises the alert when this equals L{limit}.
+            included.
         """
         now = self._clock.seconds()
         times = self._recent(address, now)
@@ -177,6 +285,10 @@ class AuthFailureTracker:
         self._since_sweep = 0
         for address in list(self._failures):
             self._recent(address, now)
+        horizon = now - self.window
+        for address, at in list(self._alerted.items()):
+            if at <= horizon:
+                del self._alerted[address]
 
     def tracked(self) -> int:
         """

@@ -86,9 +86,14 @@ class Limits:
     @ivar max_bad_commands: protocol errors (unknown commands, syntax errors,
         commands out of sequence) a session may make; the next one gets
         C{421 4.7.0} and the connection is closed.
-    @ivar auth_failure_limit: failed logins from one address within
-        L{auth_failure_window} before that address gets C{421 4.7.0} to
-        every AUTH (and an C{auth_failures} alert is raised, once).
+    @ivar auth_failure_limit: failed logins from one address (an IPv6
+        client: from one /64) within L{auth_failure_window} before that
+        address gets C{421 4.7.0} to every AUTH. A check still running counts
+        as a possible failure: at most this many, minus the recent failures,
+        are checked at once, and further AUTHs from the address wait their
+        turn, so parallel connections cannot get more guesses checked. The
+        C{auth_failures} alert is raised when the address becomes blocked,
+        at most once per L{auth_failure_window}.
     @ivar auth_failure_window: seconds over which failed logins are counted.
     @ivar auth_failure_delay: the tarpit step: the reply to the n-th failed
         login from an address within the window is delayed by n times this

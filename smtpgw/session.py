@@ -36,7 +36,7 @@ from typing import Any
 from attrs import frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IReactorTime,
@@ -316,6 +316,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._timer: IDelayedCall | None = None
         self._timer_at = 0.0
         self._delayed: IDelayedCall | None = None
+        self._auth_turn: Deferred[bool] | None = None
 
     # -- connection lifecycle -------------------------------------------
 
@@ -379,6 +380,9 @@ class GatewaySMTP(smtp.ESMTP):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._delayed = None
+        turn, self._auth_turn = self._auth_turn, None
+        if turn is not None:
+            turn.cancel()
         self._logout()
         if self._counted:
             self._counted = False
@@ -788,13 +792,39 @@ class GatewaySMTP(smtp.ESMTP):
             self._mode = _AUTH
             self._t.write(b"334 " + base64.b64encode(challenger.getChallenge()) + b"\r\n")
             return
+        admission = self.factory.auth_failures.begin(self._client_key)
+        if admission is True:
+            self._pause_until(self._check_credentials(challenger))
+        elif admission is False:
+            self._auth_blocked()
+        else:
+            # Other checks from this address are running: wait for a turn,
+            # reading nothing meanwhile.
+            self._auth_turn = admission
+            admission.addCallback(self._auth_admitted, challenger)
+            admission.addErrback(_left_the_queue)
+            self._pause_until(admission)
+
+    def _auth_admitted(self, admitted: bool, challenger: Any) -> Deferred[Any] | None:
+        self._auth_turn = None
+        if not admitted:
+            self._auth_blocked()
+            return None
+        return self._check_credentials(challenger)
+
+    def _check_credentials(self, challenger: Any) -> Deferred[Any]:
+        """
+        Check the credentials, within a turn given by the failure tracker;
+        the turn ends with the check, whether or not the client stayed.
+        """
         mind = SessionMind(self.factory.services, self._client_ip, self._tls_active)
         portal: Portal = self.portal  # type: ignore[assignment]
         d = portal.login(challenger, mind, IMessageDelivery)
         d.addCallbacks(self._auth_succeeded, self._auth_failed)
-        self._pause_until(d)
+        return d
 
     def _auth_succeeded(self, result: tuple[Any, Any, Callable[[], None]]) -> None:
+        self.factory.auth_failures.end(self._client_key, failed=False)
         _interface, avatar, logout = result
         if self._mode is _CLOSED:
             logout()
@@ -810,38 +840,44 @@ class GatewaySMTP(smtp.ESMTP):
         self._t.write(R_AUTH_OK)
 
     def _auth_failed(self, failure: Failure) -> Deferred[None] | None:
+        factory = self.factory
+        tracker = factory.auth_failures
+        key = self._client_key
         if not failure.check(UnauthorizedLogin):
+            tracker.end(key, failed=False)
             log.failure("AUTH could not be checked", failure)
             if self._mode is not _CLOSED:
                 self._t.write(R_AUTH_TEMPFAIL)
             return None
-        if self._mode is _CLOSED:
-            return None
-        factory = self.factory
+        # Counted even when the client has left: hanging up right after
+        # AUTH must not make a guess free.
+        alert = tracker.end(key, failed=True)
         limits = self._limits
-        failures = factory.auth_failures.record_failure(self._client_key)
+        failures = tracker.failures(key)
         log.info(
             "AUTH failed from {client_ip} ({failures} recently)",
             client_ip=self._client_ip,
             failures=failures,
         )
-        if failures >= limits.auth_failure_limit:
-            if failures == limits.auth_failure_limit:
-                factory.alerts.raise_alert(
-                    Alert(
-                        type="auth_failures",
-                        message=(
-                            f"{failures} failed SMTP logins from {self._client_key} within "
-                            f"{limits.auth_failure_window:g} s; further AUTH refused"
-                        ),
-                        created_at=self._clock.seconds(),
-                        details={
-                            "client_ip": self._client_key,
-                            "failures": failures,
-                            "window": limits.auth_failure_window,
-                        },
-                    )
+        if alert:
+            factory.alerts.raise_alert(
+                Alert(
+                    type="auth_failures",
+                    message=(
+                        f"{failures} failed SMTP logins from {key} within "
+                        f"{limits.auth_failure_window:g} s; further AUTH refused"
+                    ),
+                    created_at=self._clock.seconds(),
+                    details={
+                        "client_ip": key,
+                        "failures": failures,
+                        "window": limits.auth_failure_window,
+                    },
                 )
+            )
+        if self._mode is _CLOSED:
+            return None
+        if failures >= limits.auth_failure_limit:
             self._auth_blocked()
             return None
         delay = min(limits.auth_failure_delay * failures, limits.auth_failure_delay_cap)
@@ -1047,6 +1083,10 @@ class GatewaySMTP(smtp.ESMTP):
         else:
             refused: MessageRejected = failure.value  # type: ignore[assignment]
             self._t.write(b"%d %s\r\n" % (refused.code, refused.reply_bytes()))
+
+
+def _left_the_queue(failure: Failure) -> None:
+    failure.trap(CancelledError)
 
 
 def _login_not_recorded(failure: Failure, username: str) -> None:

@@ -11,6 +11,7 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
 from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, address_key
@@ -279,3 +280,98 @@ def test_auth_failure_tracker_forgets_old_addresses() -> None:
     for i in range(100):
         tracker.record_failure(f"10.9.0.{i}")
     assert tracker.tracked() == 100
+
+
+def test_auth_checks_in_flight_count_against_the_limit() -> None:
+    """
+    A check in flight counts as a possible failure: with C{limit} checks
+    begun, the next one waits; it is admitted when one ends well.
+    """
+    clock = Clock()
+    tracker = AuthFailureTracker(limit=3, window=100, clock=clock)
+    assert [tracker.begin("a") for _ in range(3)] == [True, True, True]
+    assert tracker.pending("a") == 3
+    waiting = tracker.begin("a")
+    assert isinstance(waiting, Deferred)
+    admitted: list[bool] = []
+    waiting.addCallback(admitted.append)
+    assert tracker.begin("b") is True
+    assert tracker.end("a", failed=False) is False
+    assert admitted == [True]
+    assert tracker.pending("a") == 3
+
+
+def test_auth_waiters_are_admitted_in_order_and_refused_when_blocked() -> None:
+    """
+    Waiting checks are admitted first come, first served; when failures
+    block the address, every waiting check is refused at once.
+    """
+    clock = Clock()
+    tracker = AuthFailureTracker(limit=2, window=100, clock=clock)
+    assert tracker.begin("a") is True
+    assert tracker.begin("a") is True
+    outcomes: list[tuple[int, bool]] = []
+    for i in range(3):
+        d = tracker.begin("a")
+        assert isinstance(d, Deferred)
+        d.addCallback(lambda ok, i: outcomes.append((i, ok)), i)
+    assert tracker.end("a", failed=False) is False
+    assert outcomes == [(0, True)]
+    assert tracker.end("a", failed=True) is False
+    assert outcomes == [(0, True)]
+    assert tracker.end("a", failed=True) is True
+    assert outcomes == [(0, True), (1, False), (2, False)]
+    assert tracker.blocked("a")
+    assert tracker.begin("a") is False
+    assert tracker.pending("a") == 0
+
+
+def test_cancelled_auth_waiter_leaves_the_queue() -> None:
+    """
+    A waiting check whose client left is forgotten: the slot goes to the
+    next one.
+    """
+    clock = Clock()
+    tracker = AuthFailureTracker(limit=1, window=100, clock=clock)
+    assert tracker.begin("a") is True
+    gone = tracker.begin("a")
+    nxt = tracker.begin("a")
+    assert isinstance(gone, Deferred)
+    assert isinstance(nxt, Deferred)
+    gone.addErrback(lambda f: f.trap(CancelledError))
+    gone.cancel()
+    admitted: list[bool] = []
+    nxt.addCallback(admitted.append)
+    tracker.end("a", failed=False)
+    assert admitted == [True]
+    assert tracker.pending("a") == 1
+    tracker.end("a", failed=False)
+    assert tracker.pending("a") == 0
+
+
+def test_auth_alert_once_per_blocking() -> None:
+    """
+    end() asks for the alert only when a failure blocks the address, and not
+    again while an alert for that address is younger than the window.
+    """
+    clock = Clock()
+    tracker = AuthFailureTracker(limit=2, window=100, clock=clock)
+    asked = []
+    for _ in range(2):
+        assert tracker.begin("a") is True
+        asked.append(tracker.end("a", failed=True))
+        clock.advance(10)
+    assert asked == [False, True]
+    clock.advance(79.9)
+    assert tracker.blocked("a")
+    clock.advance(0.1)
+    # The first failure left the window: one more try, which blocks again,
+    # within the window of the alert.
+    assert tracker.begin("a") is True
+    assert tracker.end("a", failed=True) is False
+    assert tracker.blocked("a")
+    clock.advance(100)
+    for _ in range(2):
+        assert tracker.begin("a") is True
+        last = tracker.end("a", failed=True)
+    assert last is True

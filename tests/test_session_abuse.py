@@ -630,6 +630,115 @@ def test_auth_failures_from_one_ipv6_64_add_up() -> None:
     assert harness.connect("2001:db8:5:7::1").login()[-1].startswith(b"235 ")
 
 
+def test_parallel_failed_logins_cannot_overshoot_the_limit() -> None:
+    """
+    30 connections from one address send a wrong password at once: only
+    auth_failure_limit of them are checked (bcrypt runs 3 times, not 30);
+    when those fail, every connection gets 421 4.7.0 (the first two 535)
+    and one auth_failures alert is raised.
+    """
+    limits = Limits(auth_failure_limit=3, auth_failure_delay=0)
+    harness = Harness(limits=limits, delayed_auth=True)
+    clients = [harness.connect("203.0.113.9") for _ in range(30)]
+    for client in clients:
+        client.command(b"EHLO c")
+        _fail_login(client)
+    assert len(harness.runner.waiting) == 3
+    harness.runner.release()
+    assert harness.runner.waiting == []
+    codes = [c.codes() for c in clients]
+    assert codes.count([b"535"]) == 2
+    assert codes.count([b"421"]) == 28
+    assert len(harness.alerts.of_type("auth_failures")) == 1
+    assert harness.factory.auth_failures.failures("203.0.113.9") == 3
+    assert harness.factory.auth_failures.pending("203.0.113.9") == 0
+    other = harness.connect("198.51.100.200")
+    other.command(b"EHLO c")
+    other.send(b"AUTH PLAIN " + plain() + b"\r\n")
+    harness.runner.release()
+    assert other.codes() == [b"235"]
+
+
+def test_parallel_logins_at_the_limit_run_and_one_past_it_waits() -> None:
+    """
+    auth_failure_limit checks from one address may run at once; one more
+    waits (unanswered, reading nothing) until one of them ends, then is
+    checked and logs in.
+    """
+    harness = Harness(limits=Limits(auth_failure_limit=3), delayed_auth=True)
+    clients = [harness.connect("203.0.113.10") for _ in range(4)]
+    for client in clients:
+        client.command(b"EHLO c")
+        client.send(b"AUTH PLAIN " + plain() + b"\r\nNOOP\r\n")
+    assert len(harness.runner.waiting) == 3
+    harness.runner.release()
+    assert [c.codes() for c in clients[:3]] == [[b"235", b"250"]] * 3
+    assert clients[3].replies() == []
+    assert len(harness.runner.waiting) == 1
+    harness.runner.release()
+    assert clients[3].codes() == [b"235", b"250"]
+    assert harness.factory.auth_failures.pending("203.0.113.10") == 0
+
+
+def test_recent_failures_leave_fewer_checks_in_flight() -> None:
+    """
+    With limit - 1 failures on record, one check at a time runs; a second
+    AUTH waits, and is refused with 421 when the first one fails.
+    """
+    limits = Limits(auth_failure_limit=3, auth_failure_delay=0)
+    harness = Harness(limits=limits, delayed_auth=True)
+    tracker = harness.factory.auth_failures
+    tracker.record_failure("203.0.113.11")
+    tracker.record_failure("203.0.113.11")
+    first, second = harness.connect("203.0.113.11"), harness.connect("203.0.113.11")
+    for client in (first, second):
+        client.command(b"EHLO c")
+        _fail_login(client)
+    assert len(harness.runner.waiting) == 1
+    harness.runner.release()
+    assert first.codes() == [b"421"]
+    assert second.codes() == [b"421"]
+    assert harness.runner.waiting == []
+    assert len(harness.alerts.of_type("auth_failures")) == 1
+
+
+def test_hanging_up_during_the_check_still_counts_the_failure() -> None:
+    """
+    A client that leaves before its wrong password was checked still has
+    the failure counted, and its slot is freed.
+    """
+    harness = Harness(limits=Limits(auth_failure_limit=3), delayed_auth=True)
+    client = harness.connect("203.0.113.12")
+    client.command(b"EHLO c")
+    _fail_login(client)
+    client.lose()
+    harness.runner.release()
+    assert harness.factory.auth_failures.failures("203.0.113.12") == 1
+    assert harness.factory.auth_failures.pending("203.0.113.12") == 0
+    assert client.replies() == []
+    assert harness.clock.getDelayedCalls() == []
+
+
+def test_hanging_up_while_waiting_for_a_check_frees_nothing_else() -> None:
+    """
+    A client that leaves while its AUTH waits for a turn is forgotten:
+    the next waiting one gets the slot, nothing errs.
+    """
+    harness = Harness(limits=Limits(auth_failure_limit=1), delayed_auth=True)
+    clients = [harness.connect("203.0.113.13") for _ in range(3)]
+    for client in clients:
+        client.command(b"EHLO c")
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+    assert len(harness.runner.waiting) == 1
+    clients[1].lose()
+    harness.runner.release()
+    assert clients[0].codes() == [b"235"]
+    assert len(harness.runner.waiting) == 1
+    harness.runner.release()
+    assert clients[2].codes() == [b"235"]
+    assert harness.factory.auth_failures.pending("203.0.113.13") == 0
+
+
 def test_connection_lost_during_the_tarpit_is_clean() -> None:
     """
     A client that hangs up while its failed login is tarpitted leaves no
