@@ -13,6 +13,12 @@ Who does what:
     makes it durable with one C{fdatasync} (group commit) and hands the
     whole batch's results back with one C{callFromThread}; between batches
     it rotates and compacts segments;
+  - housekeeping (rotation, compaction, deleting dead segments) never
+    decides the outcome of a batch: a batch that reached the disk is
+    reported durable whatever happens after, and a housekeeping step that
+    fails is logged, left alone for a while (L{DEFAULT_RETRY_INTERVAL},
+    doubling up to L{HOUSEKEEPING_RETRY_MAX}) and tried again, while the
+    journal goes on taking mail;
   - reads run on a thread pool;
   - replay, at start and before the writer runs, happens on the caller's
     thread.
@@ -23,8 +29,13 @@ only the oldest keeps every state record of a live message on disk: those
 records always come after the message's accept record. When the oldest
 segment holds few live messages, or the journal takes much more room than
 its live messages, the live messages of the oldest segment are copied
-forward (their accept record with the current priority, then their current
-state), which bounds disk use under sustained load.
+forward (a COPY record: their accept record with the current priority,
+then their current state), which bounds disk use under sustained load.
+
+Queue ids: an ACCEPT whose queue id is live (accepted and not final) is
+refused with L{QueueIdInUse} rather than written: only COPY records may
+repeat a live queue id, so a colliding id can never take the place of an
+earlier message.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from attrs import define, field, frozen
@@ -90,12 +101,14 @@ __all__ = [
     "DEFAULT_COMPACT_LIVE_RATIO",
     "DEFAULT_RETRY_INTERVAL",
     "DEFAULT_SEGMENT_SIZE",
+    "HOUSEKEEPING_RETRY_MAX",
     "FileJournal",
     "FileOps",
     "JournalFormatError",
     "JournalLocked",
     "JournalReadError",
     "JournalStats",
+    "QueueIdInUse",
 ]
 
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
@@ -110,7 +123,12 @@ DEFAULT_COMPACTION_CHUNK = 4 * 1024 * 1024
 commit, so compaction never holds back acknowledgements for long."""
 
 DEFAULT_RETRY_INTERVAL = 5.0
-"""Seconds between attempts to write again after a write failed."""
+"""Seconds between attempts to write again after a write failed, and the
+first wait before a failed housekeeping step is tried again."""
+
+HOUSEKEEPING_RETRY_MAX = 300.0
+"""The longest wait, in seconds, before a housekeeping step that keeps
+failing is tried again (the wait doubles from the retry interval)."""
 
 _SEGMENT_NAME = re.compile(r"\A(\d{12})\.seg\Z")
 _LOCK_NAME = "LOCK"
@@ -118,6 +136,11 @@ _LOCK_NAME = "LOCK"
 # used again once there is room. After any other error (EIO...) the page
 # cache may no longer match the disk, so writing goes on in a new segment.
 _CLEAN_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The housekeeping steps, as logged.
+_ROTATION = "segment rotation"
+_COMPACTION = "compaction"
+_DELETION = "deletion of dead segments"
+_INDEX = "index update"
 
 
 class JournalReadError(Exception):
@@ -137,6 +160,15 @@ class JournalFormatError(Exception):
 class JournalLocked(Exception):
     """
     Another process uses this journal directory.
+    """
+
+
+class QueueIdInUse(JournalUnavailable):
+    """
+    An accept was refused because its queue id belongs to a message that is
+    still live in the journal: writing it would hide the earlier message.
+    Nothing was written; the session answers with a temporary failure and
+    the client's retry gets a fresh id.
     """
 
 
@@ -171,6 +203,9 @@ class JournalStats:
     @ivar write_errors: group commits that failed.
     @ivar copied_records: accept records copied forward by compaction.
     @ivar deleted_segments: segment files deleted by compaction.
+    @ivar housekeeping_failures: rotation, compaction or deletion steps
+        that failed unexpectedly (each is logged and retried later).
+    @ivar refused_queue_ids: accepts refused because their queue id was live.
     """
 
     fsyncs: int
@@ -185,6 +220,8 @@ class JournalStats:
     live_bytes: int
     copied_records: int
     deleted_segments: int
+    housekeeping_failures: int
+    refused_queue_ids: int
 
     @property
     def records_per_fsync(self) -> float:
@@ -261,15 +298,27 @@ class _Index:
             del self.live_bytes[segment]
         self.total_live_bytes -= length
 
-    def on_accept(self, queue_id: str, segment: int, offset: int, length: int) -> _Live | None:
+    def on_accept(self, queue_id: str, segment: int, offset: int, length: int) -> None:
         """
-        @return: the entry, when this accept record is a copy of one
-            already seen (compaction moved it); its state is kept.
+        A new message.
+
+        @raise ValueError: if C{queue_id} is live (the writer refuses such
+            an accept before writing it, so this is a bug).
+        """
+        if queue_id in self.live:
+            raise ValueError(f"accept record for live queue id {queue_id}")
+        self.live[queue_id] = _Live(segment, offset, length)
+        self._add(segment, length)
+
+    def on_copy(self, queue_id: str, segment: int, offset: int, length: int) -> _Live | None:
+        """
+        A copy made by compaction: the message's state is kept.
+
+        @return: the entry, whose C{moved_from} now holds its earlier
+            location; L{None} if the message is no longer live.
         """
         entry = self.live.get(queue_id)
         if entry is None:
-            self.live[queue_id] = _Live(segment, offset, length)
-            self._add(segment, length)
             return None
         if entry.moved_from is None:
             entry.moved_from = []
@@ -374,16 +423,21 @@ class _Segment:
 @define(eq=False)
 class _Pending:
     """
-    A record waiting for the writer; a barrier (no payload) waits for
-    compaction to finish instead.
+    A record waiting for the writer; a barrier (no payload) takes up the
+    suspended housekeeping steps instead and, when C{compact}, waits for
+    compaction to finish.
     """
 
     payload: Payload | None
     deferred: Deferred[Any]
     gives_location: bool = False
+    compact: bool = False
 
 
-_Outcome = list[JournalLocation | None] | BaseException
+# Per record: where it lies, or why it alone was refused (barriers: None);
+# or what failed the whole batch.
+_Outcome = Sequence[JournalLocation | Exception | None] | BaseException
+_T = TypeVar("_T")
 _Visit = Callable[[RecordType, bytes, int, int], None]
 
 
@@ -451,6 +505,15 @@ class _SegmentStore:
 
     @ivar warn: logs a warning; L{FileJournal} points it at the reactor
         thread while the writer runs.
+    @ivar report_housekeeping: called with a step's name and the failure
+        when a housekeeping step fails unexpectedly, and with L{None} once
+        the step that failed works again; L{FileJournal} points it at the
+        reactor thread, which logs and schedules the retry.
+    @ivar suspended: the housekeeping steps that failed and are not tried
+        again until L{retry_housekeeping}.
+    @ivar index_trusted: cleared if applying written records to the index
+        failed: the index may then be wrong, so no segment is compacted or
+        deleted until a restart rebuilds it from the disk.
     """
 
     def __init__(
@@ -466,6 +529,8 @@ class _SegmentStore:
         self.directory = directory
         self.lookup = lookup
         self.warn: Callable[..., None] = log.warn
+        self._log = log
+        self.report_housekeeping: Callable[[str, Failure | None], None] = self._log_housekeeping
         self.segment_size = segment_size
         self.compact_live_ratio = compact_live_ratio
         self.compaction_chunk = compaction_chunk
@@ -488,6 +553,16 @@ class _SegmentStore:
         self.write_errors = 0
         self.copied_records = 0
         self.deleted_segments = 0
+        self.housekeeping_failures = 0
+        self.refused_queue_ids = 0
+        self.repeated_accepts = 0
+        self.suspended: set[str] = set()
+        self.index_trusted = True
+        self._failing: set[str] = set()
+
+    def _log_housekeeping(self, step: str, failure: Failure | None) -> None:
+        if failure is not None:
+            self._log.failure("journal: {step} failed", failure, step=step)
 
     # Opening and recovery
 
@@ -518,6 +593,13 @@ class _SegmentStore:
             self.lookup.add_segment(segment.number, segment.key)
         for segment in self.segments:
             self._scan(segment)
+        if self.repeated_accepts:
+            self.warn(
+                "journal: {count} accept records repeat the queue id of a live message;"
+                " each replaces the earlier one (journals written before compaction"
+                " copies had a record type of their own)",
+                count=self.repeated_accepts,
+            )
         self.index.recount()
         self.write_fd = os.open(self.current.path, os.O_WRONLY | os.O_CLOEXEC)
 
@@ -706,18 +788,24 @@ class _SegmentStore:
         """
         live = self.index.live
         number = segment.number
-        accept, state, priority = RecordType.ACCEPT, RecordType.STATE, RecordType.PRIORITY
+        accept, copy = RecordType.ACCEPT, RecordType.COPY
+        state, priority = RecordType.STATE, RecordType.PRIORITY
         position = start
         try:
             for offset, rtype, length, meta in walk_records(mm, start, end, segment.key, False):
                 position = offset + length
                 try:
-                    if rtype is accept:
+                    if rtype is accept or rtype is copy:
                         queue_id = accept_queue_id(meta)
                         entry = live.get(queue_id)
                         if entry is None:
                             live[queue_id] = entry = _Live(number, offset, length)
                         else:
+                            # A later record of a live message: a copy, or
+                            # (journals written before COPY records existed,
+                            # or a duplicate id) an ACCEPT that replaces it.
+                            if rtype is accept:
+                                self.repeated_accepts += 1
                             entry.segment, entry.offset, entry.length = number, offset, length
                         entry.meta = meta
                     elif rtype is state:
@@ -821,21 +909,35 @@ class _SegmentStore:
     def _start_new_segment(self) -> None:
         new = self._create_segment(self.current.number + 1)
         fd = os.open(new.path, os.O_WRONLY | os.O_CLOEXEC)
-        os.close(self.write_fd)
-        self.write_fd = fd
+        old, self.write_fd = self.write_fd, fd
         self.segments.append(new)
         self.lookup.add_segment(new.number, new.key)
         self.needs_new_segment = False
+        try:
+            os.close(old)
+        except OSError as e:
+            # The descriptor is released all the same; what it wrote was synced.
+            self.warn(
+                "journal: closing segment {segment}: {error}", segment=new.number - 1, error=str(e)
+            )
 
-    def commit(self, payloads: Sequence[Payload]) -> list[JournalLocation] | OSError:
+    def commit(self, payloads: Sequence[Payload]) -> list[JournalLocation] | Exception:
         """
         Write C{payloads} with one write and one fdatasync, then apply them
         to the index. On failure the segment is cut back to where it was.
+
+        Once the fdatasync returned, the records are durable and their
+        locations are returned whatever happens next: a failure to apply
+        them to the index or to rotate is handled as a housekeeping failure.
+
+        @return: the location of each record, or the error that kept them
+            from the disk (an L{OSError}, or any other exception from the
+            write path, handled as an I/O error).
         """
         try:
             if self.needs_new_segment:
                 self._start_new_segment()
-        except OSError as e:
+        except Exception as e:
             self.write_errors += 1
             return e
         segment = self.current
@@ -852,7 +954,7 @@ class _SegmentStore:
             began = perf_counter()
             self.ops.fdatasync(self.write_fd)
             self.last_fsync_seconds = perf_counter() - began
-        except OSError as e:
+        except Exception as e:
             self.write_errors += 1
             self._undo_write(start, e)
             return e
@@ -861,35 +963,47 @@ class _SegmentStore:
         self.records += len(payloads)
         self.bytes_written += offset - start
         self.last_batch_records = len(payloads)
-        for payload, location in zip(payloads, locations, strict=True):
-            self._apply(payload, location)
-        if segment.size >= self.segment_size:
+        # Durable from here on.
+        if self.index_trusted:
             try:
-                self._start_new_segment()
-            except OSError as e:
-                if not self._rotation_failing:
-                    self.warn(
-                        "journal: cannot start a new segment ({error}); segment {segment} grows",
-                        error=str(e),
-                        segment=segment.number,
-                    )
-                self._rotation_failing = True
-            else:
-                self._rotation_failing = False
+                for payload, location in zip(payloads, locations, strict=True):
+                    self._apply(payload, location)
+            except Exception:
+                self._index_failed(Failure())
+        if segment.size >= self.segment_size:
+            self._housekeep(_ROTATION, self._rotate, None, needs_index=False)
         return locations
 
-    def _undo_write(self, start: int, error: OSError) -> None:
+    def _rotate(self) -> None:
+        try:
+            self._start_new_segment()
+        except OSError as e:
+            if not self._rotation_failing:
+                self.warn(
+                    "journal: cannot start a new segment ({error}); segment {segment} grows",
+                    error=str(e),
+                    segment=self.current.number,
+                )
+            self._rotation_failing = True
+        else:
+            self._rotation_failing = False
+
+    def _undo_write(self, start: int, error: Exception) -> None:
         try:
             os.ftruncate(self.write_fd, start)
             self.ops.fdatasync(self.write_fd)
-        except OSError:
+        except Exception:
             self.needs_new_segment = True
-        if error.errno not in _CLEAN_WRITE_ERRORS:
+        if not isinstance(error, OSError) or error.errno not in _CLEAN_WRITE_ERRORS:
             self.needs_new_segment = True
 
     def _apply(self, payload: Payload, location: JournalLocation) -> None:
         if payload.type is RecordType.ACCEPT:
-            moved = self.index.on_accept(
+            self.index.on_accept(
+                accept_queue_id(payload.meta), location.segment, location.offset, location.length
+            )
+        elif payload.type is RecordType.COPY:
+            moved = self.index.on_copy(
                 accept_queue_id(payload.meta), location.segment, location.offset, location.length
             )
             if moved is not None and moved.moved_from:
@@ -924,7 +1038,13 @@ class _SegmentStore:
         return None
 
     def compaction_due(self) -> bool:
-        return not self.compaction_blocked and self._compaction_target() is not None
+        if self.compaction_blocked or _COMPACTION in self.suspended or not self.index_trusted:
+            return False
+        try:
+            return self._compaction_target() is not None
+        except Exception:
+            self._housekeeping_failed(_COMPACTION, Failure())
+            return False
 
     def plan_copies(self) -> list[Payload]:
         """
@@ -976,10 +1096,10 @@ class _SegmentStore:
             raise CorruptRecord("record metadata checksum mismatch")
         body = data[RECORD_HEADER_SIZE + header.meta_length :]
         if entry.priority is None:
-            return Payload(RecordType.ACCEPT, meta, body, header.meta_crc, header.body_crc)
+            return Payload(RecordType.COPY, meta, body, header.meta_crc, header.body_crc)
         envelope = attrs.evolve(decode_envelope(meta), priority=entry.priority)
-        new_meta = encode_accept(envelope, b"").meta
-        return Payload(RecordType.ACCEPT, new_meta, body, body_crc=header.body_crc)
+        new_meta = encode_accept(envelope, b"", copy=True).meta
+        return Payload(RecordType.COPY, new_meta, body, body_crc=header.body_crc)
 
     def delete_dead_segments(self) -> None:
         """
@@ -990,8 +1110,16 @@ class _SegmentStore:
             oldest = self.segments[0]
             self.lookup.remove_segment(oldest.number)
             if oldest.read_fd is not None:
-                os.close(oldest.read_fd)
-                oldest.read_fd = None
+                fd, oldest.read_fd = oldest.read_fd, None
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    # Released all the same; only reads went through it.
+                    self.warn(
+                        "journal: closing segment {segment}: {error}",
+                        segment=oldest.number,
+                        error=str(e),
+                    )
             try:
                 os.unlink(oldest.path)
             except FileNotFoundError:
@@ -1023,38 +1151,113 @@ class _SegmentStore:
     def compact_fully(self) -> None:
         """
         Compact until nothing is due (or a write fails).
+
+        @raise Exception: what a write raised other than an L{OSError}.
         """
         while True:
             self.delete_dead_segments()
             copies = self.plan_copies()
             if not copies:
                 return
-            if isinstance(self.commit(copies), OSError):
+            written = self.commit(copies)
+            if isinstance(written, Exception):
                 self._compaction_failed()
+                if not isinstance(written, OSError):
+                    raise written
                 return
+
+    # Housekeeping: whatever goes wrong here is logged and tried again
+    # later; it never fails a batch nor ends the writer.
+
+    def _housekeep(
+        self, step: str, action: Callable[[], _T], fallback: _T, needs_index: bool = True
+    ) -> _T:
+        """
+        @return: what C{action} returns, or C{fallback} if C{step} is
+            suspended or failed now.
+        """
+        if step in self.suspended or (needs_index and not self.index_trusted):
+            return fallback
+        try:
+            result = action()
+        except Exception:
+            self._housekeeping_failed(step, Failure())
+            return fallback
+        if step in self._failing:
+            self._failing.discard(step)
+            self.report_housekeeping(step, None)
+        return result
+
+    def _housekeeping_failed(self, step: str, failure: Failure) -> None:
+        self.housekeeping_failures += 1
+        self.suspended.add(step)
+        self._failing.add(step)
+        self.report_housekeeping(step, failure)
+
+    def _index_failed(self, failure: Failure) -> None:
+        # Compacting or deleting on a wrong index could drop live messages;
+        # replay at the next start rebuilds it from the records.
+        self.index_trusted = False
+        self.housekeeping_failures += 1
+        self.report_housekeeping(_INDEX, failure)
+
+    def tidy(self) -> None:
+        """
+        Delete the segments that hold nothing live any more (after a batch).
+        """
+        self._housekeep(_DELETION, self.delete_dead_segments, None)
+
+    def retry_housekeeping(self, full: bool) -> None:
+        """
+        Take up the suspended steps again: rotation (if due) and deletion
+        now, then, with C{full}, compaction until nothing is due; otherwise
+        compaction resumes with the next batches.
+        """
+        self.suspended.clear()
+        if self.current.size >= self.segment_size:
+            self._housekeep(_ROTATION, self._rotate, None, needs_index=False)
+        self.tidy()
+        if full:
+            self._housekeep(_COMPACTION, self.compact_fully, None)
 
     def process(self, batch: Sequence[_Pending], compact: bool) -> _Outcome:
         """
-        Group-commit C{batch}, with a chunk of compaction copies ahead of it.
+        Group-commit the records of C{batch} (no barriers), with a chunk of
+        compaction copies ahead of them. An accept whose queue id is live
+        (or accepted earlier in the batch) is refused and not written.
 
-        @return: the location of each record of C{batch} (L{None} for a
-            barrier), or the error that failed them all.
+        @return: the location of each record of C{batch}, or the
+            L{QueueIdInUse} that refused it; or the error that failed them all.
         """
-        payloads = [pending.payload for pending in batch if pending.payload is not None]
-        copies = self.plan_copies() if compact else []
-        locations: list[JournalLocation] = []
+        outcome: list[JournalLocation | Exception | None] = [None] * len(batch)
+        payloads: list[Payload] = []
+        slots: list[int] = []
+        live = self.index.live
+        accepted: set[str] = set()
+        for slot, pending in enumerate(batch):
+            payload = pending.payload
+            assert payload is not None
+            if payload.type is RecordType.ACCEPT:
+                queue_id = accept_queue_id(payload.meta)
+                if queue_id in live or queue_id in accepted:
+                    self.refused_queue_ids += 1
+                    outcome[slot] = QueueIdInUse(f"queue id {queue_id} is already in use")
+                    continue
+                accepted.add(queue_id)
+            payloads.append(payload)
+            slots.append(slot)
+        copies: list[Payload] = []
+        if compact:
+            copies = self._housekeep(_COMPACTION, self.plan_copies, copies)
         if payloads or copies:
             written = self.commit(copies + payloads)
-            if isinstance(written, OSError):
+            if isinstance(written, Exception):
                 self._compaction_failed()
                 return written
             if payloads:
                 self.compaction_blocked = False
-            locations = written[len(copies) :]
-        found = iter(locations)
-        outcome = [next(found) if pending.payload is not None else None for pending in batch]
-        if compact and len(payloads) < len(batch):
-            self.compact_fully()
+            for slot, location in zip(slots, written[len(copies) :], strict=True):
+                outcome[slot] = location
         return outcome
 
     def stats(self) -> JournalStats:
@@ -1071,6 +1274,8 @@ class _SegmentStore:
             live_bytes=self.index.total_live_bytes,
             copied_records=self.copied_records,
             deleted_segments=self.deleted_segments,
+            housekeeping_failures=self.housekeeping_failures,
+            refused_queue_ids=self.refused_queue_ids,
         )
 
     def close(self) -> None:
@@ -1136,23 +1341,39 @@ class _Writer:
     def _run(self) -> None:
         try:
             # Segments that replay found dead go now, not after the first batch.
-            self._store.delete_dead_segments()
+            self._store.tidy()
             while True:
                 batch, stopping = self._next_batch()
                 if stopping and not batch:
                     break
-                try:
-                    outcome = self._store.process(batch, compact=not stopping)
-                except BaseException as e:
-                    self._deliver(batch, e)
-                    raise
-                self._deliver(batch, outcome)
-                if not isinstance(outcome, BaseException):
-                    self._store.delete_dead_segments()
+                self._one_batch(batch, stopping)
         except BaseException:
             self._exited(Failure())
         else:
             self._exited(None)
+
+    def _one_batch(self, batch: list[_Pending], stopping: bool) -> None:
+        records = batch
+        barriers: list[_Pending] = []
+        if any(pending.payload is None for pending in batch):
+            records = [pending for pending in batch if pending.payload is not None]
+            barriers = [pending for pending in batch if pending.payload is None]
+        try:
+            outcome = self._store.process(records, compact=not stopping)
+        except BaseException as e:
+            self._deliver(batch, e)
+            raise
+        if records or isinstance(outcome, BaseException):
+            self._deliver(records, outcome)
+        # Housekeeping comes after the batch's outcome is on its way: it
+        # cannot change it, and it never raises an Exception.
+        try:
+            self._store.tidy()
+            if barriers and not stopping:
+                self._store.retry_housekeeping(full=any(b.compact for b in barriers))
+        finally:
+            if barriers:
+                self._deliver(barriers, [None] * len(barriers))
 
 
 class _Phase(enum.Enum):
@@ -1219,6 +1440,8 @@ class FileJournal:
         self._phase = _Phase.NEW
         self._writer: _Writer | None = None
         self._retry: IDelayedCall | None = None
+        self._housekeeping_retry: IDelayedCall | None = None
+        self._housekeeping_streak = 0
         self._stopped: list[Deferred[None]] = []
         self.accepting = True
 
@@ -1263,6 +1486,7 @@ class FileJournal:
         if self._phase is not _Phase.OPEN:
             raise RuntimeError(f"cannot start a journal that is {self._phase.value}")
         self._store.warn = self._warn_from_thread
+        self._store.report_housekeeping = self._housekeeping_from_thread
         self._writer = _Writer(self._store, self._deliver_from_thread, self._exited_from_thread)
         self._phase = _Phase.RUNNING
         self._writer.thread.start()
@@ -1274,9 +1498,7 @@ class FileJournal:
 
         @return: fires once all that is done.
         """
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._cancel_timers()
         if self._phase is _Phase.RUNNING:
             assert self._writer is not None
             self._phase = _Phase.STOPPING
@@ -1326,10 +1548,12 @@ class FileJournal:
 
     def compact(self) -> Deferred[None]:
         """
+        Take up any suspended housekeeping step and compact fully.
+
         @return: fires once the records queued before are written (or have
             failed) and compaction has nothing more to do (or cannot go on).
         """
-        return self._submit(None)
+        return self._submit(None, compact=True)
 
     def read(self, location: JournalLocation) -> Deferred[tuple[Envelope, bytes]]:
         """
@@ -1378,12 +1602,20 @@ class FileJournal:
             return record.envelope, record.body
         raise JournalReadError(f"{requested} is no longer in the journal")
 
-    def _submit(self, payload: Payload | None, gives_location: bool = False) -> Deferred[Any]:
+    def _submit(
+        self, payload: Payload | None, gives_location: bool = False, compact: bool = False
+    ) -> Deferred[Any]:
         if self._phase is not _Phase.RUNNING or self._writer is None:
             return fail(JournalUnavailable(f"the journal is {self._phase.value}"))
         deferred: Deferred[Any] = Deferred()
-        self._writer.submit(_Pending(payload, deferred, gives_location))
+        self._writer.submit(_Pending(payload, deferred, gives_location, compact))
         return deferred
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._retry, self._housekeeping_retry):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._retry = self._housekeeping_retry = None
 
     # Calls from the writer thread, each hopping to the reactor thread.
 
@@ -1396,6 +1628,9 @@ class FileJournal:
     def _exited_from_thread(self, failure: Failure | None) -> None:
         self._reactor.callFromThread(self._writer_exited, failure)
 
+    def _housekeeping_from_thread(self, step: str, failure: Failure | None) -> None:
+        self._reactor.callFromThread(self._housekeeping_report, step, failure)
+
     def _batch_done(self, batch: Sequence[_Pending], outcome: _Outcome) -> None:
         if isinstance(outcome, BaseException):
             self._write_failed(outcome)
@@ -1406,24 +1641,38 @@ class FileJournal:
                     error = JournalUnavailable(f"journal write failed: {outcome}")
                     pending.deferred.errback(error)
             return
-        wrote = any(pending.payload is not None for pending in batch)
-        if wrote and not self.accepting and self._phase is _Phase.RUNNING:
+        if (
+            not self.accepting
+            and self._phase is _Phase.RUNNING
+            and any(isinstance(result, JournalLocation) for result in outcome)
+        ):
             self._log.info("journal: writing works again")
             self.accepting = True
             if self._retry is not None and self._retry.active():
                 self._retry.cancel()
             self._retry = None
-        for pending, location in zip(batch, outcome, strict=True):
-            pending.deferred.callback(location if pending.gives_location else None)
+        for pending, result in zip(batch, outcome, strict=True):
+            if isinstance(result, Exception):
+                pending.deferred.errback(result)
+            else:
+                pending.deferred.callback(result if pending.gives_location else None)
 
     def _write_failed(self, error: BaseException) -> None:
         if self.accepting:
-            self._log.warn(
-                "journal: cannot write ({error}); refusing mail with 452 and"
-                " retrying every {interval} seconds",
-                error=str(error),
-                interval=self._retry_interval,
-            )
+            if isinstance(error, OSError):
+                self._log.warn(
+                    "journal: cannot write ({error}); refusing mail with 452 and"
+                    " retrying every {interval} seconds",
+                    error=str(error),
+                    interval=self._retry_interval,
+                )
+            else:
+                self._log.failure(
+                    "journal: unexpected error while writing; refusing mail with 452 and"
+                    " retrying every {interval} seconds",
+                    Failure(error),
+                    interval=self._retry_interval,
+                )
         self.accepting = False
         if self._phase is _Phase.RUNNING and self._retry is None:
             self._retry = self._clock.callLater(self._retry_interval, self._probe)
@@ -1432,6 +1681,40 @@ class FileJournal:
         self._retry = None
         # The outcome reaches _batch_done, which flips accepting or retries.
         self._submit(encode_noop()).addErrback(lambda f: f.trap(JournalUnavailable))
+
+    def _housekeeping_report(self, step: str, failure: Failure | None) -> None:
+        if failure is None:
+            self._housekeeping_streak = 0
+            self._log.info("journal: {step} works again", step=step)
+            return
+        if step == _INDEX:
+            self._log.failure(
+                "journal: {step} failed; the records are durable, but no segment is"
+                " compacted or deleted until the gateway restarts",
+                failure,
+                step=step,
+            )
+            return
+        retry = self._housekeeping_retry
+        if retry is None and self._phase is _Phase.RUNNING:
+            delay = min(
+                self._retry_interval * 2.0 ** min(self._housekeeping_streak, 32),
+                max(self._retry_interval, HOUSEKEEPING_RETRY_MAX),
+            )
+            self._housekeeping_streak += 1
+            retry = self._clock.callLater(delay, self._retry_housekeeping)
+            self._housekeeping_retry = retry
+        self._log.failure(
+            "journal: {step} failed; mail is still taken, and {step} is tried again"
+            " in {delay:.0f} seconds",
+            failure,
+            step=step,
+            delay=retry.getTime() - self._clock.seconds() if retry is not None else math.inf,
+        )
+
+    def _retry_housekeeping(self) -> None:
+        self._housekeeping_retry = None
+        self._submit(None).addErrback(lambda f: f.trap(JournalUnavailable))
 
     def _writer_exited(self, failure: Failure | None) -> None:
         assert self._writer is not None
@@ -1445,9 +1728,7 @@ class FileJournal:
             self._log.failure("journal writer thread failed", failure)
         else:
             self._phase = _Phase.STOPPED
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._cancel_timers()
         waiters, self._stopped = self._stopped, []
         for waiter in waiters:
             waiter.callback(None)

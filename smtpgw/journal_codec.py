@@ -23,7 +23,7 @@ segment header and holds records back to back::
       body_crc     4  CRC-32 of the body
       header_crc   4  CRC-32 of the 28 bytes above
     metadata     meta_length bytes
-    body         body_length bytes (the message, for ACCEPT records only)
+    body         body_length bytes (the message, for ACCEPT and COPY records only)
 
 Every length is covered by the header checksum, so a flipped bit anywhere
 in a record, and any truncation, is reported and never decoded as another
@@ -40,6 +40,11 @@ Metadata by record type::
     STATE     qid_len u8, queue id, state_len u8, state, attempts u32,
               next_attempt_at f64, JSON object of details (or nothing)
     PRIORITY  qid_len u8, queue id, priority u8
+    COPY      as ACCEPT: the accept record of a live message that compaction
+              copied forward (same queue id, same body); replay and reads
+              take it for the message, and a later copy supersedes an
+              earlier one. Only a COPY may repeat a live queue id: the
+              writer refuses an ACCEPT whose queue id is live.
     NOOP      nothing (written to probe whether the disk takes writes again)
 """
 
@@ -163,6 +168,7 @@ class RecordType(enum.IntEnum):
     STATE = 2
     PRIORITY = 3
     NOOP = 4
+    COPY = 5
 
 
 _RECORD_TYPES.update((int(t), t) for t in RecordType)
@@ -232,10 +238,14 @@ class RecordHeader(NamedTuple):
 class AcceptRecord:
     """
     A message was accepted.
+
+    @ivar copy: the record is a copy made by compaction (a COPY record), not
+        the original acceptance.
     """
 
     envelope: Envelope
     body: bytes = field(repr=False)
+    copy: bool = False
 
 
 @frozen
@@ -314,9 +324,10 @@ def _check_meta(meta: bytes) -> bytes:
     return meta
 
 
-def encode_accept(envelope: Envelope, body: bytes) -> Payload:
+def encode_accept(envelope: Envelope, body: bytes, copy: bool = False) -> Payload:
     """
-    @return: the ACCEPT record of a message.
+    @param copy: make the COPY record compaction writes instead.
+    @return: the ACCEPT (or COPY) record of a message.
     @raise ValueError: if the envelope cannot be recorded (a queue id that is
         not short ASCII, a time that is not a finite number).
     """
@@ -333,7 +344,8 @@ def encode_accept(envelope: Envelope, body: bytes) -> Payload:
         envelope.size,
     ]
     meta = _short_ascii(envelope.queue_id, "queue id") + _dump_json(fields)
-    return Payload(RecordType.ACCEPT, _check_meta(meta), body)
+    rtype = RecordType.COPY if copy else RecordType.ACCEPT
+    return Payload(rtype, _check_meta(meta), body)
 
 
 def encode_state(
@@ -488,7 +500,8 @@ def walk_records(
 
 def accept_queue_id(meta: bytes) -> str:
     """
-    @return: the queue id of ACCEPT metadata, without decoding the rest.
+    @return: the queue id of ACCEPT (or COPY) metadata, without decoding
+        the rest.
     @raise CorruptRecord: if it cannot be decoded.
     """
     # Replay calls this once per message: _read_short_ascii, inlined.
@@ -593,8 +606,8 @@ def decode_record_at(buffer: Any, offset: int, key: bytes, end: int) -> tuple[Re
     if zlib.crc32(body) != header.body_crc:
         raise CorruptRecord("record body checksum mismatch")
     record: Record
-    if header.type is RecordType.ACCEPT:
-        record = AcceptRecord(decode_envelope(meta), body)
+    if header.type is RecordType.ACCEPT or header.type is RecordType.COPY:
+        record = AcceptRecord(decode_envelope(meta), body, header.type is RecordType.COPY)
     elif header.body_length:
         raise CorruptRecord(f"{header.type.name} record with a body")
     elif header.type is RecordType.STATE:

@@ -1093,9 +1093,12 @@ async def test_unexpected_writer_failure_fails_records_and_is_logged(
     tmp_path: Path, reactor: Any
 ) -> None:
     """
-    A bug in the writer thread does not leave callers waiting: the records
-    of the batch and those queued after it fail with L{JournalUnavailable},
-    the failure is logged, and the journal stops accepting.
+    A bug in the write path (an exception other than an I/O error) does not
+    leave callers waiting nor end the writer: the records of the batch and
+    those queued after it fail with L{JournalUnavailable}, the failure is
+    logged once, and the journal stops accepting; it is handled as an I/O
+    error, so the journal tries again by itself and accepts once writing
+    works.
     """
     logged: list[dict[str, Any]] = []
     broken = threading.Event()
@@ -1105,16 +1108,27 @@ async def test_unexpected_writer_failure_fails_records_and_is_logged(
             raise RuntimeError("bug")
         return os.pwrite(fd, data, offset)
 
-    journal = started(tmp_path, reactor, file_ops=FileOps(pwrite=pwrite))
+    split = SplitReactor(reactor, Clock())
+    journal = started(tmp_path, split, file_ops=FileOps(pwrite=pwrite))
     journal._log = Logger(observer=cast(ILogObserver, logged.append))
+    kept = await journal.accept(envelope(0), body(0))
     broken.set()
     first = journal.accept(envelope(1), body(1))
     with pytest.raises(JournalUnavailable):
         await first
     with pytest.raises(JournalUnavailable):
         await journal.accept(envelope(2), body(2))
-    await journal.stop()
     assert journal.accepting is False
     failures = [event["log_failure"] for event in logged if event.get("log_failure")]
     assert len(failures) == 1
     assert failures[0].check(RuntimeError)
+    broken.clear()
+    split.clock.advance(5.0)
+    await journal.compact()
+    assert journal.accepting is True
+    third = await journal.accept(envelope(3), body(3))
+    await journal.stop()
+    assert [(m.envelope.queue_id, m.location) for m in replayed(tmp_path)] == [
+        ("Q00000000", kept),
+        ("Q00000003", third),
+    ]

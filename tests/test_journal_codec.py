@@ -77,7 +77,9 @@ state_records = st.builds(
     next_attempt_at=finite,
     details=st.dictionaries(any_text, json_values, max_size=3),
 )
-accept_records = st.builds(AcceptRecord, envelope=envelopes, body=st.binary(max_size=300))
+accept_records = st.builds(
+    AcceptRecord, envelope=envelopes, body=st.binary(max_size=300), copy=st.booleans()
+)
 priority_records = st.builds(
     PriorityRecord, queue_id=queue_ids, priority=st.sampled_from(Priority)
 )
@@ -90,7 +92,7 @@ def _encode(record: Any) -> Payload:
     @return: the payload that should decode back to C{record}.
     """
     if isinstance(record, AcceptRecord):
-        return encode_accept(record.envelope, record.body)
+        return encode_accept(record.envelope, record.body, copy=record.copy)
     if isinstance(record, StateRecord):
         return encode_state(
             record.queue_id, record.state, record.attempts, record.next_attempt_at, record.details
@@ -402,3 +404,19 @@ def test_accept_metadata_may_grow_new_fields() -> None:
     envelope = Envelope("Q", "l", "u", "s@x", ("r@x",), Priority.LOW, 5.0, "::1", 3)
     meta = encode_accept(envelope, b"").meta
     assert decode_envelope(meta[:-1] + b',"new"]') == envelope
+
+
+def test_compaction_copy_is_a_record_type_of_its_own() -> None:
+    """
+    A COPY record holds what an ACCEPT record holds and decodes to the same
+    message, marked as a copy; only its type tells it from the original.
+    """
+    envelope = Envelope("Q1", "l", "u", "s@x", ("r@x",), Priority.LOW, 5.0, "::1", 3)
+    accept = encode_accept(envelope, b"abc")
+    copy = encode_accept(envelope, b"abc", copy=True)
+    assert (accept.type, copy.type) == (RecordType.ACCEPT, RecordType.COPY)
+    assert (copy.meta, copy.body) == (accept.meta, accept.body)
+    assert decode_record(encode_record(KEY, accept), KEY) == AcceptRecord(envelope, b"abc")
+    assert decode_record(encode_record(KEY, copy), KEY) == AcceptRecord(
+        envelope, b"abc", copy=True
+    )
