@@ -101,19 +101,53 @@ class Envelope:
 
 class QueueIdGenerator:
     """
-    Makes queue ids that are unique across restarts and sort by acceptance time.
+    Makes queue ids: unique, short, safe as file names, and sorted by
+    acceptance time.
 
-    An id is 16 upper-case hex digits of milliseconds since the epoch, a
-    per-process random salt and a counter; callers pass in the current time.
+    An id is 24 upper-case hex digits: 11 of milliseconds since the epoch,
+    8 of a random salt drawn once per generator (that is, per process),
+    and 5 of a counter within the millisecond.
+
+    Within one generator ids strictly increase: the millisecond part never
+    goes back, even when the clock does, and when the counter runs out
+    within a millisecond the millisecond part moves one ahead. Ids of two
+    generators (two processes, say before and after a restart with the
+    clock stepped back) can only be equal when their 32-bit random salts
+    are; should that ever happen while the earlier message is still queued,
+    the journal refuses the new one rather than lose either.
     """
 
-    def __init__(self) -> None:
+    #: The length of every id.
+    LENGTH = 24
+    _COUNTER_MAX = 0xFFFFF
+
+    def __init__(self, salt: int | None = None) -> None:
+        """
+        @param salt: the 32-bit salt (tests); random when not given.
+        """
+        if salt is None:
+            salt = int.from_bytes(os.urandom(4), "big")
+        if not 0 <= salt <= 0xFFFFFFFF:
+            raise ValueError(f"salt must fit in 32 bits: {salt}")
         self._lock = threading.Lock()
-        self._salt = int.from_bytes(os.urandom(2), "big")
+        self._salt = f"{salt:08X}"
+        self._millis = -1
         self._counter = 0
 
     def next(self, now: float) -> str:
+        """
+        @param now: the current time, in seconds since the epoch.
+        @return: a new queue id.
+        """
+        millis = max(0, int(now * 1000))
         with self._lock:
-            self._counter = (self._counter + 1) & 0xFFFFF
-            counter = self._counter
-        return f"{int(now * 1000):011X}{self._salt:04X}{counter:05X}"
+            if millis > self._millis:
+                self._millis = millis
+                self._counter = 0
+            elif self._counter < self._COUNTER_MAX:
+                self._counter += 1
+            else:
+                self._millis += 1
+                self._counter = 0
+            millis, counter = self._millis, self._counter
+        return f"{millis:011X}{self._salt}{counter:05X}"
