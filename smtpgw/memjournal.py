@@ -4,8 +4,10 @@ A journal kept in memory: the L{IJournal} of tests and of trying things out.
 It keeps nothing across a restart of the process, so it is no substitute for
 the file journal. It can imitate what matters about a real one: a write is
 durable only once its L{Deferred} has fired (in C{manual} mode the caller
-decides when, with L{MemoryJournal.flush}), and it can refuse writes like a
-full disk (L{MemoryJournal.available}).
+decides when, with L{MemoryJournal.flush}), it can refuse writes like a
+full disk (L{MemoryJournal.available}), and, like the file journal, it
+refuses an accept whose queue id belongs to a live message
+(L{smtpgw.journal.QueueIdInUse}).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
+from smtpgw.journal import QueueIdInUse
 from smtpgw.model import Envelope, MessageState, Priority
 
 __all__ = ["MemoryJournal"]
@@ -47,6 +50,7 @@ class MemoryJournal:
         self.state_records: list[tuple[str, str, int, float]] = []
         self._bodies: list[tuple[Envelope, bytes]] = []
         self._messages: dict[str, JournaledMessage] = {}
+        self._accepting: set[str] = set()
         self._pending: list[tuple[Deferred[None], Callable[[], None]]] = []
 
     @property
@@ -65,17 +69,21 @@ class MemoryJournal:
 
     def accept(self, envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
         """
-        Keep the message; fires with its location once durable.
+        Keep the message; fires with its location once durable, or fails
+        with L{QueueIdInUse} if a live message has its queue id.
         """
         if not self.available:
             return fail(JournalUnavailable("the memory journal is unavailable"))
+        queue_id = envelope.queue_id
+        if queue_id in self._messages or queue_id in self._accepting:
+            return fail(QueueIdInUse(f"queue id {queue_id} is already in use"))
         location = JournalLocation(segment=0, offset=len(self._bodies), length=len(body))
         self._bodies.append((envelope, bytes(body)))
+        self._accepting.add(queue_id)
 
         def durable() -> None:
-            self._messages[envelope.queue_id] = JournaledMessage(
-                envelope=envelope, location=location
-            )
+            self._accepting.discard(queue_id)
+            self._messages[queue_id] = JournaledMessage(envelope=envelope, location=location)
 
         d = self._write(durable)
         return d.addCallback(lambda _: location)

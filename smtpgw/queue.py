@@ -146,7 +146,11 @@ class QueueStats:
     """
     The queue's counters, for metrics and the pages.
 
-    @ivar accepted: messages made durable and scheduled since start.
+    @ivar accepted: messages made durable since start (each was answered
+        C{250}).
+    @ivar unscheduled: accepted messages the scheduler could not take (a
+        bug, logged as a failure): they stay journaled as queued and are
+        sent after the next restart.
     @ivar refused: submissions the journal refused.
     @ivar delivered: messages delivered to every recipient.
     @ivar deferred: attempts that ended with a temporary failure.
@@ -160,6 +164,7 @@ class QueueStats:
     """
 
     accepted: int
+    unscheduled: int
     refused: int
     delivered: int
     deferred: int
@@ -236,6 +241,7 @@ class MessageQueue(Service):
         self._dispatch_again = False
         self._idle_waiters: list[Deferred[None]] = []
         self._accepted = 0
+        self._unscheduled = 0
         self._refused = 0
         self._delivered = 0
         self._deferred = 0
@@ -269,24 +275,43 @@ class MessageQueue(Service):
         """
         Journal the message, then schedule it.
 
-        @return: fires once the message is durable and scheduled; fails
-            with L{JournalUnavailable} when the journal refuses it.
+        @return: fires once the message is durable (the client may then be
+            answered C{250}); fails with L{JournalUnavailable} when the
+            journal refuses it. Once the message is durable, nothing fails
+            the L{Deferred}: should scheduling fail, that is logged and
+            counted (L{QueueStats.unscheduled}), and the message, journaled
+            as queued, is sent after the next restart. Failing it would
+            make the client send the message again: a duplicate.
         """
-        d = self._journal.accept(envelope, body).addCallback(self._accepted_by_journal, envelope)
-        d.addErrback(self._refused_by_journal)
-        return d
+        return self._journal.accept(envelope, body).addCallbacks(
+            self._accepted_by_journal, self._refused_by_journal, callbackArgs=(envelope,)
+        )
 
     def _accepted_by_journal(self, location: JournalLocation, envelope: Envelope) -> None:
-        self.scheduler.add(
-            ScheduledEntry(
-                queue_id=envelope.queue_id,
-                priority=envelope.priority,
-                list=envelope.list,
-                location=location,
-            )
-        )
         self._accepted += 1
-        self._dispatch()
+        try:
+            self.scheduler.add(
+                ScheduledEntry(
+                    queue_id=envelope.queue_id,
+                    priority=envelope.priority,
+                    list=envelope.list,
+                    location=location,
+                )
+            )
+        except Exception:
+            self._unscheduled += 1
+            self._log.failure(
+                "{queue_id} is durable but could not be scheduled: it stays journaled"
+                " and is sent after the next restart",
+                queue_id=envelope.queue_id,
+            )
+            return
+        try:
+            self._dispatch()
+        except Exception:
+            self._log.failure(
+                "dispatching failed after accepting {queue_id}", queue_id=envelope.queue_id
+            )
 
     def _refused_by_journal(self, failure: Failure) -> Failure:
         if failure.check(JournalUnavailable):
@@ -410,11 +435,8 @@ class MessageQueue(Service):
 
     def reprioritize(self, queue_id: str, priority: Priority | int) -> Deferred[None]:
         """
-        Change a message's priority.
-
-        L{IJournal} has no record for it: the change is journaled when the
-        journal has a C{reprioritize(queue_id, priority)} method (as the file
-        journal does); otherwise it lasts until a restart.
+        Change a message's priority; the change is journaled, so replay
+        gives the message its new priority.
 
         @return: fires once journaled; fails with
             L{smtpgw.scheduler.UnknownMessage}, or L{ValueError} for a
@@ -438,6 +460,7 @@ class MessageQueue(Service):
         """
         return QueueStats(
             accepted=self._accepted,
+            unscheduled=self._unscheduled,
             refused=self._refused,
             delivered=self._delivered,
             deferred=self._deferred,

@@ -26,6 +26,7 @@ from smtpgw.interfaces import (
     IOutbound,
     JournalUnavailable,
 )
+from smtpgw.journal import QueueIdInUse
 from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, MessageState, Priority
 from smtpgw.queue import (
@@ -249,6 +250,90 @@ class TestSubmit:
         assert outbound.calls == []
         assert queue.stats().refused == 1
         assert queue.stats().accepted == 0
+
+    def test_durable_message_is_acknowledged_even_if_scheduling_fails(
+        self, logged_errors: list[dict[str, Any]]
+    ) -> None:
+        """
+        Once the journal has made a message durable, submit succeeds even if
+        the scheduler refuses it (a bug): a failure there would make the
+        client send the message again. The failure is logged and counted,
+        the message stays journaled as queued, and a restart sends it.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, journal = make_queue(clock, outbound)
+        queue.startService()
+
+        def refuse(entry: object) -> None:
+            raise ValueError("scheduler bug")
+
+        queue.scheduler.add = refuse  # type: ignore[method-assign]
+        env = envelope()
+        results: list[object] = []
+        queue.submit(env, b"x\r\n").addBoth(results.append)
+        assert results == [None]
+        assert (queue.stats().accepted, queue.stats().unscheduled) == (1, 1)
+        assert queue.stats().refused == 0
+        assert outbound.calls == []
+        [event] = logged_errors
+        assert event["log_failure"].check(ValueError)
+        assert event["queue_id"] == env.queue_id
+        logged_errors.clear()
+        assert [(m.envelope.queue_id, m.state) for m in journal.replay()] == [
+            (env.queue_id, "queued")
+        ]
+
+        restarted_outbound = InstantOutbound(clock)
+        restarted, _ = make_queue(clock, restarted_outbound, journal)
+        restarted.startService()
+        assert restarted_outbound.ids == [env.queue_id]
+
+    def test_dispatch_failure_after_accept_does_not_fail_submit(
+        self, logged_errors: list[dict[str, Any]]
+    ) -> None:
+        """
+        An error while dispatching right after a message was made durable
+        and scheduled is logged; submit still succeeds.
+        """
+        clock = Clock()
+        queue, _ = make_queue(clock, InstantOutbound(clock))
+        queue.startService()
+
+        def broken() -> None:
+            raise RuntimeError("dispatch bug")
+
+        queue._dispatch = broken  # type: ignore[method-assign]
+        env = envelope()
+        results: list[object] = []
+        queue.submit(env, b"x\r\n").addBoth(results.append)
+        assert results == [None]
+        assert env.queue_id in queue.scheduler
+        assert queue.stats().unscheduled == 0
+        [event] = logged_errors
+        assert event["log_failure"].check(RuntimeError)
+        logged_errors.clear()
+
+    def test_live_queue_id_is_refused_not_overwritten(self) -> None:
+        """
+        A second message with the queue id of a queued one is refused by
+        the journal (QueueIdInUse, a JournalUnavailable: the client is told
+        to try again); the first message is still sent, with its own bytes.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, _ = make_queue(clock, outbound)
+        queue.startService()
+        queue.pause()
+        queue.submit(envelope(queue_id="SAME"), b"first\r\n")
+        failures: list[Failure] = []
+        queue.submit(envelope(queue_id="SAME"), b"second\r\n").addErrback(failures.append)
+        assert len(failures) == 1
+        assert failures[0].check(QueueIdInUse)
+        assert failures[0].check(JournalUnavailable)
+        assert (queue.stats().refused, queue.stats().accepted) == (1, 1)
+        queue.resume()
+        assert [(e.queue_id, body) for e, body, _ in outbound.calls] == [("SAME", b"first\r\n")]
 
     def test_body_reaches_outbound_from_journal(self) -> None:
         """
