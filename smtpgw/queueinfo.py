@@ -55,19 +55,25 @@ __all__ = [
     "MAX_LIST_LIMIT",
     "QUEUE_STATES",
     "Conditions",
+    "MessageChange",
     "QueueFilter",
+    "QueueListing",
     "QueueRow",
+    "QueueStatus",
     "ReadyLane",
     "ReadyOrder",
     "Throttle",
     "Why",
+    "change_document",
     "estimate_send_at",
     "explain",
     "iso8601",
+    "listing_document",
     "page_candidates",
     "parse_state",
     "queue_row",
     "row_document",
+    "status_document",
     "why_document",
 ]
 
@@ -529,3 +535,85 @@ def why_document(why: Why) -> dict[str, Any]:
         "reason": why.reason,
         "estimated_send_at": iso8601(why.estimated_send_at),
     }
+
+
+@frozen
+class QueueStatus:
+    """
+    The queue as a whole.
+
+    @ivar paused: whether an admin stopped it.
+    @ivar in_flight: deliveries under way.
+    @ivar counts: messages in the queue, per state (every state of
+        L{QUEUE_STATES}).
+    @ivar rate: C{--rate}, messages a second; 0 is no limit.
+    @ivar concurrency: C{--concurrency}.
+    """
+
+    paused: bool
+    in_flight: int
+    counts: Mapping[MessageState, int]
+    rate: float
+    concurrency: int
+
+
+def status_document(status: QueueStatus) -> dict[str, Any]:
+    """
+    A L{QueueStatus} as JSON.
+    """
+    return {
+        "paused": status.paused,
+        "in_flight": status.in_flight,
+        "counts": {state.value: status.counts.get(state, 0) for state in QUEUE_STATES},
+        "rate": status.rate,
+        "concurrency": status.concurrency,
+    }
+
+
+@frozen
+class MessageChange:
+    """
+    What an admin's change made of a message.
+
+    @ivar state: its state after the change (C{cancelled} once cancelled).
+    """
+
+    queue_id: str
+    state: MessageState
+    priority: Priority
+
+
+def change_document(change: MessageChange) -> dict[str, Any]:
+    """
+    A L{MessageChange} as JSON.
+    """
+    return {
+        "queue_id": change.queue_id,
+        "state": change.state.value,
+        "priority": int(change.priority),
+    }
+
+
+@frozen
+class QueueListing:
+    """
+    One page of a listing.
+
+    @ivar next_after: the C{after} that lists the next page, or L{None} when
+        this page is the last.
+    """
+
+    rows: tuple[QueueRow, ...]
+    next_after: str | None
+    status: QueueStatus
+
+
+def listing_document(listing: QueueListing) -> dict[str, Any]:
+    """
+    A L{QueueListing} as JSON: the queue's status, C{messages} and
+    C{next_after}.
+    """
+    document = status_document(listing.status)
+    document["messages"] = [row_document(row) for row in listing.rows]
+    document["next_after"] = listing.next_after
+    return document
