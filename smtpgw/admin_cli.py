@@ -14,11 +14,15 @@ list exists, unusable database); 2 for bad input (unknown command, bad
 option, invalid value). Errors are one line on standard error, and a
 failed command changes nothing.
 
+The C{queue} commands talk to the running gateway over its control socket,
+C{DATA_DIR/control.sock} (see L{smtpgw.control}), as the gateway's user or
+root; when no gateway answers they exit 1 and say so.
+
 The environment variable C{SMTPGW_BCRYPT_ROUNDS} (default 12, 4 to 31) sets
 the bcrypt cost of new password hashes; tests set it to 4. It is not in
 C{--help} on purpose: lowering it weakens every new password.
 
-Adding a command group (C{queue}, C{admin}, C{token}): write a function that
+Adding a command group (C{admin}, C{token}): write a function that
 takes the subparsers object, adds the group's parser and its commands with
 L{add_command}, and append it to L{COMMAND_GROUPS}. A command's handler gets
 the parsed arguments and a L{Context}, and returns an L{Output}, or raises
@@ -33,14 +37,35 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 from attrs import define, frozen
 from twisted.internet.interfaces import IReactorTime
 
+from smtpgw.control import (
+    BadArgument,
+    ControlClient,
+    ControlError,
+    control_socket_path,
+)
 from smtpgw.database import StoreError, database_path
 from smtpgw.model import Enforcement, SmtpUser
 from smtpgw.passwords import DEFAULT_ROUNDS, MAX_ROUNDS, MIN_ROUNDS
+from smtpgw.queueinfo import (
+    DEFAULT_LIST_LIMIT,
+    MAX_LIST_LIMIT,
+    QUEUE_STATES,
+    MessageChange,
+    QueueFilter,
+    QueueRow,
+    QueueStatus,
+    change_document,
+    iso8601,
+    listing_document,
+    parse_state,
+    status_document,
+    why_document,
+)
 from smtpgw.userstore import (
     UNSET,
     SQLiteUserStore,
@@ -66,6 +91,7 @@ __all__ = [
     "Output",
     "UsageError",
     "add_command",
+    "add_queue_commands",
     "build_parser",
     "main",
 ]
@@ -73,6 +99,8 @@ __all__ = [
 PROG: Final = "smtpgw-admin"
 DEFAULT_DATA_DIR: Final = "./smtpgw-data"
 ROUNDS_ENVIRONMENT_VARIABLE: Final = "SMTPGW_BCRYPT_ROUNDS"
+
+T = TypeVar("T")
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -438,13 +466,231 @@ def add_user_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     delete.add_argument("username", metavar="USERNAME")
 
 
+# --- queue commands -----------------------------------------------------------
+
+
+def _control_client(context: Context) -> ControlClient:
+    return ControlClient(control_socket_path(context.data_dir))
+
+
+def _ask_gateway(context: Context, request: Callable[[ControlClient], T]) -> T:
+    """
+    Run one request against the running gateway's control socket.
+    """
+    with _control_client(context) as client:
+        try:
+            return request(client)
+        except BadArgument as e:
+            raise UsageError(str(e)) from None
+        except ControlError as e:
+            raise CommandError(str(e)) from None
+
+
+def _queue_id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("queue_id", metavar="ID", help="the message's queue id")
+
+
+def _status_text(status: QueueStatus) -> str:
+    counts = ", ".join(f"{status.counts.get(s, 0)} {s.value}" for s in QUEUE_STATES)
+    state = "stopped by an admin" if status.paused else "running"
+    return f"queue {state}: {counts}; deliveries under way: {status.in_flight}"
+
+
+def _time_text(seconds: float | None) -> str:
+    return iso8601(seconds) or "-"
+
+
+def _queue_list(args: argparse.Namespace, context: Context) -> Output:
+    try:
+        state = None if args.state is None else parse_state(args.state)
+    except ValueError as e:
+        raise UsageError(f"--state: {e}") from None
+    priority = None if args.priority is None else validate_priority(args.priority)
+    if not 1 <= args.limit <= MAX_LIST_LIMIT:
+        raise UsageError(f"--limit must be 1 to {MAX_LIST_LIMIT}, not {args.limit}")
+    queue_filter = QueueFilter(list=args.list, username=args.user, priority=priority, state=state)
+    listing = _ask_gateway(
+        context, lambda client: client.listing(queue_filter, args.after, args.limit)
+    )
+    lines = [_status_text(listing.status)]
+    if listing.rows:
+        rows = [
+            (
+                "QUEUE ID",
+                "LIST",
+                "USER",
+                "PRI",
+                "STATE",
+                "TRIES",
+                "ACCEPTED",
+                "NEXT ATTEMPT",
+                "ESTIMATED SEND",
+                "SENDER",
+                "RECIPIENTS",
+            ),
+        ] + [
+            (
+                row.queue_id,
+                row.list,
+                row.username or "?",
+                str(int(row.priority)),
+                row.state.value,
+                str(row.attempts),
+                _time_text(row.accepted_at),
+                _time_text(row.next_attempt_at),
+                _time_text(row.estimated_send_at),
+                row.sender if row.sender is not None else "?",
+                _recipients_text(row),
+            )
+            for row in listing.rows
+        ]
+        lines.append(_table(rows))
+    else:
+        lines.append("no messages match")
+    if listing.next_after is not None:
+        lines.append(f"more: list on with --after {listing.next_after}")
+    return Output(listing_document(listing), "\n".join(lines))
+
+
+def _recipients_text(row: QueueRow) -> str:
+    shown = ",".join(row.recipients) or "-"
+    hidden = row.recipient_count - len(row.recipients)
+    return f"{shown} (+{hidden} more)" if hidden > 0 else shown
+
+
+def _queue_stop(args: argparse.Namespace, context: Context) -> Output:
+    status = _ask_gateway(context, lambda client: client.stop())
+    return Output(
+        status_document(status),
+        f"{_status_text(status)}\nno new delivery starts until 'queue start'; "
+        "mail is still accepted and kept",
+    )
+
+
+def _queue_start(args: argparse.Namespace, context: Context) -> Output:
+    status = _ask_gateway(context, lambda client: client.start())
+    return Output(status_document(status), _status_text(status))
+
+
+def _change_output(change: MessageChange) -> Output:
+    return Output(
+        change_document(change),
+        f"{change.queue_id}: {change.state.value}, priority {int(change.priority)}",
+    )
+
+
+def _queue_hold(args: argparse.Namespace, context: Context) -> Output:
+    return _change_output(_ask_gateway(context, lambda client: client.hold(args.queue_id)))
+
+
+def _queue_release(args: argparse.Namespace, context: Context) -> Output:
+    return _change_output(_ask_gateway(context, lambda client: client.release(args.queue_id)))
+
+
+def _queue_cancel(args: argparse.Namespace, context: Context) -> Output:
+    return _change_output(_ask_gateway(context, lambda client: client.cancel(args.queue_id)))
+
+
+def _queue_priority(args: argparse.Namespace, context: Context) -> Output:
+    try:
+        priority = validate_priority(args.priority)
+    except ValidationError as e:
+        raise UsageError(f"N: {e.message}") from None
+    return _change_output(
+        _ask_gateway(context, lambda client: client.reprioritize(args.queue_id, int(priority)))
+    )
+
+
+def _queue_why(args: argparse.Namespace, context: Context) -> Output:
+    why = _ask_gateway(context, lambda client: client.why(args.queue_id))
+    lines = [
+        f"queue_id: {why.queue_id}",
+        f"list: {why.list}",
+        f"state: {why.state.value}",
+        f"priority: {int(why.priority)}",
+        f"attempts: {why.attempts}",
+        f"position: {'-' if why.position is None else why.position}",
+        f"waiting for: {why.reason}",
+        f"estimated send: {_time_text(why.estimated_send_at)}",
+    ]
+    if why.next_attempt_at is not None:
+        lines.insert(5, f"next_attempt_at: {_time_text(why.next_attempt_at)}")
+    return Output(why_document(why), "\n".join(lines))
+
+
+def add_queue_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{queue list}, C{stop}, C{start}, C{hold}, C{release}, C{cancel},
+    C{priority}, C{why}: they talk to the running gateway over its control
+    socket, C{<data-dir>/control.sock}.
+    """
+    group = subparsers.add_parser(
+        "queue",
+        help="the running gateway's send queue",
+        description="Control the running gateway's send queue (through "
+        "DATA_DIR/control.sock; run as the gateway's user or root).",
+    )
+    commands = group.add_subparsers(dest="queue_command", metavar="COMMAND", required=True)
+
+    listing = add_command(
+        commands,
+        "list",
+        _queue_list,
+        "list the messages in the queue (queued, sending, deferred, held), oldest first",
+    )
+    listing.add_argument("--list", metavar="NAME", help="only the messages of this list")
+    listing.add_argument("--user", metavar="USERNAME", help="only this SMTP+ user's messages")
+    listing.add_argument("--priority", metavar="N", help="only messages of this priority")
+    listing.add_argument(
+        "--state",
+        metavar="STATE",
+        help="queued, sending, deferred or held (delivered, bounced and cancelled "
+        "messages have left the queue)",
+    )
+    listing.add_argument(
+        "--limit",
+        metavar="N",
+        type=int,
+        default=DEFAULT_LIST_LIMIT,
+        help=f"at most N messages (default {DEFAULT_LIST_LIMIT}, at most {MAX_LIST_LIMIT})",
+    )
+    listing.add_argument("--after", metavar="ID", help="only messages after this queue id")
+
+    add_command(
+        commands,
+        "stop",
+        _queue_stop,
+        "stop sending (deliveries under way finish; mail is still accepted and kept)",
+    )
+    add_command(commands, "start", _queue_start, "start sending again")
+    hold = add_command(commands, "hold", _queue_hold, "keep a message from being sent")
+    _queue_id_argument(hold)
+    release = add_command(
+        commands, "release", _queue_release, "let a held or deferred message go now"
+    )
+    _queue_id_argument(release)
+    cancel = add_command(commands, "cancel", _queue_cancel, "drop a message, never sending it")
+    _queue_id_argument(cancel)
+    priority = add_command(commands, "priority", _queue_priority, "change a message's priority")
+    _queue_id_argument(priority)
+    priority.add_argument("priority", metavar="N", help="1 (very high) to 5 (very low)")
+    why = add_command(
+        commands,
+        "why",
+        _queue_why,
+        "why a message waits: position, priority, throttle, estimated send time",
+    )
+    _queue_id_argument(why)
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
     add_list_commands,
     add_user_commands,
+    add_queue_commands,
 ]
 """
-The command groups, each a function that adds its parser. C{queue},
-C{admin} and C{token} will be appended here.
+The command groups, each a function that adds its parser. C{admin} and
+C{token} will be appended here.
 """
 
 

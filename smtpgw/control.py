@@ -992,7 +992,7 @@ class ControlClient:
             ) from None
         except OSError as e:
             sock.close()
-            raise GatewayUnreachable(f"cannot connect to {self.path}: {e.strerror}") from None
+            raise GatewayUnreachable(f"cannot connect to {self.path}: {e.strerror or e}") from None
         sock.settimeout(self._reply_timeout)
         self._socket = sock
         return sock
