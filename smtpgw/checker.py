@@ -26,22 +26,22 @@ never sits in memory longer than its login.
 from __future__ import annotations
 
 import hashlib
+import queue
 import secrets
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from attrs import field, frozen
 from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpgw.model import SmtpUser
@@ -94,6 +94,9 @@ checks are about 6 s of work: a later client is better told to retry.
 """
 
 _KEY_LENGTHS: Final = struct.Struct(">QQQ")
+
+_Check: TypeAlias = tuple[Deferred[T], Callable[[], T] | None]
+"""A check and where its result goes; no check tells a thread to end."""
 
 
 class PasswordCheckUnavailable(Exception):
@@ -235,8 +238,7 @@ class BcryptPool(Service):
         self._reactor = reactor
         self._size = size
         self._max_pending = max_pending
-        self._threads: ThreadPool | None = None
-        self._stopping = False
+        self._work: queue.SimpleQueue[_Check[Any]] | None = None
         self._pending = 0
 
     @property
@@ -251,20 +253,50 @@ class BcryptPool(Service):
         Start the threads.
         """
         super().startService()
-        self._stopping = False
-        self._threads = ThreadPool(self._size, self._size, name="smtpgw-bcrypt")
-        self._threads.start()
+        work: queue.SimpleQueue[_Check[Any]] = queue.SimpleQueue()
+        for i in range(self._size):
+            # Daemon threads: a pool nobody stopped (a crash) must not keep
+            # the process alive.
+            threading.Thread(
+                target=self._serve, args=(work,), name=f"smtpgw-bcrypt-{i}", daemon=True
+            ).start()
+        self._work = work
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         """
-        Fail the checks still waiting, let those running finish, and join
-        the threads (which takes at most one check's time).
+        Fail the checks still waiting, at once, and let those running finish.
+
+        @return: fires when every thread has finished its last check.
         """
         super().stopService()
-        threads, self._threads = self._threads, None
-        self._stopping = True
-        if threads is not None:
-            threads.stop()
+        work, self._work = self._work, None
+        if work is None:
+            return succeed(None)
+        # A stop need not wait for a queue of checks nobody will use.
+        while True:
+            try:
+                done, _ = work.get_nowait()
+            except queue.Empty:
+                break
+            done.errback(PasswordCheckUnavailable("the bcrypt pool stopped"))
+        exits = [Deferred[None]() for _ in range(self._size)]
+        for exited in exits:
+            work.put((exited, None))
+        return DeferredList(exits).addCallback(lambda _: None)
+
+    def _serve(self, work: queue.SimpleQueue[_Check[Any]]) -> None:
+        call_from_thread = self._reactor.callFromThread
+        while True:
+            done, check = work.get()
+            if check is None:
+                call_from_thread(done.callback, None)
+                return
+            try:
+                result = check()
+            except BaseException:
+                call_from_thread(done.errback, Failure())
+            else:
+                call_from_thread(done.callback, result)
 
     def run(self, check: Callable[[], T]) -> Deferred[T]:
         """
@@ -276,25 +308,20 @@ class BcryptPool(Service):
         @return: what C{check} returns; or fails at once with
             L{TooManyPasswordChecks} when L{MAX_PENDING_CHECKS} are
             pending, or with L{PasswordCheckUnavailable} when the pool is
-            not running (or stops before C{check} starts).
+            not running or stops before C{check} starts.
         """
-        threads = self._threads
-        if threads is None:
+        work = self._work
+        if work is None:
             return fail(PasswordCheckUnavailable("the bcrypt pool is not running"))
         if self._pending >= self._max_pending:
             return fail(
                 TooManyPasswordChecks(f"{self._pending} password checks are already pending")
             )
         self._pending += 1
-        d = deferToThreadPool(self._reactor, threads, self._call, check)
-        d.addBoth(self._done)
-        return d
-
-    def _call(self, check: Callable[[], T]) -> T:
-        # A stop should not wait for a queue of checks nobody will use.
-        if self._stopping:
-            raise PasswordCheckUnavailable("the bcrypt pool stopped")
-        return check()
+        done: Deferred[T] = Deferred()
+        done.addBoth(self._done)
+        work.put((done, check))
+        return done
 
     def _done(self, result: T) -> T:
         self._pending -= 1

@@ -9,15 +9,16 @@ import sqlite3
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, TypeVar
 
 import pytest
 import pytest_twisted
+from attrs import define
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.mail.imap4 import PLAINCredentials
 from twisted.mail.smtp import LOGINCredentials
@@ -26,11 +27,21 @@ from zope.interface.verify import verifyObject
 from smtpgw.checker import (
     CACHE_TTL,
     MAX_USERNAME_BYTES,
+    BcryptPool,
+    PasswordCheckUnavailable,
     SmtpUserChecker,
+    TooManyPasswordChecks,
+    UserLookup,
     VerifiedCredentialsCache,
 )
 from smtpgw.model import SmtpUser
-from smtpgw.passwords import MAX_PASSWORD_BYTES, dummy_hash, hash_password, verify_password
+from smtpgw.passwords import (
+    MAX_PASSWORD_BYTES,
+    dummy_hash,
+    hash_cost,
+    hash_password,
+    verify_password,
+)
 from smtpgw.userstore import (
     SQLiteUserStore,
     StoreNotRunning,
@@ -41,6 +52,7 @@ from smtpgw.userstore import (
 ROUNDS = 4
 T0 = 1_700_000_000.0
 P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
@@ -70,6 +82,59 @@ class CountingVerify:
     @property
     def calls(self) -> int:
         return len(self.hashes)
+
+
+class GatedVerify(CountingVerify):
+    """
+    L{CountingVerify} that, once L{close} is called, holds every check in
+    its thread until L{open}: a slow bcrypt, without a sleep.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gate = threading.Event()
+        self._gate.set()
+        self._held = 0
+        self._waiting: list[tuple[int, Deferred[None]]] = []
+
+    def close(self) -> None:
+        self._gate.clear()
+
+    def open(self) -> None:
+        self._gate.set()
+
+    def held(self, count: int) -> Deferred[None]:
+        """
+        Fires once C{count} checks have been held at the gate.
+        """
+        from twisted.internet import reactor
+
+        d: Deferred[None] = Deferred()
+        self._waiting.append((count, d))
+        self._fire_waiting()
+        # A bound, so that a broken test fails rather than hangs.
+        return d.addTimeout(30, reactor)
+
+    def _fire_waiting(self) -> None:
+        with self._lock:
+            held = self._held
+        still = []
+        for count, d in self._waiting:
+            if held >= count:
+                d.callback(None)
+            else:
+                still.append((count, d))
+        self._waiting = still
+
+    def __call__(self, password: bytes, hashed: bytes) -> bool:
+        from twisted.internet import reactor
+
+        if not self._gate.is_set():
+            with self._lock:
+                self._held += 1
+            reactor.callFromThread(self._fire_waiting)  # type: ignore[attr-defined]
+            assert self._gate.wait(timeout=30)
+        return super().__call__(password, hashed)
 
 
 @pytest.fixture
@@ -107,13 +172,25 @@ def other_connection(
 
 
 @pytest.fixture
-def verify() -> CountingVerify:
-    return CountingVerify()
+def verify() -> GatedVerify:
+    return GatedVerify()
 
 
 @pytest.fixture
-def checker(store: ThreadedUserStore, clock: Clock, verify: CountingVerify) -> SmtpUserChecker:
-    return SmtpUserChecker(store, clock, rounds=ROUNDS, verify=verify)
+def bcrypt_pool() -> Iterator[BcryptPool]:
+    from twisted.internet import reactor
+
+    pool = BcryptPool(reactor, size=2, max_pending=8)  # type: ignore[arg-type]
+    pool.startService()
+    yield pool
+    pytest_twisted.blockon(pool.stopService())
+
+
+@pytest.fixture
+def checker(
+    store: ThreadedUserStore, clock: Clock, verify: GatedVerify, bcrypt_pool: BcryptPool
+) -> SmtpUserChecker:
+    return SmtpUserChecker(store, clock, bcrypt=bcrypt_pool, rounds=ROUNDS, verify=verify)
 
 
 @pytest.fixture
@@ -148,14 +225,14 @@ async def test_right_password_gives_the_user_record(
     checker: SmtpUserChecker, user: tuple[SmtpUser, str], verify: CountingVerify
 ) -> None:
     """
-    The avatar id is the L{SmtpUser} itself, and bcrypt ran in a pool
-    thread, not the reactor's.
+    The avatar id is the L{SmtpUser} itself, and bcrypt ran in a thread of
+    the bcrypt pool, neither the reactor's nor the store's.
     """
     record, password = user
     avatar = await checker.requestAvatarId(creds(record.username.encode(), password.encode()))
     assert avatar == record
     assert verify.calls == 1
-    assert verify.threads[0] is not threading.main_thread()
+    assert verify.threads[0].name.startswith("smtpgw-bcrypt-")
 
 
 @async_test
@@ -453,6 +530,339 @@ async def test_works_behind_a_portal(checker: SmtpUserChecker, user: tuple[SmtpU
     portal = Portal(Realm(), [checker])  # type: ignore[arg-type]
     await portal.login(creds(record.username, password), None, IMessageDelivery)
     assert seen == [record]
+
+
+# --- bcrypt in its own, bounded pool ------------------------------------------
+
+
+@define
+class Users:
+    """
+    A synchronous user store in memory.
+    """
+
+    users: dict[str, SmtpUser]
+    cost: int | None = None
+
+    def get_user(self, username: str) -> SmtpUser | None:
+        return self.users.get(username)
+
+    def typical_hash_cost(self) -> int | None:
+        return self.cost
+
+
+@define
+class ImmediateRunner:
+    """
+    Runs the checker's lookups at once, in the calling thread: a store
+    that answers without a hop, so a test knows where every login is.
+    """
+
+    users: Users
+
+    def run(self, f: Callable[[UserLookup], T]) -> Deferred[T]:
+        try:
+            return succeed(f(self.users))
+        except Exception:
+            return fail()
+
+
+class Settled:
+    """
+    Which of the watched L{Deferred}s have a result (C{called} does not say:
+    a Deferred waiting on another one counts as called).
+    """
+
+    def __init__(self) -> None:
+        self.results: list[object] = []
+
+    def watch(self, d: Deferred[T]) -> Deferred[T]:
+        def note(result: T) -> T:
+            self.results.append(result)
+            return result
+
+        return d.addBoth(note)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+def make_user(password: str, rounds: int = ROUNDS, username: str = "alice") -> SmtpUser:
+    return SmtpUser(
+        username=username, list="news", password_hash=hash_password(password, rounds=rounds)
+    )
+
+
+@pytest.fixture
+def single_thread_pool() -> Iterator[BcryptPool]:
+    """
+    A bcrypt pool of one thread that takes at most three checks.
+    """
+    from twisted.internet import reactor
+
+    pool = BcryptPool(reactor, size=1, max_pending=3)  # type: ignore[arg-type]
+    pool.startService()
+    yield pool
+    pytest_twisted.blockon(pool.stopService())
+
+
+@async_test
+async def test_cached_login_is_prompt_while_bcrypt_is_saturated(
+    checker: SmtpUserChecker,
+    user: tuple[SmtpUser, str],
+    verify: GatedVerify,
+    bcrypt_pool: BcryptPool,
+) -> None:
+    """
+    With both bcrypt threads held by slow checks and more queued behind
+    them, a cached login still succeeds at once: its lookup has the store's
+    threads to itself and it never waits for bcrypt.
+    """
+    from twisted.internet import reactor
+
+    record, password = user
+    await login(checker, record.username, password)
+    verify.close()
+    settled = Settled()
+    try:
+        storm = [
+            settled.watch(checker.requestAvatarId(creds(name, "bad")))
+            for name in [record.username] * 3 + [f"smtp-news-nobody{i}" for i in range(3)]
+        ]
+        await verify.held(2)
+        cached = checker.requestAvatarId(creds(record.username, password))
+        # Bounded so that a login stuck behind bcrypt fails the test.
+        assert (await cached.addTimeout(10, reactor)) == record
+        assert verify.calls == 1
+        assert bcrypt_pool.pending >= 2
+        assert len(settled) == 0
+    finally:
+        verify.open()
+    for d in storm:
+        with pytest.raises(UnauthorizedLogin):
+            await d
+    assert bcrypt_pool.pending == 0
+    assert verify.calls == 7
+
+
+@async_test
+async def test_password_checks_at_the_cap_wait_and_one_past_it_fails_fast(
+    clock: Clock, verify: GatedVerify, single_thread_pool: BcryptPool
+) -> None:
+    """
+    With bcrypt held, checks are taken up to the cap (three here: they
+    wait); one past it fails at once with L{TooManyPasswordChecks}, a
+    temporary failure rather than a refused login, for a known user and an
+    unknown one alike. A cached login still succeeds, and once the held
+    checks finish the pool takes new ones again.
+    """
+    alice = make_user("right")
+    checker = SmtpUserChecker(
+        ImmediateRunner(Users({"alice": alice})),
+        clock,
+        bcrypt=single_thread_pool,
+        rounds=ROUNDS,
+        verify=verify,
+    )
+    await login(checker, "alice", "right")
+    verify.close()
+    settled = Settled()
+    try:
+        waiting = [
+            settled.watch(checker.requestAvatarId(creds(name, password)))
+            for name, password in [("alice", "wrong"), ("bob", "x"), ("alice", "wrong again")]
+        ]
+        assert single_thread_pool.pending == 3
+        assert len(settled) == 0
+        for over in [creds("alice", "wrong 3"), creds("bob", "y")]:
+            refused_now = settled.watch(checker.requestAvatarId(over))
+            assert len(settled) == 1
+            with pytest.raises(TooManyPasswordChecks):
+                await refused_now
+            settled.results.clear()
+        assert single_thread_pool.pending == 3
+        assert (await login(checker, "alice", "right")) == alice
+    finally:
+        verify.open()
+    for d in waiting:
+        with pytest.raises(UnauthorizedLogin):
+            await d
+    assert single_thread_pool.pending == 0
+    await refused(checker, creds("alice", "wrong"))
+    assert issubclass(TooManyPasswordChecks, PasswordCheckUnavailable)
+    assert not issubclass(PasswordCheckUnavailable, UnauthorizedLogin)
+
+
+@async_test
+async def test_bcrypt_pool_runs_checks_only_while_running() -> None:
+    """
+    Before its start and after its stop the pool fails checks with
+    L{PasswordCheckUnavailable} rather than dropping them; it can start again.
+    """
+    from twisted.internet import reactor
+
+    pool = BcryptPool(reactor, size=2)  # type: ignore[arg-type]
+    with pytest.raises(PasswordCheckUnavailable):
+        await pool.run(lambda: 1)
+    pool.startService()
+    assert await gatherResults([pool.run(lambda: 1), pool.run(lambda: 2)]) == [1, 2]
+    with pytest.raises(ZeroDivisionError):
+        await pool.run(lambda: 1 // 0)
+    await pool.stopService()
+    with pytest.raises(PasswordCheckUnavailable):
+        await pool.run(lambda: 1)
+    pool.startService()
+    assert await pool.run(lambda: 3) == 3
+    await pool.stopService()
+    assert pool.pending == 0
+
+
+@async_test
+async def test_stopping_the_bcrypt_pool_fails_queued_checks_and_finishes_running_ones() -> None:
+    """
+    A stop fails the checks still queued at once, without running them, and
+    completes when the check already running has finished.
+    """
+    from twisted.internet import reactor
+
+    pool = BcryptPool(reactor, size=1)  # type: ignore[arg-type]
+    pool.startService()
+    gate = threading.Event()
+    started: Deferred[None] = Deferred()
+    ran: list[str] = []
+
+    def slow() -> str:
+        reactor.callFromThread(started.callback, None)  # type: ignore[attr-defined]
+        assert gate.wait(timeout=30)
+        ran.append("slow")
+        return "slow"
+
+    def queued() -> str:
+        ran.append("queued")
+        return "queued"
+
+    running = pool.run(slow)
+    waiting = [pool.run(queued), pool.run(queued)]
+    await started
+    stopped = pool.stopService()
+    for d in waiting:
+        assert d.called  # at once: no check ran
+        with pytest.raises(PasswordCheckUnavailable):
+            await d
+    assert pool.pending == 1
+    assert not stopped.called
+    gate.set()
+    assert await running == "slow"
+    await stopped
+    assert ran == ["slow"]
+    assert pool.pending == 0
+
+
+# --- the dummy hash follows the stored hashes' cost ----------------------------
+
+
+class CostRecorder:
+    """
+    A verify that records the cost of each hash it is given, and refuses all.
+    """
+
+    def __init__(self) -> None:
+        self.costs: list[int | None] = []
+
+    def __call__(self, password: bytes, hashed: bytes) -> bool:
+        self.costs.append(hash_cost(hashed))
+        return False
+
+
+@async_test
+async def test_unknown_user_is_checked_at_the_cost_the_store_reports(
+    clock: Clock, bcrypt_pool: BcryptPool
+) -> None:
+    """
+    Before any login has shown a stored hash, an unknown user's dummy check
+    has the cost the store says its hashes have, not the default 12.
+    """
+    costs = CostRecorder()
+    checker = SmtpUserChecker(
+        ImmediateRunner(Users({}, cost=5)), clock, bcrypt=bcrypt_pool, verify=costs
+    )
+    await refused(checker, creds("nobody", "x"))
+    assert costs.costs == [5]
+
+
+@async_test
+async def test_unknown_user_follows_the_cost_of_the_last_stored_hash_checked(
+    clock: Clock, bcrypt_pool: BcryptPool
+) -> None:
+    """
+    The dummy check of an unknown user has the cost of the last real hash
+    bcrypt checked: a store of cost-4 hashes gives cost-4 dummy checks,
+    and a user whose hash is of cost 5 moves them to 5.
+    """
+    users = Users({"alice": make_user("a", rounds=4), "bob": make_user("b", rounds=5)}, cost=12)
+    costs = CostRecorder()
+    checker = SmtpUserChecker(ImmediateRunner(users), clock, bcrypt=bcrypt_pool, verify=costs)
+    await refused(checker, creds("alice", "wrong"))
+    await refused(checker, creds("nobody", "x"))
+    await refused(checker, creds("bob", "wrong"))
+    await refused(checker, creds("nobody", "x"))
+    assert costs.costs == [4, 4, 5, 5]
+
+
+@async_test
+async def test_without_any_stored_hash_the_dummy_has_the_given_cost(
+    clock: Clock, bcrypt_pool: BcryptPool
+) -> None:
+    """
+    With no user at all, the dummy has the cost the checker was given
+    (the default for new hashes, 12, unless told otherwise).
+    """
+    costs = CostRecorder()
+    default = SmtpUserChecker(ImmediateRunner(Users({})), clock, bcrypt=bcrypt_pool, verify=costs)
+    told = SmtpUserChecker(
+        ImmediateRunner(Users({})), clock, bcrypt=bcrypt_pool, rounds=6, verify=costs
+    )
+    await refused(default, creds("nobody", "x"))
+    await refused(told, creds("nobody", "x"))
+    assert costs.costs == [12, 6]
+
+
+@async_test
+async def test_unknown_user_check_in_the_real_store_has_the_stored_cost(
+    store: ThreadedUserStore,
+    other_connection: SQLiteUserStore,
+    clock: Clock,
+    bcrypt_pool: BcryptPool,
+) -> None:
+    """
+    Against the SQLite store, whose users were made with cost 5 (as
+    C{SMTPGW_BCRYPT_ROUNDS=5} would), an unknown user's check is of cost 5
+    although the checker assumes 12 by default.
+    """
+    other_connection.create_list("news")
+    other_connection.create_user("news", rounds=5)
+    costs = CostRecorder()
+    checker = SmtpUserChecker(store, clock, bcrypt=bcrypt_pool, verify=costs)
+    await refused(checker, creds("smtp-news-nobody00", "x"))
+    assert costs.costs == [5]
+
+
+@async_test
+async def test_without_a_bcrypt_pool_the_check_runs_in_the_store_hop(
+    store: ThreadedUserStore, user: tuple[SmtpUser, str], clock: Clock, verify: GatedVerify
+) -> None:
+    """
+    A checker given no bcrypt pool checks in the store's threads, behind
+    the lookup, with the same answers and the same cache.
+    """
+    record, password = user
+    checker = SmtpUserChecker(store, clock, rounds=ROUNDS, verify=verify)
+    assert (await login(checker, record.username, password)) == record
+    assert (await login(checker, record.username, password)) == record
+    await refused(checker, creds(record.username, "wrong"))
+    await refused(checker, creds("smtp-news-nobody00", password))
+    assert verify.hashes == [record.password_hash, record.password_hash, dummy_hash(ROUNDS)]
+    assert all(t.name.startswith("smtpgw-userstore") for t in verify.threads)
 
 
 # --- the cache on its own ---------------------------------------------------

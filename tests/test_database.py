@@ -261,3 +261,69 @@ async def test_pool_gives_each_thread_its_own_resource_and_closes_them() -> None
     assert not fresh.closed
     pool.stop()
     assert fresh.closed
+
+
+@async_test
+async def test_pool_errors_arrive_as_failures_and_a_failed_factory_is_retried() -> None:
+    """
+    What a function raises fails its L{Deferred}, with the same exception;
+    when making a thread's resource fails, that call fails and the next one
+    in that thread tries again.
+    """
+    attempts: list[int] = []
+
+    def factory() -> Resource:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return Resource()
+
+    def boom(resource: Resource) -> None:
+        raise KeyError("nothing")
+
+    pool = PerThreadPool(_reactor(), factory, size=1, name="test-pool")
+    pool.start()
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+            await pool.run(lambda r: r)
+        resource = await pool.run(lambda r: r)
+        assert isinstance(resource, Resource)
+        with pytest.raises(KeyError):
+            await pool.run(boom)
+        assert (await pool.run(lambda r: r)) is resource
+        assert len(attempts) == 2
+    finally:
+        pool.stop()
+    assert resource.closed
+
+
+@async_test
+async def test_pool_stop_finishes_the_work_given_before_it() -> None:
+    """
+    Work queued before a stop still runs (a login record must be written)
+    before the threads end and the resources close.
+    """
+    gate = threading.Event()
+    started = threading.Event()
+    ran: list[str] = []
+
+    def held(resource: Resource) -> None:
+        started.set()
+        assert gate.wait(timeout=30)
+        ran.append("held")
+
+    def queued(resource: Resource) -> None:
+        assert not resource.closed
+        ran.append("queued")
+
+    pool = PerThreadPool(_reactor(), Resource, size=1, name="test-pool")
+    pool.start()
+    first = pool.run(held)
+    second = pool.run(queued)
+    assert started.wait(timeout=30)
+    gate.set()
+    pool.stop()
+    assert ran == ["held", "queued"]
+    await first
+    await second
+    assert not pool.running

@@ -16,9 +16,12 @@ from smtpgw.passwords import (
     DEFAULT_ROUNDS,
     DUMMY_HASH,
     MAX_PASSWORD_BYTES,
+    MAX_ROUNDS,
+    MIN_ROUNDS,
     dummy_hash,
     generate_password,
     generate_username,
+    hash_cost,
     hash_password,
     verify_password,
 )
@@ -143,3 +146,69 @@ def test_dummy_hash_has_the_cost_of_real_hashes() -> None:
     assert dummy_hash(ROUNDS) is cheap
     for guess in ["", "password", "dummy"]:
         assert not verify_password(guess, cheap)
+
+
+@pytest.mark.parametrize("rounds", [4, 5, 6])
+def test_dummy_hash_of_any_cost_is_checked_like_a_real_hash(rounds: int) -> None:
+    """
+    For another cost than the default, the dummy is a well-formed hash of
+    that cost: bcrypt checks passwords against it (rather than refusing it
+    as malformed, which would take no time) and none matches.
+    """
+    dummy = dummy_hash(rounds)
+    real = hash_password("x", rounds=rounds)
+    assert len(dummy) == len(real) == 60
+    assert hash_cost(dummy) == rounds
+    assert bcrypt.checkpw(b"x", dummy) is False
+    assert not verify_password("x", dummy)
+    assert dummy_hash(rounds) is dummy
+
+
+@pytest.mark.parametrize("rounds", [MIN_ROUNDS - 1, MAX_ROUNDS + 1])
+def test_dummy_hash_cost_out_of_range_refused(rounds: int) -> None:
+    """
+    A dummy of a cost bcrypt does not have is refused, like a real hash.
+    """
+    with pytest.raises(ValueError, match="rounds"):
+        dummy_hash(rounds)
+
+
+@pytest.mark.parametrize(
+    ("hashed", "cost"),
+    [
+        (b"$2b$12$OCDXRrFcobgbpKV7BUZMa.WW0UYyg/DiK/2IzFG0/xlL9kyr/UNT.", 12),
+        (b"$2a$04$" + b"a" * 53, 4),
+        (b"$2y$31$" + b"a" * 53, 31),
+        (b"$2x$10$", 10),
+        (b"$2b$03$" + b"a" * 53, None),
+        (b"$2b$32$" + b"a" * 53, None),
+        (b"$2b$4$" + b"a" * 53, None),
+        (b"$2c$12$" + b"a" * 53, None),
+        (b"$1$12$abc", None),
+        (b"\x00\xff", None),
+        (b"", None),
+    ],
+)
+def test_hash_cost_reads_the_prefix(hashed: bytes, cost: int | None) -> None:
+    """
+    The cost is the two digits after a bcrypt prefix, within 4..31; anything
+    else has none.
+    """
+    assert hash_cost(hashed) == cost
+
+
+@given(st.binary(max_size=80))
+def test_hash_cost_never_raises(hashed: bytes) -> None:
+    """
+    Whatever is stored, the cost is L{None} or a cost bcrypt accepts.
+    """
+    cost = hash_cost(hashed)
+    assert cost is None or MIN_ROUNDS <= cost <= MAX_ROUNDS
+
+
+@given(st.integers(MIN_ROUNDS, MAX_ROUNDS), st.sampled_from([b"2a", b"2b", b"2y"]))
+def test_hash_cost_of_every_valid_prefix(rounds: int, variant: bytes) -> None:
+    """
+    Every bcrypt variant and cost is read back.
+    """
+    assert hash_cost(b"$" + variant + b"$" + b"%02d" % rounds + b"$" + b"a" * 53) == rounds

@@ -359,6 +359,68 @@ def test_delete_user(store: SQLiteUserStore) -> None:
         store.delete_user(user.username)
 
 
+def test_typical_hash_cost_is_the_most_common_stored_cost(
+    store: SQLiteUserStore, db_path: Path
+) -> None:
+    """
+    The store tells the cost most of its hashes have; none without users;
+    hashes that state no cost (damaged, or stored as text by hand) are
+    skipped or read as they are.
+    """
+    assert store.typical_hash_cost() is None
+    store.create_list("news")
+    store.create_user("news", rounds=4)
+    assert store.typical_hash_cost() == 4
+    store.create_user("news", rounds=5)
+    store.create_user("news", rounds=5)
+    assert store.typical_hash_cost() == 5
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE users SET password_hash = x'00ff'")
+    raw.close()
+    assert store.typical_hash_cost() is None
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE users SET password_hash = '$2b$06$' || hex(randomblob(26))")
+    raw.close()
+    assert store.typical_hash_cost() == 6
+
+
+def test_get_user_sees_every_change_of_the_row(store: SQLiteUserStore, db_path: Path) -> None:
+    """
+    Lookups reuse the record decoded from an unchanged row, and a change
+    of any column, from any connection, is seen at the next lookup.
+    """
+    store.create_list("news")
+    user, _ = store.create_user("news")
+    first = store.get_user(user.username)
+    assert first == user
+    assert store.get_user(user.username) is first
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE users SET active = 0, notes = 'n'")
+    raw.close()
+    changed = store.get_user(user.username)
+    assert changed is not None
+    assert (changed.active, changed.notes) == (False, "n")
+
+
+def test_decoded_records_are_bounded(
+    store: SQLiteUserStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    At most L{userstore.DECODED_USERS} decoded records are kept: at the
+    limit all are, one past it the memory starts over.
+    """
+    monkeypatch.setattr(userstore, "DECODED_USERS", 2)
+    store.create_list("news")
+    users = [store.create_user("news")[0] for _ in range(3)]
+    first, second = (store.get_user(u.username) for u in users[:2])
+    assert store.get_user(users[0].username) is first
+    assert store.get_user(users[1].username) is second
+    assert store.get_user(users[2].username) == users[2]
+    again = store.get_user(users[0].username)
+    assert again == first
+    assert again is not first
+
+
 def test_record_logins_keeps_the_latest(store: SQLiteUserStore) -> None:
     """
     The newest login wins, an older one written later does not replace
