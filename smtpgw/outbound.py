@@ -9,23 +9,33 @@ tests (PRODUCT section 3).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
-from collections.abc import Iterable
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 
+from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.model import Envelope
 
-__all__ = ["CAPTURE_DIR", "CAPTURE_INDEX", "CaptureOutbound", "all_bounced", "all_deferred"]
+__all__ = [
+    "CAPTURE_DIR",
+    "CAPTURE_INDEX",
+    "CaptureOutbound",
+    "all_bounced",
+    "all_deferred",
+    "default_sync",
+]
 
 #: The directory, under the data directory, where captured messages go.
 CAPTURE_DIR = "captured"
@@ -51,6 +61,52 @@ def all_bounced(recipients: Iterable[str], reason: str) -> DeliveryResult:
     return DeliveryResult(bounced=tuple((r, reason) for r in recipients))
 
 
+@define(eq=False)
+class _Capture:
+    """
+    A delivery waiting for the capture thread.
+    """
+
+    envelope: Envelope
+    body: bytes = field(repr=False)
+    delivered_at: float
+    deferred: Deferred[DeliveryResult]
+
+
+def _libc_syncfs() -> Callable[[int], None] | None:
+    """
+    @return: Linux's C{syncfs(2)}, or L{None} where there is none.
+    """
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if function(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+
+    return syncfs
+
+
+def _sync_everything(fd: int) -> None:
+    os.sync()
+
+
+def default_sync() -> Callable[[int], None]:
+    """
+    @return: what makes everything written in a directory durable at once,
+        given a descriptor of the directory: C{syncfs(2)} of its file system
+        (on Linux it returns once everything written there, data, names and
+        sizes, is on disk, like an C{fsync} of each file), or C{sync(2)}
+        where there is no C{syncfs}.
+    """
+    return _libc_syncfs() or _sync_everything
+
+
 @implementer(IOutbound)
 class CaptureOutbound(Service):
     """
@@ -60,15 +116,26 @@ class CaptureOutbound(Service):
     C{sender}, C{recipients}, C{priority}, C{accepted_at}, C{delivered_at}
     and C{file} (the absolute path of the C{.eml}).
 
-    The files are written by one thread of its own, so the reactor never
-    waits on the disk and the lines of the index are in delivery order. An
-    C{.eml} is written to a temporary name and renamed, so a partial file
-    never appears under the final name. Nothing is fsync'd: the journal,
-    not the capture, is what makes mail durable, and a message captured
-    just before a crash is captured again after it (and indexed twice).
+    A delivery counts as done only once its C{.eml}, its name in the
+    directory and its index line are on disk: the queue then journals the
+    message as delivered and may forget it, so a capture that a power loss
+    could still undo would lose the message.
+
+    One thread of its own does the writing, so the reactor never waits on
+    the disk and the index is in delivery order. It takes every delivery
+    waiting, writes each C{.eml} under a temporary name, makes them durable
+    with one sync of the file system, renames them and appends their index
+    lines, and makes that durable with a second sync (group commit: two
+    syncs however many messages, where an C{fsync} of each file and of the
+    directory would cost milliseconds a message). A partial C{.eml} never
+    appears under its final name, even after a crash. A message captured
+    just before a crash, before its delivery was journaled, is captured
+    again after it (its C{.eml} replaced, its index line repeated).
 
     It is a service: deliveries are taken between C{startService} and
     C{stopService}; any other time they are deferred (temporary failure).
+
+    @ivar syncs: file system syncs made so far (two per group written).
     """
 
     _log = Logger()
@@ -78,26 +145,36 @@ class CaptureOutbound(Service):
         data_dir: str | os.PathLike[str],
         reactor: IReactorFromThreads,
         clock: IReactorTime | None = None,
+        sync: Callable[[int], None] | None = None,
     ) -> None:
         """
         @param data_dir: the gateway's data directory.
         @param reactor: delivers the results of the writing thread.
         @param clock: gives C{delivered_at}; the reactor when not given.
+        @param sync: makes what was written in the capture directory durable,
+            given a descriptor of the directory; L{default_sync} when not
+            given (tests count the calls or inject failures).
         """
         self.captured_dir = os.path.join(os.path.abspath(data_dir), CAPTURE_DIR)
         self.index_path = os.path.join(self.captured_dir, CAPTURE_INDEX)
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
-        self._pool: ThreadPool | None = None
-        self._in_flight: set[Deferred[DeliveryResult]] = set()
+        self._sync = sync if sync is not None else default_sync()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Capture] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._stopped: Deferred[None] | None = None
+        self.syncs = 0
 
     def startService(self) -> None:
         """
         Start the writing thread.
         """
-        # One thread: its work queue is what keeps the index in order.
-        self._pool = ThreadPool(1, 1, name="smtpgw-capture")
-        self._pool.start()
+        self._stopping = False
+        self._stopped = Deferred()
+        self._thread = threading.Thread(target=self._run, name="smtpgw-capture", daemon=True)
+        self._thread.start()
         super().startService()
 
     def stopService(self) -> Deferred[None]:
@@ -105,85 +182,155 @@ class CaptureOutbound(Service):
         Refuse new deliveries, finish the writes under way, stop the thread.
         """
         super().stopService()
-        pool, self._pool = self._pool, None
-        waiting = DeferredList(list(self._in_flight))
-
-        def stop(_: object) -> None:
-            if pool is not None:
-                pool.stop()
-
-        return waiting.addCallback(stop)
+        stopped, self._stopped = self._stopped, None
+        if stopped is None:
+            return succeed(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        return stopped
 
     def deliver(self, envelope: Envelope, body: bytes) -> Deferred[DeliveryResult]:
         """
-        Capture the message; every recipient counts as delivered once both
-        files are written. Disk errors defer every recipient.
+        Capture the message; every recipient counts as delivered once the
+        C{.eml} and its index line are durable. Disk errors defer every
+        recipient.
         """
         if not _SAFE_QUEUE_ID.fullmatch(envelope.queue_id):
             return succeed(
                 all_bounced(envelope.recipients, "queue id cannot be used as a file name")
             )
-        pool = self._pool
-        if pool is None:
+        if not self.running or self._stopped is None:
             return succeed(all_deferred(envelope.recipients, "capture is not running"))
-        delivered_at = self._clock.seconds()
-        d = ensureDeferred(self._capture(pool, envelope, body, delivered_at))
-        self._in_flight.add(d)
+        d: Deferred[DeliveryResult] = Deferred()
+        capture = _Capture(envelope, body, self._clock.seconds(), d)
+        with self._cond:
+            self._waiting.append(capture)
+            self._cond.notify()
+        return d
 
-        def done(result: DeliveryResult) -> DeliveryResult:
-            self._in_flight.discard(d)
-            return result
+    # The writing thread
 
-        return d.addCallback(done)
-
-    async def _capture(
-        self, pool: ThreadPool, envelope: Envelope, body: bytes, delivered_at: float
-    ) -> DeliveryResult:
+    def _run(self) -> None:
+        stopped = self._stopped
+        assert stopped is not None
         try:
-            await deferToThreadPool(self._reactor, pool, self._write, envelope, body, delivered_at)
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._stopping):
+                        self._cond.wait()
+                    batch = list(self._waiting)
+                    self._waiting.clear()
+                if not batch:
+                    break
+                try:
+                    outcomes = self._write_batch(batch)
+                except Exception:
+                    failure = Failure()
+                    outcomes = [failure] * len(batch)
+                self._reactor.callFromThread(self._done, batch, outcomes)
+        finally:
+            self._reactor.callFromThread(stopped.callback, None)
+
+    def _write_batch(self, batch: Sequence[_Capture]) -> list[str | Failure | OSError]:
+        """
+        Capture C{batch} with two syncs (in the writing thread).
+
+        @return: for each capture, the path of its C{.eml}, or why it failed.
+        """
+        outcomes: list[str | Failure | OSError] = []
+        try:
+            os.makedirs(self.captured_dir, exist_ok=True)
         except OSError as error:
-            reason = f"capture failed: {error.strerror or error}"
-            self._log.warn(
-                "could not capture {queue_id}: {reason}", queue_id=envelope.queue_id, reason=reason
-            )
-            return all_deferred(envelope.recipients, reason)
-        except Exception:
-            self._log.failure("capture of {queue_id} failed", queue_id=envelope.queue_id)
-            return all_deferred(envelope.recipients, "capture failed: internal error")
-        # The queue logs the delivery: one line per message is enough.
-        return DeliveryResult(delivered=envelope.recipients)
+            return [error] * len(batch)
+        written: list[tuple[int, str, str]] = []
+        for position, capture in enumerate(batch):
+            try:
+                temporary, path = self._write(capture.envelope, capture.body)
+            except OSError as error:
+                outcomes.append(error)
+            else:
+                outcomes.append(path)
+                written.append((position, temporary, path))
+        if not written:
+            return outcomes
+        directory = os.open(self.captured_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                self._sync_directory(directory)
+                lines = []
+                for position, temporary, path in written:
+                    os.replace(temporary, path)
+                    lines.append(_index_line(batch[position], path))
+                with open(self.index_path, "a", encoding="utf-8") as index:
+                    index.write("".join(lines))
+                self._sync_directory(directory)
+            except OSError as error:
+                for position, temporary, _ in written:
+                    outcomes[position] = error
+                    with contextlib.suppress(OSError):
+                        os.unlink(temporary)
+        finally:
+            os.close(directory)
+        return outcomes
 
-    def _write(self, envelope: Envelope, body: bytes, delivered_at: float) -> str:
-        """
-        Write the C{.eml} and its index line (in the writing thread).
+    def _sync_directory(self, directory: int) -> None:
+        self._sync(directory)
+        self.syncs += 1
 
-        @return: the path of the C{.eml}.
+    def _write(self, envelope: Envelope, body: bytes) -> tuple[str, str]:
         """
-        os.makedirs(self.captured_dir, exist_ok=True)
+        Write an C{.eml} under its temporary name (in the writing thread).
+
+        @return: the temporary name and the final one.
+        """
         name = f"{envelope.queue_id}.eml"
         path = os.path.join(self.captured_dir, name)
         temporary = os.path.join(self.captured_dir, f".{name}.tmp")
         try:
             with open(temporary, "wb") as f:
                 f.write(body)
-            os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        line = json.dumps(
-            {
-                "queue_id": envelope.queue_id,
-                "list": envelope.list,
-                "username": envelope.username,
-                "sender": envelope.sender,
-                "recipients": list(envelope.recipients),
-                "priority": int(envelope.priority),
-                "accepted_at": envelope.accepted_at,
-                "delivered_at": delivered_at,
-                "file": path,
-            }
-        )
-        with open(self.index_path, "a", encoding="utf-8") as index:
-            index.write(line + "\n")
-        return path
+        return temporary, path
+
+    # Back on the reactor thread
+
+    def _done(
+        self, batch: Sequence[_Capture], outcomes: Sequence[str | Failure | OSError]
+    ) -> None:
+        for capture, outcome in zip(batch, outcomes, strict=True):
+            recipients = capture.envelope.recipients
+            queue_id = capture.envelope.queue_id
+            if isinstance(outcome, str):
+                # The queue logs the delivery: one line per message is enough.
+                capture.deferred.callback(DeliveryResult(delivered=recipients))
+            elif isinstance(outcome, OSError):
+                reason = f"capture failed: {outcome.strerror or outcome}"
+                self._log.warn(
+                    "could not capture {queue_id}: {reason}", queue_id=queue_id, reason=reason
+                )
+                capture.deferred.callback(all_deferred(recipients, reason))
+            else:
+                self._log.failure("capture of {queue_id} failed", outcome, queue_id=queue_id)
+                capture.deferred.callback(
+                    all_deferred(recipients, "capture failed: internal error")
+                )
+
+
+def _index_line(capture: _Capture, path: str) -> str:
+    envelope = capture.envelope
+    fields = {
+        "queue_id": envelope.queue_id,
+        "list": envelope.list,
+        "username": envelope.username,
+        "sender": envelope.sender,
+        "recipients": list(envelope.recipients),
+        "priority": int(envelope.priority),
+        "accepted_at": envelope.accepted_at,
+        "delivered_at": capture.delivered_at,
+        "file": path,
+    }
+    return json.dumps(fields) + "\n"

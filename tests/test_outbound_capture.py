@@ -1,13 +1,17 @@
 """
 Tests for L{smtpgw.outbound.CaptureOutbound}: the capture relay writes each
 message and one index line per delivery, in delivery order, off the reactor
-thread, and turns disk errors into temporary failures.
+thread, makes them durable before it reports a delivery (two file system
+syncs per group of deliveries), and turns disk errors into temporary
+failures.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -17,11 +21,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.model import Envelope, Priority
-from smtpgw.outbound import CaptureOutbound
+from smtpgw.outbound import CaptureOutbound, default_sync
 
 P = ParamSpec("P")
 T0 = 1_700_000_000.0
@@ -140,7 +145,7 @@ async def test_writes_happen_off_the_reactor_thread(
     threads: list[threading.Thread] = []
     original = capture._write
 
-    def spy(*args: Any) -> str:
+    def spy(*args: Any) -> tuple[str, str]:
         threads.append(threading.current_thread())
         return original(*args)
 
@@ -231,3 +236,136 @@ async def test_longest_queue_id_is_captured(capture: CaptureOutbound) -> None:
     """
     result = await capture.deliver(envelope("x" * 128), b"x\r\n")
     assert result.delivered
+
+
+class RecordingSync:
+    """
+    A sync that notes what the capture directory held at each call, can be
+    held at a gate, and can fail on chosen calls.
+
+    @ivar seen: at each call, the names in the directory and the index's
+        number of lines.
+    @ivar fail_on: call numbers (from 1) that raise EIO.
+    """
+
+    def __init__(self, directory: str, fail_on: frozenset[int] = frozenset()) -> None:
+        self.directory = directory
+        self.fail_on = fail_on
+        self.seen: list[tuple[list[str], int]] = []
+        self.gate: threading.Event | None = None
+        self.waiting = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        if self.gate is not None:
+            self.waiting.set()
+            self.gate.wait(10)
+        names = sorted(os.listdir(self.directory))
+        index = os.path.join(self.directory, "index.jsonl")
+        lines = 0
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                lines = len(f.readlines())
+        self.seen.append((names, lines))
+        if len(self.seen) in self.fail_on:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        default_sync()(fd)
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, clock: Clock) -> Iterator[tuple[CaptureOutbound, RecordingSync]]:
+    sync = RecordingSync(str(tmp_path / "captured"))
+    outbound = CaptureOutbound(tmp_path, _reactor(), clock=clock, sync=sync)
+    outbound.startService()
+    yield outbound, sync
+    if outbound.running:
+        pytest_twisted.blockon(outbound.stopService())
+
+
+@async_test
+async def test_files_are_durable_before_the_delivery_is_reported(
+    recorded: tuple[CaptureOutbound, RecordingSync],
+) -> None:
+    """
+    The .eml is synced under its temporary name (so no partial file can
+    appear under the final name, even after a power loss), then renamed and
+    indexed, and that is synced too, before the delivery is reported.
+    """
+    capture, sync = recorded
+    sync.gate = threading.Event()
+    d = capture.deliver(envelope("ID1"), b"x\r\n")
+    await deferToThread(sync.waiting.wait, 10)
+    assert not d.called
+    sync.gate.set()
+    assert (await d).delivered
+    assert sync.seen == [([".ID1.eml.tmp"], 0), (["ID1.eml", "index.jsonl"], 1)]
+    assert capture.syncs == 2
+
+
+@async_test
+async def test_deliveries_waiting_during_a_sync_share_the_next_two(
+    recorded: tuple[CaptureOutbound, RecordingSync],
+) -> None:
+    """
+    Group commit: the ten deliveries handed over while a sync is under way
+    are made durable together by the next two syncs, in order.
+    """
+    capture, sync = recorded
+    sync.gate = threading.Event()
+    first = capture.deliver(envelope("ID00"), b"x\r\n")
+    await deferToThread(sync.waiting.wait, 10)
+    ids = [f"ID{n:02d}" for n in range(1, 11)]
+    rest = [capture.deliver(envelope(q), b"x\r\n") for q in ids]
+    sync.gate.set()
+    await first
+    results = await gatherResults(rest)
+    assert all(r.delivered for r in results)
+    assert capture.syncs == 4
+    assert [line["queue_id"] for line in index_lines(capture)] == ["ID00", *ids]
+    assert sync.seen[2] == ([*sorted(f".{q}.eml.tmp" for q in ids), "ID00.eml", "index.jsonl"], 1)
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+@async_test
+async def test_failed_sync_defers_the_delivery(tmp_path: Path, clock: Clock, failing: int) -> None:
+    """
+    When a sync fails, the deliveries of the group are deferred (the queue
+    tries again later) and nothing is reported delivered; no temporary file
+    is left, and the next delivery is captured.
+    """
+    sync = RecordingSync(str(tmp_path / "captured"), fail_on=frozenset({failing}))
+    capture = CaptureOutbound(tmp_path, _reactor(), clock=clock, sync=sync)
+    capture.startService()
+    try:
+        failed = await capture.deliver(envelope("ID1"), b"first\r\n")
+        assert failed.delivered == ()
+        assert [reason for _, reason in failed.deferred] == [
+            "capture failed: Input/output error"
+        ] * 2
+        names = sorted(os.listdir(capture.captured_dir))
+        assert not any(name.endswith(".tmp") for name in names)
+        # Failing before the rename leaves nothing; after it, the file and its
+        # line may stay, and the retry replaces the file and indexes it again.
+        assert names == ([] if failing == 1 else ["ID1.eml", "index.jsonl"])
+        again = await capture.deliver(envelope("ID1"), b"again\r\n")
+        assert again.delivered
+        assert (Path(capture.captured_dir) / "ID1.eml").read_bytes() == b"again\r\n"
+    finally:
+        await capture.stopService()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs is Linux's")
+def test_default_sync_is_syncfs_of_the_directory(tmp_path: Path) -> None:
+    """
+    On Linux the default sync is syncfs(2) of the capture directory's file
+    system (one call for a whole group), not sync(2) of every file system;
+    a bad descriptor is an OSError.
+    """
+    sync = default_sync()
+    assert sync.__name__ == "syncfs"
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sync(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        sync(1 << 30)
