@@ -86,6 +86,12 @@ class Limits:
     @ivar max_bad_commands: protocol errors (unknown commands, syntax errors,
         commands out of sequence) a session may make; the next one gets
         C{421 4.7.0} and the connection is closed.
+    @ivar max_junk_commands: commands that move no mail forward (NOOP, HELP,
+        VRFY, RSET, EHLO, HELO, a cancelled AUTH, STARTTLS where it is not
+        available, a repeated or surplus recipient, MAIL while the queue
+        refuses mail) a session may send since its last accepted message (as
+        Postfix's C{smtpd_junk_command_limit}); the next one gets
+        C{421 4.7.0} and the connection is closed.
     @ivar auth_failure_limit: failed logins from one address (an IPv6
         client: from one /64) within L{auth_failure_window} before that
         address gets C{421 4.7.0} to every AUTH. A check still running counts
@@ -116,6 +122,7 @@ class Limits:
     max_connections: int = _int(1000, 1, 1_000_000)
     max_connections_per_ip: int = _int(50, 1, 100_000)
     max_bad_commands: int = _int(10, 1, 1000)
+    max_junk_commands: int = _int(100, 1, 100_000)
     auth_failure_limit: int = _int(5, 1, 1000)
     auth_failure_window: float = _seconds(300.0, 1.0, 86400.0)
     auth_failure_delay: float = _seconds(1.0, 0.0, 60.0)

@@ -39,6 +39,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IPushProducer,
     IReactorTime,
     ISSLTransport,
     ITLSTransport,
@@ -49,6 +50,7 @@ from twisted.mail._cred import PLAINCredentials
 from twisted.mail._except import IllegalClientResponse
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, address_key
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
@@ -271,9 +273,15 @@ _DATA = _Mode.DATA
 _CLOSED = _Mode.CLOSED
 
 
+@implementer(IPushProducer)
 class GatewaySMTP(smtp.ESMTP):
     """
     One client connection.
+
+    The session is the streaming producer of its transport's output: when
+    the transport's write buffer is full (the client does not read its
+    replies) it stops answering and stops reading, until the buffer has
+    drained, so no client can make the gateway buffer without bound.
 
     @ivar factory: the L{GatewaySMTPFactory} that built this session.
     @ivar transaction: the current mail transaction, between a successful
@@ -297,6 +305,9 @@ class GatewaySMTP(smtp.ESMTP):
         self._paused = False
         self._processing = False
         self._transport_paused = False
+        self._congested = False
+        self._producing = False
+        self._junk_commands = 0
         self._discarding_line = False
         self._client_ip = ""
         self._client_key = ""
@@ -347,6 +358,8 @@ class GatewaySMTP(smtp.ESMTP):
             self._t.loseConnection()
             return
         self._counted = True
+        self._t.registerProducer(self, True)
+        self._producing = True
         self._tls_active = ISSLTransport.providedBy(self._t)
         self.canStartTLS = ITLSTransport.providedBy(self._t) and self.ctx is not None
         now = self._clock.seconds()
@@ -397,10 +410,56 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _close(self) -> None:
         """
-        Close after the replies already written; read nothing more.
+        Close after the replies already written; read nothing more. A client
+        that does not read them (the write buffer is full) is not waited
+        for; one whose replies stay stuck is aborted by the session timer.
         """
         self._buffer = b""
-        self._t.loseConnection()
+        transport = self._t
+        if self._producing:
+            # A transport does not finish closing while it has a producer.
+            self._producing = False
+            transport.unregisterProducer()
+        if self._congested:
+            transport.abortConnection()
+        else:
+            transport.loseConnection()
+
+    # -- output backpressure (IPushProducer, called by the transport) -------
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: answer nothing more, and read
+        nothing more, until L{resumeProducing}.
+        """
+        self._congested = True
+        self._stop_reading()
+
+    def resumeProducing(self) -> None:
+        """
+        The write buffer has drained: read and answer again.
+        """
+        self._congested = False
+        if self._mode is _CLOSED or self._t.disconnecting or self._paused:
+            return
+        self._start_reading()
+        if self._buffer:
+            self._process()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away; L{connectionLost} follows.
+        """
+
+    def _stop_reading(self) -> None:
+        if not self._transport_paused and not self._t.disconnecting:
+            self._transport_paused = True
+            self._t.pauseProducing()
+
+    def _start_reading(self) -> None:
+        if self._transport_paused and not self._t.disconnecting:
+            self._transport_paused = False
+            self._t.resumeProducing()
 
     def _421(self, status: bytes, text: bytes) -> bytes:
         return b"421 " + status + b" " + self.host + b" " + text + b"\r\n"
@@ -438,13 +497,21 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._mode is _CLOSED or self._t.disconnecting:
+        if self._mode is _CLOSED:
+            return
+        if self._t.disconnecting:
+            # Closed, but the client has not read the last replies for a
+            # whole deadline: stop waiting for it.
+            self._t.abortConnection()
             return
         at, why = self._deadline()
-        if at <= self._clock.seconds():
+        now = self._clock.seconds()
+        if at <= now:
             log.info("timeout for {client_ip}: {why}", client_ip=self._client_ip, why=why)
             self._t.write(self._421(b"4.4.2", why))
             self._close()
+            if self._mode is not _CLOSED:
+                self._schedule(now + self._limits.idle_timeout)
         else:
             self._schedule(at)
 
@@ -465,10 +532,9 @@ class GatewaySMTP(smtp.ESMTP):
             self._close()
             return
         self._buffer = self._buffer + data if self._buffer else data
-        if self._paused:
-            if len(self._buffer) > _PAUSED_BUFFER_LIMIT and not self._transport_paused:
-                self._transport_paused = True
-                self._t.pauseProducing()
+        if self._paused or self._congested:
+            if self._congested or len(self._buffer) > _PAUSED_BUFFER_LIMIT:
+                self._stop_reading()
             return
         self._process()
 
@@ -486,7 +552,7 @@ class GatewaySMTP(smtp.ESMTP):
         end = len(buf)
         pos = 0
         transport = self._t
-        while pos < end and not self._paused:
+        while pos < end and not (self._paused or self._congested):
             if transport.disconnecting:
                 self._buffer = b""
                 return
@@ -513,7 +579,7 @@ class GatewaySMTP(smtp.ESMTP):
         if pos:
             # A line ended: whatever is left started now.
             self._line_started_at = None
-        if rest and not self._paused and not transport.disconnecting:
+        if rest and not (self._paused or self._congested or transport.disconnecting):
             self._partial_line(len(rest))
 
     def _data_lines(self, buf: bytes, pos: int) -> int:
@@ -644,9 +710,9 @@ class GatewaySMTP(smtp.ESMTP):
         if self._mode is _CLOSED:
             return
         self._last_activity = self._clock.seconds()
-        if self._transport_paused and not self._t.disconnecting:
-            self._transport_paused = False
-            self._t.resumeProducing()
+        if self._congested:
+            return
+        self._start_reading()
         if self._buffer:
             self._process()
 
@@ -676,7 +742,23 @@ class GatewaySMTP(smtp.ESMTP):
         self._reset_transaction()
         return True
 
+    def _junk(self) -> bool:
+        """
+        Count a command that moves no mail forward.
+
+        @return: whether that was one too many (answered C{421} and closed).
+        """
+        self._junk_commands += 1
+        if self._junk_commands <= self._limits.max_junk_commands:
+            return False
+        log.info("too many commands without mail from {client_ip}", client_ip=self._client_ip)
+        self._t.write(self._421(b"4.7.0", b"Error: too many commands without mail"))
+        self._close()
+        return True
+
     def _ehlo(self, argument: bytes) -> None:
+        if self._junk():
+            return
         if self._hello(argument):
             self._t.write(
                 self.factory.ehlo_reply(
@@ -687,24 +769,32 @@ class GatewaySMTP(smtp.ESMTP):
             )
 
     def _helo_command(self, argument: bytes) -> None:
+        if self._junk():
+            return
         if self._hello(argument):
             self._t.write(b"250 " + self.host + b"\r\n")
 
     def _noop(self, argument: bytes) -> None:
-        self._t.write(R_OK)
+        if not self._junk():
+            self._t.write(R_OK)
 
     def _rset(self, argument: bytes) -> None:
+        if self._junk():
+            return
         self._reset_transaction()
         self._t.write(R_OK)
 
     def _vrfy(self, argument: bytes) -> None:
+        if self._junk():
+            return
         if not argument:
             self._bad(R_VRFY_SYNTAX)
             return
         self._t.write(R_VRFY)
 
     def _help(self, argument: bytes) -> None:
-        self._t.write(R_HELP)
+        if not self._junk():
+            self._t.write(R_HELP)
 
     def _quit(self, argument: bytes) -> None:
         self._t.write(R_BYE)
@@ -723,11 +813,17 @@ class GatewaySMTP(smtp.ESMTP):
         elif self._tls_active:
             self._bad(R_TLS_ACTIVE)
         elif not self.canStartTLS:
-            self._t.write(R_TLS_UNAVAILABLE)
+            if not self._junk():
+                self._t.write(R_TLS_UNAVAILABLE)
         else:
             self._t.write(R_TLS_GO)
             self._t.startTLS(self.ctx)
             self.startedTLS = self._tls_active = True
+            if self._congested:
+                # The transport registers its producer afresh for TLS and
+                # will not resume one it did not pause itself.
+                self._congested = False
+                self._start_reading()
             # RFC 3207 4.2: the client must start over; nothing learned in
             # plaintext survives.
             self._helo_name = None
@@ -776,7 +872,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._mode = _COMMAND
         challenger, self._challenger = self._challenger, None
         if response == b"*":
-            self._t.write(R_AUTH_CANCELLED)
+            if not self._junk():
+                self._t.write(R_AUTH_CANCELLED)
             return
         try:
             # RFC 4954 section 4: "=" is an empty initial response.
@@ -919,7 +1016,8 @@ class GatewaySMTP(smtp.ESMTP):
             self._refuse(refused)
             return
         if not self.factory.services.queue.accepting:
-            self._t.write(R_STORAGE)
+            if not self._junk():
+                self._t.write(R_STORAGE)
             return
         try:
             result = self.delivery.validateFrom(self._helo, address)
@@ -976,10 +1074,12 @@ class GatewaySMTP(smtp.ESMTP):
             return
         recipient = str(address)
         if recipient in transaction.recipients:
-            self._t.write(R_RCPT_OK)
+            if not self._junk():
+                self._t.write(R_RCPT_OK)
             return
         if len(transaction.recipients) >= self._limits.max_recipients:
-            self._t.write(R_TOO_MANY_RECIPIENTS)
+            if not self._junk():
+                self._t.write(R_TOO_MANY_RECIPIENTS)
             return
         user = smtp.User(address, self._helo, self, self._sender or smtp.Address(b"<>"))
         try:
@@ -1061,6 +1161,7 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _queued(self, queue_id: str) -> None:
         self._bad_commands = 0
+        self._junk_commands = 0
         # The one log event of an accepted message (and of its login).
         log.info(
             "queued {queue_id} from {username} at {client_ip}",

@@ -162,6 +162,40 @@ class TLSStringTransport(StringTransport):  # type: ignore[misc]
         self.tls_started_with = contextFactory
 
 
+class CongestingTransport(TLSStringTransport):
+    """
+    A transport with a write buffer of C{bound} octets: past it, it pauses
+    its streaming producer, as Twisted's TCP transport does; L{clear} plays
+    the client reading everything, and resumes the producer.
+    """
+
+    producer_paused = False
+
+    def __init__(self, bound: int) -> None:
+        super().__init__()
+        self.bound = bound
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        producer = self.producer
+        if (
+            producer is not None
+            and self.streaming
+            and not self.producer_paused
+            and self.io.tell() > self.bound
+        ):
+            self.producer_paused = True
+            producer.pauseProducing()
+
+    def clear(self) -> None:
+        super().clear()
+        if self.producer_paused and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+
+    drain = clear
+
+
 def plain(username: str = "alice", password: str = PASSWORD) -> bytes:
     """
     The AUTH PLAIN initial response for C{username} and C{password}.
@@ -268,17 +302,26 @@ class Harness:
             queue_ids=QueueIdGenerator(),
         )
 
-    def connect(self, ip: str = "192.0.2.1", *, tls_capable: bool = True) -> Client:
+    def connect(
+        self,
+        ip: str = "192.0.2.1",
+        *,
+        tls_capable: bool = True,
+        transport: StringTransport | None = None,
+    ) -> Client:
         """
         A new connection from C{ip}, greeting already read.
+
+        @param transport: the transport to use (its addresses are set here).
         """
         address: IPv4Address | IPv6Address
         address = IPv6Address("TCP", ip, 40000) if ":" in ip else IPv4Address("TCP", ip, 40000)
         session = self.factory.buildProtocol(address)
-        transport_class = TLSStringTransport if tls_capable else StringTransport
-        transport = transport_class(
-            peerAddress=address, hostAddress=IPv4Address("TCP", "198.51.100.1", 25)
-        )
+        if transport is None:
+            transport_class = TLSStringTransport if tls_capable else StringTransport
+            transport = transport_class()
+        transport.peerAddr = address
+        transport.hostAddr = IPv4Address("TCP", "198.51.100.1", 25)
         session.makeConnection(transport)
         client = Client(session, transport)
         if self.limits.greet_delay == 0:

@@ -40,6 +40,7 @@ def test_defaults() -> None:
     assert limits.auth_failure_delay_cap == 10
     assert limits.greet_delay == 0
     assert limits.max_connections == 1000
+    assert limits.max_junk_commands == 100
     for field in attrs.fields(Limits):
         assert field.default is not attrs.NOTHING, field.name
 
@@ -70,6 +71,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("auth_failure_delay_cap", 0, 300),
     ("greet_delay", 0, 60),
     ("max_connections", 1, 1_000_000),
+    ("max_junk_commands", 1, 100_000),
 ]
 
 

@@ -10,7 +10,8 @@ import pytest
 import smtpgw.realm
 from smtpgw.limits import Limits
 from smtpgw.message import MessageAssembler
-from tests.session_fakes import Client, Harness, message, plain
+from smtpgw.session import R_HELP
+from tests.session_fakes import Client, CongestingTransport, Harness, message, plain
 
 
 def assert_still_serving(harness: Harness, ip: str = "198.51.100.200") -> None:
@@ -780,3 +781,167 @@ def test_bad_auth_response_line_ends_the_exchange(bad: bytes) -> None:
     assert client.command(b"AUTH LOGIN")[0].startswith(b"334 ")
     assert client.command(bad)[0].startswith(b"500 5.5.2 ")
     assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+
+
+# -- junk commands ------------------------------------------------------------
+
+
+def test_junk_commands_at_the_limit_are_answered() -> None:
+    """
+    max_junk_commands commands that move no mail (NOOP, HELP, VRFY, RSET,
+    EHLO, HELO) each get their reply; the session stays open.
+    """
+    harness = Harness(limits=Limits(max_junk_commands=6))
+    client = harness.connect()
+    client.send(b"EHLO c\r\nHELO c\r\nNOOP\r\nRSET\r\nVRFY a@b.example\r\nHELP\r\n")
+    assert client.codes() == [b"250", b"250", b"250", b"250", b"252", b"214"]
+    assert not client.closed
+    assert client.command(b"AUTH PLAIN " + plain())[0].startswith(b"235 ")
+    assert client.mail_transaction(message())[-1].startswith(b"250 2.0.0 ")
+
+
+def test_one_junk_command_past_the_limit_is_421() -> None:
+    """
+    The command after max_junk_commands of them gets 421 4.7.0 and a close;
+    what follows it is not read; other clients are served.
+    """
+    harness = Harness(limits=Limits(max_junk_commands=100))
+    client = harness.connect()
+    client.send(b"HELP\r\n" * 101 + b"NOOP\r\n")
+    codes = client.codes()
+    assert codes == [b"214"] * 100 + [b"421"]
+    assert client.closed
+    assert_still_serving(harness)
+
+
+def test_junk_command_limit_counts_loops_that_get_nowhere() -> None:
+    """
+    A cancelled AUTH, a repeated recipient and a recipient past the limit
+    move no mail either and count too.
+    """
+    harness = Harness(limits=Limits(max_junk_commands=5, max_recipients=1))
+    client = harness.connect()
+    client.send(b"EHLO c\r\nAUTH LOGIN\r\n*\r\n")  # 1, 2
+    assert client.codes() == [b"250", b"334", b"501"]
+    assert client.command(b"AUTH PLAIN " + plain())[0].startswith(b"235 ")
+    client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@c.example>\r\n")
+    client.send(b"RCPT TO:<b@c.example>\r\nRCPT TO:<d@c.example>\r\nRSET\r\n")  # 3, 4, 5
+    assert client.codes() == [b"250", b"250", b"250", b"452", b"250"]
+    client.send(b"RCPT TO:<b@c.example>\r\nNOOP\r\n")
+    assert client.codes() == [b"503", b"421"]
+    assert client.closed
+
+
+def test_an_accepted_message_resets_the_junk_count() -> None:
+    """
+    A client that sends mail may use NOOP and RSET between messages for as
+    long as it sends.
+    """
+    harness = Harness(limits=Limits(max_junk_commands=3))
+    client = harness.logged_in()
+    for _ in range(5):
+        client.send(b"RSET\r\nNOOP\r\n")
+        assert client.codes() == [b"250", b"250"]
+        assert client.mail_transaction(message())[-1].startswith(b"250 2.0.0 ")
+    assert not client.closed
+
+
+# -- output backpressure ---------------------------------------------------------
+
+
+def test_session_is_a_streaming_producer_of_its_transport() -> None:
+    """
+    The session registers with its transport as a streaming producer (so the
+    transport tells it when its write buffer is full), and unregisters when
+    it closes (a transport with a producer never finishes closing).
+    """
+    harness = Harness()
+    client = harness.connect()
+    assert client.transport.producer is client.session
+    assert client.transport.streaming
+    client.command(b"QUIT")
+    assert client.transport.producer is None
+
+
+def _congesting(harness: Harness, bound: int) -> tuple[Client, CongestingTransport]:
+    client = harness.connect(transport=CongestingTransport(bound))
+    assert isinstance(client.transport, CongestingTransport)
+    return client, client.transport
+
+
+def test_client_that_does_not_read_stops_being_read() -> None:
+    """
+    A client that pipelines HELP and never reads: once the transport's write
+    buffer is over its bound, the session stops answering and stops reading
+    (the rest of what was read waits in the session); when the buffer
+    drains, it answers the rest, in order.
+    """
+    harness = Harness(limits=Limits(max_junk_commands=10_000))
+    client, transport = _congesting(harness, bound=4096)
+    client.send(b"HELP\r\n" * 2000)
+    first = transport.value()
+    assert len(first) < 4096 + len(R_HELP)
+    assert transport.producerState == "paused"
+    assert client.session._buffer
+    client.send(b"NOOP\r\n" * 1000)
+    assert transport.value() == first
+    output = [first]
+    while transport.producerState == "paused":
+        transport.drain()
+        output.append(transport.value())
+        assert len(output[-1]) < 4096 + len(R_HELP)
+    everything = b"".join(output)
+    assert everything == R_HELP * 2000 + b"250 2.0.0 Ok\r\n" * 1000
+    assert not client.closed
+
+
+def test_congestion_does_not_count_as_a_long_line() -> None:
+    """
+    Unanswered complete lines held back by congestion are not taken for one
+    over-long partial line.
+    """
+    harness = Harness(limits=Limits(max_junk_commands=10_000))
+    client, transport = _congesting(harness, bound=1024)
+    client.send(b"NOOP\r\n" * 5000)
+    assert transport.producerState == "paused"
+    output = [transport.value()]
+    while transport.producerState == "paused":
+        transport.drain()
+        output.append(transport.value())
+    assert b"".join(output) == b"250 2.0.0 Ok\r\n" * 5000
+    transport.drain()
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+
+
+def test_flooding_client_that_does_not_read_is_aborted_at_the_idle_deadline() -> None:
+    """
+    A client that floods and never reads is no longer read from; at its
+    idle deadline it gets the 421 and, its replies being stuck in the write
+    buffer, the connection is aborted rather than waited for.
+    """
+    harness = Harness(limits=Limits(idle_timeout=300))
+    client, transport = _congesting(harness, bound=4096)
+    client.send(b"HELP\r\n" * 200)
+    assert transport.producerState == "paused"
+    harness.clock.advance(299)
+    assert not client.closed
+    harness.clock.advance(1)
+    assert client.closed
+    assert transport.disconnected
+
+
+def test_closing_connection_that_never_drains_is_aborted_at_the_deadline() -> None:
+    """
+    A connection closed with replies still buffered (the client does not
+    read them, the transport cannot finish closing) is aborted when its
+    idle deadline passes.
+    """
+    harness = Harness(limits=Limits(idle_timeout=300))
+    client = harness.connect()
+    client.command(b"QUIT")
+    assert client.closed
+    assert not client.transport.disconnected
+    harness.clock.advance(299)
+    assert not client.transport.disconnected
+    harness.clock.advance(1)
+    assert client.transport.disconnected

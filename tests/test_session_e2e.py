@@ -7,6 +7,7 @@ sockets, and a real TLS handshake with a throwaway certificate.
 from __future__ import annotations
 
 import datetime
+import select
 import smtplib
 import socket
 import ssl
@@ -30,7 +31,7 @@ from smtpgw.checker import SmtpUserChecker
 from smtpgw.limits import Limits
 from smtpgw.model import QueueIdGenerator
 from smtpgw.realm import GatewayRealm
-from smtpgw.session import GatewaySMTPFactory
+from smtpgw.session import GatewaySMTP, GatewaySMTPFactory
 from tests.session_fakes import (
     PASSWORD,
     FakeQueue,
@@ -80,7 +81,9 @@ class Gateway:
     A factory listening on 127.0.0.1, with fakes behind it.
     """
 
-    def __init__(self, *, tls: bool = False, require_tls: bool = False) -> None:
+    def __init__(
+        self, *, tls: bool = False, require_tls: bool = False, limits: Limits | None = None
+    ) -> None:
         from twisted.internet import reactor
 
         self.queue = FakeQueue()
@@ -94,7 +97,7 @@ class Gateway:
             alerts=self.alerts,
             users=self.users,
             hostname="gw.test",
-            limits=Limits(auth_failure_delay=0),
+            limits=limits or Limits(auth_failure_delay=0),
             tls=lambda: options,
             require_tls=require_tls,
             clock=reactor,
@@ -308,3 +311,98 @@ async def test_concurrent_smtplib_clients(gateways: list[Gateway], count: int) -
     results = await gatherResults([deferToThread(_submit, gateway, BODY) for _ in range(count)])
     assert results == [{}] * count
     assert len(gateway.queue.submitted) == count
+
+
+class _SmallSocketBuffers(GatewaySMTP):
+    """
+    A session whose socket has small kernel buffers, so that what the
+    gateway itself buffers shows quickly.
+    """
+
+    def connectionMade(self) -> None:
+        handle = self.transport.getHandle()  # type: ignore[union-attr]
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        super().connectionMade()
+
+
+def _flood_without_reading(
+    address: tuple[str, int], *, tls: bool, attempt: int = 4 * 1024 * 1024
+) -> tuple[int, int, bytes]:
+    """
+    Pipeline NOOPs without reading a reply until the gateway stops taking
+    them (no progress for half a second) or C{attempt} octets went out;
+    then read the replies, finish what was cut short, QUIT.
+
+    @return: the NOOPs sent before the gateway stopped taking them, the
+        NOOP replies read, and the last reply.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(address)
+    conn: socket.socket = sock
+    try:
+        _read_reply(conn)
+        conn.sendall(b"EHLO c\r\n")
+        _read_reply(conn)
+        if tls:
+            conn.sendall(b"STARTTLS\r\n")
+            _read_reply(conn)
+            conn = _no_verify().wrap_socket(sock, server_hostname="gw.test")
+        chunk = b"NOOP\r\n" * 64
+        conn.setblocking(False)
+        sent = 0
+        # A TLS write that would block must be retried with the same data
+        # (part of its record may be out already); plain sockets send part.
+        unfinished = b""
+        while sent < attempt:
+            _, writable, _ = select.select([], [conn], [], 0.5)
+            if not writable:
+                break
+            try:
+                done = conn.send(chunk[sent % len(chunk) :])
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                unfinished = chunk[sent % len(chunk) :]
+                continue
+            unfinished = b""
+            sent += done
+        conn.settimeout(10)
+        replies = b""
+        while replies.count(b"\r\n") < sent // 6:
+            replies += conn.recv(65536)
+        if unfinished:
+            conn.sendall(unfinished)
+            sent += len(unfinished)
+        conn.sendall(chunk[sent % len(chunk) :][: -sent % 6] + b"QUIT\r\n")
+        while not replies.endswith(b"221 2.0.0 Bye\r\n"):
+            data = conn.recv(65536)
+            if not data:
+                break
+            replies += data
+    finally:
+        # After wrap_socket, the TLS socket owns the file descriptor.
+        conn.close()
+    lines = replies.split(b"\r\n")[:-1]
+    return -(-sent // 6), lines.count(b"250 2.0.0 Ok"), lines[-1]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+@async_test
+async def test_client_that_does_not_read_is_not_read_either(
+    gateways: list[Gateway], tls: bool
+) -> None:
+    """
+    Over a real connection (and through TLS), a client that pipelines
+    commands without reading the replies can only send a bounded amount
+    before the gateway stops reading; once it reads, every command is
+    answered, in order.
+    """
+    gateway = Gateway(tls=tls, limits=Limits(max_junk_commands=100_000))
+    gateway.factory.protocol = _SmallSocketBuffers
+    gateways.append(gateway)
+    sent, answered, last = await deferToThread(_flood_without_reading, gateway.address, tls=tls)
+    assert sent * 6 < 1024 * 1024
+    assert answered == sent
+    assert last == b"221 2.0.0 Bye"

@@ -317,7 +317,7 @@ def test_input_is_not_buffered_without_bound_while_paused() -> None:
     A client that keeps sending while a reply is pending has the transport
     paused, and resumed once the reply is out.
     """
-    harness = Harness(delayed_auth=True)
+    harness = Harness(delayed_auth=True, limits=Limits(max_junk_commands=20_000))
     client = harness.connect()
     client.send(b"EHLO c\r\nAUTH PLAIN " + plain() + b"\r\n")
     for _ in range(80):
