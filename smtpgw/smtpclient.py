@@ -375,6 +375,7 @@ class SMTPClientProtocol(Protocol):
         self._greeting: Deferred[Reply] | None = None
         self._tls_creator: Any = None
         self._handshake: _Waiter | None = None
+        self._handshake_reply = Reply(220)
         self._failure: SessionFailed | None = None
         self.tls_started = False
         self.tls_active = False
@@ -446,20 +447,14 @@ class SMTPClientProtocol(Protocol):
         @param creator: the TLS client options.
         @param timeout: seconds to wait for the reply.
         @param handshake_timeout: seconds the handshake may take.
-        @return: the reply, once the handshake has completed when it was
-            C{220}; fails with L{TLSFailed} when the handshake fails.
+        @return: the reply; a C{220} only once the handshake has completed
+            (L{TLSFailed} when it fails).
         """
         if self._waiters:
             return fail(SessionFailed("STARTTLS must not be pipelined"))
         reply = self.command(b"STARTTLS", "STARTTLS", timeout)
         self._tls_creator = (creator, handshake_timeout)
-
-        def started(reply: Reply) -> Reply | Deferred[Reply]:
-            if reply.code != 220 or self._handshake is None:
-                return reply
-            return self._handshake.deferred.addCallback(lambda _: reply)
-
-        return reply.addCallback(started)
+        return reply
 
     def close(self) -> None:
         """
@@ -510,7 +505,7 @@ class SMTPClientProtocol(Protocol):
         self.tls_active = True
         handshake, self._handshake = self._handshake, None
         if handshake is not None:
-            self._settle(handshake).callback(None)
+            self._settle(handshake).callback(self._handshake_reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         description = reason.getErrorMessage()
@@ -589,28 +584,33 @@ class SMTPClientProtocol(Protocol):
 
     def _starttls_replied(self, reply: Reply) -> None:
         (creator, handshake_timeout), self._tls_creator = self._tls_creator, None
-        if reply.code == 220:
-            # RFC 3207 section 4.2: nothing read before the handshake counts.
-            self.discarded_after_starttls = len(self._buffer)
-            self._buffer = b""
-            if self.discarded_after_starttls:
-                self._log.warn(
-                    "discarded {count} bytes sent after the 220 reply to STARTTLS",
-                    count=self.discarded_after_starttls,
-                )
-            handshake = _Waiter(Deferred(), "TLS handshake")
-            handshake.timer = self._clock.callLater(
-                handshake_timeout, self._handshake_timed_out, handshake_timeout
+        if reply.code != 220 or not self._waiters:
+            self._dispatch(reply)
+            return
+        # RFC 3207 section 4.2: nothing read before the handshake counts.
+        self.discarded_after_starttls = len(self._buffer)
+        self._buffer = b""
+        if self.discarded_after_starttls:
+            self._log.warn(
+                "discarded {count} bytes sent after the 220 reply to STARTTLS",
+                count=self.discarded_after_starttls,
             )
-            self._handshake = handshake
-            self.tls_started = True
-            try:
-                self.transport.startTLS(creator)  # type: ignore[union-attr]
-            except Exception as error:
-                self._fail(TLSFailed(f"TLS could not start: {_printable(str(error))}"))
-                self.transport.abortConnection()  # type: ignore[union-attr]
-                return
-        self._dispatch(reply)
+        # The STARTTLS reply is given once the handshake is done: whoever
+        # awaits it learns of a failed handshake instead.
+        waiter = self._waiters.popleft()
+        self._settle(waiter)
+        waiter.what = "TLS handshake"
+        waiter.timer = self._clock.callLater(
+            handshake_timeout, self._handshake_timed_out, handshake_timeout
+        )
+        self._handshake = waiter
+        self._handshake_reply = reply
+        self.tls_started = True
+        try:
+            self.transport.startTLS(creator)  # type: ignore[union-attr]
+        except Exception as error:
+            self._fail(TLSFailed(f"TLS could not start: {_printable(str(error))}"))
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _handshake_timed_out(self, timeout: float) -> None:
         if self._handshake is not None:

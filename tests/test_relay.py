@@ -16,12 +16,14 @@ from urllib.parse import quote
 
 import pytest
 import pytest_twisted
+from attrs import Factory, define
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.ssl import trustRootFromCertificates
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
 from zope.interface.verify import verifyObject
 
 from smtpgw.interfaces import DeliveryResult, IOutbound
@@ -855,3 +857,263 @@ async def test_empty_envelope_needs_no_connection() -> None:
     sent = await pool.send("127.0.0.1", 9, empty, BODY)
     assert sent.result == DeliveryResult()
     assert pool.connections == 0
+
+
+# -- the pool in memory: connections the test accepts and answers by hand
+
+
+class TLSStringTransport(StringTransportWithDisconnection):
+    """
+    Records C{startTLS}; the handshake completes when the test says so.
+    """
+
+    tls_creator: Any = None
+
+    def startTLS(self, contextFactory: Any) -> None:
+        self.tls_creator = contextFactory
+
+
+@define
+class ServerEnd:
+    """
+    The server's end of a pooled connection on a L{StringTransport}.
+    """
+
+    transport: TLSStringTransport
+    protocol: SMTPClientProtocol
+
+    def sent(self) -> bytes:
+        data: bytes = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def reply(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def greet(self, extensions: bytes = b"") -> None:
+        """
+        Greet, answer EHLO.
+        """
+        self.reply(b"220 memory.test ESMTP\r\n")
+        assert self.sent() == b"EHLO gw.test\r\n"
+        self.reply(b"250-memory.test\r\n" + extensions + b"250 8BITMIME\r\n")
+
+    def take_message(self) -> None:
+        """
+        Accept one message of one recipient, sent without pipelining.
+        """
+        assert self.sent().startswith(b"MAIL FROM:")
+        self.reply(b"250 ok\r\n")
+        assert self.sent().startswith(b"RCPT TO:")
+        self.reply(b"250 ok\r\n")
+        assert self.sent() == b"DATA\r\n"
+        self.reply(b"354 go\r\n")
+        assert self.sent().endswith(b"\r\n.\r\n")
+        self.reply(b"250 ok\r\n")
+
+
+@define
+class Network:
+    """
+    Endpoints whose connections wait for the test to accept them.
+    """
+
+    connecting: list[tuple[Any, Deferred[Any]]] = Factory(list)
+
+    def endpoint(self, host: str, port: int, timeout: float) -> Any:
+        network = self
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                connected: Deferred[Any] = Deferred()
+                network.connecting.append((factory, connected))
+                return connected
+
+        return Endpoint()
+
+    def accept(self) -> ServerEnd:
+        factory, connected = self.connecting.pop(0)
+        protocol = factory.buildProtocol(None)
+        transport = TLSStringTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        connected.callback(protocol)
+        return ServerEnd(transport, protocol)
+
+    def refuse(self) -> None:
+        _, connected = self.connecting.pop(0)
+        connected.errback(ConnectionRefusedError("refused"))
+
+
+def memory_pool(**kwargs: Any) -> tuple[ConnectionPool, Network, Clock]:
+    network, clock = Network(), Clock()
+    kwargs.setdefault("settings", SETTINGS)
+    pool = ConnectionPool(None, endpoint_factory=network.endpoint, clock=clock, **kwargs)
+    return pool, network, clock
+
+
+def fired(d: Deferred[T]) -> T:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "not fired"
+    value: T = results[0]
+    return value
+
+
+NO_TLS = SessionPolicy(tls=TLSPolicy(starttls=StartTLS.NEVER))
+
+
+def finish(pool: ConnectionPool, clock: Clock) -> None:
+    """
+    Close the pool; connections whose server end stays silent are aborted
+    after the QUIT timeout.
+    """
+    closed = pool.close(timeout=1.0)
+    clock.advance(1.0)
+    assert closed.called
+    assert pool.connections == 0
+
+
+def test_stale_reused_connection_resends_on_a_new_one() -> None:
+    """
+    A reused connection found closed before the server answered the new
+    MAIL: the message goes over a new connection and is delivered, not
+    deferred.
+    """
+    pool, network, clock = memory_pool()
+    first = pool.send("mx.test", 25, envelope("b@x.org"), BODY, NO_TLS)
+    server = network.accept()
+    server.greet()
+    server.take_message()
+    assert fired(first).result.delivered == ("b@x.org",)
+    second = pool.send("mx.test", 25, envelope("c@x.org"), BODY, NO_TLS)
+    assert server.sent().startswith(b"MAIL FROM:")
+    server.transport.loseConnection()
+    assert not second.called
+    fresh = network.accept()
+    fresh.greet()
+    fresh.take_message()
+    assert fired(second).result.delivered == ("c@x.org",)
+    finish(pool, clock)
+
+
+@pytest.mark.parametrize(("elapsed", "timed_out"), [(29.9, False), (30.0, True)])
+def test_connect_timeout(elapsed: float, timed_out: bool) -> None:
+    """
+    A connection not established within the connect timeout defers the
+    message with the reason; just before it, the message still waits.
+    """
+    pool, _, clock = memory_pool()
+    sent = pool.send("mx.test", 25, envelope("b@x.org"), BODY, NO_TLS)
+    clock.advance(elapsed)
+    assert sent.called is timed_out
+    if timed_out:
+        assert fired(sent).result.deferred == (
+            ("b@x.org", "timed out after 30 s connecting to mx.test:25"),
+        )
+    finish(pool, clock)
+
+
+def test_failed_extra_connection_leaves_the_queue_to_a_working_one() -> None:
+    """
+    When a second connection to a destination cannot be opened while the
+    first works, the waiting message goes over the first.
+    """
+    pool, network, clock = memory_pool()
+    first = pool.send("mx.test", 25, envelope("b@x.org"), BODY, NO_TLS)
+    server = network.accept()
+    server.greet()
+    assert server.sent().startswith(b"MAIL FROM:")
+    second = pool.send("mx.test", 25, envelope("c@x.org"), BODY, NO_TLS)
+    network.refuse()
+    assert not second.called
+    server.reply(b"250 ok\r\n")
+    server.sent()
+    server.reply(b"250 ok\r\n")
+    server.sent()
+    server.reply(b"354 go\r\n")
+    server.sent()
+    server.reply(b"250 ok\r\n")
+    assert fired(first).result.delivered == ("b@x.org",)
+    server.take_message()
+    assert fired(second).result.delivered == ("c@x.org",)
+    finish(pool, clock)
+
+
+def test_refused_connection_defers_everything_waiting() -> None:
+    """
+    With no working connection, a refused one defers every message waiting
+    for the destination, as a host failure.
+    """
+    pool, network, _ = memory_pool(max_per_destination=1)
+    sends = [pool.send("mx.test", 25, envelope(f"{n}@x.org"), BODY, NO_TLS) for n in range(3)]
+    network.refuse()
+    for n, sent in enumerate(sends):
+        result = fired(sent)
+        assert result.retryable == (f"{n}@x.org",)
+        assert "cannot connect to mx.test:25" in (result.host_failure or "")
+    assert pool.connections == 0
+
+
+def test_close_aborts_a_stuck_delivery_after_the_close_timeout() -> None:
+    """
+    Closing defers what waits at once, gives the message under way the
+    close timeout, then aborts it (deferred) and fires.
+    """
+    pool, network, clock = memory_pool(max_per_destination=1)
+    busy = pool.send("mx.test", 25, envelope("b@x.org"), BODY, NO_TLS)
+    waiting = pool.send("mx.test", 25, envelope("c@x.org"), BODY, NO_TLS)
+    server = network.accept()
+    server.greet()
+    closed = pool.close(timeout=10)
+    assert fired(waiting).result.deferred == (("c@x.org", "the relay is stopping"),)
+    clock.advance(9.9)
+    assert not busy.called
+    assert not closed.called
+    clock.advance(0.1)
+    assert fired(busy).result.deferred == (("b@x.org", "the relay is stopping"),)
+    assert closed.called
+    assert pool.connections == 0
+
+
+def test_close_while_connecting() -> None:
+    """
+    Closing while a connection is being made cancels it; the message is
+    deferred.
+    """
+    pool, _, _ = memory_pool()
+    sent = pool.send("mx.test", 25, envelope("b@x.org"), BODY, NO_TLS)
+    closed = pool.close()
+    assert fired(sent).result.deferred == (("b@x.org", "the relay is stopping"),)
+    assert closed.called
+
+
+@pytest.mark.parametrize(("elapsed", "tls_again"), [(99.0, False), (100.0, True)])
+def test_tls_failure_is_remembered(elapsed: float, tls_again: bool) -> None:
+    """
+    After a failed handshake under the plaintext fallback, the host is sent
+    to without STARTTLS for C{tls_failure_memory} seconds, then STARTTLS is
+    tried again.
+    """
+    policy = SessionPolicy(tls=TLSPolicy(fallback=TLSFallback.PLAINTEXT))
+    pool, network, clock = memory_pool(tls_failure_memory=100.0, idle_timeout=1.0)
+    first = pool.send("mx.test", 25, envelope("b@x.org"), BODY, policy)
+    server = network.accept()
+    server.greet(b"250-STARTTLS\r\n")
+    assert server.sent() == b"STARTTLS\r\n"
+    server.reply(b"220 go\r\n")
+    server.transport.loseConnection()
+    plain = network.accept()
+    plain.greet(b"250-STARTTLS\r\n")
+    plain.take_message()
+    assert fired(first).result.delivered == ("b@x.org",)
+    clock.advance(1.0)
+    assert plain.sent() == b"QUIT\r\n"
+    plain.reply(b"221 bye\r\n")
+    assert pool.connections == 0
+    clock.advance(elapsed - 1.0)
+    pool.send("mx.test", 25, envelope("c@x.org"), BODY, policy)
+    later = network.accept()
+    later.greet(b"250-STARTTLS\r\n")
+    assert later.sent().startswith(b"STARTTLS" if tls_again else b"MAIL FROM:")
+    finish(pool, clock)
