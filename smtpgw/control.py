@@ -18,6 +18,7 @@ L{NotDurable}, saying so.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import stat
@@ -44,12 +45,11 @@ from smtpgw.queueinfo import (
     QueueFilter,
     QueueListing,
     QueueRow,
+    QueueScan,
     QueueStatus,
-    ReadyOrder,
     Throttle,
     Why,
     explain,
-    page_candidates,
     parse_state,
     queue_row,
 )
@@ -62,6 +62,7 @@ __all__ = [
     "MAX_QUEUE_ID_LENGTH",
     "MAX_USERNAME_SCAN",
     "REPLY_TIMEOUT",
+    "SCAN_SLICE",
     "BadArgument",
     "CancelMessage",
     "ControlClient",
@@ -98,6 +99,9 @@ MAX_QUEUE_ID_LENGTH: Final = 64
 #: With a C{username} filter, the most envelopes one listing page reads
 #: from the journal; the page then ends early with C{next_after} set.
 MAX_USERNAME_SCAN: Final = 10_000
+#: Scheduled entries looked at per reactor turn when a listing or a "why"
+#: goes through the queue (about 10 microseconds each).
+SCAN_SLICE: Final = 2000
 #: Envelopes read from the journal at once while listing (each read brings
 #: the whole message into memory).
 READ_BATCH: Final = 16
@@ -198,6 +202,7 @@ class QueueControl:
         *,
         read_batch: int = READ_BATCH,
         username_scan: int = MAX_USERNAME_SCAN,
+        scan_slice: int = SCAN_SLICE,
     ) -> None:
         """
         @param queue: the gateway's queue.
@@ -206,12 +211,14 @@ class QueueControl:
         @param clock: the time of snapshots.
         @param read_batch: envelopes read from the journal at once.
         @param username_scan: see L{MAX_USERNAME_SCAN}.
+        @param scan_slice: see L{SCAN_SLICE}.
         """
         self._queue = queue
         self._journal = journal
         self._clock = clock
         self._read_batch = read_batch
         self._username_scan = username_scan
+        self._scan_slice = scan_slice
 
     def status(self) -> QueueStatus:
         """
@@ -278,20 +285,14 @@ class QueueControl:
             )
         )
 
-    def why(self, queue_id: str) -> Why:
+    def why(self, queue_id: str) -> Deferred[Why]:
         """
         Why a message waits: its position, the throttle that holds it and an
         estimated send time (see L{smtpgw.queueinfo}).
 
-        @raise NoSuchMessage: it is not in the queue.
+        @return: fails with L{NoSuchMessage} when it is not in the queue.
         """
-        _check_queue_id(queue_id)
-        now = self._clock.seconds()
-        entries = self._snapshot(now)
-        entry = self._queue.get(queue_id)
-        if entry is None:
-            raise _gone(queue_id)
-        return explain(entry, ReadyOrder.from_entries(entries), self._conditions(now))
+        return Deferred.fromCoroutine(self._why(queue_id))
 
     def listing(
         self,
@@ -311,11 +312,49 @@ class QueueControl:
 
     # internals
 
-    def _snapshot(self, now: float) -> list[ScheduledEntry]:
+    def _scan(self, scan: QueueScan) -> Deferred[float]:
+        """
+        Feed every scheduled entry to C{scan}, a slice per reactor turn, so
+        that a huge queue does not stall the gateway.
+
+        @return: fires with the time of the snapshot once all are fed.
+        """
+        now = self._clock.seconds()
         # A deferred message whose time has come is ready, as the dispatcher
         # would find it.
         self._queue.scheduler.has_ready(now)
-        return list(self._queue.entries())
+        # The scheduler copies its entries when the iteration starts, so
+        # the scan sees one moment however long it takes.
+        entries = self._queue.entries()
+        done: Deferred[float] = Deferred()
+
+        def step() -> None:
+            fed = 0
+            try:
+                for entry in itertools.islice(entries, self._scan_slice):
+                    scan.add(entry)
+                    fed += 1
+            except Exception:
+                done.errback()
+                return
+            if fed < self._scan_slice:
+                done.callback(now)
+            else:
+                self._clock.callLater(0, step)
+
+        step()
+        return done
+
+    async def _why(self, queue_id: str) -> Why:
+        _check_queue_id(queue_id)
+        if self._queue.get(queue_id) is None:
+            raise _gone(queue_id)
+        scan = QueueScan(wanted={queue_id})
+        now = await self._scan(scan)
+        entry = scan.seen.get(queue_id)
+        if entry is None:
+            raise _gone(queue_id)
+        return explain(entry, scan.order(), self._conditions(now))
 
     def _conditions(self, now: float) -> Conditions:
         stats = self._queue.stats()
@@ -365,20 +404,19 @@ class QueueControl:
             raise BadArgument(f"the limit must be 1 to {MAX_LIST_LIMIT}, not {limit}")
         if after is not None:
             _check_queue_id(after)
-        now = self._clock.seconds()
-        entries = self._snapshot(now)
-        order = ReadyOrder.from_entries(entries)
-        conditions = self._conditions(now)
-        status = self.status()
         by_user = queue_filter.username is not None
         # One more than asked tells whether a next page exists.
-        candidates = page_candidates(entries, queue_filter, after, None if by_user else limit + 1)
-        del entries
+        keep = self._username_scan if by_user else limit + 1
+        scan = QueueScan(queue_filter, after, keep=keep)
+        now = await self._scan(scan)
+        candidates = scan.candidates()
+        order = scan.order()
+        conditions = self._conditions(now)
+        status = self.status()
         rows: list[QueueRow] = []
         scanned = 0
-        budget = self._username_scan if by_user else limit
-        while scanned < len(candidates) and len(rows) < limit and scanned < budget:
-            batch = candidates[scanned : min(scanned + self._read_batch, budget)]
+        while scanned < len(candidates) and len(rows) < limit:
+            batch = candidates[scanned : scanned + self._read_batch]
             envelopes = await self._envelopes(batch)
             for entry, envelope in zip(batch, envelopes, strict=True):
                 scanned += 1
@@ -387,7 +425,12 @@ class QueueControl:
                 rows.append(queue_row(entry, envelope, explain(entry, order, conditions)))
                 if len(rows) == limit:
                     break
-        next_after = candidates[scanned - 1].queue_id if scanned < len(candidates) else None
+        next_after: str | None = None
+        if scanned < len(candidates):
+            next_after = candidates[scanned - 1].queue_id
+        elif len(candidates) == keep:
+            # Every kept candidate was read: more may follow the last one.
+            next_after = candidates[-1].queue_id
         return QueueListing(tuple(rows), next_after, status)
 
     def _envelopes(self, entries: Sequence[ScheduledEntry]) -> Deferred[list[Envelope | None]]:
@@ -743,8 +786,8 @@ class ControlResponder(amp.CommandLocator):
         return self._control.reprioritize(queue_id, priority).addCallback(_change_fields)
 
     @WhyMessage.responder
-    def why(self, queue_id: str) -> dict[str, Any]:
-        return _why_fields(self._control.why(queue_id))
+    def why(self, queue_id: str) -> Deferred[dict[str, Any]]:
+        return self._control.why(queue_id).addCallback(_why_fields)
 
     @ListQueue.responder
     def list_queue(

@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import bisect
 import enum
-import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -59,6 +58,7 @@ __all__ = [
     "QueueFilter",
     "QueueListing",
     "QueueRow",
+    "QueueScan",
     "QueueStatus",
     "ReadyLane",
     "ReadyOrder",
@@ -190,9 +190,9 @@ class _PriorityLanes:
 
     __slots__ = ("lengths", "prefix", "ring_index", "sorted_lengths", "total")
 
-    def __init__(self, lanes: Sequence[ReadyLane]) -> None:
-        self.lengths = [len(lane.queue_ids) for lane in lanes]
-        self.ring_index = {lane.list: r for r, lane in enumerate(lanes)}
+    def __init__(self, lanes: Sequence[tuple[str, int]]) -> None:
+        self.lengths = [length for _, length in lanes]
+        self.ring_index = {name: r for r, (name, _) in enumerate(lanes)}
         self.sorted_lengths = sorted(self.lengths)
         self.prefix = [0]
         for length in self.sorted_lengths:
@@ -214,41 +214,55 @@ class _PriorityLanes:
 class ReadyOrder:
     """
     The order in which the ready messages will be dispatched.
+
+    It is built from the length of each lane (per priority, in ring order)
+    and the place in its lane of the messages one asks about, so that a
+    million ready messages need not be held to answer for a few.
     """
 
-    def __init__(self, lanes: Mapping[Priority, Sequence[ReadyLane]]) -> None:
+    def __init__(
+        self,
+        lengths: Mapping[Priority, Sequence[tuple[str, int]]],
+        places: Mapping[str, tuple[Priority, str, int]],
+    ) -> None:
         """
-        @param lanes: per priority, the lanes in the order the round-robin
-            serves their lists next.
+        @param lengths: per priority, C{(list, ready messages)} for each
+            lane, in the order the round-robin serves their lists next.
+        @param places: C{queue_id -> (priority, list, index in its lane)}
+            for the ready messages whose position may be asked.
         """
-        self._priorities = {Priority(p): _PriorityLanes(lanes.get(p, ())) for p in Priority}
-        self._where: dict[str, tuple[Priority, str, int]] = {}
-        for priority, priority_lanes in lanes.items():
-            for lane in priority_lanes:
-                for index, queue_id in enumerate(lane.queue_ids):
-                    self._where[queue_id] = (Priority(priority), lane.list, index)
+        self._priorities = {p: _PriorityLanes(lengths.get(p, ())) for p in Priority}
+        self._places = places
+
+    @classmethod
+    def from_lanes(cls, lanes: Mapping[Priority, Sequence[ReadyLane]]) -> ReadyOrder:
+        """
+        The order of these lanes (per priority, in ring order), knowing
+        every message's place.
+        """
+        return cls(
+            {
+                p: [(lane.list, len(lane.queue_ids)) for lane in by_ring]
+                for p, by_ring in lanes.items()
+            },
+            {
+                queue_id: (Priority(p), lane.list, index)
+                for p, by_ring in lanes.items()
+                for lane in by_ring
+                for index, queue_id in enumerate(lane.queue_ids)
+            },
+        )
 
     @classmethod
     def from_entries(cls, entries: Iterable[ScheduledEntry]) -> ReadyOrder:
         """
-        An approximation of the order from the entries alone, for a
-        scheduler that does not show its lanes: each list's ready messages
-        in the order given (arrival order), and the lists in the order of
-        their oldest ready message. It is exact until a message is released
-        or re-prioritized (the scheduler puts those at the end of their
-        lane) and while the ring's turn has not moved past a list whose
-        oldest message is older than the next list's.
+        The order approximated from the entries alone (see L{QueueScan}),
+        knowing every ready message's place.
         """
-        lanes: dict[Priority, dict[str, list[str]]] = {p: {} for p in Priority}
+        scan = QueueScan(place_all=True)
         for entry in entries:
-            if entry.state is MessageState.QUEUED:
-                lanes[entry.priority].setdefault(entry.list, []).append(entry.queue_id)
-        return cls(
-            {
-                priority: [ReadyLane(name, tuple(ids)) for name, ids in by_list.items()]
-                for priority, by_list in lanes.items()
-            }
-        )
+            scan.add(entry)
+        return scan.order()
 
     def ready(self, priority: Priority) -> int:
         """
@@ -265,17 +279,113 @@ class ReadyOrder:
     def same_priority_ahead(self, queue_id: str, priority: Priority, list: str) -> int:
         """
         Ready messages of C{priority} dispatched before this one. A message
-        not among the ready ones (a deferred message that is due) counts as
+        whose place is not known (a deferred message that is due) counts as
         the last of its list's lane.
         """
         lanes = self._priorities[priority]
-        where = self._where.get(queue_id)
-        if where is not None and where[0] == priority and where[1] == list:
-            return lanes.ahead(lanes.ring_index[list], where[2])
+        place = self._places.get(queue_id)
+        if place is not None and place[0] == priority and place[1] == list:
+            return lanes.ahead(lanes.ring_index[list], place[2])
         ring = lanes.ring_index.get(list)
         if ring is None:
             return lanes.ahead(len(lanes.lengths), 0)
         return lanes.ahead(ring, lanes.lengths[ring])
+
+
+class QueueScan:
+    """
+    One pass over the scheduler's entries, in the scheduler's order, that
+    gathers what a listing or a "why" needs without keeping the entries: the
+    ready lanes' lengths and ring order, the place of the ready messages
+    asked about, and the first candidates of a listing page.
+
+    The scheduler does not show its lanes, so they are approximated: each
+    list's ready messages in the order of the entries (arrival order), and
+    the lists in the order of their oldest ready message. That is exact
+    until a message is released or re-prioritized (the scheduler puts those
+    at the end of their lane) and while the ring's turn has not moved past a
+    list whose oldest ready message is older than the next list's.
+    """
+
+    def __init__(
+        self,
+        queue_filter: QueueFilter | None = None,
+        after: str | None = None,
+        keep: int = 0,
+        wanted: Collection[str] = (),
+        *,
+        place_all: bool = False,
+    ) -> None:
+        """
+        @param queue_filter: which entries are listing candidates.
+        @param after: candidates have a queue id after this one.
+        @param keep: how many candidates to keep (the first, in queue id
+            order); 0 for none.
+        @param wanted: queue ids whose place to keep (for "why").
+        @param place_all: keep the place of every ready message.
+        """
+        self._filter = queue_filter or QueueFilter()
+        self._after = after
+        self._keep = keep
+        self._wanted = wanted
+        self._place_all = place_all
+        self._lanes: dict[Priority, dict[str, int]] = {p: {} for p in Priority}
+        self._places: dict[str, tuple[Priority, str, int]] = {}
+        self._kept: list[tuple[ScheduledEntry, int | None]] = []
+        self.seen: dict[str, ScheduledEntry] = {}
+
+    def add(self, entry: ScheduledEntry) -> None:
+        """
+        Take the next entry into account.
+        """
+        queue_id = entry.queue_id
+        index: int | None = None
+        if entry.state is MessageState.QUEUED:
+            lanes = self._lanes[entry.priority]
+            index = lanes.get(entry.list, 0)
+            lanes[entry.list] = index + 1
+            if self._place_all or queue_id in self._wanted:
+                self._places[queue_id] = (entry.priority, entry.list, index)
+        if queue_id in self._wanted:
+            self.seen[queue_id] = entry
+        if (
+            self._keep
+            and (self._after is None or queue_id > self._after)
+            and self._filter.matches_entry(entry)
+        ):
+            self._kept.append((entry, index))
+            if len(self._kept) >= 2 * self._keep:
+                self._prune()
+
+    def _prune(self) -> None:
+        self._kept.sort(key=_kept_queue_id)
+        del self._kept[self._keep :]
+
+    def candidates(self) -> list[ScheduledEntry]:
+        """
+        The first C{keep} candidates, in queue id order (acceptance order).
+        """
+        self._prune()
+        return [entry for entry, _ in self._kept]
+
+    def order(self) -> ReadyOrder:
+        """
+        The dispatch order of what was seen, knowing the place of the
+        wanted messages and of the kept candidates.
+        """
+        self._prune()
+        places = dict(self._places)
+        for entry, index in self._kept:
+            if index is not None:
+                places[entry.queue_id] = (entry.priority, entry.list, index)
+        return ReadyOrder(
+            {p: list(lanes.items()) for p, lanes in self._lanes.items()},
+            places,
+        )
+
+
+def _kept_queue_id(kept: tuple[ScheduledEntry, int | None]) -> str:
+    return kept[0].queue_id
 
 
 @frozen
@@ -283,8 +393,9 @@ class Why:
     """
     Why a message waits.
 
-    @ivar position: messages dispatched before it; L{None} when it is not
-        in line (being sent, held, deferred, or the queue is stopped).
+    @ivar position: messages dispatched before it (once the queue runs,
+        when it is stopped); L{None} when it is not in line (being sent,
+        held, deferred).
     @ivar higher_priority: ready messages of a higher priority.
     @ivar throttle: what holds it.
     @ivar reason: the same, in words.
@@ -356,7 +467,8 @@ def explain(entry: ScheduledEntry, order: ReadyOrder, conditions: Conditions) ->
     estimated send time.
 
     The throttle is the first that applies of: being sent now; held; the
-    queue stopped by an admin; deferred until a later time; waiting for
+    queue stopped by an admin (for a deferred message, the reason also
+    names its next attempt); deferred until a later time; waiting for
     higher-priority messages; the concurrency limit; the rate limit; and
     otherwise it is next to go.
     """
@@ -370,17 +482,21 @@ def explain(entry: ScheduledEntry, order: ReadyOrder, conditions: Conditions) ->
         estimate = now
     elif entry.state is MessageState.HELD:
         throttle, reason = Throttle.HELD, "held"
-    elif conditions.paused:
-        throttle, reason = Throttle.STOPPED, "queue stopped by an admin"
     elif deferred_until is not None and deferred_until > now:
         throttle = Throttle.DEFERRED
         reason = f"deferred until {iso8601(deferred_until)} after {_attempts(entry.attempts)}"
-        estimate = deferred_until
+        if conditions.paused:
+            throttle, reason = Throttle.STOPPED, f"queue stopped by an admin; {reason}"
+        else:
+            estimate = deferred_until
     else:
         same = order.same_priority_ahead(entry.queue_id, entry.priority, entry.list)
         position = higher + same
-        throttle, reason = _ready_throttle(position, higher, conditions)
-        estimate = estimate_send_at(position, conditions)
+        if conditions.paused:
+            throttle, reason = Throttle.STOPPED, "queue stopped by an admin"
+        else:
+            throttle, reason = _ready_throttle(position, higher, conditions)
+            estimate = estimate_send_at(position, conditions)
     return Why(
         queue_id=entry.queue_id,
         list=entry.list,
@@ -429,25 +545,17 @@ def page_candidates(
     entries: Iterable[ScheduledEntry],
     queue_filter: QueueFilter,
     after: str | None,
-    limit: int | None,
+    limit: int,
 ) -> list[ScheduledEntry]:
     """
     The entries a listing page considers: those passing the scheduler-side
     filters, with a queue id after C{after}, in queue id order (which is
-    acceptance order), the first C{limit} of them (all when L{None}).
+    acceptance order), the first C{limit} of them.
     """
-    selected = (
-        entry
-        for entry in entries
-        if (after is None or entry.queue_id > after) and queue_filter.matches_entry(entry)
-    )
-    if limit is None:
-        return sorted(selected, key=_queue_id)
-    return heapq.nsmallest(limit, selected, key=_queue_id)
-
-
-def _queue_id(entry: ScheduledEntry) -> str:
-    return entry.queue_id
+    scan = QueueScan(queue_filter, after, keep=limit)
+    for entry in entries:
+        scan.add(entry)
+    return scan.candidates()
 
 
 @frozen

@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from smtpgw.admin_cli import main
 from smtpgw.model import MessageState, Priority
 from smtpgw.queueinfo import MAX_LIST_LIMIT
-from tests.test_control import NOW, Harness, async_test, data_dir, served
+from tests.test_control import NOW, Harness, async_test, data_dir, result, served
 
 __all__ = ["data_dir"]
 
@@ -290,5 +290,5 @@ class TestWithGateway:
         assert f"queue_id: {queue_id}" in plain
         assert "position: 1" in plain
         assert "waiting for: waiting for higher-priority messages (1)" in plain
-        assert h.control.why(queue_id).estimated_send_at == NOW + 0.5
+        assert result(h.control.why(queue_id)).estimated_send_at == NOW + 0.5
         assert Priority(document["priority"]) is Priority.VERY_LOW

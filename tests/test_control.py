@@ -163,7 +163,7 @@ def failure(d: Deferred[Any]) -> BaseException:
 
 
 def why_of(h: Harness, queue_id: str) -> Why:
-    return h.control.why(queue_id)
+    return result(h.control.why(queue_id))
 
 
 class TestWhy:
@@ -316,7 +316,7 @@ class TestWhy:
         """
         h = Harness()
         with pytest.raises(NoSuchMessage, match="no message NOPE in the queue"):
-            h.control.why("NOPE")
+            why_of(h, "NOPE")
 
     @pytest.mark.parametrize("queue_id", ["", "x" * (MAX_QUEUE_ID_LENGTH + 1), "a\nb"])
     def test_bad_queue_id(self, queue_id: str) -> None:
@@ -325,7 +325,7 @@ class TestWhy:
         """
         h = Harness()
         with pytest.raises(BadArgument, match="is not a queue id"):
-            h.control.why(queue_id)
+            why_of(h, queue_id)
 
     def test_longest_queue_id_is_looked_up(self) -> None:
         """
@@ -333,7 +333,7 @@ class TestWhy:
         """
         h = Harness()
         with pytest.raises(NoSuchMessage):
-            h.control.why("x" * MAX_QUEUE_ID_LENGTH)
+            why_of(h, "x" * MAX_QUEUE_ID_LENGTH)
 
 
 class TestChanges:
@@ -602,6 +602,91 @@ class TestListing:
         assert rows[1].queue_id == broken
         assert (rows[1].username, rows[1].sender, rows[1].recipients) == (None, None, ())
         assert rows[0].username == "u-news"
+
+
+def one_turn(clock: Clock) -> int:
+    """
+    Run the calls due now that were scheduled before this turn, as one
+    reactor iteration does (L{Clock.advance} would also run those they
+    schedule for now).
+
+    @return: how many ran.
+    """
+    due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
+    return len(due)
+
+
+def turns_until(clock: Clock, d: Deferred[Any]) -> int:
+    """
+    Run reactor turns until C{d} fires.
+
+    @return: how many turns it took.
+    """
+    turns = 0
+    while not d.called:
+        assert one_turn(clock), "nothing left to run and the Deferred has not fired"
+        turns += 1
+    return turns
+
+
+class TestScan:
+    """
+    Listings and "why" go through the queue a slice per reactor turn.
+    """
+
+    @pytest.mark.parametrize(("count", "turns"), [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2)])
+    def test_scan_yields_between_slices(self, count: int, turns: int) -> None:
+        """
+        With slices of 2, the first slice is scanned at once and each next
+        one in a later reactor turn; a queue that fills its slices exactly
+        needs one more turn to see the end (at the slice size and one past
+        it).
+        """
+        h = Harness(scan_slice=2)
+        result(h.control.stop())
+        queue_ids = [h.submit() for _ in range(count)]
+        d = h.control.listing()
+        assert turns_until(h.clock, d) == turns
+        assert [r.queue_id for r in result(d).rows] == queue_ids
+
+    def test_snapshot_is_one_moment(self) -> None:
+        """
+        Messages accepted or cancelled while a scan is under way do not
+        change what it lists; the next listing sees them.
+        """
+        h = Harness(scan_slice=2)
+        result(h.control.stop())
+        queue_ids = [h.submit() for _ in range(4)]
+        why = h.control.why(queue_ids[3])
+        listing = h.control.listing()
+        later = h.submit()
+        result(h.control.cancel(queue_ids[0]))
+        turns_until(h.clock, listing)
+        turns_until(h.clock, why)
+        assert [r.queue_id for r in result(listing).rows] == queue_ids
+        assert result(why).position == 3
+        again = h.control.listing()
+        turns_until(h.clock, again)
+        assert [r.queue_id for r in result(again).rows] == [*queue_ids[1:], later]
+
+    def test_why_answers_for_the_moment_it_was_asked(self) -> None:
+        """
+        A message cancelled while a "why" scans the queue is answered for as
+        it was when the "why" began.
+        """
+        h = Harness(scan_slice=1)
+        result(h.control.stop())
+        first = h.submit()
+        h.submit()
+        why = h.control.why(first)
+        result(h.control.cancel(first))
+        turns_until(h.clock, why)
+        answer = result(why)
+        assert (answer.queue_id, answer.state, answer.position) == (first, MessageState.QUEUED, 0)
 
 
 async def _fail_read() -> tuple[Envelope, bytes]:
@@ -876,7 +961,7 @@ class TestOverAMP:
         queue_id = h.submit(priority=4)
         async with served(h, data_dir) as (_, client):
             why = await off_thread(client.why, queue_id)
-        assert why == h.control.why(queue_id)
+        assert why == why_of(h, queue_id)
         assert why.throttle is Throttle.HIGHER_PRIORITY
         assert why.position == 1
 

@@ -16,17 +16,24 @@ from smtpgw.model import Envelope, MessageState, Priority
 from smtpgw.queueinfo import (
     MAX_LISTED_RECIPIENTS,
     Conditions,
+    MessageChange,
     QueueFilter,
+    QueueListing,
+    QueueScan,
+    QueueStatus,
     ReadyLane,
     ReadyOrder,
     Throttle,
+    change_document,
     estimate_send_at,
     explain,
     iso8601,
+    listing_document,
     page_candidates,
     parse_state,
     queue_row,
     row_document,
+    status_document,
     why_document,
 )
 from smtpgw.scheduler import ScheduledEntry, Scheduler
@@ -97,7 +104,7 @@ class TestPosition:
         order: with lanes a=[a1 a2 a3], b=[b1], c=[c1 c2] the order is
         a1 b1 c1 a2 c2 a3.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(a="a1 a2 a3", b="b1", c="c1 c2")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(a="a1 a2 a3", b="b1", c="c1 c2")})
         expected = ["a1", "b1", "c1", "a2", "c2", "a3"]
         for position, queue_id in enumerate(expected):
             list_name = queue_id[0]
@@ -108,7 +115,7 @@ class TestPosition:
         Every ready message of a higher priority is ahead, whatever its list;
         lower priorities never are.
         """
-        order = ReadyOrder(
+        order = ReadyOrder.from_lanes(
             {
                 Priority.VERY_HIGH: lanes(x="x1"),
                 Priority.HIGH: lanes(a="a1 a2", b="b1"),
@@ -128,7 +135,7 @@ class TestPosition:
         is placed at the end of its list's lane, or in a new lane at the end
         of the ring.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(a="a1 a2", b="b1")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(a="a1 a2", b="b1")})
         # a1 b1 a2 then the new a3.
         assert order.same_priority_ahead("a3", Priority.NORMAL, "a") == 3
         # a1 b1 then c1 in the first round.
@@ -222,7 +229,9 @@ class TestExplain:
         """
         A message being sent is not in line: "being sent now".
         """
-        why = explain(entry("s", state=MessageState.SENDING), ReadyOrder({}), conditions())
+        why = explain(
+            entry("s", state=MessageState.SENDING), ReadyOrder.from_lanes({}), conditions()
+        )
         assert (why.throttle, why.reason) == (Throttle.SENDING, "being sent now")
         assert why.position is None
         assert why.estimated_send_at == NOW
@@ -232,20 +241,42 @@ class TestExplain:
         A held message says "held" (also while the queue is stopped: it
         stays held after a restart) and has no estimate.
         """
-        why = explain(entry("h", state=MessageState.HELD), ReadyOrder({}), conditions(paused=True))
+        why = explain(
+            entry("h", state=MessageState.HELD), ReadyOrder.from_lanes({}), conditions(paused=True)
+        )
         assert (why.throttle, why.reason) == (Throttle.HELD, "held")
         assert why.position is None
         assert why.estimated_send_at is None
 
     def test_stopped_queue(self) -> None:
         """
-        While an admin stopped the queue, a ready message says so and has
-        no estimate.
+        While an admin stopped the queue, a ready message says so, keeps its
+        position (for when the queue starts again) and has no estimate.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="p q")})
         why = explain(entry("q"), order, conditions(paused=True, rate=5))
         assert (why.throttle, why.reason) == (Throttle.STOPPED, "queue stopped by an admin")
+        assert why.position == 1
         assert why.estimated_send_at is None
+
+    def test_stopped_queue_and_deferred(self) -> None:
+        """
+        A deferred message in a stopped queue names both, and has no
+        estimate.
+        """
+        later = NOW + 30
+        why = explain(
+            entry("d", state=MessageState.DEFERRED, attempts=2, next_attempt_at=later),
+            ReadyOrder.from_lanes({}),
+            conditions(paused=True),
+        )
+        assert why.throttle is Throttle.STOPPED
+        assert why.reason == (
+            f"queue stopped by an admin; deferred until {iso8601(later)} after 2 attempts"
+        )
+        assert why.next_attempt_at == later
+        assert why.estimated_send_at is None
+        assert why.position is None
 
     def test_deferred_until_later(self) -> None:
         """
@@ -255,7 +286,7 @@ class TestExplain:
         later = NOW + 120
         why = explain(
             entry("d", state=MessageState.DEFERRED, attempts=2, next_attempt_at=later),
-            ReadyOrder({}),
+            ReadyOrder.from_lanes({}),
             conditions(),
         )
         assert why.throttle is Throttle.DEFERRED
@@ -270,7 +301,7 @@ class TestExplain:
         """
         why = explain(
             entry("d", state=MessageState.DEFERRED, attempts=1, next_attempt_at=NOW + 1),
-            ReadyOrder({}),
+            ReadyOrder.from_lanes({}),
             conditions(),
         )
         assert why.reason.endswith("after 1 attempt")
@@ -280,7 +311,7 @@ class TestExplain:
         A deferred message whose time has come (exactly now) is in line at
         the end of its lane.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q1")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1")})
         why = explain(
             entry("d", state=MessageState.DEFERRED, attempts=1, next_attempt_at=NOW),
             order,
@@ -293,7 +324,7 @@ class TestExplain:
         """
         Ready messages of a higher priority come first, and are counted.
         """
-        order = ReadyOrder(
+        order = ReadyOrder.from_lanes(
             {Priority.VERY_HIGH: lanes(a="v1 v2"), Priority.NORMAL: lanes(b="n1 n2")}
         )
         why = explain(entry("n2", list="b"), order, conditions(rate=1))
@@ -308,7 +339,7 @@ class TestExplain:
         With --rate and free slots, a message with others ahead at its own
         priority waits for the rate limit.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q1 q2")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1 q2")})
         why = explain(entry("q2"), order, conditions(rate=0.5, in_flight=1))
         assert (why.throttle, why.reason) == (Throttle.RATE, "rate limit (--rate 0.5/s)")
         assert why.position == 1
@@ -320,7 +351,7 @@ class TestExplain:
         later (or its time is not known), and is next to go once it is
         there.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q1")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1")})
         later = explain(entry("q1"), order, conditions(rate=2, next_token_at=NOW + 0.1))
         assert later.throttle is Throttle.RATE
         assert later.estimated_send_at == NOW + 0.1
@@ -334,7 +365,7 @@ class TestExplain:
         With every delivery slot taken, the concurrency limit holds the
         message even under a rate limit.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q1")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1")})
         why = explain(entry("q1"), order, conditions(rate=2, concurrency=3, in_flight=3))
         assert why.throttle is Throttle.CONCURRENCY
         assert why.reason == "concurrency limit (--concurrency 3 deliveries under way)"
@@ -345,7 +376,7 @@ class TestExplain:
         concurrency limit (no estimate); within them it is next to go.
         Checked at the limit and one past it.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q1 q2 q3")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1 q2 q3")})
         c = conditions(concurrency=4, in_flight=2)
         second = explain(entry("q2"), order, c)
         assert (second.throttle, second.position) == (Throttle.NEXT, 1)
@@ -358,7 +389,7 @@ class TestExplain:
         """
         The first message with nothing holding it is next to go, now.
         """
-        order = ReadyOrder({Priority.NORMAL: lanes(news="q1")})
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1")})
         why = explain(entry("q1"), order, conditions())
         assert (why.throttle, why.reason, why.position) == (Throttle.NEXT, "next to go", 0)
         assert why.estimated_send_at == NOW
@@ -368,7 +399,7 @@ class TestExplain:
         The position of a message of list c behind two longer lists is
         counted with the round-robin, plus the higher-priority messages.
         """
-        order = ReadyOrder(
+        order = ReadyOrder.from_lanes(
             {
                 Priority.HIGH: lanes(z="z1"),
                 Priority.NORMAL: lanes(a="a1 a2 a3", b="b1 b2 b3", c="c1 c2"),
@@ -385,7 +416,7 @@ class TestExplain:
         """
         why = explain(
             entry("d", state=MessageState.DEFERRED, attempts=3, next_attempt_at=NOW + 60),
-            ReadyOrder({}),
+            ReadyOrder.from_lanes({}),
             conditions(),
         )
         document = why_document(why)
@@ -474,7 +505,7 @@ class TestListing:
         last = page_candidates(entries, QueueFilter(), "id4", 2)
         assert [e.queue_id for e in last] == ["id5"]
         assert page_candidates(entries, QueueFilter(), "id5", 2) == []
-        everything = page_candidates(entries, QueueFilter(list="news"), None, None)
+        everything = page_candidates(entries, QueueFilter(list="news"), None, 10)
         assert [e.queue_id for e in everything] == [f"id{n}" for n in range(1, 6)]
 
     def test_row_shows_a_bounded_number_of_recipients(self) -> None:
@@ -535,3 +566,77 @@ class TestListing:
         assert iso8601(0.0) == "1970-01-01T00:00:00Z"
         assert iso8601(NOW + 0.9) == "2023-11-14T22:13:20Z"
         assert iso8601(None) is None
+
+
+class TestScan:
+    def test_keeps_the_first_candidates_in_queue_id_order(self) -> None:
+        """
+        However the entries come, the scan keeps the C{keep} smallest queue
+        ids after C{after} (pruning as it goes), in order.
+        """
+        scan = QueueScan(QueueFilter(), after="id03", keep=3)
+        for n in (9, 1, 8, 4, 7, 2, 6, 5, 3, 10):
+            scan.add(entry(f"id{n:02d}"))
+        assert [e.queue_id for e in scan.candidates()] == ["id04", "id05", "id06"]
+
+    def test_places_only_for_what_is_asked(self) -> None:
+        """
+        The scan keeps the place of the wanted messages and of the kept
+        candidates only, yet counts every ready message.
+        """
+        scan = QueueScan(QueueFilter(list="b"), keep=1, wanted={"a2"})
+        for queue_id in ("a1", "b1", "a2", "b2", "a3"):
+            scan.add(entry(queue_id, list=queue_id[0]))
+        order = scan.order()
+        assert order.ready(Priority.NORMAL) == 5
+        assert order.same_priority_ahead("a2", Priority.NORMAL, "a") == 2
+        assert order.same_priority_ahead("b1", Priority.NORMAL, "b") == 1
+        assert scan.seen == {"a2": scan.seen["a2"]}
+        assert scan.seen["a2"].queue_id == "a2"
+        assert [e.queue_id for e in scan.candidates()] == ["b1"]
+
+    def test_no_candidates_without_keep(self) -> None:
+        """
+        A scan for a "why" keeps no listing candidates.
+        """
+        scan = QueueScan(wanted={"x"})
+        scan.add(entry("x"))
+        assert scan.candidates() == []
+
+
+class TestDocuments:
+    def test_status_document(self) -> None:
+        """
+        The status: paused, deliveries under way, a count for every queue
+        state (0 when absent), rate and concurrency.
+        """
+        status = QueueStatus(
+            paused=True,
+            in_flight=2,
+            counts={MessageState.QUEUED: 5, MessageState.SENDING: 2},
+            rate=1.5,
+            concurrency=4,
+        )
+        assert status_document(status) == {
+            "paused": True,
+            "in_flight": 2,
+            "counts": {"queued": 5, "sending": 2, "deferred": 0, "held": 0},
+            "rate": 1.5,
+            "concurrency": 4,
+        }
+
+    def test_listing_and_change_documents(self) -> None:
+        """
+        A listing is the status with C{messages} and C{next_after}; a change
+        names the message, its state and its priority.
+        """
+        status = QueueStatus(paused=False, in_flight=0, counts={}, rate=0.0, concurrency=1)
+        queued = entry("q")
+        why = explain(queued, ReadyOrder.from_entries([queued]), conditions())
+        row = queue_row(queued, None, why)
+        document = listing_document(QueueListing((row,), "q", status))
+        assert document["messages"] == [row_document(row)]
+        assert document["next_after"] == "q"
+        assert document["paused"] is False
+        change = MessageChange("q", MessageState.HELD, Priority.LOW)
+        assert change_document(change) == {"queue_id": "q", "state": "held", "priority": 4}
