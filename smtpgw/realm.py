@@ -131,6 +131,11 @@ def _no_logout() -> None:
     """
 
 
+#: A message without a From: field: checked as the null sender, which no
+#: user is authorized to use.
+_NO_FROM = SenderDecision(allowed=False, reason="message has no From: header")
+
+
 def _sender_alert(
     *,
     user: SmtpUser,
@@ -202,6 +207,15 @@ class GatewayDelivery:
             decision = self._decisions[address] = check_sender(self.user, address)
         if decision.allowed:
             return None
+        return self._violation(decision, where)
+
+    def _violation(self, decision: SenderDecision, where: str) -> SenderDecision | None:
+        """
+        Alert on (and log) a sender the user may not use.
+
+        @return: C{decision} when the user's enforcement refuses, otherwise
+            C{None}.
+        """
         services = self._services
         services.alerts.raise_alert(
             _sender_alert(
@@ -271,15 +285,21 @@ class GatewayDelivery:
 
     def _header_from_refusal(self, headers: list[tuple[str, str]]) -> MessageRejected | None:
         refusal = None
+        seen_from = False
         for name, value in headers:
             if name.lower() != "from":
                 continue
+            seen_from = True
             # A From: with nothing readable in it checks as the null sender,
             # so junk fails closed.
             for address in header_from_addresses(value) or [""]:
                 refused = self._sender_allowed(address, "header")
                 if refused is not None and refusal is None:
                     refusal = MessageRejected(550, "5.7.1", "Header From: " + refused.reason)
+        if not seen_from and self._violation(_NO_FROM, "header") is not None:
+            # Sender: or Resent-From: alone must not stand in for From:, the
+            # address recipients are shown (RFC 5322 3.6.2 requires one).
+            refusal = MessageRejected(550, "5.7.1", "Message has no From: header")
         return refusal
 
     def accept(self, transaction: Transaction, assembler: MessageAssembler) -> Deferred[str]:

@@ -580,10 +580,11 @@ def test_duplicate_recipients_are_kept_once() -> None:
 
 def test_message_without_headers() -> None:
     """
-    A DATA section without a header section is still queued, with the
-    gateway's headers and an empty line before the body.
+    A DATA section without a header section is still queued (for a user in
+    monitor mode: it has no From:), with the gateway's headers and an empty
+    line before the body.
     """
-    harness = Harness()
+    harness = Harness(users={"alice": make_user(enforcement=Enforcement.MONITOR)})
     client = harness.logged_in()
     assert client.mail_transaction(b"just a body line\r\n")[-1].startswith(b"250 2.0.0 ")
     relayed = harness.queue.submitted[0][1]
@@ -719,6 +720,47 @@ def test_every_header_from_address_must_pass(header: bytes) -> None:
     replies = client.mail_transaction(message(header))
     assert replies[-1].startswith(b"550 5.7.1 ")
     assert harness.queue.submitted == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (b"Subject: no from", b"Sender: ceo@evil.example", b"Reply-To: ceo@evil.example"),
+        (b"Resent-From: ceo@evil.example", b"Subject: x"),
+        (b"Subject: nothing at all",),
+        (b"From-Address: a@example.com", b"X-From: a@example.com"),
+    ],
+    ids=["sender-only", "resent-from-only", "no-sender-field", "lookalike-names"],
+)
+def test_message_without_from_is_refused_under_enforce(headers: tuple[bytes, ...]) -> None:
+    """
+    Enforce: a message with no From: field at all (whatever Sender:,
+    Resent-From: or look-alike fields it has) is checked as the null sender:
+    550 5.7.1 saying it has no From:, nothing queued, one alert.
+    """
+    harness = Harness()
+    client = harness.logged_in()
+    replies = client.mail_transaction(message(*headers))
+    assert replies[-1] == b"550 5.7.1 Message has no From: header"
+    assert harness.queue.submitted == []
+    [alert] = harness.alerts.of_type("sender_domain")
+    assert alert.details["where"] == "header"
+    assert alert.details["sender"] == ""
+    assert "message has no From: header" in alert.message
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
+
+
+def test_message_without_from_is_queued_with_an_alert_under_monitor() -> None:
+    """
+    Monitor: a message with no From: is queued, and the alert is raised.
+    """
+    harness = Harness(users={"alice": make_user(enforcement=Enforcement.MONITOR)})
+    client = harness.logged_in()
+    replies = client.mail_transaction(message(b"Sender: ceo@evil.example", b"Subject: x"))
+    assert replies[-1].startswith(b"250 2.0.0 ")
+    [alert] = harness.alerts.of_type("sender_domain")
+    assert "message has no From: header" in alert.message
+    assert alert.details["enforcement"] == "monitor"
 
 
 def test_two_from_headers_are_both_checked() -> None:
