@@ -175,6 +175,24 @@ def _gone(queue_id: str) -> NoSuchMessage:
     )
 
 
+def _not_durable(done: str) -> Callable[[Failure], Failure]:
+    """
+    An errback that says a change took effect but is not journaled.
+    """
+
+    def translate(failure: Failure) -> Failure:
+        if failure.check(JournalUnavailable):
+            return Failure(
+                NotDurable(
+                    f"{done}, but the journal could not record it "
+                    f"({failure.getErrorMessage()}); a restart may undo it"
+                )
+            )
+        return failure
+
+    return translate
+
+
 def _check_queue_id(queue_id: str) -> None:
     if not queue_id or len(queue_id) > MAX_QUEUE_ID_LENGTH or not queue_id.isprintable():
         raise BadArgument(f"{queue_id[:MAX_QUEUE_ID_LENGTH]!r} is not a queue id")
@@ -238,13 +256,15 @@ class QueueControl:
         Stop dispatching: deliveries under way finish, mail is still
         accepted and kept. Stopping a stopped queue changes nothing.
         """
-        return maybeDeferred(self._queue.pause).addCallback(lambda _: self.status())
+        d = maybeDeferred(self._queue.pause)
+        return d.addCallbacks(lambda _: self.status(), _not_durable("the queue was stopped"))
 
     def start(self) -> Deferred[QueueStatus]:
         """
         Start dispatching again after L{stop}.
         """
-        return maybeDeferred(self._queue.resume).addCallback(lambda _: self.status())
+        d = maybeDeferred(self._queue.resume)
+        return d.addCallbacks(lambda _: self.status(), _not_durable("the queue was started"))
 
     def hold(self, queue_id: str) -> Deferred[MessageChange]:
         """

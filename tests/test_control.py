@@ -20,8 +20,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorUNIX
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorUNIX
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -41,7 +41,7 @@ from smtpgw.control import (
     QueueControl,
     control_socket_path,
 )
-from smtpgw.interfaces import DeliveryResult, IOutbound, JournalLocation
+from smtpgw.interfaces import DeliveryResult, IOutbound, JournalLocation, JournalUnavailable
 from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, MessageState, Priority
 from smtpgw.queue import MessageQueue
@@ -473,6 +473,30 @@ class TestChanges:
         assert isinstance(error, NotDurable)
         assert str(error).startswith(f"{queue_id} was held, but the journal could not record it")
         assert "a restart may undo it" in str(error)
+
+
+class TestStopStartJournal:
+    def test_stop_that_is_not_journaled_says_so(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """
+        When stopping is journaled and the journal fails, the admin is told
+        the stop is not durable.
+        """
+        h = Harness()
+        monkeypatch.setattr(h.queue, "pause", lambda: fail(JournalUnavailable("disk full")))
+        error = failure(h.control.stop())
+        assert isinstance(error, NotDurable)
+        assert str(error) == (
+            "the queue was stopped, but the journal could not record it (disk full); "
+            "a restart may undo it"
+        )
+
+    def test_other_failures_pass_through(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """
+        A failure that is not the journal's is not disguised.
+        """
+        h = Harness()
+        monkeypatch.setattr(h.queue, "resume", lambda: fail(RuntimeError("boom")))
+        assert isinstance(failure(h.control.start()), RuntimeError)
 
 
 class TestListing:
@@ -1021,3 +1045,44 @@ def test_result_helper_sees_unfired() -> None:
     with pytest.raises(AssertionError, match="has not fired"):
         result(Deferred())
     assert result(succeed(3)) == 3
+
+
+class TestFileJournal:
+    @async_test
+    async def test_listing_reads_envelopes_from_the_file_journal(self, data_dir: Path) -> None:
+        """
+        With the gateway's own journal on disk, a listing shows each
+        message's envelope, read back off the reactor thread.
+        """
+        from smtpgw.journal import FileJournal
+
+        journal = FileJournal(str(data_dir / "journal"), cast(IReactorThreads, unix_reactor()))
+        clock = Clock()
+        clock.advance(NOW)
+        queue = MessageQueue(journal, PendingOutbound(), clock)
+        control = QueueControl(queue, journal, clock)
+        queue.startService()
+        try:
+            await control.stop()
+            envelope = Envelope(
+                queue_id="18BCFE568000000000A1",
+                list="news",
+                username="alice",
+                sender="app@news.example",
+                recipients=("x@example.org",),
+                priority=Priority.HIGH,
+                accepted_at=NOW - 5,
+            )
+            await queue.submit(envelope, b"Subject: hi\r\n\r\nhello\r\n")
+            listing = await control.listing(QueueFilter(username="alice"))
+        finally:
+            await queue.stopService()
+        (row,) = listing.rows
+        assert (row.queue_id, row.username, row.sender, row.recipients) == (
+            envelope.queue_id,
+            "alice",
+            "app@news.example",
+            ("x@example.org",),
+        )
+        assert row.accepted_at == NOW - 5
+        assert row.priority == Priority.HIGH
