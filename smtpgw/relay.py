@@ -448,6 +448,14 @@ class ConnectionPool:
         except SessionFailed as failure:
             self._opening_failed(state, failure)
             return
+        except Exception:
+            # Failing what waits stops a bug from reconnecting forever.
+            self._log.failure(
+                "opening a session with {peer} failed",
+                peer=peer_name(conn.route.host, conn.route.port),
+            )
+            self._fail_queue(state, "internal error")
+            return
         job: _Job | None = None
         finished: tuple[_Job, SendResult] | None = None
         try:

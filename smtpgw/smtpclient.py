@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import functools
 import re
 import socket
 from collections import deque
@@ -50,8 +51,16 @@ from smtpgw.interfaces import DeliveryResult
 from smtpgw.model import Envelope
 
 __all__ = [
+    "COMMAND_TIMEOUT",
+    "CONNECT_TIMEOUT",
+    "DATA_DONE_TIMEOUT",
+    "DATA_INIT_TIMEOUT",
+    "GREETING_TIMEOUT",
+    "MAX_REASON_TEXT",
     "MAX_REPLY_LINE",
     "MAX_REPLY_LINES",
+    "QUIT_TIMEOUT",
+    "TLS_HANDSHAKE_TIMEOUT",
     "ClientSettings",
     "ClientTimeouts",
     "Credentials",
@@ -78,6 +87,33 @@ send more). A longer line is a protocol error and ends the connection."""
 MAX_REPLY_LINES = 100
 """Most lines in one multi-line reply; more is a protocol error."""
 
+MAX_REASON_TEXT = 1000
+"""Characters of a server's reply kept in a recipient's reason (the rest
+is cut): reasons go into the journal and into delivery reports."""
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds to establish the TCP connection."""
+
+GREETING_TIMEOUT = 300.0
+"""Seconds to wait for the greeting (RFC 5321 section 4.5.3.2.1)."""
+
+COMMAND_TIMEOUT = 300.0
+"""Seconds to wait for the reply to EHLO, HELO, STARTTLS, AUTH, MAIL, RCPT
+and RSET (RFC 5321 sections 4.5.3.2.2 and 4.5.3.2.3)."""
+
+TLS_HANDSHAKE_TIMEOUT = 60.0
+"""Seconds the TLS handshake after STARTTLS may take."""
+
+DATA_INIT_TIMEOUT = 120.0
+"""Seconds to wait for the C{354} reply to DATA (RFC 5321 section 4.5.3.2.4)."""
+
+DATA_DONE_TIMEOUT = 600.0
+"""Seconds from sending a message to the reply to its final dot (RFC 5321
+sections 4.5.3.2.5 and 4.5.3.2.6, the message being written at once)."""
+
+QUIT_TIMEOUT = 10.0
+"""Seconds to wait for the reply to QUIT before closing anyway."""
+
 _MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -89,9 +125,10 @@ _PRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
 @frozen
 class ClientTimeouts:
     """
-    How long each phase of a session may take, in seconds. The defaults are
-    the minimums RFC 5321 section 4.5.3.2 asks clients to wait (except
-    connect, TLS handshake and QUIT, which it does not name).
+    How long each phase of a session may take, in seconds (the defaults are
+    the module's C{*_TIMEOUT} constants: the minimums RFC 5321 section
+    4.5.3.2 asks clients to wait, except connect, TLS handshake and QUIT,
+    which it does not name).
 
     @ivar connect: to establish the TCP connection.
     @ivar greeting: for the server's C{220} after connecting.
@@ -105,13 +142,13 @@ class ClientTimeouts:
         anyway.
     """
 
-    connect: float = 30.0
-    greeting: float = 300.0
-    command: float = 300.0
-    tls_handshake: float = 60.0
-    data_init: float = 120.0
-    data_done: float = 600.0
-    quit: float = 10.0
+    connect: float = CONNECT_TIMEOUT
+    greeting: float = GREETING_TIMEOUT
+    command: float = COMMAND_TIMEOUT
+    tls_handshake: float = TLS_HANDSHAKE_TIMEOUT
+    data_init: float = DATA_INIT_TIMEOUT
+    data_done: float = DATA_DONE_TIMEOUT
+    quit: float = QUIT_TIMEOUT
 
 
 class StartTLS(enum.Enum):
@@ -160,7 +197,7 @@ class TLSPolicy:
     fallback: TLSFallback = TLSFallback.DEFER
     verify: bool = False
     hostname: str | None = None
-    trust_root: Any = field(default=None, eq=False, repr=False)
+    trust_root: Any = field(default=None, repr=False)
 
     def without_tls(self) -> TLSPolicy:
         """
@@ -171,8 +208,13 @@ class TLSPolicy:
     def client_creator(self, host: str) -> Any:
         """
         @param host: the host connected to.
-        @return: what C{ITLSTransport.startTLS} takes, for this policy.
+        @return: what C{ITLSTransport.startTLS} takes, for this policy; the
+            same object for the same policy and host (it serves any number
+            of connections, and building one costs an SSL context).
         """
+        return _client_creator(self, host)
+
+    def _build_creator(self, host: str) -> Any:
         if self.verify:
             return optionsForClientTLS(
                 self.hostname or host,
@@ -180,6 +222,11 @@ class TLSPolicy:
                 extraCertificateOptions={"raiseMinimumTo": _MINIMUM_TLS_VERSION},
             )
         return CertificateOptions(verify=False, raiseMinimumTo=_MINIMUM_TLS_VERSION)
+
+
+@functools.lru_cache(maxsize=256)
+def _client_creator(policy: TLSPolicy, host: str) -> Any:
+    return policy._build_creator(host)
 
 
 @frozen
@@ -219,6 +266,16 @@ class ClientSettings:
     """
 
     helo_name: str = field(factory=socket.gethostname)
+
+    @helo_name.validator
+    def _check_helo_name(self, attribute: object, value: str) -> None:
+        try:
+            encoded = value.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{value!r} cannot be said in EHLO") from None
+        if not encoded or any(c in encoded for c in b" \r\n\0"):
+            raise ValueError(f"{value!r} cannot be said in EHLO")
+
     timeouts: ClientTimeouts = ClientTimeouts()
     pipelining: bool = True
 
@@ -1050,7 +1107,10 @@ class SMTPConnection:
             raise SessionFailed(self._said(reply, "the transaction"))
 
     def _said(self, reply: Reply, what: str) -> str:
-        return f"{self.name} said: {reply} (in reply to {what})"
+        text = str(reply)
+        if len(text) > MAX_REASON_TEXT:
+            text = text[:MAX_REASON_TEXT] + "..."
+        return f"{self.name} said: {text} (in reply to {what})"
 
 
 def _parse_extensions(reply: Reply) -> dict[str, str]:

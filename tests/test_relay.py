@@ -1117,3 +1117,23 @@ def test_tls_failure_is_remembered(elapsed: float, tls_again: bool) -> None:
     later.greet(b"250-STARTTLS\r\n")
     assert later.sent().startswith(b"STARTTLS" if tls_again else b"MAIL FROM:")
     finish(pool, clock)
+
+
+def test_a_bug_while_opening_defers_instead_of_reconnecting(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    An unexpected error while opening a session is logged and defers what
+    waits, instead of opening connection after connection.
+    """
+
+    def broken(host: str, port: int, timeout: float) -> Any:
+        raise RuntimeError("bug")
+
+    clock = Clock()
+    pool = ConnectionPool(None, SETTINGS, endpoint_factory=broken, clock=clock)
+    sent = pool.send("mx.test", 25, envelope("b@x.org"), BODY, NO_TLS)
+    assert fired(sent).result.deferred == (("b@x.org", "internal error"),)
+    assert pool.connections == 0
+    assert len(logged_errors) == 1
+    logged_errors.clear()

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from smtpgw.interfaces import DeliveryResult
 from smtpgw.model import Envelope, Priority
 from smtpgw.smtpclient import (
+    MAX_REASON_TEXT,
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
     ClientSettings,
@@ -1134,3 +1135,41 @@ def test_verified_tls_policy_makes_client_options() -> None:
     verified = TLSPolicy(verify=True, hostname="smarthost.example").client_creator("10.0.0.1")
     assert verified._hostname == "smarthost.example"
     assert TLSPolicy().client_creator("x").verify is False
+
+
+@pytest.mark.parametrize(
+    ("length", "cut"), [(MAX_REASON_TEXT, False), (MAX_REASON_TEXT + 1, True)]
+)
+def test_long_reply_text_is_cut_in_reasons(length: int, cut: bool) -> None:
+    """
+    A reason keeps L{MAX_REASON_TEXT} characters of the reply; more are cut.
+    """
+    wire, connection = ready_session()
+    sent = send(connection)
+    wire.sent()
+    text = "x" * (length - 4)
+    wire.reply(f"550 {text}\r\n".encode())
+    assert wire.sent() == b"RSET\r\n"
+    wire.reply(b"250 ok\r\n")
+    reason = result_of(sent).result.bounced[0][1]
+    assert reason.endswith(("..." if cut else "x") + " (in reply to MAIL FROM)")
+    assert (text in reason) is not cut
+
+
+@pytest.mark.parametrize("name", ["", "a b", "bad\r\nname", "a..b"])
+def test_helo_name_that_cannot_be_said(name: str) -> None:
+    """
+    A HELO name that is empty, has spaces or line ends, or is not a valid
+    name, is refused when the settings are made.
+    """
+    with pytest.raises(ValueError, match="EHLO"):
+        ClientSettings(helo_name=name)
+
+
+def test_same_policy_shares_its_tls_options() -> None:
+    """
+    One TLS client object serves every connection of a policy and host.
+    """
+    policy = TLSPolicy(verify=True)
+    assert policy.client_creator("a.example") is TLSPolicy(verify=True).client_creator("a.example")
+    assert policy.client_creator("a.example") is not policy.client_creator("b.example")
