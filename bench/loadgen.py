@@ -283,7 +283,9 @@ class _Run:
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
-        self.address = (spec.host, spec.port)
+        host = "127.0.0.1" if spec.host == "localhost" else spec.host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.address = (host, spec.port)
         self.poller = select.epoll()
         self.sessions: dict[int, _Session] = {}
         self.remaining = spec.messages
@@ -413,7 +415,7 @@ class _Session:
     def __init__(self, run: _Run, seq: int) -> None:
         self.run = run
         self.spec = run.spec
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self.sock = socket.socket(run.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.fd = self.sock.fileno()
         self.buffer = b""
         self.lines: Reply = []
