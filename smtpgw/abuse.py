@@ -1,6 +1,6 @@
 """
 Per-address bookkeeping against abuse: how many connections an address holds,
-and how many logins it failed lately.
+how many logins it failed lately, and which sender alerts repeat.
 
 Both are shared by every session of one L{smtpgw.session.GatewaySMTPFactory}
 (every port), live on the reactor thread, and forget addresses they no longer
@@ -16,10 +16,14 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 
+from attrs import define
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
 
-__all__ = ["AuthFailureTracker", "ConnectionCounter", "address_key"]
+from smtpgw.interfaces import Alert, IAlertSink
+
+__all__ = ["AuthFailureTracker", "ConnectionCounter", "RepeatedAlertFilter", "address_key"]
 
 
 def address_key(ip: str) -> str:
@@ -296,3 +300,145 @@ class AuthFailureTracker:
             tests and metrics).
         """
         return len(self._failures)
+
+
+@define(eq=False)
+class _Repeats:
+    """
+    The sender alerts of one (username, sender) within one window.
+    """
+
+    first: Alert
+    ends_at: float
+    count: int = 0
+    last_at: float = 0.0
+
+
+@implementer(IAlertSink)
+class RepeatedAlertFilter:
+    """
+    Passes alerts on to another sink, but stores a C{sender_domain} alert
+    for the same user and sender address once per window: the repeats
+    within the window are counted, and when it ends one summary alert
+    (with C{repeats}, C{first_at} and C{last_at} in its details) says that
+    it went on. Every other alert passes at once.
+
+    A client that keeps using a refused sender (or, in monitor mode, sends
+    many messages with one) would otherwise fill the alert center with one
+    alert per message.
+    """
+
+    #: The (username, sender) pairs watched at most; past it, the oldest
+    #: window is summed up early.
+    MAX_TRACKED = 10_000
+
+    def __init__(
+        self,
+        sink: IAlertSink,
+        clock: IReactorTime,
+        *,
+        window: float,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
+        """
+        @param sink: where alerts go.
+        @param clock: the time source, and the timer of the summaries.
+        @param window: seconds during which repeats are only counted; 0
+            passes every alert.
+        @param max_tracked: the most pairs watched at once.
+        """
+        self._sink = sink
+        self._clock = clock
+        self._window = window
+        self._max_tracked = max_tracked
+        # Insertion order is the order in which windows end.
+        self._windows: dict[tuple[str, str], _Repeats] = {}
+        self._timer: IDelayedCall | None = None
+
+    def raise_alert(self, alert: Alert) -> None:
+        """
+        Pass C{alert} on, unless it repeats a C{sender_domain} alert of this
+        window.
+        """
+        if alert.type != "sender_domain" or self._window <= 0:
+            self._sink.raise_alert(alert)
+            return
+        details = alert.details
+        key = (str(details.get("username", "")), str(details.get("sender", "")))
+        now = self._clock.seconds()
+        self._end_windows(now)
+        repeats = self._windows.get(key)
+        if repeats is not None:
+            repeats.count += 1
+            repeats.last_at = alert.created_at
+            return
+        if len(self._windows) >= self._max_tracked:
+            oldest = next(iter(self._windows))
+            self._summarize(self._windows.pop(oldest), now)
+        self._windows[key] = _Repeats(alert, now + self._window)
+        self._sink.raise_alert(alert)
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._window, self._on_timer)
+
+    def suppressed(self, username: str, sender: str) -> int:
+        """
+        @return: the alerts held back so far in the current window of this
+            user and sender.
+        """
+        repeats = self._windows.get((username, sender))
+        return 0 if repeats is None else repeats.count
+
+    def tracked(self) -> int:
+        """
+        @return: how many (username, sender) windows are open.
+        """
+        return len(self._windows)
+
+    def flush(self) -> None:
+        """
+        End every window now (at shutdown): the summaries are raised.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        now = self._clock.seconds()
+        windows, self._windows = self._windows, {}
+        for repeats in windows.values():
+            self._summarize(repeats, now)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        self._end_windows(now)
+        if self._windows:
+            first = next(iter(self._windows.values()))
+            self._timer = self._clock.callLater(max(0.0, first.ends_at - now), self._on_timer)
+
+    def _end_windows(self, now: float) -> None:
+        windows = self._windows
+        while windows:
+            key = next(iter(windows))
+            if windows[key].ends_at > now:
+                return
+            self._summarize(windows.pop(key), now)
+
+    def _summarize(self, repeats: _Repeats, now: float) -> None:
+        if not repeats.count:
+            return
+        first = repeats.first
+        self._sink.raise_alert(
+            Alert(
+                type=first.type,
+                message=(
+                    f"{first.message} (and {repeats.count} more times within {self._window:g} s)"
+                ),
+                created_at=now,
+                list=first.list,
+                details={
+                    **first.details,
+                    "repeats": repeats.count,
+                    "first_at": first.created_at,
+                    "last_at": repeats.last_at,
+                },
+            )
+        )

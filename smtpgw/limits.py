@@ -84,8 +84,10 @@ class Limits:
         (an IPv6 client: from one /64; see L{smtpgw.abuse.address_key});
         the next one gets C{421 4.7.0} and is closed.
     @ivar max_bad_commands: protocol errors (unknown commands, syntax errors,
-        commands out of sequence) a session may make; the next one gets
-        C{421 4.7.0} and the connection is closed.
+        commands out of sequence) and policy refusals (a sender or header
+        C{From:} refused with C{550 5.7.1}) a session may make since its last
+        accepted message; the next one gets C{421 4.7.0} and the connection
+        is closed.
     @ivar max_junk_commands: commands that move no mail forward (NOOP, HELP,
         VRFY, RSET, EHLO, HELO, a cancelled AUTH, STARTTLS where it is not
         available, a repeated or surplus recipient, MAIL while the queue
@@ -105,6 +107,10 @@ class Limits:
         login from an address within the window is delayed by n times this
         many seconds.
     @ivar auth_failure_delay_cap: the longest tarpit delay, in seconds.
+    @ivar sender_alert_window: seconds during which a C{sender_domain}
+        alert for the same user and sender address is stored once: the
+        repeats are counted and one summary alert with their number is
+        stored when the window ends. Zero stores every one.
     @ivar greet_delay: seconds to wait before the greeting; a client that
         talks before it gets C{554 5.5.1} and is closed (spam bots do not
         wait). Zero greets at once.
@@ -128,6 +134,7 @@ class Limits:
     auth_failure_delay: float = _seconds(1.0, 0.0, 60.0)
     auth_failure_delay_cap: float = _seconds(10.0, 0.0, 300.0)
     greet_delay: float = _seconds(0.0, 0.0, 60.0)
+    sender_alert_window: float = _seconds(600.0, 0.0, 86400.0)
 
     def __attrs_post_init__(self) -> None:
         if self.max_auth_line_length < self.max_command_length:

@@ -52,7 +52,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, address_key
+from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFilter, address_key
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
 from smtpgw.message import MessageRejected
@@ -1049,9 +1049,13 @@ class GatewaySMTP(smtp.ESMTP):
         self._server_error(refusal)
 
     def _server_error(self, refusal: smtp.SMTPServerError) -> None:
+        """
+        Answer a sender or recipient the avatar refused; a refusal counts as
+        an error, so that a client cannot go on raising alerts.
+        """
         resp = refusal.resp
         text = resp if isinstance(resp, bytes) else str(resp).encode("ascii", "replace")
-        self._t.write(b"%d %s\r\n" % (refusal.code, text))
+        self._bad(b"%d %s\r\n" % (refusal.code, text))
 
     def _rcpt(self, argument: bytes) -> None:
         transaction = self.transaction
@@ -1183,7 +1187,12 @@ class GatewaySMTP(smtp.ESMTP):
             self._t.write(R_STORAGE)
         else:
             refused: MessageRejected = failure.value  # type: ignore[assignment]
-            self._t.write(b"%d %s\r\n" % (refused.code, refused.reply_bytes()))
+            reply = b"%d %s\r\n" % (refused.code, refused.reply_bytes())
+            if refused.status.startswith("5.7."):
+                # A policy refusal (header From:) counts as an error.
+                self._bad(reply)
+            else:
+                self._t.write(reply)
 
 
 def _left_the_queue(failure: Failure) -> None:
@@ -1220,6 +1229,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
 
     @ivar connections: open connections per client address.
     @ivar auth_failures: recent failed logins per client address.
+    @ivar sender_alerts: holds back repeated C{sender_domain} alerts.
     """
 
     protocol = GatewaySMTP  # type: ignore[assignment]
@@ -1264,9 +1274,10 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         self.tls = tls
         self.require_tls = require_tls
         self.clock = clock
+        self.sender_alerts = RepeatedAlertFilter(alerts, clock, window=limits.sender_alert_window)
         self.services = GatewayServices(
             queue=queue,
-            alerts=alerts,
+            alerts=self.sender_alerts,
             clock=clock,
             hostname=hostname,
             queue_ids=queue_ids,
@@ -1279,6 +1290,13 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
             limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=clock
         )
         self._ehlo_replies: dict[tuple[bytes, bool, bool], bytes] = {}
+
+    def stopFactory(self) -> None:
+        """
+        The last port stopped listening: store the pending summaries of
+        repeated sender alerts.
+        """
+        self.sender_alerts.flush()
 
     def buildProtocol(self, addr: Any) -> GatewaySMTP:  # type: ignore[override]
         """

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, address_key
+from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFilter, address_key
+from smtpgw.alerts import MemoryAlertSink
+from smtpgw.interfaces import Alert
 from smtpgw.limits import MIB, Limits
 
 
@@ -41,6 +43,7 @@ def test_defaults() -> None:
     assert limits.greet_delay == 0
     assert limits.max_connections == 1000
     assert limits.max_junk_commands == 100
+    assert limits.sender_alert_window == 600
     for field in attrs.fields(Limits):
         assert field.default is not attrs.NOTHING, field.name
 
@@ -72,6 +75,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("greet_delay", 0, 60),
     ("max_connections", 1, 1_000_000),
     ("max_junk_commands", 1, 100_000),
+    ("sender_alert_window", 0, 86400),
 ]
 
 
@@ -377,3 +381,112 @@ def test_auth_alert_once_per_blocking() -> None:
         assert tracker.begin("a") is True
         last = tracker.end("a", failed=True)
     assert last is True
+
+
+# -- RepeatedAlertFilter ----------------------------------------------------------------
+
+
+def _sender_alert(
+    username: str = "alice", sender: str = "x@evil.example", at: float = 0.0
+) -> Alert:
+    return Alert(
+        type="sender_domain",
+        message=f"envelope sender refused: sender {sender} is not authorized",
+        created_at=at,
+        list="news",
+        details={"username": username, "sender": sender, "where": "envelope"},
+    )
+
+
+def _filter(
+    window: float = 600.0, **kwargs: Any
+) -> tuple[RepeatedAlertFilter, MemoryAlertSink, Clock]:
+    clock = Clock()
+    sink = MemoryAlertSink()
+    return RepeatedAlertFilter(sink, clock, window=window, **kwargs), sink, clock
+
+
+def test_repeated_sender_alert_is_stored_once_per_window_then_summed_up() -> None:
+    """
+    The first sender_domain alert for a (username, sender) passes at once;
+    repeats within the window are counted, not stored; when the window
+    ends, one summary alert says how many there were.
+    """
+    alerts, sink, clock = _filter(window=600)
+    alerts.raise_alert(_sender_alert())
+    assert len(sink.alerts) == 1
+    for _ in range(299):
+        clock.advance(1)
+        alerts.raise_alert(_sender_alert(at=clock.seconds()))
+    assert len(sink.alerts) == 1
+    assert alerts.suppressed("alice", "x@evil.example") == 299
+    clock.advance(600 - 299 - 0.001)
+    assert len(sink.alerts) == 1
+    clock.advance(0.001)
+    first, summary = sink.alerts
+    assert first.details["sender"] == summary.details["sender"]
+    assert summary.type == "sender_domain"
+    assert summary.list == "news"
+    assert summary.details["repeats"] == 299
+    assert summary.details["sender"] == "x@evil.example"
+    assert summary.details["first_at"] == 0.0
+    assert summary.details["last_at"] == 299.0
+    assert "299 more times" in summary.message
+    assert clock.getDelayedCalls() == []
+    alerts.raise_alert(_sender_alert(at=clock.seconds()))
+    assert len(sink.alerts) == 3
+
+
+def test_single_sender_alert_gets_no_summary() -> None:
+    """
+    A violation that is not repeated within the window is one alert.
+    """
+    alerts, sink, clock = _filter(window=600)
+    alerts.raise_alert(_sender_alert())
+    clock.advance(601)
+    assert len(sink.alerts) == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_sender_alerts_are_told_apart_by_user_and_address() -> None:
+    """
+    Another address, or another user, is a new alert; other alert types
+    are never held back.
+    """
+    alerts, sink, _ = _filter()
+    alerts.raise_alert(_sender_alert("alice", "x@evil.example"))
+    alerts.raise_alert(_sender_alert("alice", "y@evil.example"))
+    alerts.raise_alert(_sender_alert("bob", "x@evil.example"))
+    other = Alert(type="auth_failures", message="m", created_at=0.0)
+    alerts.raise_alert(other)
+    alerts.raise_alert(other)
+    assert len(sink.alerts) == 5
+
+
+def test_zero_window_passes_every_alert() -> None:
+    """
+    With a window of 0, every violation is its own alert.
+    """
+    alerts, sink, clock = _filter(window=0)
+    for _ in range(3):
+        alerts.raise_alert(_sender_alert())
+    assert len(sink.alerts) == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_alert_filter_is_bounded_and_flushes() -> None:
+    """
+    Past C{max_tracked} (user, address) pairs the oldest is summed up early;
+    flush() sums up everything pending and stops the timer.
+    """
+    alerts, sink, clock = _filter(max_tracked=2)
+    for sender in ("a@x.example", "b@x.example", "a@x.example", "b@x.example"):
+        alerts.raise_alert(_sender_alert(sender=sender))
+    assert len(sink.alerts) == 2
+    alerts.raise_alert(_sender_alert(sender="c@x.example"))
+    assert [a.details.get("repeats") for a in sink.alerts] == [None, None, 1, None]
+    assert alerts.tracked() == 2
+    alerts.flush()
+    assert [a.details.get("repeats") for a in sink.alerts] == [None, None, 1, None, 1]
+    assert alerts.tracked() == 0
+    assert clock.getDelayedCalls() == []

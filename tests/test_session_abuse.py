@@ -945,3 +945,77 @@ def test_closing_connection_that_never_drains_is_aborted_at_the_deadline() -> No
     assert not client.transport.disconnected
     harness.clock.advance(1)
     assert client.transport.disconnected
+
+
+# -- policy refusals ------------------------------------------------------------
+
+
+def test_policy_refusals_up_to_the_limit_are_answered() -> None:
+    """
+    max_bad_commands envelope senders refused by policy each get their
+    550 5.7.1; the session stays open.
+    """
+    harness = Harness(limits=Limits(max_bad_commands=10))
+    client = harness.logged_in()
+    client.send(b"".join(b"MAIL FROM:<x%d@evil.example>\r\n" % i for i in range(10)))
+    assert client.codes() == [b"550"] * 10
+    assert not client.closed
+    assert client.mail_transaction(message())[-1].startswith(b"250 2.0.0 ")
+
+
+def test_one_policy_refusal_past_the_limit_is_421() -> None:
+    """
+    A refused sender counts as an error: the one after max_bad_commands
+    gets 421 4.7.0 and the connection is closed (an authenticated client
+    cannot raise alerts without end on one connection).
+    """
+    harness = Harness(limits=Limits(max_bad_commands=10))
+    client = harness.logged_in()
+    client.send(b"".join(b"MAIL FROM:<x%d@evil.example>\r\n" % i for i in range(12)))
+    replies = client.replies()
+    assert [r[:3] for r in replies] == [b"550"] * 10 + [b"421"]
+    assert replies[-1].startswith(b"421 4.7.0 ")
+    assert client.closed
+    # The attempt answered 421 was a violation too; the twelfth was not read.
+    assert len(harness.alerts.of_type("sender_domain")) == 11
+    assert_still_serving(harness)
+
+
+def test_header_from_refusals_count_as_errors() -> None:
+    """
+    Messages refused for their From: count too: past max_bad_commands, the
+    next refusal is 421 and the connection closes.
+    """
+    harness = Harness(limits=Limits(max_bad_commands=2))
+    client = harness.logged_in()
+    bad = message(b"From: boss@evil.example")
+    for _ in range(2):
+        assert client.mail_transaction(bad)[-1].startswith(b"550 5.7.1 ")
+    assert client.mail_transaction(bad)[-1].startswith(b"421 4.7.0 ")
+    assert client.closed
+    assert harness.queue.submitted == []
+
+
+def test_repeated_sender_violations_raise_one_alert_and_a_count() -> None:
+    """
+    300 refusals of the same sender for one user, over many connections,
+    store one alert at once and, when sender_alert_window ends, one summary
+    with the count of the other 299; another address is alerted at once.
+    """
+    limits = Limits(max_bad_commands=10, sender_alert_window=600)
+    harness = Harness(limits=limits)
+    for _ in range(30):
+        client = harness.logged_in()
+        client.send(b"MAIL FROM:<ceo@evil.example>\r\n" * 10)
+        assert client.codes() == [b"550"] * 10
+        client.lose()
+    assert len(harness.alerts.of_type("sender_domain")) == 1
+    client = harness.logged_in()
+    client.command(b"MAIL FROM:<cfo@evil.example>")
+    assert len(harness.alerts.of_type("sender_domain")) == 2
+    harness.clock.advance(600)
+    first, other, summary = harness.alerts.of_type("sender_domain")
+    assert first.details["sender"] == "ceo@evil.example"
+    assert other.details["sender"] == "cfo@evil.example"
+    assert summary.details["sender"] == "ceo@evil.example"
+    assert summary.details["repeats"] == 299
