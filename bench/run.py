@@ -178,6 +178,7 @@ class Settings:
     time_limit: float
     warmup: int
     gateway_args: tuple[str, ...]
+    twistd_args: tuple[str, ...]
     postfix_settings: tuple[str, ...]
     twisted_pipelining: bool
     keep: bool
@@ -199,7 +200,7 @@ def _server_for(row: Row, settings: Settings) -> Server:
         return TwistedBare(pipelining=settings.twisted_pipelining)
     if row.server == "postfix":
         return Postfix(settings=settings.postfix_settings)
-    return Gateway(extra=settings.gateway_args)
+    return Gateway(extra=settings.gateway_args, twistd=settings.twistd_args)
 
 
 def _spec(row: Row, started: Started, settings: Settings, count: int) -> loadgen.LoadSpec:
@@ -368,7 +369,7 @@ def measure_bind(settings: Settings, workdir: Path) -> dict[str, Any]:
     busy = [port for port in DEFAULT_PORTS if can_connect(port, 0.05)]
     if 5000 in busy:
         return {"status": "error", "reason": "port 5000 is already in use on 127.0.0.1"}
-    gateway = Gateway(ports=None, extra=settings.gateway_args)
+    gateway = Gateway(ports=None, extra=settings.gateway_args, twistd=settings.twistd_args)
     started = time.monotonic()
     process = gateway.spawn(workdir, None)
     assert gateway.log is not None
@@ -578,6 +579,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--gateway-arg", action="append", default=[], help="extra gateway option (repeatable)"
     )
     parser.add_argument(
+        "--twistd-arg",
+        action="append",
+        default=[],
+        help="extra twistd option for the gateway, e.g. --twistd-arg=--profile=FILE "
+        "--twistd-arg=--profiler=cprofile (repeatable)",
+    )
+    parser.add_argument(
         "--postfix-main",
         action="append",
         default=[],
@@ -619,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_limit=args.time_limit,
         warmup=args.warmup,
         gateway_args=tuple(args.gateway_arg),
+        twistd_args=tuple(args.twistd_arg),
         postfix_settings=tuple(
             " = ".join(part.strip() for part in setting.split("=", 1))
             for setting in args.postfix_main
@@ -699,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup": settings.warmup,
             "time_limit_s": settings.time_limit,
             "gateway_args": list(settings.gateway_args),
+            "twistd_args": list(settings.twistd_args),
             "postfix_main": list(settings.postfix_settings),
             "workdir_filesystem": _filesystem(base.parent),
         },

@@ -476,10 +476,13 @@ class Gateway:
 
     @ivar ports: the C{--ports} value, or L{None} for one free port.
     @ivar extra: more command-line options (e.g. C{--rate 1000}).
+    @ivar twistd: more C{twistd} options, before C{smtpgw} (e.g.
+        C{--profile=FILE --profiler=cprofile} to profile it under load).
     """
 
     ports: str | None = None
     extra: Sequence[str] = ()
+    twistd: Sequence[str] = ()
     name: str = "gateway"
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
@@ -495,7 +498,7 @@ class Gateway:
         """
         @return: the gateway's command line.
         """
-        argv = [str(_venv_tool("twistd")), "-n", "--pidfile=", "smtpgw"]
+        argv = [str(_venv_tool("twistd")), "-n", "--pidfile=", *self.twistd, "smtpgw"]
         argv += ["--data-dir", str(data_dir)]
         if ports is not None:
             argv += ["--ports", ports]
