@@ -297,7 +297,7 @@ class ConnectionPool:
         state = self._state(route)
         state.queue.append(job)
         self._wanting.setdefault(route, state)
-        self._pump()
+        self._pump(state)
         return job.result
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> Deferred[None]:
@@ -356,10 +356,14 @@ class ConnectionPool:
         for job in jobs:
             job.result.callback(_all_deferred(job.envelope, reason))
 
-    def _pump(self) -> None:
+    def _pump(self, state: _RouteState | None = None) -> None:
         """
-        Give waiting messages to idle connections and open the connections
-        that the limits allow.
+        Give waiting messages to idle connections, open the connections the
+        limits allow, and close idle connections whose slots waiting routes
+        need.
+
+        @param state: serve only this route (it has a new message: were a
+            slot free, no other route would be waiting for it).
         """
         if self._pumping:
             self._pump_again = True
@@ -367,24 +371,34 @@ class ConnectionPool:
         self._pumping = True
         try:
             self._pump_again = True
+            only = state
             while self._pump_again:
                 self._pump_again = False
-                for state in list(self._wanting.values()):
-                    self._serve(state)
+                states = [only] if only is not None else list(self._wanting.values())
+                only = None
+                blocked = sum(self._serve(state) for state in states)
+                self._free_slots(blocked - self._freeing)
         finally:
             self._pumping = False
 
-    def _serve(self, state: _RouteState) -> None:
+    def _serve(self, state: _RouteState) -> int:
+        """
+        @return: how many more connections the route could use were the
+            overall limit not reached.
+        """
         while state.queue and state.idle:
             self._wake(state.idle[-1], state.queue.popleft())
         spare = len(state.queue) - state.connecting()
         while spare > 0 and self._may_open(state.route):
             self._open(state)
             spare -= 1
-        if spare > 0 and self._freeing == 0:
-            self._free_a_slot(state.route)
         if not state.queue:
             self._wanting.pop(state.route, None)
+        if spare <= 0 or self._closing:
+            return 0
+        route = state.route
+        room = self._max_per_destination - self._per_host.get((route.host, route.port), 0)
+        return max(0, min(spare, room))
 
     def _may_open(self, route: Route) -> bool:
         return (
@@ -393,27 +407,18 @@ class ConnectionPool:
             and self._per_host.get((route.host, route.port), 0) < self._max_per_destination
         )
 
-    def _free_a_slot(self, route: Route) -> None:
+    def _free_slots(self, wanted: int) -> None:
         """
-        Close the longest idle connection of another route whose closing
-        lets C{route} open one.
+        Close up to C{wanted} idle connections (of routes with nothing to
+        send: the others have none idle).
         """
-        same_host_only = self._total < self._max_connections
-        victims = [
-            conn
-            for state in self._routes.values()
-            if state.route != route
-            and (
-                not same_host_only
-                or (state.route.host, state.route.port) == (route.host, route.port)
-            )
-            for conn in state.idle
-        ]
-        if victims:
-            victim = victims[0]
-            victim.freeing = True
+        if wanted <= 0:
+            return
+        idle = [conn for state in self._routes.values() for conn in state.idle]
+        for conn in idle[:wanted]:
+            conn.freeing = True
             self._freeing += 1
-            self._wake(victim, None)
+            self._wake(conn, None)
 
     # -- connections
 

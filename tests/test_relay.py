@@ -781,6 +781,29 @@ async def test_overall_limit_across_destinations() -> None:
 
 
 @async_test
+async def test_overall_limit_frees_as_many_idle_connections_as_needed() -> None:
+    """
+    With two connections in all, both idle on a first server, two messages
+    at once for a second server close both and open two there: never more
+    than two open in all.
+    """
+    group = OpenCounter()
+    async with running_target(group=group) as first, running_target(group=group) as second:
+        pool = make_pool(max_connections=2)
+        await DeferredList(
+            [pool.send("127.0.0.1", first.port, envelope("b@x.org"), b"m\r\n") for _ in range(2)]
+        )
+        assert first.open == 2
+        results = await DeferredList(
+            [pool.send("127.0.0.1", second.port, envelope("b@x.org"), b"m\r\n") for _ in range(2)]
+        )
+        assert second.connections == 2
+        await pool.close()
+    assert all(ok and r.result.delivered == ("b@x.org",) for ok, r in results)
+    assert group.most_open == 2
+
+
+@async_test
 async def test_idle_connection_closed_after_idle_timeout() -> None:
     """
     An idle connection stays open just short of the idle timeout, is closed
