@@ -871,6 +871,9 @@ class _ControlProtocol(amp.AMP):
 
 
 class _ControlFactory(Factory):
+    # The service logs its own line when it starts listening.
+    noisy = False
+
     def __init__(self, service: ControlService) -> None:
         self._service = service
 

@@ -23,7 +23,9 @@ The estimate assumes the gateway keeps dispatching at its limit and that
 nothing of a higher priority arrives:
 
     - with C{--rate R}, the messages ahead leave at R a second, from the
-      next rate token on: C{start + position / R};
+      next rate token on: C{start + position / R} (when the time of the next
+      token is not known, from now: the estimate may then be early by up to
+      C{1 / R});
     - when the mean delivery time C{d} is known, C{--concurrency C} caps the
       pace at C{C / d} a second too, and the slower pace counts;
     - with neither limit known to bind (no rate, no delivery time), a message
