@@ -109,7 +109,8 @@ class Script:
     @ivar tls: offer STARTTLS with this certificate.
     @ivar starttls: C{normal}; C{hostile} (C{220} and a fake C{250} in one
         write, then TLS); C{broken} (C{220}, then plaintext, then close).
-    @ivar users: require AUTH PLAIN/LOGIN for MAIL, with these passwords.
+    @ivar users: require AUTH for MAIL, with these passwords.
+    @ivar mechanisms: the AUTH mechanisms offered.
     @ivar pipelining: advertise PIPELINING.
     """
 
@@ -122,6 +123,7 @@ class Script:
     tls: TargetTLS | None = None
     starttls: str = "normal"
     users: dict[str, str] | None = None
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     pipelining: bool = False
 
 
@@ -337,7 +339,8 @@ class RelayTarget(ServerFactory):
     def buildProtocol(self, addr: Any) -> _TargetESMTP:
         challengers: dict[bytes, Any] = {}
         if self.script.users is not None:
-            challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": smtp.LOGINCredentials}
+            known = {"PLAIN": PLAINCredentials, "LOGIN": smtp.LOGINCredentials}
+            challengers = {name.encode(): known[name] for name in self.script.mechanisms}
         protocol = _TargetESMTP(
             chal=challengers,
             contextFactory=self.script.tls.options if self.script.tls else None,

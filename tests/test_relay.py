@@ -623,13 +623,15 @@ def _smarthost(target: RelayTarget, password: str, **kwargs: Any) -> SmarthostOu
     )
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 @async_test
-async def test_auth_to_smarthost_over_verified_tls() -> None:
+async def test_auth_to_smarthost_over_verified_tls(mechanism: str) -> None:
     """
-    A smarthost with TLS required, a verified certificate and AUTH: the
-    message arrives over TLS from the authenticated user.
+    A smarthost with TLS required, a verified certificate and AUTH (PLAIN,
+    or LOGIN when only that is offered): the message arrives over TLS from
+    the authenticated user.
     """
-    script = Script(tls=TLS, users={"relayuser": "s3cret pass"})
+    script = Script(tls=TLS, users={"relayuser": "s3cret pass"}, mechanisms=(mechanism,))
     async with running_target(script) as target:
         outbound = _smarthost(target, "s3cret pass")
         outbound.startService()
