@@ -260,7 +260,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     queue lets deliveries under way finish, the journal flushes last.
     """
     from smtpgw.alerts import SQLiteAlertStore
-    from smtpgw.checker import SmtpUserChecker
+    from smtpgw.checker import BcryptPool, SmtpUserChecker
     from smtpgw.database import database_path
     from smtpgw.journal import FileJournal
     from smtpgw.listening import MultiPortListener
@@ -296,6 +296,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     db = database_path(data_dir.path)
     users = ThreadedUserStore(db, reactor=reactor, clock=reactor)
     users.setServiceParent(top)
+    bcrypt = BcryptPool(reactor)
+    bcrypt.setServiceParent(top)
     alerts = SQLiteAlertStore(db, reactor=reactor)
     alerts.setServiceParent(top)
     # The queue replays, starts and (after draining) stops the journal.
@@ -311,7 +313,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         freeze_after_replay=True,
     )
     queue.setServiceParent(top)
-    portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor)])
+    portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
     factory = GatewaySMTPFactory(
         portal=portal,
         queue=queue,
