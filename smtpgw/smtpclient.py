@@ -760,8 +760,6 @@ class SMTPConnection:
     @ivar messages_sent: transactions attempted on this connection.
     """
 
-    _log = Logger()
-
     def __init__(
         self,
         protocol: SMTPClientProtocol,
@@ -864,16 +862,16 @@ class SMTPConnection:
 
     async def _hello(self) -> None:
         helo = self._settings.helo_name.encode("idna")
-        reply = await self._command(b"EHLO " + helo, "EHLO")
+        what = "EHLO"
+        reply = await self._command(b"EHLO " + helo, what)
         if 500 <= reply.code < 600:
             # An old server: plain SMTP has no extensions, so no STARTTLS or
             # AUTH, which the policy then refuses if it needs them.
-            reply = await self._command(b"HELO " + helo, "HELO")
-            self.extensions = {}
-        else:
-            self.extensions = _parse_extensions(reply)
+            what = "HELO"
+            reply = await self._command(b"HELO " + helo, what)
         if not reply.positive:
-            raise SessionFailed(self._said(reply, "HELO"))
+            raise SessionFailed(self._said(reply, what))
+        self.extensions = _parse_extensions(reply) if what == "EHLO" else {}
 
     async def _authenticate(self, credentials: Credentials) -> None:
         if not (self.tls_active or self._policy.allow_auth_in_clear):

@@ -1173,3 +1173,12 @@ def test_same_policy_shares_its_tls_options() -> None:
     policy = TLSPolicy(verify=True)
     assert policy.client_creator("a.example") is TLSPolicy(verify=True).client_creator("a.example")
     assert policy.client_creator("a.example") is not policy.client_creator("b.example")
+
+
+def test_ehlo_temporary_failure() -> None:
+    """
+    A C{421} to EHLO fails the session, naming EHLO.
+    """
+    wire, _, opened = open_session(b"421 4.3.2 busy\r\n")
+    wire.lose(Failure(ConnectionDone()))
+    assert "421 4.3.2 busy (in reply to EHLO)" in str(failure_of(opened))
