@@ -40,6 +40,7 @@ earlier message.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -908,7 +909,13 @@ class _SegmentStore:
 
     def _start_new_segment(self) -> None:
         new = self._create_segment(self.current.number + 1)
-        fd = os.open(new.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(new.path, os.O_WRONLY | os.O_CLOEXEC)
+        except BaseException:
+            # Left behind, it would block every later try (O_EXCL).
+            with contextlib.suppress(OSError):
+                os.unlink(new.path)
+            raise
         old, self.write_fd = self.write_fd, fd
         self.segments.append(new)
         self.lookup.add_segment(new.number, new.key)

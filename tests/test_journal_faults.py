@@ -11,6 +11,7 @@ Faults are injected by replacing one method of the journal's segment store
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -342,6 +343,39 @@ def test_closing_a_read_descriptor_that_fails_does_not_stop_deletion(
         store.delete_dead_segments()
         assert not segment_path(tmp_path, 1).exists()
         assert any("closing segment 1" in text for text in warnings)
+    finally:
+        store.close()
+
+
+def test_segment_that_cannot_be_opened_after_creation_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warnings: list[str]
+) -> None:
+    """
+    When a new segment was created but cannot be opened for writing, its
+    file is removed, so that the next rotation can create it again rather
+    than fail for ever on the existing name.
+    """
+    store = _SegmentStore(str(tmp_path), _Lookup(), _logger(), 2048, 0.25, 1024, FileOps())
+    store.open()
+    try:
+        real_open = os.open
+        second = str(segment_path(tmp_path, 2))
+
+        def failing_open(path: Any, flags: int, *args: Any) -> int:
+            if os.fspath(path) == second and not flags & os.O_CREAT:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", failing_open)
+        store.commit([encode_accept(envelope(0), body(0, 2100))])
+        assert not segment_path(tmp_path, 2).exists()
+        assert any("cannot start a new segment" in text for text in warnings)
+        monkeypatch.setattr(os, "open", real_open)
+        location = store.commit([encode_accept(envelope(1), body(1))])
+        assert isinstance(location, list)
+        assert location[0].segment == 1
+        store.commit([encode_accept(envelope(2), body(2))])
+        assert [segment.number for segment in store.segments] == [1, 2]
     finally:
         store.close()
 
