@@ -24,9 +24,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -222,8 +223,9 @@ class ConnectionPool:
         @param max_messages_per_connection: messages before a connection is
             replaced; at least 1.
         @param tls_failure_memory: see L{TLS_FAILURE_MEMORY}.
-        @param endpoint_factory: makes the endpoint for a host and port; a
-            L{HostnameEndpoint} by default.
+        @param endpoint_factory: makes the endpoint for a host and port; by
+            default a TCP endpoint for an IP address, a L{HostnameEndpoint}
+            for a name.
         @param clock: for every timeout and deadline; the reactor by default.
         """
         for name, value in (
@@ -423,6 +425,11 @@ class ConnectionPool:
     # -- connections
 
     def _hostname_endpoint(self, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        # An address needs no name resolution (a round trip to a thread).
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
         return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
 
     def _open(self, state: _RouteState) -> None:

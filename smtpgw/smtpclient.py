@@ -968,6 +968,7 @@ class SMTPConnection:
                 reply = await _reply(pending[1 + position])
             else:
                 reply = await self._command(line, "RCPT TO")
+            self._check_closing(reply)
             reason = self._said(reply, "RCPT TO")
             if reply.positive:
                 accepted.append(index)
@@ -975,7 +976,6 @@ class SMTPConnection:
                 outcomes.settle(index, "deferred", f"unexpected reply: {reason}")
             else:
                 outcomes.settle_reply(index, reply, reason)
-            self._check_closing(reply)
         if not accepted:
             await self._abandon(pending[-1] if pipelined else None)
             return
@@ -983,6 +983,7 @@ class SMTPConnection:
             data_reply = await _reply(pending[-1])
         else:
             data_reply = await self._command(b"DATA", "DATA", data_init)
+        self._check_closing(data_reply)
         if data_reply.code != 354:
             reason = self._said(data_reply, "DATA")
             for index in accepted:
@@ -990,17 +991,16 @@ class SMTPConnection:
                     outcomes.settle(index, "deferred", f"unexpected reply: {reason}")
                 else:
                     outcomes.settle_reply(index, data_reply, reason)
-            self._check_closing(data_reply)
             await self._rset()
             return
         final = await _reply(self._protocol.data(payload, self._timeouts.data_done))
+        self._check_closing(final)
         reason = self._said(final, "end of data")
         for index in accepted:
             if final.code < 400 and not final.positive:
                 outcomes.settle(index, "deferred", f"unexpected reply: {reason}")
             else:
                 outcomes.settle_reply(index, final, reason)
-        self._check_closing(final)
 
     def _envelope_lines(
         self, envelope: Envelope, body: bytes, outcomes: _Outcomes
@@ -1098,7 +1098,8 @@ class SMTPConnection:
     def _check_closing(self, reply: Reply) -> None:
         """
         After a C{421} the server closes the connection (RFC 5321 section
-        3.8): the rest of the transaction fails with it.
+        3.8): a host failure for every recipient not settled yet, the one
+        the reply was about included.
         """
         if reply.code == 421:
             self._broken = True

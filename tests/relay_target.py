@@ -325,6 +325,7 @@ class RelayTarget(ServerFactory):
         self.sessions: list[_TargetESMTP] = []
         self._listening: IListeningPort | None = None
         self._idle: list[Deferred[None]] = []
+        self._counted: list[tuple[int, Deferred[None]]] = []
 
     @property
     def port(self) -> int:
@@ -363,6 +364,10 @@ class RelayTarget(ServerFactory):
         self.group.open += 1
         self.group.most_open = max(self.group.most_open, self.group.open)
         self.sessions.append(session)
+        reached = [d for count, d in self._counted if count <= self.connections]
+        self._counted = [(c, d) for c, d in self._counted if c > self.connections]
+        for waiting in reached:
+            waiting.callback(None)
 
     def _disconnected(self, session: _TargetESMTP) -> None:
         self.open -= 1
@@ -381,6 +386,16 @@ class RelayTarget(ServerFactory):
             return succeed(None)
         waiting: Deferred[None] = Deferred()
         self._idle.append(waiting)
+        return waiting
+
+    def connected(self, count: int) -> Deferred[None]:
+        """
+        Fires once C{count} sessions have been accepted in all.
+        """
+        if self.connections >= count:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._counted.append((count, waiting))
         return waiting
 
     def listen(self, reactor: Any) -> None:

@@ -909,7 +909,8 @@ def test_pipelining_off_by_setting() -> None:
 def test_421_mid_transaction_defers_the_rest() -> None:
     """
     A C{421} to a RCPT defers that recipient and the ones not yet answered,
-    as a host failure that another host may retry; the connection is done.
+    as a host failure that another host may retry for them; the connection
+    is done.
     """
     wire, connection = ready_session()
     sent = send(connection)
@@ -924,7 +925,7 @@ def test_421_mid_transaction_defers_the_rest() -> None:
     assert [r for r, _ in result.result.deferred] == ["c@example.org", "d@example.org"]
     assert all("421 4.3.2 shutting down" in reason for _, reason in result.result.deferred)
     assert result.host_failure is not None
-    assert result.retryable == ("d@example.org",)
+    assert result.retryable == ("c@example.org", "d@example.org")
     assert not connection.usable
 
 
@@ -1182,3 +1183,23 @@ def test_ehlo_temporary_failure() -> None:
     wire, _, opened = open_session(b"421 4.3.2 busy\r\n")
     wire.lose(Failure(ConnectionDone()))
     assert "421 4.3.2 busy (in reply to EHLO)" in str(failure_of(opened))
+
+
+def test_421_after_the_final_dot_is_a_host_failure() -> None:
+    """
+    A C{421} instead of the reply to the final dot leaves the accepted
+    recipients to another host.
+    """
+    wire, connection = ready_session()
+    envelope = Envelope("q", "l", "u", "a@x.org", ("b@x.org",), Priority.NORMAL, 0.0)
+    sent = send(connection, envelope)
+    for _ in range(2):
+        wire.sent()
+        wire.reply(b"250 ok\r\n")
+    wire.sent()
+    wire.reply(b"354 go\r\n")
+    wire.sent()
+    wire.reply(b"421 4.3.2 going down\r\n")
+    result = result_of(sent)
+    assert result.retryable == ("b@x.org",)
+    assert "421 4.3.2 going down" in (result.host_failure or "")
