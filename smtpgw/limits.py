@@ -107,6 +107,20 @@ class Limits:
         login from an address within the window is delayed by n times this
         many seconds.
     @ivar auth_failure_delay_cap: the longest tarpit delay, in seconds.
+    @ivar max_messages_per_session: mail transactions (accepted MAIL
+        commands) one session may begin; the next MAIL gets C{421 4.7.0}
+        and the connection is closed.
+    @ivar max_session_seconds: how long a session may last from its
+        connection; then, at the first moment no transaction is under way
+        (a message being received is finished), it gets C{421 4.7.0} and is
+        closed.
+    @ivar user_recheck_interval: seconds a user record read at login (or
+        since) is trusted; the first MAIL after that reads it again, so that
+        a regenerated password, a deactivated or deleted user ends the
+        login of sessions already open (their MAIL gets
+        C{530 5.7.0 Authentication required}: the client may log in again)
+        and changed domains, senders or priority apply to them. Zero reads
+        it at every MAIL.
     @ivar sender_alert_window: seconds during which a C{sender_domain}
         alert for the same user and sender address is stored once: the
         repeats are counted and one summary alert with their number is
@@ -135,9 +149,14 @@ class Limits:
     auth_failure_delay_cap: float = _seconds(10.0, 0.0, 300.0)
     greet_delay: float = _seconds(0.0, 0.0, 60.0)
     sender_alert_window: float = _seconds(600.0, 0.0, 86400.0)
+    max_messages_per_session: int = _int(1000, 1, 1_000_000)
+    max_session_seconds: float = _seconds(3600.0, 1.0, 86400.0)
+    user_recheck_interval: float = _seconds(5.0, 0.0, 3600.0)
 
     def __attrs_post_init__(self) -> None:
         if self.max_auth_line_length < self.max_command_length:
             raise ValueError("max_auth_line_length must be at least max_command_length")
         if self.greet_delay >= self.idle_timeout:
             raise ValueError("greet_delay must be shorter than idle_timeout")
+        if self.greet_delay >= self.max_session_seconds:
+            raise ValueError("greet_delay must be shorter than max_session_seconds")

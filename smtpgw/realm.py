@@ -172,7 +172,9 @@ class GatewayDelivery:
     """
     The avatar of one logged-in SMTP+ user on one connection.
 
-    @ivar user: the user record, as it was at login.
+    @ivar user: the user record, as it was at login or at the last
+        L{refresh}.
+    @ivar checked_at: when L{user} was last read from the store.
     """
 
     #: Sender decisions remembered per avatar; a session seldom uses more
@@ -185,6 +187,32 @@ class GatewayDelivery:
         self._mind = mind
         self._services = mind.services
         self._decisions: dict[str, SenderDecision] = {}
+        # The checker read the record just before the realm was asked.
+        self.checked_at = mind.services.clock.seconds()
+
+    def refresh(self, user: SmtpUser | None) -> bool:
+        """
+        Take the user's record as the store has it now.
+
+        @param user: the record read again, or L{None} when it is gone.
+        @return: whether the login still stands: the user exists, is
+            active, and still has the password hash (a regenerated password
+            ends every login made with the old one) and list it logged in
+            with. When it does, the new record applies from now on.
+        """
+        current = self.user
+        if (
+            user is None
+            or not user.active
+            or user.password_hash != current.password_hash
+            or user.list != current.list
+        ):
+            return False
+        if user != current:
+            self.user = user
+            self._decisions.clear()
+        self.checked_at = self._services.clock.seconds()
+        return True
 
     @property
     def client_ip(self) -> str:

@@ -56,7 +56,7 @@ from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFil
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
 from smtpgw.message import MessageRejected
-from smtpgw.model import Priority, QueueIdGenerator
+from smtpgw.model import Priority, QueueIdGenerator, SmtpUser
 from smtpgw.priority import parse_mt_priority_param
 from smtpgw.realm import GatewayMessage, GatewayServices, SessionMind, Transaction
 
@@ -314,6 +314,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._counted = False
         self._tls_active = False
         self._bad_commands = 0
+        self._transactions = 0
+        self._session_ends_at = 0.0
         self._helo_name: str | None = None
         self._sender: smtp.Address | None = None
         self._message_factory: Callable[[], GatewayMessage] | None = None
@@ -364,7 +366,8 @@ class GatewaySMTP(smtp.ESMTP):
         self.canStartTLS = ITLSTransport.providedBy(self._t) and self.ctx is not None
         now = self._clock.seconds()
         self._last_activity = now
-        self._schedule(now + limits.idle_timeout)
+        self._session_ends_at = now + limits.max_session_seconds
+        self._schedule(min(now + limits.idle_timeout, self._session_ends_at))
         if limits.greet_delay > 0:
             self._delayed = self._clock.callLater(limits.greet_delay, self._greet)
         else:
@@ -479,12 +482,17 @@ class GatewaySMTP(smtp.ESMTP):
         self._timer_at = at
         self._timer = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._on_timer)
 
-    def _deadline(self) -> tuple[float, bytes]:
+    def _deadline(self) -> tuple[float, bytes, bytes]:
+        """
+        @return: when the session must end, with the status and text of its
+            C{421}.
+        """
         limits = self._limits
         # Waiting on our own Deferred counts too (L{_resume} restarts the
         # idle time), so that a check that never answers cannot hold the
         # connection forever.
         at, why = self._last_activity + limits.idle_timeout, b"Error: timeout exceeded"
+        status = b"4.4.2"
         if self._line_started_at is not None:
             line_at = self._line_started_at + limits.command_deadline
             if line_at < at:
@@ -493,7 +501,12 @@ class GatewaySMTP(smtp.ESMTP):
             data_at = self._data_started_at + limits.data_deadline
             if data_at < at:
                 at, why = data_at, b"Error: DATA took too long"
-        return at, why
+        # The session's lifetime ends it between transactions only: a
+        # message under way is finished (L{_reset_transaction} and
+        # L{_resume} bring the timer back to the lifetime).
+        if self.transaction is None and not self._paused and self._session_ends_at < at:
+            at, status, why = self._session_ends_at, b"4.7.0", b"Error: session too long"
+        return at, status, why
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -504,11 +517,11 @@ class GatewaySMTP(smtp.ESMTP):
             # whole deadline: stop waiting for it.
             self._t.abortConnection()
             return
-        at, why = self._deadline()
+        at, status, why = self._deadline()
         now = self._clock.seconds()
         if at <= now:
             log.info("timeout for {client_ip}: {why}", client_ip=self._client_ip, why=why)
-            self._t.write(self._421(b"4.4.2", why))
+            self._t.write(self._421(status, why))
             self._close()
             if self._mode is not _CLOSED:
                 self._schedule(now + self._limits.idle_timeout)
@@ -710,6 +723,7 @@ class GatewaySMTP(smtp.ESMTP):
         if self._mode is _CLOSED:
             return
         self._last_activity = self._clock.seconds()
+        self._schedule(self._session_ends_at)
         if self._congested:
             return
         self._start_reading()
@@ -727,6 +741,7 @@ class GatewaySMTP(smtp.ESMTP):
         self.transaction = None
         self._sender = None
         self._message_factory = None
+        self._schedule(self._session_ends_at)
 
     def _hello(self, argument: bytes) -> bool:
         """
@@ -1004,6 +1019,21 @@ class GatewaySMTP(smtp.ESMTP):
         if self.transaction is not None:
             self._bad(R_NESTED_MAIL)
             return
+        limits = self._limits
+        now = self._last_activity
+        if self._transactions >= limits.max_messages_per_session or now >= self._session_ends_at:
+            log.info("session of {client_ip} at its limits", client_ip=self._client_ip)
+            too_many = self._transactions >= limits.max_messages_per_session
+            self._t.write(
+                self._421(
+                    b"4.7.0",
+                    b"Error: too many messages in one session"
+                    if too_many
+                    else b"Error: session too long",
+                )
+            )
+            self._close()
+            return
         if argument[:5].upper() != b"FROM:":
             self._bad(R_MAIL_SYNTAX)
             return
@@ -1019,26 +1049,79 @@ class GatewaySMTP(smtp.ESMTP):
             if not self._junk():
                 self._t.write(R_STORAGE)
             return
+        delivery = self.delivery
+        if now - delivery.checked_at >= limits.user_recheck_interval:
+            # The login may have been revoked since the record was read.
+            d = self.factory.users.get_user(delivery.user.username)
+            d.addCallbacks(
+                self._user_reread,
+                self._user_not_reread,
+                callbackArgs=(address, parameters),
+                errbackArgs=(delivery.user.username,),
+            )
+            self._pause_until(d)
+            return
+        pending = self._validate_sender(address, parameters)
+        if pending is not None:
+            self._pause_until(pending)
+
+    def _user_reread(
+        self, user: SmtpUser | None, address: smtp.Address, parameters: MailParameters
+    ) -> Deferred[None] | None:
+        if self._mode is _CLOSED or self.delivery is None:
+            return None
+        if not self.delivery.refresh(user):
+            # The client may log in again (with its new password, say):
+            # answer as to MAIL without AUTH, and forget the login.
+            log.info(
+                "login of {username} from {client_ip} revoked",
+                username=self.delivery.user.username,
+                client_ip=self._client_ip,
+            )
+            self._logout()
+            self._t.write(R_AUTH_REQUIRED)
+            return None
+        return self._validate_sender(address, parameters)
+
+    def _user_not_reread(self, failure: Failure, username: str) -> None:
+        log.warn(
+            "could not read the record of {username}: {error}",
+            username=username,
+            error=failure.getErrorMessage(),
+        )
+        if self._mode is not _CLOSED:
+            self._t.write(R_LOCAL_ERROR)
+
+    def _validate_sender(
+        self, address: smtp.Address, parameters: MailParameters
+    ) -> Deferred[None] | None:
+        """
+        Ask the avatar about the sender, and start the transaction.
+
+        @return: a L{Deferred} to wait for when the avatar answers later.
+        """
         try:
             result = self.delivery.validateFrom(self._helo, address)
         except smtp.SMTPServerError as refusal:
             self._server_error(refusal)
-            return
+            return None
         transaction = Transaction(
             helo=self._helo_name or "",
             sender=str(address),
             mt_priority=parameters.mt_priority,
         )
         if isinstance(result, Deferred):
-            result.addCallbacks(self._sender_accepted, self._validation_failed, (transaction,))
-            self._pause_until(result)
-        else:
-            self._sender_accepted(result, transaction)
+            return result.addCallbacks(
+                self._sender_accepted, self._validation_failed, (transaction,)
+            )
+        self._sender_accepted(result, transaction)
+        return None
 
     def _sender_accepted(self, address: object, transaction: Transaction) -> None:
         if self._mode is _CLOSED:
             return
         self.transaction = transaction
+        self._transactions += 1
         self._sender = address if isinstance(address, smtp.Address) else None
         self._message_factory = None
         self._t.write(R_SENDER_OK)

@@ -94,13 +94,28 @@ class FakeQueue:
 @define
 class FakeUsers:
     """
-    A user store that only records logins.
+    A user store over C{users} (the harness shares its dict, so a test
+    changes a record by assigning to it) that records logins and lookups;
+    C{mode} decides how C{get_user} answers: C{"ok"} at once, C{"pending"}
+    when the test fires C{pending[i]}, or C{"broken"} with an error.
     """
 
+    users: dict[str, SmtpUser] = field(factory=dict)
+    mode: str = "ok"
     logins: list[tuple[str, float, str]] = field(factory=list)
+    lookups: list[str] = field(factory=list)
+    pending: list[Deferred[SmtpUser | None]] = field(factory=list)
 
     def get_user(self, username: str) -> Deferred[SmtpUser | None]:
-        return succeed(None)
+        self.lookups.append(username)
+        if self.mode == "broken":
+            return fail(OSError("database is locked"))
+        if self.mode == "pending":
+            d: Deferred[SmtpUser | None] = Deferred()
+            self.pending.append(d)
+            d.addCallback(lambda _: self.users.get(username))
+            return d
+        return succeed(self.users.get(username))
 
     def record_login(self, username: str, at: float, ip: str) -> Deferred[None]:
         self.logins.append((username, at, ip))
@@ -287,6 +302,7 @@ class Harness:
 
     def __attrs_post_init__(self) -> None:
         self.clock.advance(START)
+        self.user_store.users = self.users
         self.runner = LookupRunner(self.users, delayed=self.delayed_auth)
         checker = SmtpUserChecker(self.runner, self.clock, rounds=4)
         self.factory = GatewaySMTPFactory(

@@ -44,6 +44,9 @@ def test_defaults() -> None:
     assert limits.max_connections == 1000
     assert limits.max_junk_commands == 100
     assert limits.sender_alert_window == 600
+    assert limits.max_messages_per_session == 1000
+    assert limits.max_session_seconds == 3600
+    assert limits.user_recheck_interval == 5
     for field in attrs.fields(Limits):
         assert field.default is not attrs.NOTHING, field.name
 
@@ -76,6 +79,9 @@ _RANGES: list[tuple[str, float, float]] = [
     ("max_connections", 1, 1_000_000),
     ("max_junk_commands", 1, 100_000),
     ("sender_alert_window", 0, 86400),
+    ("max_messages_per_session", 1, 1_000_000),
+    ("max_session_seconds", 1, 86400),
+    ("user_recheck_interval", 0, 3600),
 ]
 
 
@@ -131,6 +137,15 @@ def test_greet_delay_must_be_shorter_than_the_idle_timeout() -> None:
     assert Limits(greet_delay=9.9, idle_timeout=10)
     with pytest.raises(ValueError, match="greet_delay"):
         Limits(greet_delay=10, idle_timeout=10)
+
+
+def test_greet_delay_must_be_shorter_than_the_session_lifetime() -> None:
+    """
+    A greet delay the session lifetime would cut short is refused.
+    """
+    assert Limits(greet_delay=9.9, max_session_seconds=10)
+    with pytest.raises(ValueError, match="greet_delay"):
+        Limits(greet_delay=10, max_session_seconds=10)
 
 
 @given(
