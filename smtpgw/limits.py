@@ -151,7 +151,7 @@ class Limits:
     sender_alert_window: float = _seconds(600.0, 0.0, 86400.0)
     max_messages_per_session: int = _int(1000, 1, 1_000_000)
     max_session_seconds: float = _seconds(3600.0, 1.0, 86400.0)
-    user_recheck_interval: float = _seconds(5.0, 0.0, 3600.0)
+    user_recheck_interval: float = _seconds(1.0, 0.0, 3600.0)
 
     def __attrs_post_init__(self) -> None:
         if self.max_auth_line_length < self.max_command_length:

@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert limits.sender_alert_window == 600
     assert limits.max_messages_per_session == 1000
     assert limits.max_session_seconds == 3600
-    assert limits.user_recheck_interval == 5
+    assert limits.user_recheck_interval == 1
     for field in attrs.fields(Limits):
         assert field.default is not attrs.NOTHING, field.name
 
