@@ -137,11 +137,20 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--relay must be 'mx', 'capture' or 'smtp://host:port', not {relay!r}"
             )
-        if relay != "capture":
-            # Relaying to MX hosts and smarthosts is not built yet; starting
-            # with either must not look as if mail went anywhere.
+        if relay.startswith("smtp://"):
+            from smtpgw.relay import RelayURLError, parse_relay_url
+
+            try:
+                self["relay-url"] = parse_relay_url(relay)
+            except RelayURLError as e:
+                # The message never contains the password.
+                raise usage.UsageError(f"--relay: {e}") from None
+        elif relay == "mx":
+            # Relaying to MX hosts is not wired yet; starting with it must
+            # not look as if mail went anywhere.
             raise usage.UsageError(
-                f"--relay {relay} is not available in this version yet; use --relay capture"
+                "--relay mx is not available in this version yet; "
+                "use --relay capture or --relay smtp://host:port"
             )
         if self["hostname"] is None:
             self["hostname"] = socket.getfqdn()
@@ -174,11 +183,20 @@ def _reactor() -> Any:
     return reactor
 
 
-def _outbound(relay: str, data_dir: FilePath[str], reactor: Any) -> IService:
+def _outbound(options: Options, data_dir: FilePath[str], reactor: Any) -> IService:
     from smtpgw.outbound import CaptureOutbound
+    from smtpgw.relay import SmarthostOutbound
+    from smtpgw.smtpclient import ClientSettings
 
-    assert relay == "capture", relay  # postOptions refuses the others
-    return CaptureOutbound(data_dir.path, reactor)
+    if options["relay"] == "capture":
+        return CaptureOutbound(data_dir.path, reactor)
+    return SmarthostOutbound.from_url(
+        reactor,
+        options["relay-url"],
+        # The name this gateway gives in EHLO: receiving servers check it.
+        settings=ClientSettings(helo_name=options["hostname"]),
+        max_connections=options["concurrency"],
+    )
 
 
 def _run_as(options: Options) -> tuple[int, int] | None:
@@ -261,6 +279,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """
     from smtpgw.alerts import SQLiteAlertStore
     from smtpgw.checker import BcryptPool, SmtpUserChecker
+    from smtpgw.control import ControlService, QueueControl
     from smtpgw.database import database_path
     from smtpgw.journal import FileJournal
     from smtpgw.listening import MultiPortListener
@@ -302,7 +321,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     alerts.setServiceParent(top)
     # The queue replays, starts and (after draining) stops the journal.
     journal = FileJournal(data_dir.child("journal").path, reactor)
-    outbound = _outbound(options["relay"], data_dir, reactor)
+    outbound = _outbound(options, data_dir, reactor)
     outbound.setServiceParent(top)
     queue = MessageQueue(
         journal,
@@ -313,6 +332,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         freeze_after_replay=True,
     )
     queue.setServiceParent(top)
+    # After the queue, so it stops first; it listens only after twistd has
+    # dropped privileges, so the socket belongs to the gateway's user.
+    ControlService(QueueControl(queue, journal, reactor), data_dir.path, reactor).setServiceParent(
+        top
+    )
     portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
     factory = GatewaySMTPFactory(
         portal=portal,

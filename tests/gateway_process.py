@@ -113,6 +113,7 @@ class Gateway:
     data_dir: Path
     port: int
     extra_args: Sequence[str] = ()
+    relay: str = "capture"
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     starts: int = 0
@@ -135,7 +136,7 @@ class Gateway:
             "--hostname",
             "gateway.test",
             "--relay",
-            "capture",
+            self.relay,
             *self.extra_args,
         ]
 
@@ -221,3 +222,77 @@ class Gateway:
         context = ssl.create_default_context(cafile=str(self.data_dir / "tls" / "selfsigned.crt"))
         context.check_hostname = False
         return context
+
+
+@define
+class RelayTargetProcess:
+    """
+    The test relay target (a real Twisted ESMTP server) as a child process on
+    127.0.0.1; what it takes is read back from its JSON lines.
+    """
+
+    directory: Path
+    extra_args: Sequence[str] = ()
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    @property
+    def output(self) -> Path:
+        return self.directory / "relayed.jsonl"
+
+    def start(self, timeout: float = 30.0) -> None:
+        assert self.process is None
+        with (self.directory / "relay-target.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.relay_target_main",
+                    str(self.output),
+                    *self.extra_args,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
+        _RUNNING.add(self.process)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        assert line.startswith("PORT "), line
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            _RUNNING.discard(self.process)
+            self.process = None
+
+    def received(self) -> list[dict[str, Any]]:
+        if not self.output.exists():
+            return []
+        taken: list[dict[str, Any]] = []
+        for line in self.output.read_text().splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if entry.get("retract"):
+                taken.pop()
+            else:
+                taken.append(entry)
+        return taken
+
+    def message_ids(self) -> list[str]:
+        """
+        The C{Message-ID} of every message taken, in order.
+        """
+        found = []
+        for entry in self.received():
+            for line in entry["data"].split("\r\n"):
+                if line.lower().startswith("message-id:"):
+                    found.append(line.split(":", 1)[1].strip())
+                    break
+        return found

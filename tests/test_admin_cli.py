@@ -452,7 +452,7 @@ def test_user_delete(news: Admin) -> None:
     [
         ([], "the following arguments are required: GROUP"),
         (["frob"], "invalid choice: 'frob'"),
-        (["queue", "list"], "invalid choice: 'queue'"),
+        (["token", "add"], "invalid choice: 'token'"),
         (["user"], "user: the following arguments are required: COMMAND"),
         (["user", "frob"], "user: argument COMMAND: invalid choice: 'frob'"),
         (["list", "add"], "list add: the following arguments are required: NAME"),
@@ -533,6 +533,7 @@ def test_command_groups_are_the_extension_point() -> None:
     assert [group.__name__ for group in COMMAND_GROUPS] == [
         "add_list_commands",
         "add_user_commands",
+        "add_queue_commands",
     ]
 
 

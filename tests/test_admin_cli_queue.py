@@ -314,10 +314,6 @@ def _queue_ids(data_dir: Path, *filters: str) -> dict[str, str]:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="smtpgw/tap.py does not start the ControlService yet; remove this mark once it does",
-)
 def test_queue_commands_against_the_real_gateway(tmp_path: Path) -> None:
     """
     C{smtpgw-admin queue ...} as a process against C{twistd -n smtpgw}: a

@@ -58,11 +58,22 @@ def test_bad_options_are_refused_with_a_clear_reason(argv: list[str], message: s
         parse(*argv)
 
 
-def test_relays_that_are_not_built_yet_are_refused_not_faked() -> None:
-    for relay in ("mx", "smtp://127.0.0.1:25"):
-        options = Options()
-        with pytest.raises(usage.UsageError, match="not available"):
-            options.parseOptions(["--relay", relay])
+def test_mx_relaying_not_built_yet_is_refused_not_faked() -> None:
+    options = Options()
+    with pytest.raises(usage.UsageError, match="not available"):
+        options.parseOptions(["--relay", "mx"])
+
+
+def test_a_smarthost_url_is_parsed_and_a_bad_one_refused_without_its_password() -> None:
+    options = Options()
+    options.parseOptions(["--relay", "smtp://user:s3cret@relay.example:2525?starttls=require"])
+    url = options["relay-url"]
+    assert (url.host, url.port, url.username) == ("relay.example", 2525, "user")
+    assert "s3cret" not in repr(url)
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--relay", "smtp://user:s3cret@relay.example:99999"])
+    assert "s3cret" not in str(info.value)
+    assert "--relay" in str(info.value)
 
 
 def test_limits_are_options_with_suffixes() -> None:
