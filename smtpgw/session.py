@@ -12,13 +12,25 @@ avatars) but replaces its input handling, because the stock server:
   - passes bare CR and LF into messages;
   - answers a pipelined command before a pending asynchronous one;
   - has no per-command or per-DATA deadline (each byte resets its timeout),
-    no command length limit below 16 KiB and no abuse limits.
+    no command length limit below 16 KiB and no abuse limits;
+  - writes replies without backpressure, so a client that never reads
+    them makes the server buffer without bound.
 
 Input is one buffer, cut into lines with C{bytes.find}: in command mode on
 LF (a trailing CR is dropped; any other CR or a NUL refuses the command), in
 DATA on CRLF, so a bare CR or LF stays inside a line where the assembler
-refuses it. While a reply depends on a L{Deferred} (AUTH, the queue), no
-further line is read: pipelined commands wait their turn.
+refuses it. While a reply depends on a L{Deferred} (AUTH, the queue, the
+user record), or while the transport's write buffer is full, no further
+line is read: pipelined commands wait their turn.
+
+Every limit is a field of L{Limits}: connections in all and per address
+(IPv6 per /64), protocol errors and policy refusals, commands that move no
+mail, AUTH failures (counting the checks still running), messages and
+seconds per session. A login holds only as long as the user record says
+so: MAIL reads it again once it is older than C{user_recheck_interval}, and
+a regenerated password, a deactivated or deleted user gets
+C{530 5.7.0 Authentication required} and the login is forgotten (the
+client may log in again).
 
 The modes (greeting, command, AUTH response, DATA, closed) are a small enum
 dispatched inline rather than a state-machine library: this is the per-line
