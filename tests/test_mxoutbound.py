@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock, deferLater
-from twisted.names import dns
+from twisted.names import client, dns, server
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.python.failure import Failure
@@ -779,6 +779,58 @@ def test_default_per_domain_limit() -> None:
     The documented default: five deliveries at once per domain.
     """
     assert MAX_PER_DOMAIN == 5
+
+
+# -- with Twisted's DNS client, as the gateway runs it
+
+
+class LoopbackResolver(client.Resolver):
+    """
+    C{twisted.names.client.Resolver}, its query sockets bound to 127.0.0.1
+    instead of every interface.
+    """
+
+    def _connectedProtocol(self, interface: str = "") -> Any:
+        return super()._connectedProtocol(interface="127.0.0.1")
+
+
+@async_test
+async def test_through_a_name_server_on_loopback() -> None:
+    """
+    With Twisted's own DNS client (as C{--relay mx} uses it) asking a name
+    server on 127.0.0.1: an MX answer is delivered to, an NXDOMAIN and a
+    null MX bounce with their statuses.
+    """
+    async with running_target() as target:
+        port = target.port
+        zone = {
+            **mx("example.com", (10, "127.0.0.1")),
+            ("gone.test", dns.MX): DNSNameError(),
+            **mx("nomail.test", (0, ".")),
+        }
+        names = server.DNSServerFactory(clients=[StubResolver(zone)])
+        listening = reactor().listenUDP(0, dns.DNSDatagramProtocol(names), interface="127.0.0.1")
+        try:
+            dns_client = LoopbackResolver(
+                servers=[("127.0.0.1", listening.getHost().port)], reactor=reactor()
+            )
+            resolver = MXResolver(dns_client, reactor(), port=port)
+            outbound = MXOutbound(reactor(), resolver, settings=SETTINGS)
+            outbound.startService()
+            try:
+                result = await outbound.deliver(
+                    envelope("a@example.com", "b@gone.test", "c@nomail.test"), BODY
+                )
+            finally:
+                await outbound.stopService()
+        finally:
+            await listening.stopListening()
+    assert result.delivered == ("a@example.com",)
+    assert [(r, why.split()[0]) for r, why in result.bounced] == [
+        ("b@gone.test", "5.1.2"),
+        ("c@nomail.test", "5.1.10"),
+    ]
+    assert [m.recipients for m in target.received] == [["a@example.com"]]
 
 
 # -- stopping
