@@ -87,7 +87,6 @@ __all__ = [
     "MAX_HOSTS_PER_DELIVERY",
     "MAX_PER_DOMAIN",
     "MXOutbound",
-    "Outcome",
     "recipient_domain",
 ]
 
@@ -106,7 +105,7 @@ _BOUNCED = "bounced"
 
 
 @frozen
-class Outcome:
+class _Outcome:
     """
     What became of one recipient (as it went on the wire).
 
@@ -125,7 +124,6 @@ class _Recipient:
     that goes in C{RCPT TO}.
     """
 
-    original: str
     domain: str
     key: str
     wire: str
@@ -168,18 +166,18 @@ def _route(recipient: str) -> _Recipient | None:
     wire = recipient
     if not literal and not domain.isascii() and key.isascii() and local.isascii():
         wire = f"{local}@{key}"
-    return _Recipient(recipient, domain, key, wire)
+    return _Recipient(domain, key, wire)
 
 
-def _outcomes(result: DeliveryResult) -> dict[str, Outcome]:
-    outcomes = {recipient: Outcome(_DELIVERED) for recipient in result.delivered}
-    outcomes.update((r, Outcome(_DEFERRED, why)) for r, why in result.deferred)
-    outcomes.update((r, Outcome(_BOUNCED, why)) for r, why in result.bounced)
+def _outcomes(result: DeliveryResult) -> dict[str, _Outcome]:
+    outcomes = {recipient: _Outcome(_DELIVERED) for recipient in result.delivered}
+    outcomes.update((r, _Outcome(_DEFERRED, why)) for r, why in result.deferred)
+    outcomes.update((r, _Outcome(_BOUNCED, why)) for r, why in result.bounced)
     return outcomes
 
 
-def _every(recipients: Iterable[str], kind: str, reason: str) -> dict[str, Outcome]:
-    return {recipient: Outcome(kind, reason) for recipient in recipients}
+def _every(recipients: Iterable[str], kind: str, reason: str) -> dict[str, _Outcome]:
+    return {recipient: _Outcome(kind, reason) for recipient in recipients}
 
 
 @implementer(IOutbound)
@@ -305,13 +303,13 @@ class MXOutbound(Service):
     async def _deliver(self, envelope: Envelope, body: bytes) -> DeliveryResult:
         routes: dict[str, _Recipient] = {}
         domains: dict[str, list[_Recipient]] = {}
-        outcomes: dict[str, Outcome] = {}
+        outcomes: dict[str, _Outcome] = {}
         for recipient in envelope.recipients:
             if recipient in routes or recipient in outcomes:
                 continue
             route = _route(recipient)
             if route is None:
-                outcomes[recipient] = Outcome(_BOUNCED, "5.1.3 the address has no domain")
+                outcomes[recipient] = _Outcome(_BOUNCED, "5.1.3 the address has no domain")
                 continue
             routes[recipient] = route
             domains.setdefault(route.key, []).append(route)
@@ -319,17 +317,15 @@ class MXOutbound(Service):
             ensureDeferred(self._deliver_domain(envelope, body, members))
             for members in domains.values()
         ]
-        wire_outcomes: dict[str, dict[str, Outcome]] = {}
-        for key, result in zip(domains, await gatherResults(attempts), strict=True):
-            wire_outcomes[key] = result
+        wire_outcomes = dict(zip(domains, await gatherResults(attempts), strict=True))
         for recipient, route in routes.items():
             outcome = wire_outcomes[route.key].get(route.wire)
-            outcomes[recipient] = outcome or Outcome(_DEFERRED, "no outcome for the recipient")
+            outcomes[recipient] = outcome or _Outcome(_DEFERRED, "no outcome for the recipient")
         return _merge(envelope.recipients, outcomes)
 
     async def _deliver_domain(
         self, envelope: Envelope, body: bytes, members: Sequence[_Recipient]
-    ) -> dict[str, Outcome]:
+    ) -> dict[str, _Outcome]:
         """
         @return: the outcome of every recipient of one domain, by the
             address that went on the wire; never raises.
@@ -348,7 +344,7 @@ class MXOutbound(Service):
 
     async def _to_domain(
         self, envelope: Envelope, body: bytes, domain: str, key: str, wire: tuple[str, ...]
-    ) -> dict[str, Outcome]:
+    ) -> dict[str, _Outcome]:
         try:
             hosts = await self._hosts(domain)
         except PermanentMXError as error:
@@ -385,8 +381,8 @@ class MXOutbound(Service):
         domain: str,
         hosts: Sequence[MailHost],
         remaining: tuple[str, ...],
-    ) -> dict[str, Outcome]:
-        outcomes: dict[str, Outcome] = {}
+    ) -> dict[str, _Outcome]:
+        outcomes: dict[str, _Outcome] = {}
         tried = 0
         for host in hosts:
             if self._stopping or not remaining or tried >= self._max_hosts:
@@ -419,7 +415,7 @@ class MXOutbound(Service):
         if self._stopping:
             reason = "4.3.2 the MX relay is stopping"
             for recipient in remaining:
-                outcomes.setdefault(recipient, Outcome(_DEFERRED, reason))
+                outcomes.setdefault(recipient, _Outcome(_DEFERRED, reason))
         elif tried == 0:
             names = ", ".join(sorted({h.name for h in hosts}))
             reason = f"4.4.1 {domain}: every mail host failed recently and is held back ({names})"
@@ -427,7 +423,7 @@ class MXOutbound(Service):
         return outcomes
 
 
-def _merge(recipients: Sequence[str], outcomes: dict[str, Outcome]) -> DeliveryResult:
+def _merge(recipients: Sequence[str], outcomes: dict[str, _Outcome]) -> DeliveryResult:
     """
     One result with every envelope recipient, in envelope order.
     """
