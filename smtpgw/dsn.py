@@ -13,8 +13,9 @@ diagnostic are written as C{\\x{HEX}} (the RFC 6533 convention) in the
 machine-readable part, the explanation is quoted-printable UTF-8 when it
 needs to be, and so is an original header section that is not 7-bit.
 
-L{should_send_dsn} says whether a bounce may be sent at all (never to the
-null sender, never about an automatic message).
+L{should_send_dsn} says whether a bounce may be sent at all: never to the
+null sender, never about a message that is itself a delivery report or an
+automatic reply.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "auto_submitted_of",
     "build_dsn",
     "dsn_status",
+    "is_delivery_report",
     "should_send_dsn",
 ]
 
@@ -142,26 +144,45 @@ def dsn_status(failure: RecipientFailure) -> str:
     return "5.0.0" if failure.final else "4.0.0"
 
 
-def should_send_dsn(envelope: Envelope, auto_submitted: str | None = None) -> bool:
+def should_send_dsn(envelope: Envelope, original: bytes | None = None) -> bool:
     """
     Whether a bounce about the message of C{envelope} may be sent.
 
     Never to the null sender (RFC 5321 6.1: that is how bounces themselves
-    are sent, so they never loop), and never about a message whose
-    C{Auto-Submitted:} is anything but C{no} (RFC 3834: automatic
-    messages, including other systems' reports, get no automatic answer).
+    are sent, so they never loop), and never about a message that is itself
+    a report or a reply (L{is_delivery_report}): a bounce about a bounce
+    could go back and forth. Any other message gets its bounce, including
+    application mail marked C{Auto-Submitted: auto-generated}: RFC 3834
+    (no automatic answers to automatic messages) is about auto-responders,
+    not delivery reports (RFC 3461 and RFC 3464 decide who gets those), and
+    such mail is exactly what an application needs to hear about.
 
-    @param auto_submitted: the original's C{Auto-Submitted:} value (see
-        L{auto_submitted_of}), or L{None} when it had none.
+    @param original: the message (its header section is enough), when known.
     """
     if envelope.sender.strip() in ("", "<>"):
         return False
-    if auto_submitted is not None:
-        uncommented = _COMMENT.sub(" ", auto_submitted)
-        keyword = uncommented.split(";", 1)[0].strip().lower()
-        if keyword and keyword != "no":
-            return False
-    return True
+    return original is None or not is_delivery_report(original)
+
+
+def is_delivery_report(original: bytes) -> bool:
+    """
+    Whether a message is a delivery report or an automatic reply: its
+    C{Content-Type} is C{multipart/report} with C{report-type=delivery-status},
+    or its C{Auto-Submitted:} is C{auto-replied} (what reports, ours
+    included, and auto-responders say).
+
+    @param original: the message (its header section is enough).
+    """
+    headers = BytesHeaderParser().parsebytes(_header_section(original))
+    if headers.get_content_type() == "multipart/report":
+        report_type = headers.get_param("report-type")
+        if isinstance(report_type, str) and report_type.strip().lower() == "delivery-status":
+            return True
+    auto_submitted = headers.get("Auto-Submitted")
+    if auto_submitted is None:
+        return False
+    keyword = _COMMENT.sub(" ", str(auto_submitted)).split(";", 1)[0].strip().lower()
+    return keyword == "auto-replied"
 
 
 def auto_submitted_of(original: bytes) -> str | None:

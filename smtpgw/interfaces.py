@@ -5,7 +5,7 @@ in the tests, and each implementation is checked with C{verifyObject}.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from attrs import field, frozen
@@ -41,6 +41,11 @@ class JournaledMessage:
     @ivar state: one of the L{smtpgw.model.MessageState} values, as its C{value}.
     @ivar attempts: delivery attempts made so far.
     @ivar next_attempt_at: when a deferred message may be tried again.
+    @ivar remaining: the recipients still to be tried, once some took the
+        message or failed for good; L{None} means every recipient of the
+        envelope.
+    @ivar bounced: the recipients that failed for good so far (each was
+        reported to the sender then).
     """
 
     envelope: Envelope
@@ -48,6 +53,8 @@ class JournaledMessage:
     state: str = "queued"
     attempts: int = 0
     next_attempt_at: float = 0.0
+    remaining: tuple[str, ...] | None = None
+    bounced: tuple[str, ...] = ()
 
 
 @frozen
@@ -127,12 +134,36 @@ class IJournal(Interface):
         """
 
     def record_state(
-        queue_id: str, state: str, attempts: int = 0, next_attempt_at: float = 0.0
+        queue_id: str,
+        state: str,
+        attempts: int = 0,
+        next_attempt_at: float = 0.0,
+        *,
+        remaining: Sequence[str] | None = None,
+        bounced: Sequence[str] = (),
     ) -> Deferred[None]:
         """
         Append a state change (delivered, deferred, bounced, held, ...)
         for a message; fires once it is durable.
+
+        @param remaining: once some recipients are done, those still to be
+            tried: replay gives them as L{JournaledMessage.remaining}, and
+            later changes recorded without them keep them.
+        @param bounced: with C{remaining}, the recipients that failed for
+            good so far (L{JournaledMessage.bounced}).
         """
+
+    def record_queue_state(paused: bool) -> Deferred[None]:
+        """
+        Append the state of the queue as a whole (whether an admin stopped
+        it); fires once it is durable. The latest one is L{queue_paused}
+        after a restart.
+        """
+
+    queue_paused = Attribute(
+        "C{bool}: whether the latest queue state recorded says paused; read"
+        " after L{replay}, it is what was journaled before the restart."
+    )
 
     def reprioritize(queue_id: str, priority: Priority) -> Deferred[None]:
         """

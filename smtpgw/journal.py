@@ -83,12 +83,14 @@ from smtpgw.journal_codec import (
     accept_queue_id,
     decode_envelope,
     decode_priority,
+    decode_queue_state,
     decode_record,
     decode_segment_header,
     decode_state,
     encode_accept,
     encode_noop,
     encode_priority,
+    encode_queue_state,
     encode_segment_header,
     encode_state,
     frame_header,
@@ -240,6 +242,8 @@ class _Live:
     a big queue.
 
     @ivar priority: set by a re-prioritization, else L{None}.
+    @ivar progress: once some recipients are done (a PROGRESS record), the
+        recipients still to be tried and those that bounced; else L{None}.
     @ivar moved_from: earlier locations of a record compaction copied.
     @ivar meta: the accept metadata, kept from replay's scan until the
         messages are built.
@@ -253,6 +257,7 @@ class _Live:
         "next_attempt_at",
         "offset",
         "priority",
+        "progress",
         "segment",
         "state",
     )
@@ -265,6 +270,7 @@ class _Live:
         self.attempts = 0
         self.next_attempt_at = 0.0
         self.priority: Priority | None = None
+        self.progress: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self.moved_from: list[JournalLocation] | None = None
         self.meta: bytes | None = None
 
@@ -276,6 +282,10 @@ class _Index:
     """
     The live messages and how many of them each segment holds, kept by
     applying records in journal order (at replay and after each commit).
+
+    @ivar paused: what the latest QUEUE record says.
+    @ivar queue_segment: the segment that holds the latest QUEUE record, or
+        L{None}.
     """
 
     def __init__(self) -> None:
@@ -283,6 +293,15 @@ class _Index:
         self.counts: dict[int, int] = {}
         self.live_bytes: dict[int, int] = {}
         self.total_live_bytes = 0
+        self.paused = False
+        self.queue_segment: int | None = None
+
+    def on_queue_state(self, paused: bool, segment: int) -> None:
+        """
+        The queue's own state changed.
+        """
+        self.paused = paused
+        self.queue_segment = segment
 
     def _add(self, segment: int, length: int) -> None:
         self.counts[segment] = self.counts.get(segment, 0) + 1
@@ -330,9 +349,16 @@ class _Index:
         return entry
 
     def on_state(
-        self, queue_id: str, state: str, attempts: int, next_attempt_at: float
+        self,
+        queue_id: str,
+        state: str,
+        attempts: int,
+        next_attempt_at: float,
+        progress: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> _Live | None:
         """
+        @param progress: the remaining and bounced recipients of a PROGRESS
+            record; L{None} keeps those the entry has.
         @return: the entry, when the message reached a final state and left.
         """
         entry = self.live.get(queue_id)
@@ -346,6 +372,8 @@ class _Index:
         entry.state = state
         entry.attempts = attempts
         entry.next_attempt_at = next_attempt_at
+        if progress is not None:
+            entry.progress = progress
         return None
 
     def recount(self) -> None:
@@ -497,6 +525,30 @@ def _write_all(ops: FileOps, fd: int, data: bytes, offset: int) -> None:
 
 def _accepted_at(message: JournaledMessage) -> float:
     return message.envelope.accepted_at
+
+
+def _progress_of(
+    remaining: tuple[str, ...] | None, bounced: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    return None if remaining is None else (remaining, bounced)
+
+
+def _state_of(queue_id: str, entry: _Live) -> Payload:
+    """
+    @return: the record of the current state of a live message, as
+        compaction writes it after the message's copy.
+    """
+    progress = entry.progress
+    if progress is None:
+        return encode_state(queue_id, entry.state, entry.attempts, entry.next_attempt_at)
+    return encode_state(
+        queue_id,
+        entry.state,
+        entry.attempts,
+        entry.next_attempt_at,
+        remaining=progress[0],
+        bounced=progress[1],
+    )
 
 
 class _SegmentStore:
@@ -791,6 +843,7 @@ class _SegmentStore:
         number = segment.number
         accept, copy = RecordType.ACCEPT, RecordType.COPY
         state, priority = RecordType.STATE, RecordType.PRIORITY
+        progress, queue = RecordType.PROGRESS, RecordType.QUEUE
         position = start
         try:
             for offset, rtype, length, meta in walk_records(mm, start, end, segment.key, False):
@@ -823,6 +876,17 @@ class _SegmentStore:
                     elif rtype is priority:
                         change_priority = decode_priority(meta)
                         self.index.on_priority(change_priority.queue_id, change_priority.priority)
+                    elif rtype is progress:
+                        change = decode_state(meta, progress=True)
+                        self.index.on_state(
+                            change.queue_id,
+                            change.state,
+                            change.attempts,
+                            change.next_attempt_at,
+                            _progress_of(change.remaining, change.bounced),
+                        )
+                    elif rtype is queue:
+                        self.index.on_queue_state(decode_queue_state(meta).paused, number)
                 except CorruptRecord as e:
                     # Intact by its checksums, yet undecodable: skip it alone.
                     self.warn(
@@ -865,9 +929,16 @@ class _SegmentStore:
                 in_order = False
             latest = accepted_at
             location = JournalLocation(entry.segment, entry.offset, entry.length)
+            progress = entry.progress
             append(
                 JournaledMessage(
-                    envelope, location, entry.state, entry.attempts, entry.next_attempt_at
+                    envelope,
+                    location,
+                    entry.state,
+                    entry.attempts,
+                    entry.next_attempt_at,
+                    remaining=None if progress is None else progress[0],
+                    bounced=() if progress is None else progress[1],
                 )
             )
         if undecodable:
@@ -1015,16 +1086,22 @@ class _SegmentStore:
             )
             if moved is not None and moved.moved_from:
                 self.lookup.moved(moved.moved_from, location)
-        elif payload.type is RecordType.STATE:
-            change = decode_state(payload.meta)
+        elif payload.type is RecordType.STATE or payload.type is RecordType.PROGRESS:
+            change = decode_state(payload.meta, payload.type is RecordType.PROGRESS)
             gone = self.index.on_state(
-                change.queue_id, change.state, change.attempts, change.next_attempt_at
+                change.queue_id,
+                change.state,
+                change.attempts,
+                change.next_attempt_at,
+                _progress_of(change.remaining, change.bounced),
             )
             if gone is not None and gone.moved_from:
                 self.lookup.forget(gone.moved_from)
         elif payload.type is RecordType.PRIORITY:
             priority = decode_priority(payload.meta)
             self.index.on_priority(priority.queue_id, priority.priority)
+        elif payload.type is RecordType.QUEUE:
+            self.index.on_queue_state(decode_queue_state(payload.meta).paused, location.segment)
 
     # Compaction
 
@@ -1082,9 +1159,7 @@ class _SegmentStore:
                     error=str(e),
                 )
                 break
-            copies.append(
-                encode_state(queue_id, entry.state, entry.attempts, entry.next_attempt_at)
-            )
+            copies.append(_state_of(queue_id, entry))
             budget -= entry.length
         self.copied_records += len(copies) // 2
         return copies
@@ -1115,6 +1190,8 @@ class _SegmentStore:
         deleted = False
         while len(self.segments) > 1 and not self.index.counts.get(self.segments[0].number):
             oldest = self.segments[0]
+            if self.index.paused and self.index.queue_segment == oldest.number:
+                self._carry_queue_state()
             self.lookup.remove_segment(oldest.number)
             if oldest.read_fd is not None:
                 fd, oldest.read_fd = oldest.read_fd, None
@@ -1148,6 +1225,19 @@ class _SegmentStore:
                 _fsync_directory(self.directory)
             except OSError as e:
                 self.warn("journal: cannot sync its directory: {error}", error=str(e))
+
+    def _carry_queue_state(self) -> None:
+        """
+        Write the queue's state again in the current segment, so that
+        deleting the segment that held it does not lose it (only a paused
+        queue needs this: no record at all means running).
+
+        @raise Exception: what kept the record from the disk; the deletion
+            is then a housekeeping step that failed, tried again later.
+        """
+        written = self.commit([encode_queue_state(self.index.paused)])
+        if isinstance(written, Exception):
+            raise written
 
     def _compaction_failed(self) -> None:
         # Until a client record is written again; the copies planned were
@@ -1535,15 +1625,50 @@ class FileJournal:
         attempts: int = 0,
         next_attempt_at: float = 0.0,
         details: dict[str, Any] | None = None,
+        *,
+        remaining: Sequence[str] | None = None,
+        bounced: Sequence[str] = (),
     ) -> Deferred[None]:
         """
         Append a change of state. Final states (delivered, bounced,
         cancelled) let compaction drop the message.
 
         @param details: extra JSON-able fields kept with the change.
+        @param remaining: the recipients still to be tried, once some are
+            done (delivered or bounced); replay gives them back, and later
+            changes without them keep them. L{None} changes nothing.
+        @param bounced: with C{remaining}, the recipients that failed for
+            good so far.
         @return: fires once durable, or fails with L{JournalUnavailable}.
         """
-        return self._submit(encode_state(queue_id, state, attempts, next_attempt_at, details))
+        return self._submit(
+            encode_state(
+                queue_id,
+                state,
+                attempts,
+                next_attempt_at,
+                details,
+                remaining=remaining,
+                bounced=bounced,
+            )
+        )
+
+    def record_queue_state(self, paused: bool) -> Deferred[None]:
+        """
+        Append the queue's own state: whether an admin stopped it. After a
+        restart, L{queue_paused} says what the latest such record said.
+
+        @return: fires once durable, or fails with L{JournalUnavailable}.
+        """
+        return self._submit(encode_queue_state(paused))
+
+    @property
+    def queue_paused(self) -> bool:
+        """
+        Whether the latest queue state recorded says paused: after
+        L{replay}, what was journaled before the restart.
+        """
+        return self._store.index.paused
 
     def reprioritize(self, queue_id: str, priority: Priority) -> Deferred[None]:
         """

@@ -39,6 +39,17 @@ Metadata by record type::
               client_ip, size] (a reader ignores elements it does not know)
     STATE     qid_len u8, queue id, state_len u8, state, attempts u32,
               next_attempt_at f64, JSON object of details (or nothing)
+    PROGRESS  as STATE, and the JSON object is required and holds
+              "remaining", the recipients still to be tried (an array of
+              strings), and "bounced", those that failed for good so far
+              (an array, may be absent): a change of state of a message
+              some of whose recipients are done. The latest PROGRESS record
+              of a message says which of its recipients are left; later
+              STATE records keep that. Added after format version 1 first
+              shipped, as a record type of its own so that a reader that
+              predates it refuses the journal (L{UnsupportedRecord})
+              rather than ignore the field and send to recipients that
+              already took the message.
     PRIORITY  qid_len u8, queue id, priority u8
     COPY      as ACCEPT: the accept record of a live message that compaction
               copied forward (same queue id, same body); replay and reads
@@ -46,6 +57,9 @@ Metadata by record type::
               earlier one. Only a COPY may repeat a live queue id: the
               writer refuses an ACCEPT whose queue id is live.
     NOOP      nothing (written to probe whether the disk takes writes again)
+    QUEUE     JSON object of the queue's own state: {"paused": bool}; the
+              latest one counts (a reader ignores keys it does not know).
+              Added with PROGRESS, and refused by older readers the same way.
 """
 
 from __future__ import annotations
@@ -55,7 +69,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from attrs import field, frozen
@@ -76,6 +90,7 @@ __all__ = [
     "NoopRecord",
     "Payload",
     "PriorityRecord",
+    "QueueStateRecord",
     "Record",
     "RecordHeader",
     "RecordType",
@@ -86,6 +101,7 @@ __all__ = [
     "accept_queue_id",
     "decode_envelope",
     "decode_priority",
+    "decode_queue_state",
     "decode_record",
     "decode_record_at",
     "decode_segment_header",
@@ -93,6 +109,7 @@ __all__ = [
     "encode_accept",
     "encode_noop",
     "encode_priority",
+    "encode_queue_state",
     "encode_record",
     "encode_segment_header",
     "encode_state",
@@ -169,6 +186,8 @@ class RecordType(enum.IntEnum):
     PRIORITY = 3
     NOOP = 4
     COPY = 5
+    PROGRESS = 6
+    QUEUE = 7
 
 
 _RECORD_TYPES.update((int(t), t) for t in RecordType)
@@ -254,6 +273,11 @@ class StateRecord:
     A message changed state.
 
     @ivar details: extra fields of the change (a reason, who held it...).
+    @ivar remaining: the recipients still to be tried, when some are done
+        (a PROGRESS record); L{None} keeps what earlier records said (at
+        first, every recipient of the envelope).
+    @ivar bounced: with C{remaining}, the recipients that failed for good
+        so far.
     """
 
     queue_id: str
@@ -261,6 +285,18 @@ class StateRecord:
     attempts: int = 0
     next_attempt_at: float = 0.0
     details: Mapping[str, Any] = field(factory=dict)
+    remaining: tuple[str, ...] | None = None
+    bounced: tuple[str, ...] = ()
+
+
+@frozen
+class QueueStateRecord:
+    """
+    The state of the queue as a whole changed (an admin stopped or started
+    it).
+    """
+
+    paused: bool
 
 
 @frozen
@@ -280,7 +316,9 @@ class NoopRecord:
     """
 
 
-Record = AcceptRecord | StateRecord | PriorityRecord | NoopRecord
+Record = AcceptRecord | StateRecord | PriorityRecord | NoopRecord | QueueStateRecord
+
+_PROGRESS_KEYS = ("remaining", "bounced")
 
 
 def _short_ascii(value: str, what: str) -> bytes:
@@ -354,23 +392,47 @@ def encode_state(
     attempts: int = 0,
     next_attempt_at: float = 0.0,
     details: Mapping[str, Any] | None = None,
+    *,
+    remaining: Sequence[str] | None = None,
+    bounced: Sequence[str] = (),
 ) -> Payload:
     """
-    @return: the STATE record of a change of state.
+    @return: the STATE record of a change of state, or the PROGRESS record
+        when C{remaining} is given.
     @param details: extra JSON-able fields, kept with the change.
-    @raise ValueError: on an attempt count or time that cannot be recorded.
+    @param remaining: the recipients still to be tried, when some are done.
+    @param bounced: with C{remaining}, the recipients that failed for good.
+    @raise ValueError: on an attempt count or time that cannot be recorded,
+        C{bounced} without C{remaining}, or C{details} that use the names
+        of those two.
     """
     if not 0 <= attempts <= _UINT32_MAX:
         raise ValueError(f"attempts out of range: {attempts}")
     if not math.isfinite(next_attempt_at):
         raise ValueError(f"next_attempt_at must be finite: {next_attempt_at}")
+    rtype = RecordType.STATE
+    extra: Mapping[str, Any] | None = details
+    if remaining is not None:
+        if details and any(key in details for key in _PROGRESS_KEYS):
+            raise ValueError(f"details cannot hold {_PROGRESS_KEYS} of a PROGRESS record")
+        rtype = RecordType.PROGRESS
+        extra = {**(details or {}), "remaining": list(remaining), "bounced": list(bounced)}
+    elif bounced:
+        raise ValueError("bounced recipients are recorded with the remaining ones")
     meta = (
         _short_ascii(queue_id, "queue id")
         + _short_ascii(state, "state")
         + _STATE_NUMBERS.pack(attempts, next_attempt_at)
-        + (_dump_json(details) if details else b"")
+        + (_dump_json(extra) if extra else b"")
     )
-    return Payload(RecordType.STATE, _check_meta(meta))
+    return Payload(rtype, _check_meta(meta))
+
+
+def encode_queue_state(paused: bool) -> Payload:
+    """
+    @return: the QUEUE record of the queue's own state.
+    """
+    return Payload(RecordType.QUEUE, _dump_json({"paused": bool(paused)}))
 
 
 def encode_priority(queue_id: str, priority: Priority) -> Payload:
@@ -557,9 +619,10 @@ def decode_envelope(meta: bytes) -> Envelope:
         raise CorruptRecord(f"undecodable accept metadata: {e}") from None
 
 
-def decode_state(meta: bytes) -> StateRecord:
+def decode_state(meta: bytes, progress: bool = False) -> StateRecord:
     """
-    @return: the change in checked STATE metadata.
+    @param progress: decode PROGRESS metadata (else STATE metadata).
+    @return: the change in checked STATE or PROGRESS metadata.
     @raise CorruptRecord: if it cannot be decoded.
     """
     queue_id, offset = _read_short_ascii(meta, 0)
@@ -568,12 +631,37 @@ def decode_state(meta: bytes) -> StateRecord:
     if end > len(meta):
         raise CorruptRecord("state metadata too short")
     attempts, next_attempt_at = _STATE_NUMBERS.unpack_from(meta, offset)
-    details: Mapping[str, Any] = {}
+    details: dict[str, Any] = {}
     if end < len(meta):
         details = _json_value(meta[end:], "state details")
         if not isinstance(details, dict):
             raise CorruptRecord("state details are not an object")
-    return StateRecord(queue_id, state, attempts, next_attempt_at, details)
+    if not progress:
+        return StateRecord(queue_id, state, attempts, next_attempt_at, details)
+    remaining = _addresses(details.pop("remaining", None), "remaining")
+    bounced = _addresses(details.pop("bounced", []), "bounced")
+    return StateRecord(queue_id, state, attempts, next_attempt_at, details, remaining, bounced)
+
+
+def _addresses(value: Any, what: str) -> tuple[str, ...]:
+    """
+    @return: C{value}, a JSON array of strings, as a tuple.
+    @raise CorruptRecord: if it is anything else.
+    """
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise CorruptRecord(f"progress {what} is not an array of strings")
+    return tuple(value)
+
+
+def decode_queue_state(meta: bytes) -> QueueStateRecord:
+    """
+    @return: the queue's state in checked QUEUE metadata.
+    @raise CorruptRecord: if it cannot be decoded.
+    """
+    value = _json_value(meta, "queue state")
+    if not isinstance(value, dict) or not isinstance(value.get("paused"), bool):
+        raise CorruptRecord("queue state is not an object with a boolean 'paused'")
+    return QueueStateRecord(value["paused"])
 
 
 def decode_priority(meta: bytes) -> PriorityRecord:
@@ -610,10 +698,12 @@ def decode_record_at(buffer: Any, offset: int, key: bytes, end: int) -> tuple[Re
         record = AcceptRecord(decode_envelope(meta), body, header.type is RecordType.COPY)
     elif header.body_length:
         raise CorruptRecord(f"{header.type.name} record with a body")
-    elif header.type is RecordType.STATE:
-        record = decode_state(meta)
+    elif header.type is RecordType.STATE or header.type is RecordType.PROGRESS:
+        record = decode_state(meta, header.type is RecordType.PROGRESS)
     elif header.type is RecordType.PRIORITY:
         record = decode_priority(meta)
+    elif header.type is RecordType.QUEUE:
+        record = decode_queue_state(meta)
     else:
         if meta:
             raise CorruptRecord("NOOP record with metadata")

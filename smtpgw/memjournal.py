@@ -12,7 +12,7 @@ refuses an accept whose queue id belongs to a live message
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, fail, succeed
@@ -41,13 +41,20 @@ class MemoryJournal:
     @ivar running: between L{start} and L{stop}.
     @ivar state_records: every durable state change, in order, as
         C{(queue_id, state, attempts, next_attempt_at)}.
+    @ivar progress_records: the durable state changes that said which
+        recipients remain, in order, as C{(queue_id, remaining, bounced)}.
+    @ivar queue_records: every durable queue state, in order (paused or not).
+    @ivar queue_paused: what the latest durable queue state says.
     """
 
     def __init__(self, *, manual: bool = False) -> None:
         self.available = True
         self.manual = manual
         self.running = False
+        self.queue_paused = False
         self.state_records: list[tuple[str, str, int, float]] = []
+        self.progress_records: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+        self.queue_records: list[bool] = []
         self._bodies: list[tuple[Envelope, bytes]] = []
         self._messages: dict[str, JournaledMessage] = {}
         self._accepting: set[str] = set()
@@ -89,25 +96,55 @@ class MemoryJournal:
         return d.addCallback(lambda _: location)
 
     def record_state(
-        self, queue_id: str, state: str, attempts: int = 0, next_attempt_at: float = 0.0
+        self,
+        queue_id: str,
+        state: str,
+        attempts: int = 0,
+        next_attempt_at: float = 0.0,
+        *,
+        remaining: Sequence[str] | None = None,
+        bounced: Sequence[str] = (),
     ) -> Deferred[None]:
         """
-        Record a state change; fires once durable.
+        Record a state change, and which recipients remain when given;
+        fires once durable.
         """
         if not self.available:
             return fail(JournalUnavailable("the memory journal is unavailable"))
+        if remaining is None and bounced:
+            return fail(ValueError("bounced recipients are recorded with the remaining ones"))
+        left = None if remaining is None else tuple(remaining)
+        failed = tuple(bounced)
 
         def durable() -> None:
             self.state_records.append((queue_id, state, attempts, next_attempt_at))
+            if left is not None:
+                self.progress_records.append((queue_id, left, failed))
             message = self._messages.get(queue_id)
             if message is None:
                 return
             if state in _FINAL:
                 del self._messages[queue_id]
-            else:
-                self._messages[queue_id] = evolve(
-                    message, state=state, attempts=attempts, next_attempt_at=next_attempt_at
-                )
+                return
+            message = evolve(
+                message, state=state, attempts=attempts, next_attempt_at=next_attempt_at
+            )
+            if left is not None:
+                message = evolve(message, remaining=left, bounced=failed)
+            self._messages[queue_id] = message
+
+        return self._write(durable)
+
+    def record_queue_state(self, paused: bool) -> Deferred[None]:
+        """
+        Record whether the queue is paused; fires once durable.
+        """
+        if not self.available:
+            return fail(JournalUnavailable("the memory journal is unavailable"))
+
+        def durable() -> None:
+            self.queue_records.append(paused)
+            self.queue_paused = paused
 
         return self._write(durable)
 

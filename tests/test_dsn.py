@@ -27,6 +27,7 @@ from smtpgw.dsn import (
     auto_submitted_of,
     build_dsn,
     dsn_status,
+    is_delivery_report,
     should_send_dsn,
 )
 from smtpgw.model import Envelope, Priority
@@ -423,24 +424,79 @@ def test_no_dsn_for_the_null_sender() -> None:
 
 def test_dsn_for_an_ordinary_sender() -> None:
     """
-    An ordinary sender gets a bounce, also when the original says
-    Auto-Submitted: no.
+    An ordinary sender gets a bounce, whether the original is known or not.
     """
     assert should_send_dsn(envelope())
     assert should_send_dsn(envelope(), None)
-    assert should_send_dsn(envelope(), "no")
-    assert should_send_dsn(envelope(), " No (comment)")
+    assert should_send_dsn(envelope(), ORIGINAL)
 
 
 @pytest.mark.parametrize(
-    "value", ["auto-replied", "auto-generated", "Auto-Replied", "auto-notified; owner-email=x"]
+    "value", ["no", " No (comment)", "auto-generated", "Auto-Generated", "auto-notified; x=y"]
 )
-def test_no_dsn_for_automatic_messages(value: str) -> None:
+def test_dsn_for_application_mail_whatever_its_auto_submitted(value: str) -> None:
     """
-    A message that is itself automatic (a report, an auto-reply) gets no
-    bounce (RFC 3834).
+    Application mail marked Auto-Submitted: auto-generated (or notified,
+    or no) still gets its bounces: RFC 3834 is about auto-responders, and
+    only reports and replies are kept from bouncing back.
     """
-    assert not should_send_dsn(envelope(), value)
+    original = f"Auto-Submitted: {value}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    assert should_send_dsn(envelope(), original)
+
+
+@pytest.mark.parametrize(
+    "value", ["auto-replied", "Auto-Replied", "auto-replied (vacation)", "AUTO-REPLIED; x=y"]
+)
+def test_no_dsn_about_an_automatic_reply(value: str) -> None:
+    """
+    A message marked Auto-Submitted: auto-replied (a report or an
+    auto-responder's reply) gets no bounce.
+    """
+    original = f"Auto-Submitted: {value}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    assert not should_send_dsn(envelope(), original)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "multipart/report; report-type=delivery-status; boundary=b",
+        'Multipart/Report; Report-Type="Delivery-Status";\r\n boundary="b"',
+        "multipart/report; boundary=b; report-type=delivery-status",
+    ],
+)
+def test_no_dsn_about_a_delivery_report(content_type: str) -> None:
+    """
+    A delivery status notification (multipart/report with
+    report-type=delivery-status, in any case, quoted or folded) gets no
+    bounce even without Auto-Submitted and from a non-null sender.
+    """
+    original = f"Content-Type: {content_type}\r\nSubject: x\r\n\r\n--b--\r\n".encode()
+    assert is_delivery_report(original)
+    assert not should_send_dsn(envelope(), original)
+
+
+def test_other_reports_and_body_text_do_not_count() -> None:
+    """
+    A report of another type (a read receipt) is not a delivery report, and
+    header-like lines in the body are not headers.
+    """
+    mdn = b"Content-Type: multipart/report; report-type=disposition-notification\r\n\r\n"
+    assert should_send_dsn(envelope(), mdn)
+    in_body = (
+        b"Subject: x\r\n\r\nAuto-Submitted: auto-replied\r\n"
+        b"Content-Type: multipart/report; report-type=delivery-status\r\n"
+    )
+    assert not is_delivery_report(in_body)
+    assert should_send_dsn(envelope(), in_body)
+
+
+def test_a_report_built_here_gets_no_dsn() -> None:
+    """
+    The reports this module builds are recognized as delivery reports, so a
+    bounce about one of them is never made, whatever its sender.
+    """
+    assert is_delivery_report(build())
+    assert not should_send_dsn(envelope(), build())
 
 
 def test_auto_submitted_of_reads_the_original_headers() -> None:
