@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= ./smtpgw-data
 RUN_ARGS ?=
-# Relaying to MX hosts comes in a later version; until then mail is captured.
+# `make run` keeps what it would send in the data directory; RELAY=mx delivers
+# to the recipients' MX hosts, RELAY=smtp://host:port to a smarthost.
 RELAY ?= capture
 
 .PHONY: run test lint types pytest bench clean

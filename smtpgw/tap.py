@@ -145,13 +145,7 @@ class Options(usage.Options):
             except RelayURLError as e:
                 # The message never contains the password.
                 raise usage.UsageError(f"--relay: {e}") from None
-        elif relay == "mx":
-            # Relaying to MX hosts is not wired yet; starting with it must
-            # not look as if mail went anywhere.
-            raise usage.UsageError(
-                "--relay mx is not available in this version yet; "
-                "use --relay capture or --relay smtp://host:port"
-            )
+
         if self["hostname"] is None:
             self["hostname"] = socket.getfqdn()
 
@@ -190,6 +184,18 @@ def _outbound(options: Options, data_dir: FilePath[str], reactor: Any) -> IServi
 
     if options["relay"] == "capture":
         return CaptureOutbound(data_dir.path, reactor)
+    if options["relay"] == "mx":
+        from twisted.names.client import createResolver
+
+        from smtpgw.mx import MXResolver
+        from smtpgw.mxoutbound import MXOutbound
+
+        return MXOutbound(
+            reactor,
+            MXResolver(createResolver(), reactor),
+            settings=ClientSettings(helo_name=options["hostname"]),
+            max_connections=options["concurrency"],
+        )
     return SmarthostOutbound.from_url(
         reactor,
         options["relay-url"],

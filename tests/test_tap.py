@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse(*argv: str) -> Options:
     options = Options()
-    options.parseOptions(["--relay", "capture", *argv])
+    options.parseOptions(["--relay", "capture", "--hostname", "gw.test", *argv])
     return options
 
 
@@ -58,10 +58,29 @@ def test_bad_options_are_refused_with_a_clear_reason(argv: list[str], message: s
         parse(*argv)
 
 
-def test_mx_relaying_not_built_yet_is_refused_not_faked() -> None:
-    options = Options()
-    with pytest.raises(usage.UsageError, match="not available"):
-        options.parseOptions(["--relay", "mx"])
+def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
+    """
+    --relay mx (the default) delivers to MX hosts, smtp:// to a smarthost,
+    capture into the data directory.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from smtpgw.mxoutbound import MXOutbound
+    from smtpgw.outbound import CaptureOutbound
+    from smtpgw.relay import SmarthostOutbound
+    from smtpgw.tap import _outbound
+
+    expected = {
+        "mx": MXOutbound,
+        "smtp://127.0.0.1:2525": SmarthostOutbound,
+        "capture": CaptureOutbound,
+    }
+    for relay, kind in expected.items():
+        options = Options()
+        options.parseOptions(["--relay", relay, "--hostname", "gw.test"])
+        outbound = _outbound(options, FilePath(str(tmp_path)), MemoryReactorClock())
+        assert isinstance(outbound, kind), relay
+    assert Options()["relay"] == "mx"
 
 
 def test_a_smarthost_url_is_parsed_and_a_bad_one_refused_without_its_password() -> None:
