@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from attrs import define, field, frozen
 
@@ -141,10 +141,6 @@ def _terminate(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
         process.wait()
 
 
-def _open_log(path: Path) -> IO[bytes]:
-    return path.open("ab")
-
-
 @define
 class SmtpSink:
     """
@@ -168,7 +164,7 @@ class SmtpSink:
         """
         port = free_port()
         log = workdir / "smtp-sink.log"
-        with _open_log(log) as output:
+        with log.open("ab") as output:
             # As root it must be told whom to run as.
             self.process = subprocess.Popen(
                 ["smtp-sink", "-u", "nobody", "-4", f"{LOOPBACK}:{port}", "1024"],
@@ -204,7 +200,6 @@ class TwistedBare:
     pipelining: bool = False
     name: str = "twisted"
     process: subprocess.Popen[bytes] | None = None
-    key_type: str = ""
 
     def unavailable(self) -> str | None:
         """
@@ -224,7 +219,7 @@ class TwistedBare:
         argv += ["--user", "bench", "--password", "bench"]
         if self.pipelining:
             argv.append("--pipelining")
-        with _open_log(log) as output:
+        with log.open("ab") as output:
             self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
         _wait_for_port(port, self.process, log, 30)
         notes = [
@@ -234,9 +229,13 @@ class TwistedBare:
         if not self.pipelining:
             notes.append("no PIPELINING (stock Twisted)")
         return Started(
-            port=port, root_pid=self.process.pid, username="bench", password="bench",
-            notes=tuple(notes), log=log,
-        )  # fmt: skip
+            port=port,
+            root_pid=self.process.pid,
+            username="bench",
+            password="bench",
+            notes=tuple(notes),
+            log=log,
+        )
 
     def stop(self) -> None:
         """
@@ -522,7 +521,7 @@ class Gateway:
         self.data_dir = workdir / "gateway-data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "gateway.log"
-        with _open_log(self.log) as output:
+        with self.log.open("ab") as output:
             self.process = subprocess.Popen(
                 self.argv(self.data_dir, ports),
                 stdout=output,
