@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFilter, address_key
+from smtpgw.checker import PasswordCheckUnavailable
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
 from smtpgw.message import MessageRejected
@@ -969,7 +970,15 @@ class GatewaySMTP(smtp.ESMTP):
         key = self._client_key
         if not failure.check(UnauthorizedLogin):
             tracker.end(key, failed=False)
-            log.failure("AUTH could not be checked", failure)
+            if failure.check(PasswordCheckUnavailable):
+                # Overload or shutdown, not a fault: the client retries.
+                log.info(
+                    "AUTH from {client_ip} not checked: {why}",
+                    client_ip=self._client_ip,
+                    why=failure.getErrorMessage() or "overloaded",
+                )
+            else:
+                log.failure("AUTH could not be checked", failure)
             if self._mode is not _CLOSED:
                 self._t.write(R_AUTH_TEMPFAIL)
             return None

@@ -1019,3 +1019,35 @@ def test_repeated_sender_violations_raise_one_alert_and_a_count() -> None:
     assert other.details["sender"] == "cfo@evil.example"
     assert summary.details["sender"] == "ceo@evil.example"
     assert summary.details["repeats"] == 299
+
+
+def test_overloaded_password_checks_get_454_without_an_error() -> None:
+    """
+    A checker that cannot check now (too many bcrypt checks waiting) gets
+    the client a 454 4.7.0 to retry: not counted as a failure, not logged
+    as an error (the test fails on a logged error), the session goes on.
+    """
+    from twisted.cred.checkers import ICredentialsChecker
+    from twisted.cred.credentials import IUsernamePassword
+    from twisted.cred.portal import Portal
+    from twisted.internet.defer import Deferred, fail
+    from zope.interface import implementer
+
+    from smtpgw.checker import TooManyPasswordChecks
+    from smtpgw.realm import GatewayRealm
+
+    @implementer(ICredentialsChecker)
+    class Overloaded:
+        credentialInterfaces = (IUsernamePassword,)
+
+        def requestAvatarId(self, credentials: object) -> Deferred[bytes]:  # type: ignore[override]
+            return fail(TooManyPasswordChecks())
+
+    harness = Harness()
+    harness.factory.portal = Portal(GatewayRealm(), [Overloaded()])
+    client = harness.connect("203.0.113.20")
+    assert client.login() == [b"454 4.7.0 Temporary authentication failure"]
+    assert not client.closed
+    assert harness.factory.auth_failures.failures("203.0.113.20") == 0
+    assert harness.factory.auth_failures.pending("203.0.113.20") == 0
+    assert client.command(b"NOOP") == [b"250 2.0.0 Ok"]
