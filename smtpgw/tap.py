@@ -60,13 +60,34 @@ LIMIT_OPTIONS: dict[str, tuple[str, str]] = {
     "idle_timeout": ("seconds", "Silence allowed before 421 4.4.2."),
     "command_deadline": ("seconds", "Time one command line may take, however it trickles."),
     "data_deadline": ("seconds", "Time the whole DATA section may take."),
-    "max_connections_per_ip": ("int", "Simultaneous connections from one address."),
+    "max_connections": ("int", "Simultaneous connections in all; the next gets 421 4.7.0."),
+    "max_connections_per_ip": (
+        "int",
+        "Simultaneous connections from one address (IPv6: per /64).",
+    ),
     "max_bad_commands": ("int", "Protocol errors allowed before 421 4.7.0."),
-    "auth_failure_limit": ("int", "Failed logins per address within the window before 421."),
+    "auth_failure_limit": (
+        "int",
+        "Failed logins per address (IPv6: per /64) within the window before 421.",
+    ),
     "auth_failure_window": ("seconds", "Window over which failed logins are counted."),
     "auth_failure_delay": ("seconds", "Tarpit step: the n-th failed login waits n times this."),
     "auth_failure_delay_cap": ("seconds", "Longest tarpit delay."),
     "greet_delay": ("seconds", "Wait before the greeting; talking early gets 554 (0: off)."),
+    "max_junk_commands": (
+        "int",
+        "Commands that move no mail (NOOP, RSET, HELP, EHLO...) before 421 4.7.0.",
+    ),
+    "max_messages_per_session": ("int", "Messages per connection; the next MAIL gets 421 4.7.0."),
+    "max_session_seconds": ("seconds", "Longest session; then 421 4.7.0 between messages."),
+    "user_recheck_interval": (
+        "seconds",
+        "Re-read a logged-in user's record at MAIL after this long (0: every MAIL).",
+    ),
+    "sender_alert_window": (
+        "seconds",
+        "Store a repeated sender alert once per user and address per window, then a count.",
+    ),
 }
 
 
