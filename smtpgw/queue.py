@@ -8,6 +8,16 @@ order, within the gateway's rate and concurrency, and records in the journal
 what became of each attempt. At start the journal is replayed into the
 scheduler, so mail accepted before a crash is sent after it.
 
+Outcomes are kept per recipient: a recipient that took the message is never
+sent it again, one that failed temporarily is tried again on the schedule of
+L{retry_delay} (with L{RETRY_JITTER}), one that failed for good (a C{5xx},
+or still failing once the message is older than C{max_queue_age}) is
+reported to the envelope sender in a delivery status notification that the
+queue submits to itself, and to the admins in a C{bounce} alert. The
+recipients still to be tried are journaled with each change, so a restart
+(even after C{kill -9}) tries only those. docs/operations-queue.md describes
+all of it for operators.
+
 The rate is a token bucket on the injected clock: C{rate} tokens a second,
 holding at most C{max(1, rate / 10)} (a tenth of a second's worth), so after
 an idle spell at most that many messages leave at once and the long-run rate
@@ -18,7 +28,9 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from random import random as _uniform
 
 from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
@@ -28,32 +40,69 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpgw.dsn import RecipientFailure, build_dsn, should_send_dsn
 from smtpgw.interfaces import (
+    Alert,
     DeliveryResult,
+    IAlertSink,
     IJournal,
     IMessageQueue,
     IOutbound,
     JournalLocation,
     JournalUnavailable,
 )
-from smtpgw.model import Envelope, MessageState, Priority
+from smtpgw.model import Envelope, MessageState, Priority, QueueIdGenerator
 from smtpgw.outbound import all_deferred
 from smtpgw.scheduler import ScheduledEntry, Scheduler
 
 __all__ = [
+    "DEFAULT_ALERT_WINDOW",
+    "DEFAULT_DELIVERY_ALERT_ATTEMPTS",
+    "DEFAULT_MAX_QUEUE_AGE",
     "DEFAULT_STOP_TIMEOUT",
+    "DSN_USERNAME",
+    "EXPIRED_STATUS",
+    "MAX_ALERT_KEYS",
     "RETRY_BASE",
+    "RETRY_JITTER",
     "RETRY_MAX",
+    "AlertThrottle",
     "MessageQueue",
     "QueueStats",
+    "RecipientOutcomes",
+    "RecipientProgress",
+    "ThrottleSummary",
     "TokenBucket",
+    "jittered",
+    "recipient_failure",
     "retry_delay",
+    "sort_outcomes",
 ]
 
 #: The wait before the first retry of a temporary failure, in seconds.
 RETRY_BASE = 60.0
 #: The longest wait between two attempts, in seconds.
 RETRY_MAX = 3600.0
+#: Each wait is made up to this share longer or shorter, at random, so that
+#: the retries of messages that failed together spread out.
+RETRY_JITTER = 0.1
+#: How long a message may wait for a recipient that keeps failing
+#: temporarily (C{--max-queue-age}), in seconds: 5 days.
+DEFAULT_MAX_QUEUE_AGE = 5 * 24 * 3600.0
+#: The failed attempt at which a message raises a C{delivery} alert.
+DEFAULT_DELIVERY_ALERT_ATTEMPTS = 3
+#: One C{delivery} alert per list and destination domain per this many
+#: seconds; the others are counted and summed up when it ends.
+DEFAULT_ALERT_WINDOW = 3600.0
+#: The most (list, domain) windows watched at once; past it, the oldest is
+#: summed up early.
+MAX_ALERT_KEYS = 10_000
+#: The user name of the bounces the queue submits (their list is that of
+#: the message they report on).
+DSN_USERNAME = "MAILER-DAEMON"
+#: The status of a recipient that still failed when its message expired
+#: (RFC 3463: delivery time expired).
+EXPIRED_STATUS = "5.4.7"
 #: How long stopping waits for deliveries under way, in seconds.
 DEFAULT_STOP_TIMEOUT = 30.0
 
@@ -68,11 +117,21 @@ _REPLAYED_STATES = {
     MessageState.HELD.value: MessageState.HELD,
 }
 
+# What the SMTP client reports of a remote reply: "host:port said: 550 ...
+# (in reply to RCPT TO)".
+_SAID = re.compile(r"(?P<peer>\S+) said: (?P<reply>.*?)(?: \(in reply to [^()]*\))?", re.DOTALL)
+_PORT = re.compile(r":\d+\Z")
+_NO_RESULT = "the outbound relay gave no result for this recipient"
+
 
 def retry_delay(attempts: int) -> float:
     """
-    How long to wait after the C{attempts}-th failed attempt: 60 s, doubling
-    with each attempt, at most an hour.
+    How long to wait after the C{attempts}-th failed attempt, before
+    jitter (see L{jittered}): 1 minute after the first, then 2, 4, 8, 16 and
+    32 minutes, then every hour (L{RETRY_BASE} doubling up to
+    L{RETRY_MAX}). Retrying stops when the message is older than the
+    queue's C{max_queue_age} (5 days by default): the recipients still
+    failing then bounce.
 
     @param attempts: the attempts made so far (1 after the first failure).
     """
@@ -80,6 +139,220 @@ def retry_delay(attempts: int) -> float:
         return RETRY_BASE
     # Past 2**6 the cap applies anyway; the bound keeps the power small.
     return min(RETRY_MAX, RETRY_BASE * 2.0 ** min(attempts - 1, 32))
+
+
+def jittered(delay: float, draw: float, jitter: float = RETRY_JITTER) -> float:
+    """
+    C{delay} made up to C{jitter} (a share) shorter or longer.
+
+    @param draw: a number in [0, 1), from a uniform random source: 0 gives
+        the shortest wait, 0.5 the delay itself, values near 1 the longest.
+    @return: a wait in M{[delay * (1 - jitter), delay * (1 + jitter))}.
+    """
+    return delay * (1.0 + jitter * (2.0 * draw - 1.0))
+
+
+@frozen
+class RecipientOutcomes:
+    """
+    What one attempt did for each recipient it was made for.
+
+    @ivar delivered: recipients that took the message.
+    @ivar deferred: (recipient, reason) pairs to try again later.
+    @ivar bounced: (recipient, reason) pairs refused for good (C{5xx}).
+    @ivar expired: (recipient, last reason) pairs that failed temporarily
+        once more after the message had waited longer than allowed: they
+        bounce too.
+    """
+
+    delivered: tuple[str, ...] = ()
+    deferred: tuple[tuple[str, str], ...] = ()
+    bounced: tuple[tuple[str, str], ...] = ()
+    expired: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def failed(self) -> tuple[tuple[str, str], ...]:
+        """
+        The recipients that failed for good, bounced then expired.
+        """
+        return self.bounced + self.expired
+
+
+def sort_outcomes(
+    recipients: Sequence[str],
+    result: DeliveryResult,
+    *,
+    age: float,
+    max_queue_age: float,
+) -> RecipientOutcomes:
+    """
+    Sort the recipients of an attempt by what became of them, in the order
+    of C{recipients}.
+
+    A recipient the result does not mention is deferred (never dropped);
+    what the result says of addresses that were not tried is ignored. A
+    deferred recipient expires when the message is older than
+    C{max_queue_age} (at exactly that age it is still deferred).
+
+    @param recipients: those the attempt was made for.
+    @param age: seconds since the message was accepted.
+    """
+    delivered = set(result.delivered)
+    bounced = dict(result.bounced)
+    deferred = dict(result.deferred)
+    expired = age > max_queue_age
+    out_delivered: list[str] = []
+    out_deferred: list[tuple[str, str]] = []
+    out_bounced: list[tuple[str, str]] = []
+    out_expired: list[tuple[str, str]] = []
+    for recipient in recipients:
+        if recipient in delivered:
+            out_delivered.append(recipient)
+        elif recipient in bounced:
+            out_bounced.append((recipient, bounced[recipient]))
+        else:
+            reason = deferred.get(recipient, _NO_RESULT)
+            (out_expired if expired else out_deferred).append((recipient, reason))
+    return RecipientOutcomes(
+        tuple(out_delivered), tuple(out_deferred), tuple(out_bounced), tuple(out_expired)
+    )
+
+
+def recipient_failure(
+    recipient: str, reason: str, *, expired: bool, last_attempt: float
+) -> RecipientFailure:
+    """
+    How a failed recipient is described in a bounce: a remote reply
+    (C{"mx.example.net:25 said: 550 5.1.1 ... (in reply to RCPT TO)"}) gives
+    the C{Remote-MTA} and the reply as the diagnostic; any other reason is
+    the diagnostic as it is.
+
+    @param expired: the recipient bounced because the message expired: its
+        status is L{EXPIRED_STATUS} and the diagnostic is the last reason.
+    """
+    match = _SAID.fullmatch(reason.strip())
+    remote_mta: str | None = None
+    diagnostic = reason
+    if match is not None:
+        remote_mta = _PORT.sub("", match.group("peer")) or None
+        diagnostic = match.group("reply")
+    return RecipientFailure(
+        recipient,
+        status=EXPIRED_STATUS if expired else "",
+        diagnostic=diagnostic,
+        remote_mta=remote_mta,
+        last_attempt=last_attempt,
+    )
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@frozen
+class RecipientProgress:
+    """
+    Where a message stands once some of its recipients are done.
+
+    @ivar remaining: the recipients still to be tried.
+    @ivar bounced: the recipients that failed for good (and were reported).
+    """
+
+    remaining: tuple[str, ...]
+    bounced: tuple[str, ...] = ()
+
+
+@frozen
+class ThrottleSummary:
+    """
+    The alerts L{AlertThrottle} held back for one key during one window.
+    """
+
+    key: tuple[str, str]
+    suppressed: int
+    first_at: float
+    last_at: float
+
+
+@define
+class _Window:
+    opened_at: float
+    suppressed: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+
+
+class AlertThrottle:
+    """
+    Lets one alert per key through per C{window} seconds and counts the
+    others; a window that ends with alerts held back gives a
+    L{ThrottleSummary}. Pure: the caller passes the time.
+    """
+
+    def __init__(self, window: float, max_keys: int = MAX_ALERT_KEYS) -> None:
+        """
+        @param window: seconds after an alert during which alerts with its
+            key are only counted; 0 lets every alert through.
+        @param max_keys: the most keys watched at once.
+        """
+        self._window = window
+        self._max_keys = max_keys
+        # Insertion order is the order in which windows end.
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._due: list[ThrottleSummary] = []
+
+    def admit(self, key: tuple[str, str], now: float) -> bool:
+        """
+        @return: whether an alert with C{key} should be raised at C{now};
+            when not, it is counted.
+        """
+        if self._window <= 0:
+            return True
+        window = self._windows.get(key)
+        if window is not None and now < window.opened_at + self._window:
+            if not window.suppressed:
+                window.first_at = now
+            window.suppressed += 1
+            window.last_at = now
+            return False
+        if window is not None:
+            self._close(key)
+        elif len(self._windows) >= self._max_keys:
+            self._close(next(iter(self._windows)))
+        self._windows[key] = _Window(now)
+        return True
+
+    def ended(self, now: float) -> list[ThrottleSummary]:
+        """
+        @return: the summaries of the windows that ended by C{now} with
+            alerts held back (or were closed early), each given once.
+        """
+        windows = self._windows
+        while windows:
+            key = next(iter(windows))
+            if now < windows[key].opened_at + self._window:
+                break
+            self._close(key)
+        due, self._due = self._due, []
+        return due
+
+    def flush(self) -> list[ThrottleSummary]:
+        """
+        End every window now (at shutdown).
+
+        @return: the summaries of the windows with alerts held back.
+        """
+        for key in list(self._windows):
+            self._close(key)
+        due, self._due = self._due, []
+        return due
+
+    def _close(self, key: tuple[str, str]) -> None:
+        window = self._windows.pop(key)
+        if window.suppressed:
+            self._due.append(
+                ThrottleSummary(key, window.suppressed, window.first_at, window.last_at)
+            )
 
 
 @define
@@ -152,15 +425,23 @@ class QueueStats:
         bug, logged as a failure): they stay journaled as queued and are
         sent after the next restart.
     @ivar refused: submissions the journal refused.
-    @ivar delivered: messages delivered to every recipient.
-    @ivar deferred: attempts that ended with a temporary failure.
-    @ivar bounced: messages that failed permanently.
+    @ivar delivered: messages that reached every recipient.
+    @ivar deferred: attempts after which some recipient was left to retry.
+    @ivar bounced: messages done with at least one recipient that failed
+        for good.
     @ivar in_flight: deliveries under way.
     @ivar queued_by_priority: messages ready to be sent, per priority.
     @ivar by_state: messages in the scheduler, per state.
     @ivar redelivered: messages found being sent at replay (a crash or a
         stop that did not wait for them): sent again, so possible duplicates.
     @ivar paused: whether dispatching is paused by an admin.
+    @ivar dsns: bounces (delivery status notifications) the queue submitted
+        to itself.
+    @ivar recipients_delivered: recipients that took a message.
+    @ivar recipients_bounced: recipients that failed for good, expired
+        ones included.
+    @ivar recipients_expired: recipients that failed for good because
+        their message had waited longer than C{max_queue_age}.
     """
 
     accepted: int
@@ -174,6 +455,10 @@ class QueueStats:
     queued_by_priority: Mapping[Priority, int]
     by_state: Mapping[MessageState, int]
     paused: bool
+    dsns: int = 0
+    recipients_delivered: int = 0
+    recipients_bounced: int = 0
+    recipients_expired: int = 0
 
 
 @implementer(IMessageQueue)
@@ -186,12 +471,13 @@ class MessageQueue(Service):
     C{stop_timeout} seconds, for the deliveries under way (those not
     finished by then stay journaled and are sent again after a restart).
     L{pause} and L{resume} stop and restart dispatching while mail keeps
-    being accepted.
+    being accepted; both are journaled, so a queue stopped by an admin is
+    still stopped after a restart.
 
-    Per-recipient outcomes are not yet kept apart: when any recipient is
-    deferred, the whole message is retried (recipients that already took
-    it get it again); when none is deferred and any bounced, the message is
-    recorded C{bounced} (no DSN is sent yet).
+    Outcomes are kept per recipient (see the module's description): an
+    attempt is made only for the recipients still to be tried, and the
+    message is done (C{delivered}, or C{bounced} when any recipient failed
+    for good) once none is left.
     """
 
     _log = Logger()
@@ -206,6 +492,13 @@ class MessageQueue(Service):
         *,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         retry: Callable[[int], float] = retry_delay,
+        rng: Callable[[], float] = _uniform,
+        max_queue_age: float = DEFAULT_MAX_QUEUE_AGE,
+        alerts: IAlertSink | None = None,
+        hostname: str = "localhost",
+        queue_ids: QueueIdGenerator | None = None,
+        delivery_alert_attempts: int = DEFAULT_DELIVERY_ALERT_ATTEMPTS,
+        alert_window: float = DEFAULT_ALERT_WINDOW,
         scheduler: Scheduler | None = None,
         freeze_after_replay: bool = False,
     ) -> None:
@@ -216,14 +509,34 @@ class MessageQueue(Service):
         @param rate: messages a second for the whole gateway; 0 is no limit.
         @param concurrency: deliveries under way at once, at least 1.
         @param stop_timeout: seconds stopping waits for deliveries under way.
-        @param retry: the wait after the n-th failed attempt.
+        @param retry: the wait after the n-th failed attempt, before jitter.
+        @param rng: uniform random numbers in [0, 1) for the jitter of
+            retries (L{jittered}).
+        @param max_queue_age: seconds after its acceptance past which a
+            message's recipients that still fail temporarily bounce
+            (C{--max-queue-age}).
+        @param alerts: where C{bounce} and C{delivery} alerts go; none are
+            raised when L{None}.
+        @param hostname: the gateway's host name, the reporting MTA of its
+            bounces.
+        @param queue_ids: makes the queue ids of the bounces; share the
+            generator of the SMTP sessions.
+        @param delivery_alert_attempts: the failed attempt at which a message
+            raises a C{delivery} alert.
+        @param alert_window: see L{DEFAULT_ALERT_WINDOW}.
         @param scheduler: the scheduler to fill; a new one when not given.
         @param freeze_after_replay: call C{gc.freeze()} after the replay (for
             the gateway process; tests keep collecting everything).
+        @raise ValueError: for a concurrency below 1, a C{max_queue_age}
+            that is not a positive number, or a host name that cannot be
+            written in a bounce.
         """
         self._freeze_after_replay = freeze_after_replay
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        if not max_queue_age > 0:
+            raise ValueError(f"max_queue_age must be a positive number, not {max_queue_age!r}")
+        _check_hostname(hostname)
         self._journal = journal
         self._outbound = outbound
         self._clock = clock
@@ -232,9 +545,21 @@ class MessageQueue(Service):
         self._bucket = TokenBucket.for_rate(rate)
         self._stop_timeout = stop_timeout
         self._retry = retry
+        self._rng = rng
+        self._max_queue_age = max_queue_age
+        self._alerts = alerts
+        self._hostname = hostname
+        self._queue_ids = queue_ids if queue_ids is not None else QueueIdGenerator()
+        self._delivery_alert_attempts = delivery_alert_attempts
+        self._delivery_alerts = AlertThrottle(alert_window)
         self.scheduler = scheduler if scheduler is not None else Scheduler()
+        # Only messages some of whose recipients are done have an entry.
+        self._progress: dict[str, RecipientProgress] = {}
         self._replayed = False
+        self._journal_started = False
         self._paused = False
+        # An admin's pause or resume before the journal could record it.
+        self._paused_before_start: bool | None = None
         self._in_flight: dict[str, Deferred[None]] = {}
         self._wakeup: IDelayedCall | None = None
         self._dispatching = False
@@ -247,6 +572,10 @@ class MessageQueue(Service):
         self._deferred = 0
         self._bounced = 0
         self._redelivered = 0
+        self._dsns = 0
+        self._recipients_delivered = 0
+        self._recipients_bounced = 0
+        self._recipients_expired = 0
 
     @property
     def rate(self) -> float:
@@ -261,6 +590,22 @@ class MessageQueue(Service):
         Deliveries under way at once, at most.
         """
         return self._concurrency
+
+    @property
+    def max_queue_age(self) -> float:
+        """
+        Seconds a message may wait for recipients that fail temporarily.
+        """
+        return self._max_queue_age
+
+    def next_token_at(self) -> float | None:
+        """
+        When the rate limit lets the next message go (now or earlier when a
+        token is there), or L{None} when the rate is not limited.
+        """
+        if not self._rate:
+            return None
+        return self._bucket.next_token_at(self._clock.seconds())
 
     # IMessageQueue
 
@@ -289,6 +634,9 @@ class MessageQueue(Service):
 
     def _accepted_by_journal(self, location: JournalLocation, envelope: Envelope) -> None:
         self._accepted += 1
+        self._schedule(envelope, location)
+
+    def _schedule(self, envelope: Envelope, location: JournalLocation) -> None:
         try:
             self.scheduler.add(
                 ScheduledEntry(
@@ -324,7 +672,7 @@ class MessageQueue(Service):
     def startService(self) -> None:
         """
         Replay the journal and start it (at the first start), then start
-        dispatching.
+        dispatching, unless an admin had stopped the queue.
         """
         super().startService()
         if not self._replayed:
@@ -335,7 +683,26 @@ class MessageQueue(Service):
                 # keep the collector from walking them again and again.
                 gc.freeze()
             self._journal.start()
+            self._journal_started = True
+            self._take_up_pause()
         self._dispatch()
+
+    def _take_up_pause(self) -> None:
+        journaled = bool(self._journal.queue_paused)
+        wanted, self._paused_before_start = self._paused_before_start, None
+        if wanted is None:
+            self._paused = journaled
+            if journaled:
+                self._log.info("the queue stays stopped, as an admin left it; mail is kept")
+        elif wanted != journaled:
+            self._record_pause().addErrback(self._pause_not_recorded)
+
+    def _pause_not_recorded(self, failure: Failure) -> None:
+        self._log.warn(
+            "could not journal that the queue is {state}: {reason}",
+            state="stopped" if self._paused else "running",
+            reason=failure.getErrorMessage(),
+        )
 
     def stopService(self) -> Deferred[None]:
         """
@@ -345,7 +712,12 @@ class MessageQueue(Service):
         """
         super().stopService()
         self._cancel_wakeup()
-        return self._drain().addCallback(lambda _: self._journal.stop())
+
+        def stop_journal(_: None) -> Deferred[None]:
+            self._raise_summaries(self._delivery_alerts.flush())
+            return self._journal.stop()
+
+        return self._drain().addCallback(stop_journal)
 
     def _drain(self) -> Deferred[None]:
         if not self._in_flight:
@@ -380,30 +752,58 @@ class MessageQueue(Service):
         """
         return self._paused
 
-    def pause(self) -> None:
+    def pause(self) -> Deferred[None]:
         """
         Stop handing messages to the outbound relay (deliveries under way
-        finish); mail is still accepted and kept.
+        finish); mail is still accepted and kept. The pause is journaled,
+        so the queue is still stopped after a restart.
+
+        @return: fires once the pause is durable; fails with
+            L{JournalUnavailable} when the journal could not record it (the
+            queue is stopped all the same, until a restart).
         """
         if not self._paused:
             self._paused = True
             self._cancel_wakeup()
             self._log.info("queue paused")
+        return self._record_pause()
 
-    def resume(self) -> None:
+    def resume(self) -> Deferred[None]:
         """
-        Start dispatching again after L{pause}.
+        Start dispatching again after L{pause}, and journal it.
+
+        @return: as for L{pause}.
         """
-        if self._paused:
-            self._paused = False
+        was_paused, self._paused = self._paused, False
+        d = self._record_pause()
+        if was_paused:
             self._log.info("queue resumed")
             self._dispatch()
+        return d
+
+    def _record_pause(self) -> Deferred[None]:
+        # Recorded even when nothing changed: after a write that failed,
+        # saying it again is how an admin makes it durable.
+        if not self._journal_started:
+            # The journal takes records once started: then the replayed
+            # state gives way to this one.
+            self._paused_before_start = self._paused
+            return succeed(None)
+        return self._journal.record_queue_state(self._paused)
 
     def get(self, queue_id: str) -> ScheduledEntry | None:
         """
         The scheduled message with this queue id, or L{None}.
         """
         return self.scheduler.get(queue_id)
+
+    def progress(self, queue_id: str) -> RecipientProgress | None:
+        """
+        The recipients a scheduled message still waits for and those that
+        bounced, once some are done; L{None} while every recipient of its
+        envelope is still to be tried (or for an unknown message).
+        """
+        return self._progress.get(queue_id)
 
     def entries(self) -> Iterator[ScheduledEntry]:
         """
@@ -429,9 +829,13 @@ class MessageQueue(Service):
 
     def cancel(self, queue_id: str) -> Deferred[None]:
         """
-        Drop a message that is not being sent; it is never delivered.
+        Drop a message that is not being sent; it is never delivered (to
+        the recipients it still waited for).
         """
-        return self._admin(queue_id, self.scheduler.cancel, MessageState.CANCELLED)
+        d = self._admin(queue_id, self.scheduler.cancel, MessageState.CANCELLED)
+        if queue_id not in self.scheduler:
+            self._progress.pop(queue_id, None)
+        return d
 
     def reprioritize(self, queue_id: str, priority: Priority | int) -> Deferred[None]:
         """
@@ -470,6 +874,10 @@ class MessageQueue(Service):
             queued_by_priority=self.scheduler.ready_by_priority(),
             by_state=self.scheduler.counts_by_state(),
             paused=self._paused,
+            dsns=self._dsns,
+            recipients_delivered=self._recipients_delivered,
+            recipients_bounced=self._recipients_bounced,
+            recipients_expired=self._recipients_expired,
         )
 
     def _admin(
@@ -522,6 +930,8 @@ class MessageQueue(Service):
                     "cannot schedule journaled message {queue_id}", queue_id=queue_id
                 )
                 continue
+            if message.remaining is not None:
+                self._progress[queue_id] = RecipientProgress(message.remaining, message.bounced)
             counts[state.value] = counts.get(state.value, 0) + 1
             if message.state == MessageState.SENDING.value:
                 self._redelivered += 1
@@ -608,66 +1018,304 @@ class MessageQueue(Service):
 
     async def _attempt(self, entry: ScheduledEntry) -> None:
         try:
-            envelope, body = await self._journal.read(entry.location)
+            original, body = await self._journal.read(entry.location)
         except Exception:
             self._log.failure("cannot read {queue_id} from the journal", queue_id=entry.queue_id)
-            await self._settle(entry, None, all_deferred(["*"], "cannot read the journal"))
+            await self._retry_unread(entry)
             return
-        if envelope.priority != entry.priority:
-            envelope = evolve(envelope, priority=entry.priority)
+        if original.priority != entry.priority:
+            original = evolve(original, priority=entry.priority)
+        progress = self._progress.get(entry.queue_id)
+        envelope = original
+        if progress is not None:
+            envelope = evolve(original, recipients=progress.remaining)
         # Journaled before the attempt, so that after a crash the messages
         # that may have gone out already are known and counted.
         await self._record(entry.queue_id, MessageState.SENDING, entry.attempts)
-        try:
-            result = await self._outbound.deliver(envelope, body)
-        except Exception:
-            self._log.failure("outbound failed on {queue_id}", queue_id=entry.queue_id)
-            result = all_deferred(envelope.recipients, "internal error")
-        await self._settle(entry, envelope, result)
+        result = DeliveryResult()
+        if envelope.recipients:
+            try:
+                result = await self._outbound.deliver(envelope, body)
+            except Exception:
+                self._log.failure("outbound failed on {queue_id}", queue_id=entry.queue_id)
+                result = all_deferred(envelope.recipients, "internal error")
+        await self._settle(entry, original, envelope.recipients, body, result)
+
+    async def _retry_unread(self, entry: ScheduledEntry) -> None:
+        attempts = entry.attempts + 1
+        next_attempt_at = self._next_attempt_at(attempts)
+        await self._record(entry.queue_id, MessageState.DEFERRED, attempts, next_attempt_at)
+        self.scheduler.defer(entry.queue_id, next_attempt_at, attempts)
+        self._deferred += 1
+
+    def _next_attempt_at(self, attempts: int) -> float:
+        return self._clock.seconds() + jittered(self._retry(attempts), self._rng())
 
     async def _settle(
-        self, entry: ScheduledEntry, envelope: Envelope | None, result: DeliveryResult
+        self,
+        entry: ScheduledEntry,
+        original: Envelope,
+        tried: tuple[str, ...],
+        body: bytes,
+        result: DeliveryResult,
     ) -> None:
         queue_id = entry.queue_id
+        now = self._clock.seconds()
+        attempts = entry.attempts + 1
+        before = self._progress.get(queue_id)
+        outcomes = sort_outcomes(
+            tried,
+            result,
+            age=now - original.accepted_at,
+            max_queue_age=self._max_queue_age,
+        )
+        failed = outcomes.failed
+        deferred = outcomes.deferred
+        dsn: str | None = None
+        if failed:
+            reported, dsn = await self._report(original, body, outcomes, now)
+            if not reported:
+                # Tried again later, so that the bounce is not lost.
+                deferred += failed
+                failed = ()
+        bounced = (before.bounced if before else ()) + tuple(r for r, _ in failed)
+        waiting = {r for r, _ in deferred}
+        remaining = tuple(r for r in tried if r in waiting)
         fields = {
             "queue_id": queue_id,
             "list": entry.list,
             "priority": int(entry.priority),
-            "recipients": len(envelope.recipients) if envelope else 0,
+            "attempts": attempts,
+            "delivered": len(outcomes.delivered),
+            "bounced": len(failed),
+            "deferred": len(remaining),
         }
-        if result.deferred:
-            attempts = entry.attempts + 1
-            next_attempt_at = self._clock.seconds() + self._retry(attempts)
+        self._recipients_delivered += len(outcomes.delivered)
+        self._recipients_bounced += len(failed)
+        expired = dict(outcomes.expired)
+        self._recipients_expired += sum(1 for r, _ in failed if r in expired)
+        if remaining:
+            next_attempt_at = self._next_attempt_at(attempts)
             self._log.info(
                 "deferred {queue_id} (attempt {attempts}, next at {next_attempt_at}): {reasons}",
-                attempts=attempts,
                 next_attempt_at=next_attempt_at,
-                reasons="; ".join(f"{r}: {why}" for r, why in result.deferred),
+                reasons="; ".join(f"{r}: {why}" for r, why in deferred),
                 **fields,
             )
-            await self._record(queue_id, MessageState.DEFERRED, attempts, next_attempt_at)
+            progress = RecipientProgress(remaining, bounced)
+            if progress == before or (before is None and remaining == original.recipients):
+                await self._record(queue_id, MessageState.DEFERRED, attempts, next_attempt_at)
+            else:
+                await self._record(
+                    queue_id, MessageState.DEFERRED, attempts, next_attempt_at, progress
+                )
+                self._progress[queue_id] = progress
             self.scheduler.defer(queue_id, next_attempt_at, attempts)
             self._deferred += 1
-        elif result.bounced:
-            self._log.info(
-                "bounced {queue_id}: {reasons}",
-                reasons="; ".join(f"{r}: {why}" for r, why in result.bounced),
-                **fields,
-            )
-            await self._record(queue_id, MessageState.BOUNCED, entry.attempts + 1)
-            self.scheduler.complete(queue_id)
-            self._bounced += 1
+            self._delivery_alert(original, deferred, attempts, next_attempt_at, now)
         else:
-            self._log.info("delivered {queue_id}", attempts=entry.attempts + 1, **fields)
-            await self._record(queue_id, MessageState.DELIVERED, entry.attempts + 1)
+            state = MessageState.BOUNCED if bounced else MessageState.DELIVERED
+            self._log.info("{state} {queue_id}", state=state.value, **fields)
+            await self._record(queue_id, state, attempts)
             self.scheduler.complete(queue_id)
-            self._delivered += 1
+            self._progress.pop(queue_id, None)
+            if bounced:
+                self._bounced += 1
+            else:
+                self._delivered += 1
+        if failed:
+            self._bounce_alert(original, outcomes, failed, dsn, now)
+
+    async def _report(
+        self, original: Envelope, body: bytes, outcomes: RecipientOutcomes, now: float
+    ) -> tuple[bool, str | None]:
+        """
+        Submit the bounce about the recipients of C{outcomes} that failed
+        for good, when one is due.
+
+        @return: whether the failures may be taken as reported (the bounce
+            is durable, or none is due or possible), and the queue id of
+            the bounce.
+        """
+        if not should_send_dsn(original, body):
+            return True, None
+        expired = dict(outcomes.expired)
+        failures = [
+            recipient_failure(r, why, expired=r in expired, last_attempt=now)
+            for r, why in outcomes.failed
+        ]
+        queue_id = self._queue_ids.next(now)
+        try:
+            report = build_dsn(
+                envelope=original,
+                original=body,
+                failures=failures,
+                reporting_mta=self._hostname,
+                arrival_date=original.accepted_at,
+                now=now,
+                kind="failed",
+                message_id=f"<{queue_id}@{self._hostname}>",
+            )
+        except ValueError as e:
+            self._log.warn(
+                "no bounce for {queue_id}: {reason}", queue_id=original.queue_id, reason=str(e)
+            )
+            return True, None
+        envelope = Envelope(
+            queue_id=queue_id,
+            list=original.list,
+            username=DSN_USERNAME,
+            sender="",
+            recipients=(original.sender,),
+            priority=original.priority,
+            accepted_at=now,
+            size=len(report),
+        )
+        try:
+            location = await self._journal.accept(envelope, report)
+        except JournalUnavailable as e:
+            self._log.warn(
+                "could not queue the bounce for {queue_id} ({reason}): its failed"
+                " recipients are tried again later",
+                queue_id=original.queue_id,
+                reason=str(e),
+            )
+            return False, None
+        self._dsns += 1
+        self._log.info(
+            "bounce {dsn} queued for {queue_id} to <{sender}>",
+            dsn=queue_id,
+            queue_id=original.queue_id,
+            sender=original.sender,
+        )
+        self._schedule(envelope, location)
+        return True, queue_id
+
+    def _bounce_alert(
+        self,
+        original: Envelope,
+        outcomes: RecipientOutcomes,
+        failed: tuple[tuple[str, str], ...],
+        dsn: str | None,
+        now: float,
+    ) -> None:
+        expired = dict(outcomes.expired)
+        reasons = [
+            f"{EXPIRED_STATUS} delivery time expired (last reply: {why})" if r in expired else why
+            for r, why in failed
+        ]
+        count = len(failed)
+        self._raise(
+            Alert(
+                type="bounce",
+                message=(
+                    f"{count} recipient{'s' if count != 1 else ''} of message"
+                    f" {original.queue_id} from <{original.sender}> failed for good:"
+                    f" {reasons[0]}"
+                ),
+                created_at=now,
+                list=original.list,
+                details={
+                    "queue_id": original.queue_id,
+                    "username": original.username,
+                    "sender": original.sender,
+                    "recipients": [r for r, _ in failed],
+                    "reasons": reasons,
+                    "expired": [r for r, _ in failed if r in expired],
+                    "dsn_queue_id": dsn,
+                },
+            )
+        )
+
+    def _delivery_alert(
+        self,
+        original: Envelope,
+        deferred: tuple[tuple[str, str], ...],
+        attempts: int,
+        next_attempt_at: float,
+        now: float,
+    ) -> None:
+        self._raise_summaries(self._delivery_alerts.ended(now))
+        if attempts != self._delivery_alert_attempts:
+            return
+        by_domain: dict[str, list[tuple[str, str]]] = {}
+        for recipient, why in deferred:
+            by_domain.setdefault(_domain(recipient), []).append((recipient, why))
+        for domain, pairs in by_domain.items():
+            if not self._delivery_alerts.admit((original.list, domain), now):
+                continue
+            self._raise(
+                Alert(
+                    type="delivery",
+                    message=(
+                        f"message {original.queue_id} to {domain or 'a local address'} was"
+                        f" deferred {attempts} times: {pairs[0][1]}"
+                    ),
+                    created_at=now,
+                    list=original.list,
+                    details={
+                        "queue_id": original.queue_id,
+                        "domain": domain,
+                        "attempts": attempts,
+                        "recipients": [r for r, _ in pairs],
+                        "reasons": [why for _, why in pairs],
+                        "next_attempt_at": next_attempt_at,
+                    },
+                )
+            )
+
+    def _raise_summaries(self, summaries: list[ThrottleSummary]) -> None:
+        for summary in summaries:
+            list_, domain = summary.key
+            self._raise(
+                Alert(
+                    type="delivery",
+                    message=(
+                        f"{summary.suppressed} more message"
+                        f"{'s' if summary.suppressed != 1 else ''} of list {list_} to"
+                        f" {domain or 'a local address'} were deferred"
+                        f" {self._delivery_alert_attempts} times"
+                    ),
+                    created_at=self._clock.seconds(),
+                    list=list_,
+                    details={
+                        "domain": domain,
+                        "attempts": self._delivery_alert_attempts,
+                        "suppressed": summary.suppressed,
+                        "first_at": summary.first_at,
+                        "last_at": summary.last_at,
+                    },
+                )
+            )
+
+    def _raise(self, alert: Alert) -> None:
+        if self._alerts is None:
+            return
+        try:
+            self._alerts.raise_alert(alert)
+        except Exception:
+            self._log.failure("could not raise a {type} alert", type=alert.type)
 
     async def _record(
-        self, queue_id: str, state: MessageState, attempts: int, next_attempt_at: float = 0.0
+        self,
+        queue_id: str,
+        state: MessageState,
+        attempts: int,
+        next_attempt_at: float = 0.0,
+        progress: RecipientProgress | None = None,
     ) -> None:
         try:
-            await self._journal.record_state(queue_id, state.value, attempts, next_attempt_at)
+            if progress is None:
+                await self._journal.record_state(queue_id, state.value, attempts, next_attempt_at)
+            else:
+                await self._journal.record_state(
+                    queue_id,
+                    state.value,
+                    attempts,
+                    next_attempt_at,
+                    remaining=progress.remaining,
+                    bounced=progress.bounced,
+                )
         except JournalUnavailable as error:
             # The outcome stands in memory; after a restart the journal's
             # older state is what counts (at worst, a second delivery).
@@ -677,3 +1325,28 @@ class MessageQueue(Service):
                 state=state.value,
                 reason=str(error),
             )
+
+
+_PROBE = Envelope("PROBE", "", "", "probe@example.invalid", ("r@example.invalid",), Priority(3), 0)
+
+
+def _check_hostname(hostname: str) -> None:
+    """
+    @raise ValueError: if a bounce cannot name C{hostname} as its reporting
+        MTA.
+    """
+    try:
+        build_dsn(
+            envelope=_PROBE,
+            original=b"",
+            failures=[RecipientFailure("r@example.invalid")],
+            reporting_mta=hostname,
+            arrival_date=0.0,
+            now=0.0,
+            kind="failed",
+            message_id="<probe@example.invalid>",
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"hostname {hostname!r} cannot name the gateway in bounces: {e}"
+        ) from None
