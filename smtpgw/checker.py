@@ -405,6 +405,10 @@ class SmtpUserChecker:
         self._dummy_cost = rounds
         self._cost_known = False
         self.cache = VerifiedCredentialsCache(clock) if cache is None else cache
+        # Checks under way, by cache key, with the logins waiting on each:
+        # an application that opens twenty connections at once with the same
+        # credentials costs one bcrypt check, not twenty.
+        self._checking: dict[bytes, list[Deferred[SmtpUser]]] = {}
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[SmtpUser]:  # type: ignore[override]
         """
@@ -437,7 +441,10 @@ class SmtpUserChecker:
         if user is None:
             if not self._cost_known and isinstance(users, HashCostLookup):
                 self._learn_cost(users.typical_hash_cost())
-            return _Miss(None, b"", dummy_hash(self._dummy_cost))
+            # Keyed too, so that identical attempts in parallel share one
+            # check for unknown users just as for known ones (same timing).
+            unknown = self.cache.key(username, b"", password)
+            return _Miss(None, unknown, dummy_hash(self._dummy_cost))
         key = self.cache.key(user.username, user.password_hash, password)
         # An inactive user always pays bcrypt, so its answer takes as long
         # as any other failure, cached or not.
@@ -458,8 +465,26 @@ class SmtpUserChecker:
         if not isinstance(found, _Miss):
             return found
         assert self._bcrypt is not None
-        d = self._bcrypt.run(lambda: self._verify(password, found.password_hash))
-        return d.addCallback(self._decide, found)
+        waiting = self._checking.get(found.key)
+        if waiting is not None:
+            joined: Deferred[SmtpUser] = Deferred()
+            waiting.append(joined)
+            return joined
+        self._checking[found.key] = []
+        checked = self._bcrypt.run(lambda: self._verify(password, found.password_hash))
+        decided: Deferred[SmtpUser] = checked.addCallback(self._decide, found)
+        return decided.addBoth(self._share, found.key)
+
+    def _share(self, result: SmtpUser | Failure, key: bytes) -> SmtpUser | Failure:
+        """
+        Give the outcome of a check to the logins that waited for it.
+        """
+        for waiting in self._checking.pop(key, []):
+            if isinstance(result, Failure):
+                waiting.errback(result)
+            else:
+                waiting.callback(result)
+        return result
 
     def _check_in_one_hop(self, users: UserLookup, username: str, password: bytes) -> SmtpUser:
         found = self._look_up(users, username, password)

@@ -642,7 +642,41 @@ async def test_cached_login_is_prompt_while_bcrypt_is_saturated(
         with pytest.raises(UnauthorizedLogin):
             await d
     assert bcrypt_pool.pending == 0
-    assert verify.calls == 7
+    # The three identical attempts for the known user shared one check; the
+    # three unknown users are different credentials, one check each.
+    assert verify.calls == 5
+
+
+@async_test
+async def test_identical_logins_in_parallel_share_one_bcrypt_check(
+    checker: SmtpUserChecker,
+    user: tuple[SmtpUser, str],
+    verify: GatedVerify,
+) -> None:
+    """
+    Twenty connections opened at once with the same credentials (an
+    application starting up) cost one bcrypt check, not twenty; the same
+    holds for identical attempts at an unknown user, so sharing tells
+    nothing about which users exist. Different passwords are not shared.
+    """
+    record, password = user
+    verify.close()
+    try:
+        good = [checker.requestAvatarId(creds(record.username, password)) for _ in range(20)]
+        ghost = [checker.requestAvatarId(creds("smtp-news-ghost", "pw")) for _ in range(5)]
+        other = checker.requestAvatarId(creds(record.username, "different"))
+        await verify.held(2)
+    finally:
+        verify.open()
+    for d in good:
+        assert (await d) == record
+    for d in [*ghost, other]:
+        with pytest.raises(UnauthorizedLogin):
+            await d
+    assert verify.calls == 3
+    # Later logins hit the cache.
+    assert (await checker.requestAvatarId(creds(record.username, password))) == record
+    assert verify.calls == 3
 
 
 @async_test
