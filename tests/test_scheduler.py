@@ -6,8 +6,11 @@ storage.
 
 from __future__ import annotations
 
+import copy
+import sys
 import tracemalloc
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +19,7 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
     multiple,
     precondition,
@@ -59,6 +63,35 @@ def drain(scheduler: Scheduler, now: float = 0.0) -> list[str]:
     while (e := scheduler.pop_ready(now)) is not None:
         popped.append(e.queue_id)
     return popped
+
+
+def round_robin(lanes: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """
+    The lanes served one entry each in turn, in the order given.
+    """
+    rest = [list(ids) for _, ids in lanes]
+    order = []
+    while any(rest):
+        for ids in rest:
+            if ids:
+                order.append(ids.pop(0))
+    return order
+
+
+def pop_order(scheduler: Scheduler, now: float) -> list[str]:
+    """
+    Everything a copy of the scheduler hands out at C{now}, in order (the
+    scheduler itself is left as it is).
+    """
+    return drain(copy.deepcopy(scheduler), now)
+
+
+def ready_lanes_order(scheduler: Scheduler) -> list[str]:
+    """
+    The order L{Scheduler.ready_lanes} announces: priority by priority,
+    each priority's lanes served in turn.
+    """
+    return [q for p in Priority for q in round_robin(scheduler.ready_lanes(p))]
 
 
 class TestOrder:
@@ -253,6 +286,101 @@ class TestDeferred:
             s.defer("m", bad, 1)
 
 
+class TestBuckets:
+    """
+    Deferred entries wait in time buckets; the bucket coming due is a heap.
+    """
+
+    def test_bucket_width_must_be_a_positive_number(self) -> None:
+        """
+        A bucket width that is not a positive, finite number is refused.
+        """
+        for bad in (0.0, -1.0, float("inf"), float("nan")):
+            with pytest.raises(ValueError, match="bucket_width"):
+                Scheduler(bucket_width=bad)
+
+    def test_entries_of_one_bucket_come_out_at_their_exact_times(self) -> None:
+        """
+        Entries deferred into one bucket are ready each at its own time,
+        not when the bucket starts nor when it ends.
+        """
+        s = Scheduler(bucket_width=10.0)
+        for queue_id, when in (("c", 7.0), ("a", 1.25), ("b", 3.5)):
+            s.add(entry(queue_id, state=MessageState.DEFERRED, next_attempt_at=when))
+        assert s.next_wakeup(0.0) == 1.25
+        assert drain(s, 1.0) == []
+        assert drain(s, 1.25) == ["a"]
+        assert s.next_wakeup(1.25) == 3.5
+        assert drain(s, 6.999) == ["b"]
+        assert s.next_wakeup(6.999) == 7.0
+        assert drain(s, 7.0) == ["c"]
+        assert s.next_wakeup(7.0) is None
+
+    def test_earliest_of_a_bucket_leaving_is_noticed(self) -> None:
+        """
+        When the earliest entry of a bucket is released, held or cancelled,
+        next_wakeup names the next earliest of that bucket.
+        """
+        s = Scheduler(bucket_width=100.0)
+        for queue_id, when in (("a", 10.0), ("b", 20.0), ("c", 30.0), ("d", 40.0)):
+            s.add(entry(queue_id, state=MessageState.DEFERRED, next_attempt_at=when))
+        assert s.next_wakeup(0.0) == 10.0
+        s.release("a")
+        assert s.next_wakeup(0.0) == 20.0
+        s.hold("b")
+        assert s.next_wakeup(0.0) == 30.0
+        s.cancel("c")
+        assert s.next_wakeup(0.0) == 40.0
+        s.add(entry("e", state=MessageState.DEFERRED, next_attempt_at=35.0))
+        assert s.next_wakeup(0.0) == 35.0
+        assert drain(s, 100.0) == ["a", "e", "d"]
+
+    def test_entry_deferred_twice_into_one_bucket_comes_out_once(self) -> None:
+        """
+        An entry released from a bucket, sent and deferred again into the
+        same bucket is made ready once, at its new time.
+        """
+        s = Scheduler(bucket_width=100.0)
+        s.add(entry("m", state=MessageState.DEFERRED, next_attempt_at=50.0))
+        s.add(entry("n", state=MessageState.DEFERRED, next_attempt_at=55.0))
+        s.release("m")
+        assert drain(s, 0.0) == ["m"]
+        s.defer("m", 60.0, 1)
+        assert s.next_wakeup(0.0) == 55.0
+        assert drain(s, 59.0) == ["n"]
+        assert s.next_wakeup(59.0) == 60.0
+        assert drain(s, 60.0) == ["m"]
+        assert s.counts_by_state()[MessageState.SENDING] == 2
+        assert s.next_wakeup(1000.0) is None
+
+    def test_entry_deferred_into_the_bucket_under_way(self) -> None:
+        """
+        Once a bucket has started coming due, entries deferred into it, or
+        into the past, are ready exactly at their times, in time order.
+        """
+        s = Scheduler(bucket_width=10.0)
+        s.add(entry("a", state=MessageState.DEFERRED, next_attempt_at=2.0))
+        s.add(entry("b", state=MessageState.DEFERRED, next_attempt_at=8.0))
+        assert drain(s, 3.0) == ["a"]
+        s.defer("a", 5.0, 1)
+        s.add(entry("past", state=MessageState.DEFERRED, next_attempt_at=1.0))
+        assert s.next_wakeup(3.0) == 5.0
+        assert s.ready_by_priority()[Priority.NORMAL] == 1
+        assert drain(s, 4.0) == ["past"]
+        assert drain(s, 9.0) == ["a", "b"]
+
+    def test_due_entries_of_many_buckets_join_in_time_order(self) -> None:
+        """
+        Entries of several buckets that all came due join in the order of
+        their times, then of their queue ids.
+        """
+        s = Scheduler(bucket_width=1.0)
+        times = {"e": 4.5, "a": 0.5, "d": 3.0, "b": 3.0, "c": 2.75}
+        for queue_id, when in times.items():
+            s.add(entry(queue_id, state=MessageState.DEFERRED, next_attempt_at=when))
+        assert drain(s, 10.0) == ["a", "c", "b", "d", "e"]
+
+
 class TestAdmin:
     def test_held_never_ready_until_released(self) -> None:
         """
@@ -439,6 +567,166 @@ class TestAdmin:
         assert [e.queue_id for e in s.entries()] == ["a", "b", "c", "d"]
 
 
+class TestReadyLanes:
+    def test_lanes_in_turn_order_with_ids_oldest_first(self) -> None:
+        """
+        ready_lanes names the lists in the order the round-robin serves
+        them next, each with its ready ids oldest first, leaving out held,
+        deferred and sending entries and other priorities.
+        """
+        s = Scheduler()
+        for queue_id in ("a0", "a1", "b0", "a2", "c0", "b1"):
+            s.add(entry(queue_id, list={"a": "alpha", "b": "beta", "c": "gamma"}[queue_id[0]]))
+        s.add(entry("h", list="alpha", state=MessageState.HELD))
+        s.add(entry("d", list="beta", state=MessageState.DEFERRED, next_attempt_at=5.0))
+        s.add(entry("u", 1, list="gamma"))
+        assert drain_one(s) == "u"
+        assert drain_one(s) == "a0"
+        assert s.ready_lanes(Priority.NORMAL) == [
+            ("beta", ["b0", "b1"]),
+            ("gamma", ["c0"]),
+            ("alpha", ["a1", "a2"]),
+        ]
+        assert s.ready_lane_lengths(Priority.NORMAL) == [("beta", 2), ("gamma", 1), ("alpha", 2)]
+        assert s.ready_lanes(Priority.VERY_HIGH) == []
+        assert ready_lanes_order(s) == pop_order(s, 0.0) == ["b0", "c0", "a1", "b1", "a2"]
+
+    def test_stale_ids_are_left_out(self) -> None:
+        """
+        Entries held, cancelled or re-prioritized out of a lane are not in
+        it; one released again is at its end.
+        """
+        s = Scheduler()
+        for i in range(5):
+            s.add(entry(f"m{i}"))
+        s.hold("m1")
+        s.cancel("m3")
+        s.reprioritize("m0", 2)
+        s.release("m1")
+        assert s.ready_lanes(3) == [("alpha", ["m2", "m4", "m1"])]
+        assert s.ready_lanes(2) == [("alpha", ["m0"])]
+        assert ready_lanes_order(s) == pop_order(s, 0.0) == ["m0", "m2", "m4", "m1"]
+
+    def test_a_lane_emptied_and_filled_again_keeps_its_turn(self) -> None:
+        """
+        A list whose last ready entry was held keeps its place in the ring
+        when it gets a ready entry again before its turn came.
+        """
+        s = Scheduler()
+        s.add(entry("a0", list="alpha"))
+        s.add(entry("a1", list="alpha"))
+        s.add(entry("b0", list="beta"))
+        s.add(entry("c0", list="gamma"))
+        assert drain_one(s) == "a0"
+        s.hold("b0")
+        s.add(entry("b1", list="beta"))
+        assert [name for name, _ in s.ready_lanes(3)] == ["beta", "gamma", "alpha"]
+        assert ready_lanes_order(s) == pop_order(s, 0.0) == ["b1", "c0", "a1"]
+
+
+class TestSelection:
+    def populated(self) -> Scheduler:
+        s = Scheduler()
+        for i in range(30):
+            state = (MessageState.QUEUED, MessageState.DEFERRED, MessageState.HELD)[i % 3]
+            s.add(
+                entry(
+                    f"m{i:02d}",
+                    1 + i % 5,
+                    LISTS[i % 2],
+                    state,
+                    next_attempt_at=100.0 + i,
+                )
+            )
+        drain_one(s)
+        return s
+
+    @pytest.mark.parametrize("list_name", [None, "alpha", "beta", "gamma"])
+    @pytest.mark.parametrize("priority", [None, 1, 4])
+    @pytest.mark.parametrize(
+        "state", [None, MessageState.QUEUED, MessageState.SENDING, MessageState.HELD]
+    )
+    @pytest.mark.parametrize("after", [None, "m10", "m29"])
+    def test_queue_ids_select_as_the_entries_say(
+        self,
+        list_name: str | None,
+        priority: int | None,
+        state: MessageState | None,
+        after: str | None,
+    ) -> None:
+        """
+        queue_ids gives, in the order the entries were added, the ids of
+        exactly the entries of that list, priority and state after C{after}.
+        """
+        s = self.populated()
+        expected = [
+            e.queue_id
+            for e in s.entries()
+            if (list_name is None or e.list == list_name)
+            and (priority is None or e.priority == priority)
+            and (state is None or e.state is state)
+            and (after is None or e.queue_id > after)
+        ]
+        got = s.queue_ids(list=list_name, priority=priority, state=state, after=after)
+        assert got == expected
+        snapshot = s.snapshot()
+        assert snapshot.queue_ids(list=list_name, priority=priority, state=state, after=after) == (
+            expected
+        )
+
+    def test_final_states_select_nothing(self) -> None:
+        """
+        No entry is in a final state.
+        """
+        s = self.populated()
+        for state in (MessageState.DELIVERED, MessageState.BOUNCED, MessageState.CANCELLED):
+            assert s.queue_ids(state=state) == []
+
+    @pytest.mark.parametrize(("size", "runs"), [(1, 30), (10, 3), (29, 2), (30, 1), (31, 1)])
+    def test_runs_cover_every_entry_once(self, size: int, runs: int) -> None:
+        """
+        queue_id_runs looks at C{size} entries at a time: ceil(n / size)
+        runs that together select what queue_ids selects (at a run size
+        that divides the entries, one less, and one more).
+        """
+        s = self.populated()
+        got = list(s.snapshot().queue_id_runs(size, priority=1))
+        assert len(got) == runs
+        assert [q for run in got for q in run] == s.queue_ids(priority=1)
+
+    def test_runs_of_an_empty_or_unmatched_selection(self) -> None:
+        """
+        An empty snapshot gives one empty run; an unknown list gives empty
+        runs; a run size below 1 is refused.
+        """
+        assert list(Scheduler().snapshot().queue_id_runs(5)) == [[]]
+        assert list(self.populated().snapshot().queue_id_runs(20, list="nope")) == [[], []]
+        with pytest.raises(ValueError, match="size"):
+            next(Scheduler().snapshot().queue_id_runs(0))
+
+
+class TestSnapshot:
+    def test_snapshot_is_one_moment(self) -> None:
+        """
+        Changes after a snapshot do not show in it: entries, selections and
+        ready lanes are as they were.
+        """
+        s = Scheduler()
+        for i in range(4):
+            s.add(entry(f"m{i}"))
+        snapshot = s.snapshot()
+        s.cancel("m0")
+        s.hold("m1")
+        s.add(entry("m9", list="beta"))
+        assert drain_one(s) == "m2"
+        assert len(snapshot) == 4
+        assert snapshot.get("m0") == entry("m0")
+        assert snapshot.get("m9") is None
+        assert snapshot.queue_ids(state=MessageState.QUEUED) == ["m0", "m1", "m2", "m3"]
+        assert snapshot.ready_lanes(3) == [("alpha", ["m0", "m1", "m2", "m3"])]
+        assert s.ready_lanes(3) == [("beta", ["m9"]), ("alpha", ["m3"])]
+
+
 locations = st.builds(
     JournalLocation,
     segment=st.integers(0, (1 << 32) - 1),
@@ -521,8 +809,9 @@ def test_adds_and_pops_respect_priority_fifo_and_turns(
 class SchedulerMachine(RuleBasedStateMachine):
     """
     Every operation, checked against a plain model of the lanes: pops follow
-    strict priority, FIFO per lane, round-robin between lists, and the counts
-    always agree.
+    strict priority, FIFO per lane, round-robin between lists, the counts
+    always agree, and ready_lanes announces the order the pops follow; with
+    deferred entries in buckets narrower and wider than the delays.
     """
 
     ids = Bundle("ids")
@@ -538,6 +827,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.due: dict[str, float] = {}
         self.lanes: dict[tuple[int, str], list[str]] = {}
         self.owed: dict[tuple[int, str], set[str]] = {}
+
+    @initialize(bucket_width=st.sampled_from([0.25, 1.0, 4.0]))
+    def start(self, bucket_width: float) -> None:
+        self.s = Scheduler(bucket_width=bucket_width)
 
     def lane(self, queue_id: str) -> tuple[int, str]:
         return (self.priority[queue_id], self.list[queue_id])
@@ -705,6 +998,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             self.priority[queue_id] = priority
 
+    @rule()
+    def ready_lanes_give_the_pop_order(self) -> None:
+        """
+        Once due entries are made ready, ready_lanes holds exactly the
+        model's lanes, and serving them in turn is the order in which the
+        scheduler hands them out.
+        """
+        self.s.has_ready(self.now)
+        self.promote()
+        announced = {(int(p), name): ids for p in Priority for name, ids in self.s.ready_lanes(p)}
+        assert announced == {k: v for k, v in self.lanes.items() if v}
+        assert ready_lanes_order(self.s) == pop_order(self.s, self.now)
+
     @invariant()
     def counts_agree(self) -> None:
         expected = Counter(self.state.values())
@@ -722,16 +1028,36 @@ TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40)
 
 
-def test_memory_per_queued_message_is_compact() -> None:
+MEMORY_STATES = {
+    "queued": (MessageState.QUEUED,),
+    "deferred": (MessageState.DEFERRED,),
+    "held": (MessageState.HELD,),
+    "half queued, half deferred": (MessageState.QUEUED, MessageState.DEFERRED),
+}
+
+
+@pytest.mark.parametrize("states", MEMORY_STATES.values(), ids=MEMORY_STATES.keys())
+def test_memory_per_message_is_compact_in_every_state(states: tuple[MessageState, ...]) -> None:
     """
-    A queued message costs the scheduler well under 200 bytes (queue id,
-    dict slot, packed record, lane slot), measured with tracemalloc.
+    A message costs the scheduler at most 200 bytes whatever its state
+    (queue id, dict slot, packed record, and a lane slot when queued or a
+    bucket slot when deferred, with retries spread over 10 minutes),
+    measured with tracemalloc.
     """
     count = 20_000
     ids = [f"{1_700_000_000_000 + i:011X}ABCD{i:05X}" for i in range(count)]
     location = JournalLocation(segment=3, offset=123_456_789, length=4_000)
     entries = [
-        ScheduledEntry(q, Priority(1 + i % 5), LISTS[i % 3], location) for i, q in enumerate(ids)
+        ScheduledEntry(
+            q,
+            Priority(1 + i % 5),
+            LISTS[i % 3],
+            location,
+            states[i % len(states)],
+            attempts=3,
+            next_attempt_at=1_700_000_000.0 + (i * 0.37) % 600,
+        )
+        for i, q in enumerate(ids)
     ]
     tracemalloc.start()
     try:
@@ -739,10 +1065,13 @@ def test_memory_per_queued_message_is_compact() -> None:
         before = tracemalloc.get_traced_memory()[0]
         for e in entries:
             s.add(e)
+        # Looking for the next wakeup may not cost a deferred entry more.
+        s.next_wakeup(1_699_999_999.0)
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     # The ids already exist here; in the gateway they are owned by the
     # scheduler, so count them too.
-    per_message = used / count + (len(ids[0]) + 49)
+    per_message = used / count + sys.getsizeof(ids[0])
     assert per_message <= 200, per_message
+    assert s.counts_by_state()[states[0]] == count // len(states)
