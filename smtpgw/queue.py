@@ -30,7 +30,6 @@ import gc
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from random import random as _uniform
 
 from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
@@ -147,7 +146,7 @@ def jittered(delay: float, draw: float, jitter: float = RETRY_JITTER) -> float:
 
     @param draw: a number in [0, 1), from a uniform random source: 0 gives
         the shortest wait, 0.5 the delay itself, values near 1 the longest.
-    @return: a wait in M{[delay * (1 - jitter), delay * (1 + jitter))}.
+    @return: a wait in M{[delay * (1 - jitter), delay * (1 + jitter)]}.
     """
     return delay * (1.0 + jitter * (2.0 * draw - 1.0))
 
@@ -243,6 +242,10 @@ def recipient_failure(
         remote_mta=remote_mta,
         last_attempt=last_attempt,
     )
+
+
+def _no_jitter() -> float:
+    return 0.5
 
 
 def _domain(address: str) -> str:
@@ -492,7 +495,7 @@ class MessageQueue(Service):
         *,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         retry: Callable[[int], float] = retry_delay,
-        rng: Callable[[], float] = _uniform,
+        rng: Callable[[], float] | None = None,
         max_queue_age: float = DEFAULT_MAX_QUEUE_AGE,
         alerts: IAlertSink | None = None,
         hostname: str = "localhost",
@@ -511,7 +514,9 @@ class MessageQueue(Service):
         @param stop_timeout: seconds stopping waits for deliveries under way.
         @param retry: the wait after the n-th failed attempt, before jitter.
         @param rng: uniform random numbers in [0, 1) for the jitter of
-            retries (L{jittered}).
+            retries (L{jittered}), such as C{random.random}, which the
+            gateway passes; without one, retries are not jittered (exact
+            times, for tests and tools).
         @param max_queue_age: seconds after its acceptance past which a
             message's recipients that still fail temporarily bounce
             (C{--max-queue-age}).
@@ -545,7 +550,7 @@ class MessageQueue(Service):
         self._bucket = TokenBucket.for_rate(rate)
         self._stop_timeout = stop_timeout
         self._retry = retry
-        self._rng = rng
+        self._rng = rng if rng is not None else _no_jitter
         self._max_queue_age = max_queue_age
         self._alerts = alerts
         self._hostname = hostname

@@ -11,6 +11,7 @@ without threads, on the segment store, by a Hypothesis state machine.
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import shutil
@@ -52,6 +53,7 @@ from smtpgw.journal_codec import (
     decode_segment_header,
     encode_accept,
     encode_priority,
+    encode_queue_state,
     encode_record,
     encode_state,
     walk_records,
@@ -981,6 +983,148 @@ async def test_disk_use_stays_bounded_under_sustained_load(tmp_path: Path, react
     assert len(replayed(tmp_path)) == 48
 
 
+@async_test
+async def test_remaining_recipients_replay_and_later_states_keep_them(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    A change of state that says which recipients remain (and which bounced)
+    is replayed with them; later changes without them keep them; a final
+    state drops the message with them; messages without such a change
+    replay with every recipient (L{None}).
+    """
+    journal = started(tmp_path, reactor)
+    for n in range(3):
+        await journal.accept(envelope(n), body(n))
+    await journal.record_state(
+        "Q00000000", "deferred", 1, 60.0, remaining=["c@example.org"], bounced=["b@example.org"]
+    )
+    await journal.record_state("Q00000000", "sending", 1)
+    await journal.record_state("Q00000000", "deferred", 2, 180.0, {"reason": "451 later"})
+    await journal.record_state("Q00000001", "deferred", 1, 60.0, remaining=["b@example.org"])
+    await journal.record_state("Q00000001", "delivered", 2)
+    await journal.record_state("Q00000002", "held")
+    await journal.stop()
+    messages = replayed(tmp_path)
+    assert summary(messages) == [
+        ("Q00000000", "deferred", 2, 180.0, 3),
+        ("Q00000002", "held", 0, 0.0, 3),
+    ]
+    assert [(m.remaining, m.bounced) for m in messages] == [
+        (("c@example.org",), ("b@example.org",)),
+        (None, ()),
+    ]
+
+
+@async_test
+async def test_queue_state_replays_and_survives_compaction(tmp_path: Path, reactor: Any) -> None:
+    """
+    The latest queue state recorded is what replay says; a paused state is
+    carried forward when the segment that held it is deleted, so a queue
+    stopped by an admin stays stopped across compaction and restarts; the
+    remaining recipients of a live message are copied with it.
+    """
+    fresh = FileJournal(tmp_path, idle_reactor())
+    fresh.replay()
+    assert fresh.queue_paused is False
+    await fresh.stop()
+    journal = started(tmp_path, reactor, segment_size=8 * 1024)
+    await journal.record_queue_state(False)
+    await journal.record_queue_state(True)
+    assert journal.queue_paused is True
+    for n in range(40):
+        await journal.accept(envelope(n), body(n, 1000))
+    await journal.record_state("Q00000003", "deferred", 2, 99.0, remaining=["c@example.org"])
+    await gatherResults(
+        [journal.record_state(f"Q{n:08d}", "delivered") for n in range(40) if n != 3]
+    )
+    await journal.compact()
+    assert not segment_path(tmp_path, 1).exists()
+    assert journal.queue_paused is True
+    await journal.stop()
+    again = FileJournal(tmp_path, idle_reactor())
+    try:
+        [message] = again.replay()
+        assert again.queue_paused is True
+    finally:
+        await again.stop()
+    assert (message.envelope.queue_id, message.state, message.remaining) == (
+        "Q00000003",
+        "deferred",
+        ("c@example.org",),
+    )
+
+
+@async_test
+async def test_running_queue_state_is_not_carried(tmp_path: Path, reactor: Any) -> None:
+    """
+    A queue started again needs no record once the segment holding its
+    records goes: no queue state at all means running.
+    """
+    journal = started(tmp_path, reactor, segment_size=4 * 1024)
+    await journal.record_queue_state(True)
+    await journal.record_queue_state(False)
+    for n in range(20):
+        await journal.accept(envelope(n), body(n, 1000))
+    await gatherResults([journal.record_state(f"Q{n:08d}", "delivered") for n in range(20)])
+    await journal.compact()
+    assert journal.stats().segments == 1
+    await journal.stop()
+    again = FileJournal(tmp_path, idle_reactor())
+    try:
+        assert again.replay() == []
+        assert again.queue_paused is False
+    finally:
+        await again.stop()
+
+
+# A segment written by the gateway before PROGRESS and QUEUE records existed:
+# two accepts, a deferral with details, a re-prioritization, a hold.
+_OLD_SEGMENT = base64.b64decode(
+    "iVNHV0pOTAoBAAAAAQAAAAAAAAABAgMEBQYHCPrcipIBAgMEBQYHCAEBAABnAAAADwAAAPbL1a+ueyPYu2N3kAlR"
+    "MDAwMDAwMDBbIm5ld3MiLCJ1MSIsImFAZXhhbXBsZS5jb20iLFsiYkBleGFtcGxlLm9yZyIsImNAZXhhbXBsZS5v"
+    "cmciXSwzLDE3MDAwMDAwMDAuMCwiMTkyLjAuMi4xIiwxMF1TdWJqZWN0OiAwDQoNCngBAgMEBQYHCAEBAABXAAAA"
+    "DwAAAK8o/DALqH8TPv15hQlRMDAwMDAwMDFbIm5ld3MiLCJ1MSIsImFAZXhhbXBsZS5jb20iLFsiZEBleGFtcGxl"
+    "Lm9yZyJdLDMsMTcwMDAwMDAwMS4wLCIxOTIuMC4yLjEiLDEwXVN1YmplY3Q6IDENCg0KeAECAwQFBgcIAQIAADUA"
+    "AAAAAAAAYBW9SQAAAABCKd2cCVEwMDAwMDAwMAhkZWZlcnJlZAIAAAAAAABe/FTZQXsicmVhc29uIjoiNDUxIGxh"
+    "dGVyIn0BAgMEBQYHCAEDAAALAAAAAAAAAGaQyxwAAAAA53hsqwlRMDAwMDAwMDECAQIDBAUGBwgBAgAAGwAAAAAA"
+    "AAB5DHzbAAAAAOjuoEsJUTAwMDAwMDAxBGhlbGQAAAAAAAAAAAAAAAA="
+)
+
+
+@async_test
+async def test_journal_written_before_progress_records_replays(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    A journal written before PROGRESS and QUEUE records existed replays as
+    it did: every message with all its recipients, the queue running; and
+    the new gateway goes on writing to it.
+    """
+    segment_path(tmp_path, 1).write_bytes(_OLD_SEGMENT)
+    journal = FileJournal(tmp_path, reactor)
+    messages = journal.replay()
+    assert summary(messages) == [
+        ("Q00000000", "deferred", 2, 1_700_000_120.0, 3),
+        ("Q00000001", "held", 0, 0.0, 2),
+    ]
+    assert [(m.remaining, m.bounced) for m in messages] == [(None, ()), (None, ())]
+    assert messages[0].envelope.recipients == ("b@example.org", "c@example.org")
+    assert journal.queue_paused is False
+    journal.start()
+    assert (await journal.read(messages[1].location))[1] == b"Subject: 1\r\n\r\nx"
+    await journal.record_state("Q00000000", "deferred", 3, 5.0, remaining=["c@example.org"])
+    await journal.record_queue_state(True)
+    await journal.stop()
+    again = FileJournal(tmp_path, idle_reactor())
+    try:
+        first, _ = again.replay()
+        assert again.queue_paused is True
+    finally:
+        await again.stop()
+    assert first.remaining == ("c@example.org",)
+
+
 # The compaction rules, without threads
 
 
@@ -997,6 +1141,8 @@ class CompactionMachine(RuleBasedStateMachine):
         self.directory = tempfile.mkdtemp(prefix="journal-machine-")
         self.store = self._open()
         self.model: dict[str, list[Any]] = {}
+        self.progress: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self.paused = False
         self.counter = 0
 
     def _open(self) -> _SegmentStore:
@@ -1029,8 +1175,34 @@ class CompactionMachine(RuleBasedStateMachine):
         self._write(encode_state(queue_id, state, attempts, float(attempts)))
         if state in ("delivered", "bounced", "cancelled"):
             del self.model[queue_id]
+            self.progress.pop(queue_id, None)
         else:
             self.model[queue_id][1:4] = [state, attempts, float(attempts)]
+
+    @rule(data=st.data(), attempts=st.integers(0, 5), done=st.integers(0, 2))
+    def record_progress(self, data: st.DataObject, attempts: int, done: int) -> None:
+        if not self.model:
+            return
+        queue_id = data.draw(st.sampled_from(sorted(self.model)))
+        recipients = ("b@example.org", "c@example.org")
+        remaining, bounced = recipients[done:], recipients[:done]
+        self._write(
+            encode_state(
+                queue_id,
+                "deferred",
+                attempts,
+                float(attempts),
+                remaining=remaining,
+                bounced=bounced,
+            )
+        )
+        self.model[queue_id][1:4] = ["deferred", attempts, float(attempts)]
+        self.progress[queue_id] = (remaining, bounced)
+
+    @rule(paused=st.booleans())
+    def pause(self, paused: bool) -> None:
+        self._write(encode_queue_state(paused))
+        self.paused = paused
 
     @rule(data=st.data(), priority=st.sampled_from(Priority))
     def reprioritize(self, data: st.DataObject, priority: Priority) -> None:
@@ -1050,7 +1222,15 @@ class CompactionMachine(RuleBasedStateMachine):
     def restart(self) -> None:
         self.store.close()
         self.store = self._open()
-        assert summary(self.store.messages()) == [tuple(v) for v in self.model.values()]
+        messages = self.store.messages()
+        assert summary(messages) == [tuple(v) for v in self.model.values()]
+        assert {
+            m.envelope.queue_id: (m.remaining, m.bounced)
+            for m in messages
+            if m.remaining is not None
+        } == self.progress
+        assert all(m.bounced == () for m in messages if m.remaining is None)
+        assert self.store.index.paused is self.paused
 
     @invariant()
     def index_matches_model(self) -> None:
@@ -1061,6 +1241,8 @@ class CompactionMachine(RuleBasedStateMachine):
                 1:4
             ]
         assert index.total_live_bytes == sum(e.length for e in index.live.values())
+        assert {q: e.progress for q, e in index.live.items() if e.progress} == self.progress
+        assert index.paused is self.paused
 
     @invariant()
     def oldest_segment_is_live_or_current(self) -> None:

@@ -23,6 +23,7 @@ from smtpgw.journal_codec import (
     NoopRecord,
     Payload,
     PriorityRecord,
+    QueueStateRecord,
     RecordType,
     SegmentHeader,
     StateRecord,
@@ -36,6 +37,7 @@ from smtpgw.journal_codec import (
     encode_accept,
     encode_noop,
     encode_priority,
+    encode_queue_state,
     encode_record,
     encode_segment_header,
     encode_state,
@@ -77,13 +79,33 @@ state_records = st.builds(
     next_attempt_at=finite,
     details=st.dictionaries(any_text, json_values, max_size=3),
 )
+progress_records = st.builds(
+    StateRecord,
+    queue_id=queue_ids,
+    state=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=20),
+    attempts=st.integers(min_value=0, max_value=2**32 - 1),
+    next_attempt_at=finite,
+    details=st.dictionaries(
+        any_text.filter(lambda k: k not in ("remaining", "bounced")), json_values, max_size=3
+    ),
+    remaining=st.lists(any_text, max_size=5).map(tuple),
+    bounced=st.lists(any_text, max_size=5).map(tuple),
+)
+queue_records = st.builds(QueueStateRecord, paused=st.booleans())
 accept_records = st.builds(
     AcceptRecord, envelope=envelopes, body=st.binary(max_size=300), copy=st.booleans()
 )
 priority_records = st.builds(
     PriorityRecord, queue_id=queue_ids, priority=st.sampled_from(Priority)
 )
-records = accept_records | state_records | priority_records | st.just(NoopRecord())
+records = (
+    accept_records
+    | state_records
+    | progress_records
+    | priority_records
+    | queue_records
+    | st.just(NoopRecord())
+)
 keys = st.binary(min_size=8, max_size=8)
 
 
@@ -95,10 +117,18 @@ def _encode(record: Any) -> Payload:
         return encode_accept(record.envelope, record.body, copy=record.copy)
     if isinstance(record, StateRecord):
         return encode_state(
-            record.queue_id, record.state, record.attempts, record.next_attempt_at, record.details
+            record.queue_id,
+            record.state,
+            record.attempts,
+            record.next_attempt_at,
+            record.details,
+            remaining=record.remaining,
+            bounced=record.bounced,
         )
     if isinstance(record, PriorityRecord):
         return encode_priority(record.queue_id, record.priority)
+    if isinstance(record, QueueStateRecord):
+        return encode_queue_state(record.paused)
     return encode_noop()
 
 
@@ -258,7 +288,16 @@ def test_intact_header_with_absurd_metadata_length_is_corrupt() -> None:
         read_header(data, 0, KEY, 2**40)
 
 
-@pytest.mark.parametrize("rtype", [RecordType.STATE, RecordType.PRIORITY, RecordType.NOOP])
+@pytest.mark.parametrize(
+    "rtype",
+    [
+        RecordType.STATE,
+        RecordType.PROGRESS,
+        RecordType.PRIORITY,
+        RecordType.NOOP,
+        RecordType.QUEUE,
+    ],
+)
 def test_records_without_bodies_refuse_a_body(rtype: RecordType) -> None:
     """
     Only ACCEPT records have a body; any other type with one is damage.
@@ -420,3 +459,77 @@ def test_compaction_copy_is_a_record_type_of_its_own() -> None:
     assert decode_record(encode_record(KEY, copy), KEY) == AcceptRecord(
         envelope, b"abc", copy=True
     )
+
+
+def test_progress_is_a_record_type_of_its_own() -> None:
+    """
+    A change of state that says which recipients remain is a PROGRESS
+    record (type 6), so a reader that predates it refuses the journal
+    instead of sending to recipients that already took the message; one
+    that does not is the STATE record it always was. Both decode to a
+    StateRecord.
+    """
+    assert (int(RecordType.PROGRESS), int(RecordType.QUEUE)) == (6, 7)
+    plain = encode_state("Q1", "deferred", 2, 60.0)
+    progress = encode_state("Q1", "deferred", 2, 60.0, remaining=["b@x"], bounced=["a@x"])
+    assert (plain.type, progress.type) == (RecordType.STATE, RecordType.PROGRESS)
+    assert decode_record(encode_record(KEY, plain), KEY) == StateRecord("Q1", "deferred", 2, 60.0)
+    assert decode_record(encode_record(KEY, progress), KEY) == StateRecord(
+        "Q1", "deferred", 2, 60.0, {}, ("b@x",), ("a@x",)
+    )
+    empty = encode_state("Q1", "deferred", remaining=[])
+    assert decode_record(encode_record(KEY, empty), KEY) == StateRecord(
+        "Q1", "deferred", remaining=()
+    )
+
+
+def test_progress_fields_cannot_be_misused() -> None:
+    """
+    Bounced recipients go with the remaining ones, and the details of a
+    PROGRESS record cannot use the names of its fields.
+    """
+    with pytest.raises(ValueError, match="remaining"):
+        encode_state("Q1", "deferred", bounced=["a@x"])
+    with pytest.raises(ValueError, match="details"):
+        encode_state("Q1", "deferred", details={"remaining": []}, remaining=["b@x"])
+    # In a plain STATE record such a detail is just a detail.
+    assert decode_record(
+        encode_record(KEY, encode_state("Q1", "held", details={"remaining": 1})), KEY
+    ) == StateRecord("Q1", "held", details={"remaining": 1})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"",
+        b'{"bounced":[]}',
+        b'{"remaining":"b@x"}',
+        b'{"remaining":[1]}',
+        b"[]",
+        b'{"remaining":[],"bounced":null}',
+    ],
+)
+def test_progress_metadata_that_says_no_recipients_is_corrupt(extra: bytes) -> None:
+    """
+    A PROGRESS record must hold its remaining recipients as an array of
+    strings (and bounced ones, when present, too): anything else is damage.
+    """
+    meta = encode_state("Q1", "deferred").meta + extra
+    payload = Payload(RecordType.PROGRESS, meta)
+    with pytest.raises(CorruptRecord):
+        decode_record(encode_record(KEY, payload), KEY)
+
+
+def test_queue_state_record() -> None:
+    """
+    A QUEUE record holds the queue's state as a JSON object; keys a later
+    writer adds are ignored; anything without a boolean "paused" is damage.
+    """
+    assert decode_record(encode_record(KEY, encode_queue_state(True)), KEY) == QueueStateRecord(
+        True
+    )
+    later = Payload(RecordType.QUEUE, b'{"paused":false,"reason":"maintenance"}')
+    assert decode_record(encode_record(KEY, later), KEY) == QueueStateRecord(False)
+    for bad in (b"", b"true", b'{"paused":1}', b'{"running":true}', b"[false]"):
+        with pytest.raises(CorruptRecord):
+            decode_record(encode_record(KEY, Payload(RecordType.QUEUE, bad)), KEY)

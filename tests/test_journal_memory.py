@@ -11,7 +11,7 @@ import pytest
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from smtpgw.interfaces import IJournal
+from smtpgw.interfaces import IJournal, JournalUnavailable
 from smtpgw.journal import QueueIdInUse
 from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, Priority
@@ -55,3 +55,37 @@ def test_accept_of_a_live_queue_id_is_refused(manual: bool) -> None:
     journal.flush()
     [message] = journal.replay()
     assert journal.read(message.location).result == (envelope("Q1"), b"again\r\n")
+
+
+def test_remaining_recipients_are_kept_like_the_file_journal() -> None:
+    """
+    A state change with the remaining recipients is replayed with them;
+    later changes without them keep them; bounced recipients need the
+    remaining ones; nothing is durable before a flush in manual mode.
+    """
+    journal = MemoryJournal(manual=True)
+    journal.accept(envelope("Q1"), b"x\r\n")
+    journal.record_state("Q1", "deferred", 1, 60.0, remaining=["c@x"], bounced=["b@x"])
+    assert list(journal.replay()) == []
+    journal.flush()
+    journal.record_state("Q1", "sending", 1)
+    journal.flush()
+    [message] = journal.replay()
+    assert (message.state, message.remaining, message.bounced) == ("sending", ("c@x",), ("b@x",))
+    assert journal.progress_records == [("Q1", ("c@x",), ("b@x",))]
+    assert failure_of(journal.record_state("Q1", "deferred", bounced=["a@x"])).check(ValueError)
+
+
+def test_queue_state_is_recorded() -> None:
+    """
+    The queue's paused state is durable once flushed, and refused like any
+    write while the journal is unavailable.
+    """
+    journal = MemoryJournal(manual=True)
+    d = journal.record_queue_state(True)
+    assert (journal.queue_paused, d.called) == (False, False)
+    journal.flush()
+    assert (journal.queue_paused, journal.queue_records) == (True, [True])
+    journal.available = False
+    assert failure_of(journal.record_queue_state(False)).check(JournalUnavailable)
+    assert journal.queue_paused is True

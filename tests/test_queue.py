@@ -7,36 +7,61 @@ All in memory on a L{Clock}.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import itertools
-from collections.abc import Callable
-from typing import Any
+import math
+import random
+from collections.abc import Callable, Coroutine
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, ParamSpec, cast
 
 import pytest
+import pytest_twisted
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from smtpgw.alerts import MemoryAlertSink
 from smtpgw.interfaces import (
     DeliveryResult,
     IJournal,
     IMessageQueue,
     IOutbound,
+    JournalLocation,
     JournalUnavailable,
 )
-from smtpgw.journal import QueueIdInUse
+from smtpgw.journal import FileJournal, QueueIdInUse
 from smtpgw.memjournal import MemoryJournal
-from smtpgw.model import Envelope, MessageState, Priority
+from smtpgw.model import Envelope, MessageState, Priority, QueueIdGenerator
 from smtpgw.queue import (
-    RETRY_BASE,
-    RETRY_MAX,
-    MessageQueue,
-    TokenBucket,
-    retry_delay,
+    _NO_RESULT as QUEUE_NO_RESULT,
 )
-from smtpgw.scheduler import InvalidTransition, UnknownMessage
+from smtpgw.queue import (
+    DEFAULT_MAX_QUEUE_AGE,
+    DSN_USERNAME,
+    EXPIRED_STATUS,
+    RETRY_BASE,
+    RETRY_JITTER,
+    RETRY_MAX,
+    AlertThrottle,
+    MessageQueue,
+    RecipientProgress,
+    ThrottleSummary,
+    TokenBucket,
+    jittered,
+    recipient_failure,
+    retry_delay,
+    sort_outcomes,
+)
+from smtpgw.scheduler import InvalidTransition, ScheduledEntry, UnknownMessage
 
 _ids = itertools.count(1)
 
@@ -857,3 +882,933 @@ class TestAdmin:
         }
         assert stats.by_state[MessageState.SENDING] == 1
         assert stats.by_state[MessageState.QUEUED] == 3
+
+
+# Per-recipient outcomes, bounces, expiry, alerts and journaled pauses.
+
+A, B, C = "a@one.example", "b@two.example", "c@one.example"
+THREE = (A, B, C)
+SENDER = "app@news.example"
+HOST = "gw.example.net"
+BODY_MARKER = b"THE-BODY-STAYS-OUT-OF-BOUNCES"
+ORIGINAL = (
+    b"From: App <app@news.example>\r\n"
+    b"To: a@one.example, b@two.example, c@one.example\r\n"
+    b"Subject: Quarterly newsletter\r\n"
+    b"Message-ID: <orig-1@news.example>\r\n"
+    b"\r\n" + BODY_MARKER + b"\r\n"
+)
+
+
+def reply(kind: str, recipient: str) -> str:
+    """
+    @return: what the SMTP client reports for a remote refusal of C{kind}.
+    """
+    host = f"mx.{recipient.rpartition('@')[2]}:25"
+    if kind == "4xx":
+        text = f"451 4.3.0 <{recipient}>: try again later"
+    else:
+        text = f"550 5.1.1 <{recipient}>: no such user"
+    return f"{host} said: {text} (in reply to RCPT TO)"
+
+
+@implementer(IOutbound)
+class RecipientOutbound:
+    """
+    Answers at once, per recipient, from a plan: each recipient's list of
+    outcomes ("ok", "4xx", "5xx") is used one per attempt, and its last
+    outcome sticks; recipients without a plan take the message. While
+    C{hang} is set, deliveries never finish (a gateway killed mid-attempt).
+
+    @ivar delivered: every recipient that took a message, once per delivery.
+    """
+
+    def __init__(self, clock: Clock, plan: dict[str, list[str]] | None = None) -> None:
+        self.clock = clock
+        self.plan = plan or {}
+        self.calls: list[tuple[Envelope, bytes, float]] = []
+        self.delivered: list[str] = []
+        self.hang = False
+
+    def deliver(self, envelope: Envelope, body: bytes) -> Deferred[DeliveryResult]:
+        self.calls.append((envelope, body, self.clock.seconds()))
+        if self.hang:
+            return Deferred()
+        delivered: list[str] = []
+        deferred: list[tuple[str, str]] = []
+        bounced: list[tuple[str, str]] = []
+        for recipient in envelope.recipients:
+            steps = self.plan.get(recipient, ["ok"])
+            kind = steps.pop(0) if len(steps) > 1 else steps[0]
+            if kind == "ok":
+                delivered.append(recipient)
+            elif kind == "4xx":
+                deferred.append((recipient, reply(kind, recipient)))
+            else:
+                bounced.append((recipient, reply(kind, recipient)))
+        self.delivered += delivered
+        return succeed(DeliveryResult(tuple(delivered), tuple(deferred), tuple(bounced)))
+
+    def of(self, queue_id: str) -> list[tuple[str, ...]]:
+        """
+        @return: the recipients of each attempt made for C{queue_id}.
+        """
+        return [e.recipients for e, _, _ in self.calls if e.queue_id == queue_id]
+
+    def others(self, queue_id: str) -> list[tuple[Envelope, bytes]]:
+        """
+        @return: the messages sent other than C{queue_id} (the bounces).
+        """
+        return [(e, body) for e, body, _ in self.calls if e.queue_id != queue_id]
+
+
+def message(
+    recipients: tuple[str, ...] = THREE,
+    *,
+    sender: str = SENDER,
+    list: str = "news",
+    priority: int = 3,
+    accepted_at: float = 0.0,
+) -> Envelope:
+    return Envelope(
+        queue_id=f"M{next(_ids):06d}",
+        list=list,
+        username=f"u-{list}",
+        sender=sender,
+        recipients=recipients,
+        priority=Priority(priority),
+        accepted_at=accepted_at,
+    )
+
+
+def bounce_queue(
+    clock: Clock, outbound: IOutbound, journal: MemoryJournal | None = None, **kwargs: Any
+) -> tuple[MessageQueue, MemoryJournal, MemoryAlertSink]:
+    alerts = MemoryAlertSink()
+    kwargs.setdefault("hostname", HOST)
+    queue, journal = make_queue(clock, outbound, journal, alerts=alerts, **kwargs)
+    return queue, journal, alerts
+
+
+def report_parts(raw: bytes) -> tuple[EmailMessage, list[EmailMessage], list[EmailMessage]]:
+    """
+    @return: a bounce read back: the message, its three parts, and the
+        blocks of its delivery-status part (per message, then per recipient).
+    """
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    parts = cast(list[EmailMessage], parsed.get_payload())
+    blocks = cast(list[EmailMessage], parts[1].get_payload())
+    return parsed, parts, blocks
+
+
+class TestPerRecipient:
+    def test_partial_failure_retries_only_the_deferred_recipient(self) -> None:
+        """
+        One recipient of three deferred: the two others took the message
+        and never get it again; the next attempt, on the backoff schedule,
+        is made for the deferred one alone, and the message is delivered
+        once it takes it. Which recipients remain is journaled.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        outbound = RecipientOutbound(clock, {B: ["4xx", "ok"]})
+        queue, journal = make_queue(clock, outbound)
+        queue.startService()
+        env = message()
+        queue.submit(env, ORIGINAL)
+        assert outbound.delivered == [A, C]
+        entry = queue.get(env.queue_id)
+        assert entry is not None
+        assert (entry.state, entry.attempts, entry.next_attempt_at) == (
+            MessageState.DEFERRED,
+            1,
+            1060.0,
+        )
+        assert queue.progress(env.queue_id) == RecipientProgress((B,))
+        assert journal.progress_records == [(env.queue_id, (B,), ())]
+        [replayed] = journal.replay()
+        assert (replayed.remaining, replayed.bounced) == ((B,), ())
+        run_timers(clock)
+        assert outbound.of(env.queue_id) == [THREE, (B,)]
+        assert sorted(outbound.delivered) == sorted(THREE)
+        assert states(journal, env.queue_id)[-1] == ("delivered", 2, 0.0)
+        assert queue.progress(env.queue_id) is None
+        stats = queue.stats()
+        assert (stats.delivered, stats.deferred, stats.bounced) == (1, 1, 0)
+        assert (stats.recipients_delivered, stats.recipients_bounced) == (3, 0)
+
+    def test_after_a_restart_only_the_remaining_recipient_is_sent(self) -> None:
+        """
+        A gateway restarted after a partial failure sends the message to the
+        remaining recipient only, at its journaled retry time.
+        """
+        first_clock = Clock()
+        journal = MemoryJournal()
+        first, _ = make_queue(first_clock, RecipientOutbound(first_clock, {B: ["4xx"]}), journal)
+        first.startService()
+        env = message()
+        first.submit(env, ORIGINAL)
+        # The first process is gone (its clock never moves again); a second
+        # one starts on the same journal.
+        clock = Clock()
+        outbound = RecipientOutbound(clock)
+        second, _ = make_queue(clock, outbound, journal)
+        second.startService()
+        assert outbound.calls == []
+        assert second.progress(env.queue_id) == RecipientProgress((B,))
+        run_timers(clock)
+        assert outbound.of(env.queue_id) == [(B,)]
+        assert [t for _, _, t in outbound.calls] == [60.0]
+        assert outbound.delivered == [B]
+        assert list(journal.replay()) == []
+
+    def test_killed_during_a_retry_resends_only_the_remaining_recipient(self) -> None:
+        """
+        A gateway killed while retrying the remaining recipient (its state
+        journaled as sending) sends again to that recipient only, counted
+        as a possible duplicate; the recipients that took the message
+        before never see it again.
+        """
+        clock = Clock()
+        journal = MemoryJournal()
+        outbound = RecipientOutbound(clock, {B: ["4xx"]})
+        first, _ = make_queue(clock, outbound, journal)
+        first.startService()
+        env = message()
+        first.submit(env, ORIGINAL)
+        outbound.hang = True
+        run_timers(clock, until=60.0)
+        assert outbound.of(env.queue_id) == [THREE, (B,)]
+        assert states(journal, env.queue_id)[-1] == ("sending", 1, 0.0)
+        restarted_outbound = RecipientOutbound(clock)
+        restarted, _ = make_queue(clock, restarted_outbound, journal)
+        restarted.startService()
+        assert restarted_outbound.of(env.queue_id) == [(B,)]
+        assert restarted.stats().redelivered == 1
+        assert outbound.delivered + restarted_outbound.delivered == [A, C, B]
+
+    def test_cancel_forgets_the_remaining_recipients(self) -> None:
+        """
+        Cancelling a partly delivered message drops it with what remained
+        of it, in memory and in the journal.
+        """
+        clock = Clock()
+        queue, journal = make_queue(clock, RecipientOutbound(clock, {B: ["4xx"]}))
+        queue.startService()
+        env = message()
+        queue.submit(env, ORIGINAL)
+        assert queue.progress(env.queue_id) is not None
+        queue.cancel(env.queue_id)
+        assert queue.progress(env.queue_id) is None
+        assert list(journal.replay()) == []
+
+    def test_a_recipient_the_outbound_says_nothing_about_is_deferred(self) -> None:
+        """
+        A recipient missing from the outbound relay's result is tried again,
+        never taken for delivered.
+        """
+        clock = Clock()
+
+        def outcome(env: Envelope, tried: int) -> DeliveryResult:
+            return DeliveryResult(delivered=env.recipients[:1])
+
+        queue, journal = make_queue(clock, InstantOutbound(clock, outcome))
+        queue.startService()
+        env = message()
+        queue.submit(env, ORIGINAL)
+        assert queue.progress(env.queue_id) == RecipientProgress((B, C))
+        assert states(journal, env.queue_id)[-1] == ("deferred", 1, 60.0)
+
+
+class TestRetrySchedule:
+    def test_schedule_in_minutes(self) -> None:
+        """
+        The documented schedule: 1, 2, 4, 8, 16, 32 minutes, then hourly.
+        """
+        assert [retry_delay(n) / 60 for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+    @given(st.floats(min_value=1.0, max_value=1e6), st.floats(min_value=0.0, max_value=1.0))
+    def test_jitter_stays_within_ten_percent(self, delay: float, draw: float) -> None:
+        """
+        Any draw in [0, 1) gives a wait within 10 % of the delay.
+        """
+        assume(draw < 1.0)
+        assert delay * (1 - RETRY_JITTER) <= jittered(delay, draw) <= delay * (1 + RETRY_JITTER)
+
+    def test_jitter_bounds(self) -> None:
+        """
+        The shortest wait is 90 % of the delay, the middle draw gives the
+        delay itself, and the longest 110 %.
+        """
+        assert RETRY_JITTER == 0.1
+        assert jittered(60.0, 0.0) == pytest.approx(54.0)
+        assert jittered(60.0, 0.25) == pytest.approx(57.0)
+        assert jittered(60.0, 0.5) == 60.0
+        assert jittered(60.0, math.nextafter(1.0, 0.0)) == pytest.approx(66.0)
+
+    def test_retries_of_messages_that_failed_together_spread_out(self) -> None:
+        """
+        Each deferral draws its own jitter from the injected source, so
+        messages that failed at the same moment are retried at different
+        times.
+        """
+        clock = Clock()
+        draws = iter([0.0, 0.5, math.nextafter(1.0, 0.0)])
+        outbound = RecipientOutbound(clock, {A: ["4xx"]})
+        queue, journal = make_queue(clock, outbound, rng=lambda: next(draws))
+        queue.startService()
+        envs = [message((A,)) for _ in range(3)]
+        for env in envs:
+            queue.submit(env, ORIGINAL)
+        due = [states(journal, env.queue_id)[-1][2] for env in envs]
+        assert due[0] == pytest.approx(54.0)
+        assert due[1] == 60.0
+        assert due[2] == pytest.approx(66.0)
+
+    def test_a_real_random_source_jitters_within_bounds(self) -> None:
+        """
+        With random.random as its source (as the gateway runs it) the queue
+        jitters within 10 %; without a source it does not jitter at all.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["4xx"]})
+        exact = MessageQueue(MemoryJournal(), outbound, clock)
+        exact.startService()
+        env = message((A,))
+        exact.submit(env, ORIGINAL)
+        assert cast(ScheduledEntry, exact.get(env.queue_id)).next_attempt_at == 60.0
+        queue = MessageQueue(MemoryJournal(), outbound, clock, rng=random.random)
+        queue.startService()
+        envs = [message((A,)) for _ in range(20)]
+        for env in envs:
+            queue.submit(env, ORIGINAL)
+        due = [cast(ScheduledEntry, queue.get(env.queue_id)).next_attempt_at for env in envs]
+        assert all(54.0 <= t <= 66.0 for t in due)
+        assert len(set(due)) > 1
+
+
+class TestPureOutcomes:
+    def test_sort_outcomes_keeps_recipient_order(self) -> None:
+        """
+        Recipients are sorted by outcome in the order they were tried; what
+        the result says of others is ignored; one it omits is deferred.
+        """
+        result = DeliveryResult(
+            delivered=(C, "stranger@x.example"),
+            deferred=((A, "451 later"),),
+            bounced=(("d@x.example", "550 no"),),
+        )
+        outcomes = sort_outcomes((A, B, C, "d@x.example"), result, age=0.0, max_queue_age=1.0)
+        assert outcomes.delivered == (C,)
+        assert outcomes.deferred == ((A, "451 later"), (B, QUEUE_NO_RESULT))
+        assert outcomes.bounced == (("d@x.example", "550 no"),)
+        assert outcomes.expired == ()
+
+    def test_expiry_at_the_limit_and_one_past(self) -> None:
+        """
+        A deferred recipient of a message exactly max_queue_age old is still
+        deferred; one second older, it expires with its last reason.
+        Delivered and bounced recipients are unaffected.
+        """
+        result = DeliveryResult(delivered=(A,), deferred=((B, "451 later"),))
+        at_limit = sort_outcomes((A, B), result, age=100.0, max_queue_age=100.0)
+        past = sort_outcomes((A, B), result, age=101.0, max_queue_age=100.0)
+        assert (at_limit.deferred, at_limit.expired) == (((B, "451 later"),), ())
+        assert (past.deferred, past.expired) == ((), ((B, "451 later"),))
+        assert past.delivered == (A,)
+        assert past.failed == ((B, "451 later"),)
+
+    def test_recipient_failure_reads_the_remote_reply(self) -> None:
+        """
+        A reply reported by the SMTP client gives the Remote-MTA (without
+        its port) and the reply itself as the diagnostic.
+        """
+        failure = recipient_failure(B, reply("5xx", B), expired=False, last_attempt=5.0)
+        assert failure.remote_mta == "mx.two.example"
+        assert failure.diagnostic == f"550 5.1.1 <{B}>: no such user"
+        assert failure.status == ""
+        assert failure.last_attempt == 5.0
+        ipv6 = recipient_failure(B, "[2001:db8::1]:25 said: 550 no", expired=False, last_attempt=0)
+        assert ipv6.remote_mta == "[2001:db8::1]"
+
+    def test_recipient_failure_of_a_local_reason_or_an_expiry(self) -> None:
+        """
+        Any other reason is the diagnostic as it is; an expired recipient
+        has status 5.4.7 whatever the last reply said, which it keeps.
+        """
+        local = recipient_failure(B, "invalid recipient address", expired=False, last_attempt=0)
+        assert (local.remote_mta, local.diagnostic) == (None, "invalid recipient address")
+        expired = recipient_failure(B, reply("4xx", B), expired=True, last_attempt=0)
+        assert expired.status == EXPIRED_STATUS == "5.4.7"
+        assert expired.diagnostic == f"451 4.3.0 <{B}>: try again later"
+
+
+class TestBounces:
+    def test_a_5xx_recipient_gets_a_dsn_listing_only_it(self) -> None:
+        """
+        One recipient of three refused with 5xx: the others take the message
+        once; the message is bounced; a bounce (RFC 3464) goes to the
+        envelope sender through the queue itself, at the message's
+        priority, reporting that recipient alone with the remote server's
+        reply, and carrying the original's headers but not its body.
+        """
+        clock = Clock()
+        clock.advance(1_700_000_000.0)
+        outbound = RecipientOutbound(clock, {B: ["5xx"]})
+        queue, journal, alerts = bounce_queue(clock, outbound, queue_ids=QueueIdGenerator(salt=7))
+        queue.startService()
+        env = message(priority=2, accepted_at=clock.seconds() - 30)
+        queue.submit(env, ORIGINAL)
+        assert outbound.of(env.queue_id) == [THREE]
+        assert outbound.delivered.count(A) == outbound.delivered.count(C) == 1
+        assert states(journal, env.queue_id)[-1] == ("bounced", 1, 0.0)
+        [(dsn, raw)] = outbound.others(env.queue_id)
+        assert (dsn.sender, dsn.recipients) == ("", (SENDER,))
+        assert (dsn.list, dsn.username, dsn.priority) == ("news", DSN_USERNAME, Priority.HIGH)
+        assert dsn.queue_id[11:19] == "00000007"
+        parsed, parts, blocks = report_parts(raw)
+        assert parsed.get_content_type() == "multipart/report"
+        assert parsed.get_param("report-type") == "delivery-status"
+        assert f"\r\nTo: <{SENDER}>\r\n".encode() in raw
+        assert parsed["From"] == f"Mail Delivery System <MAILER-DAEMON@{HOST}>"
+        assert parsed["Auto-Submitted"] == "auto-replied"
+        assert parsed["Message-ID"] == f"<{dsn.queue_id}@{HOST}>"
+        assert [p.get_content_type() for p in parts] == [
+            "text/plain",
+            "message/delivery-status",
+            "text/rfc822-headers",
+        ]
+        per_message, *per_recipient = blocks
+        assert per_message["Reporting-MTA"] == f"dns; {HOST}"
+        assert per_message["X-Smtpgw-Queue-ID"] == env.queue_id
+        assert per_message["Arrival-Date"] is not None
+        [only] = per_recipient
+        assert only["Final-Recipient"] == f"rfc822; {B}"
+        assert only["Action"] == "failed"
+        assert only["Status"] == "5.1.1"
+        assert only["Remote-MTA"] == "dns; mx.two.example"
+        assert only["Diagnostic-Code"] == f"smtp; 550 5.1.1 <{B}>: no such user"
+        headers = parts[2].as_bytes()
+        assert b"Subject: Quarterly newsletter" in headers
+        assert BODY_MARKER not in raw
+        assert A not in str(parts[1])
+        assert C not in str(parts[1])
+        stats = queue.stats()
+        assert (stats.dsns, stats.bounced, stats.recipients_bounced) == (1, 1, 1)
+        assert stats.accepted == 1
+        [alert] = alerts.of_type("bounce")
+        assert alert.list == "news"
+        assert alert.details["queue_id"] == env.queue_id
+        assert alert.details["recipients"] == [B]
+        assert alert.details["reasons"] == [reply("5xx", B)]
+        assert alert.details["dsn_queue_id"] == dsn.queue_id
+        assert alert.details["expired"] == []
+
+    def test_the_bounce_is_durable_before_the_outcome_is_journaled(self) -> None:
+        """
+        The bounce is made durable before the message is journaled as
+        bounced: a crash between the two sends the bounce again rather
+        than lose it.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["5xx"]})
+        queue, journal, _ = bounce_queue(clock, outbound, MemoryJournal(manual=True))
+        queue.startService()
+        env = message((A,))
+        queue.submit(env, ORIGINAL)
+        journal.flush()  # the accept
+        journal.flush()  # "sending"; the attempt runs and the bounce is submitted
+        assert outbound.of(env.queue_id) == [(A,)]
+        assert states(journal, env.queue_id) == [("sending", 0, 0.0)]
+        assert len(list(journal.replay())) == 1
+        journal.flush()  # the bounce's accept
+        assert [m.envelope.sender for m in journal.replay()] == [SENDER, ""]
+        journal.flush()  # the message's outcome, and the bounce's "sending"
+        assert states(journal, env.queue_id) == [("sending", 0, 0.0), ("bounced", 1, 0.0)]
+
+    def test_no_dsn_for_a_null_sender(self) -> None:
+        """
+        A message from the null sender that bounces gets no bounce; the
+        admins still get the alert.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["5xx"]})
+        queue, _, alerts = bounce_queue(clock, outbound)
+        queue.startService()
+        env = message((A,), sender="")
+        queue.submit(env, ORIGINAL)
+        assert outbound.others(env.queue_id) == []
+        assert queue.stats().dsns == 0
+        [alert] = alerts.of_type("bounce")
+        assert alert.details["dsn_queue_id"] is None
+
+    def test_no_dsn_about_a_dsn(self) -> None:
+        """
+        A bounce that bounces itself is reported to the admins, but no
+        bounce is made about it.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {B: ["5xx"], SENDER: ["5xx"]})
+        queue, _, alerts = bounce_queue(clock, outbound)
+        queue.startService()
+        env = message()
+        queue.submit(env, ORIGINAL)
+        run_timers(clock)
+        [(dsn, _)] = outbound.others(env.queue_id)
+        assert queue.stats().dsns == 1
+        assert len(outbound.calls) == 2
+        first, second = alerts.of_type("bounce")
+        assert first.details["queue_id"] == env.queue_id
+        assert second.details["queue_id"] == dsn.queue_id
+        assert second.details["dsn_queue_id"] is None
+
+    def test_no_dsn_about_a_delivery_report_from_a_real_sender(self) -> None:
+        """
+        A delivery report relayed with a non-null sender (another system's
+        bounce) gets no bounce either.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["5xx"]})
+        queue, _, alerts = bounce_queue(clock, outbound)
+        queue.startService()
+        env = message((A,))
+        report = (
+            b"Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n"
+            b"\r\n--x--\r\n"
+        )
+        queue.submit(env, report)
+        assert outbound.others(env.queue_id) == []
+        assert len(alerts.of_type("bounce")) == 1
+
+    def test_dsn_for_auto_generated_application_mail(self) -> None:
+        """
+        Application mail marked Auto-Submitted: auto-generated gets its
+        bounce.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["5xx"]})
+        queue, _, _ = bounce_queue(clock, outbound)
+        queue.startService()
+        env = message((A,))
+        queue.submit(env, b"Auto-Submitted: auto-generated\r\n" + ORIGINAL)
+        assert [e.recipients for e, _ in outbound.others(env.queue_id)] == [(SENDER,)]
+
+    def test_a_bounce_that_cannot_be_queued_is_tried_again(self) -> None:
+        """
+        When the journal refuses the bounce, the failed recipient is kept
+        and tried again later (so the bounce is not lost); the recipients
+        that took the message are not sent it again.
+        """
+        clock = Clock()
+        journal = MemoryJournal()
+        accept = journal.accept
+        full = [True]
+
+        def refuse_bounces(envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+            if envelope.sender == "" and full[0]:
+                return fail(JournalUnavailable("disk full"))
+            return accept(envelope, body)
+
+        journal.accept = refuse_bounces  # type: ignore[method-assign]
+        outbound = RecipientOutbound(clock, {B: ["5xx"]})
+        queue, _, alerts = bounce_queue(clock, outbound, journal)
+        queue.startService()
+        env = message()
+        queue.submit(env, ORIGINAL)
+        assert queue.progress(env.queue_id) == RecipientProgress((B,))
+        assert alerts.of_type("bounce") == []
+        assert queue.stats().dsns == 0
+        full[0] = False
+        run_timers(clock)
+        assert outbound.of(env.queue_id) == [THREE, (B,)]
+        assert [e.recipients for e, _ in outbound.others(env.queue_id)] == [(SENDER,)]
+        assert sorted(outbound.delivered) == sorted([A, C, SENDER])
+        assert states(journal, env.queue_id)[-1] == ("bounced", 2, 0.0)
+        assert len(alerts.of_type("bounce")) == 1
+
+    def test_partial_bounce_then_delivery_is_journaled_as_bounced(self) -> None:
+        """
+        A message with one recipient bounced and one deferred keeps the
+        bounced one in its journaled progress, so that after a restart the
+        message ends bounced (not delivered), with no second bounce.
+        """
+        first_clock = Clock()
+        journal = MemoryJournal()
+        outbound = RecipientOutbound(first_clock, {A: ["5xx"], B: ["4xx"]})
+        first, _, _ = bounce_queue(first_clock, outbound, journal)
+        first.startService()
+        env = message((A, B))
+        first.submit(env, ORIGINAL)
+        assert journal.progress_records[0] == (env.queue_id, (B,), (A,))
+        clock = Clock()
+        restarted_outbound = RecipientOutbound(clock)
+        restarted, _, alerts = bounce_queue(clock, restarted_outbound, journal)
+        restarted.startService()
+        assert restarted.progress(env.queue_id) == RecipientProgress((B,), (A,))
+        run_timers(clock)
+        assert restarted_outbound.of(env.queue_id) == [(B,)]
+        assert states(journal, env.queue_id)[-1] == ("bounced", 2, 0.0)
+        assert alerts.of_type("bounce") == []
+        assert restarted.stats().dsns == 0
+
+    def test_a_host_name_that_cannot_be_written_is_refused(self) -> None:
+        """
+        The reporting MTA must be a host name: a queue is not made with one
+        its bounces could not carry.
+        """
+        clock = Clock()
+        with pytest.raises(ValueError, match="hostname"):
+            make_queue(clock, InstantOutbound(clock), hostname="gw example\r\n")
+
+
+class TestMaxQueueAge:
+    def test_defaults_and_bad_values(self) -> None:
+        """
+        The default is 5 days; an age that is not a positive number is
+        refused.
+        """
+        clock = Clock()
+        queue, _ = make_queue(clock, InstantOutbound(clock))
+        assert queue.max_queue_age == DEFAULT_MAX_QUEUE_AGE == 5 * 24 * 3600
+        for bad in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="max_queue_age"):
+                make_queue(clock, InstantOutbound(clock), max_queue_age=bad)
+
+    def test_deferred_at_the_limit_bounced_one_past_it(self) -> None:
+        """
+        A recipient still failing when its message is exactly max_queue_age
+        old is deferred again; one second later it bounces with 5.4.7
+        (delivery time expired), the last reply kept in the bounce and the
+        alert. The recipients delivered before are not in the bounce.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {B: ["4xx"]})
+        queue, journal, alerts = bounce_queue(
+            clock,
+            outbound,
+            max_queue_age=1000.0,
+            retry=lambda n: 1000.0 if n == 1 else 1.0,
+        )
+        queue.startService()
+        env = message(accepted_at=0.0)
+        queue.submit(env, ORIGINAL)
+        clock.advance(1000)
+        assert outbound.of(env.queue_id) == [THREE, (B,)]
+        assert states(journal, env.queue_id)[-1] == ("deferred", 2, 1001.0)
+        assert outbound.others(env.queue_id) == []
+        clock.advance(1)
+        assert outbound.of(env.queue_id) == [THREE, (B,), (B,)]
+        assert states(journal, env.queue_id)[-1] == ("bounced", 3, 0.0)
+        [(_, raw)] = outbound.others(env.queue_id)
+        _, parts, blocks = report_parts(raw)
+        [only] = blocks[1:]
+        assert only["Final-Recipient"] == f"rfc822; {B}"
+        assert only["Status"] == "5.4.7"
+        assert only["Action"] == "failed"
+        assert only["Diagnostic-Code"] == f"smtp; 451 4.3.0 <{B}>: try again later"
+        assert "could not be delivered in time" in parts[0].get_content()
+        [alert] = alerts.of_type("bounce")
+        assert alert.details["expired"] == [B]
+        assert alert.details["reasons"] == [
+            f"5.4.7 delivery time expired (last reply: {reply('4xx', B)})"
+        ]
+        stats = queue.stats()
+        assert (stats.recipients_expired, stats.recipients_bounced, stats.bounced) == (1, 1, 1)
+
+
+class TestAlerts:
+    def test_delivery_alert_at_the_third_failed_attempt_only(self) -> None:
+        """
+        A message deferred for the third time raises one delivery alert
+        naming the destination domain, its recipients and the reason; the
+        second and fourth deferrals raise none.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {B: ["4xx"]})
+        queue, _, alerts = bounce_queue(clock, outbound)
+        queue.startService()
+        env = message()
+        queue.submit(env, ORIGINAL)
+        run_timers(clock, until=60.0)
+        assert alerts.of_type("delivery") == []
+        run_timers(clock, until=180.0)
+        [alert] = alerts.of_type("delivery")
+        assert alert.list == "news"
+        assert alert.created_at == 180.0
+        assert alert.details["queue_id"] == env.queue_id
+        assert alert.details["domain"] == "two.example"
+        assert alert.details["attempts"] == 3
+        assert alert.details["recipients"] == [B]
+        assert alert.details["reasons"] == [reply("4xx", B)]
+        assert alert.details["next_attempt_at"] == 420.0
+        run_timers(clock, until=420.0)
+        assert len(alerts.of_type("delivery")) == 1
+
+    def test_delivery_alerts_throttled_per_list_and_domain(self) -> None:
+        """
+        Many messages stuck on one destination give one alert per list and
+        domain per hour; the rest are counted and summed up in one alert
+        when the hour is over. Another domain or another list has its own.
+        """
+        clock = Clock()
+        slow = "x@slow.example"
+        outbound = RecipientOutbound(
+            clock, {slow: ["4xx"], "y@other.example": ["4xx"], "z@slow.example": ["4xx"]}
+        )
+        queue, _, alerts = bounce_queue(clock, outbound)
+        queue.startService()
+        for _ in range(5):
+            queue.submit(message((slow,)), ORIGINAL)
+        queue.submit(message(("y@other.example",)), ORIGINAL)
+        queue.submit(message(("z@slow.example",), list="promo"), ORIGINAL)
+        run_timers(clock, until=180.0)
+        keys = sorted((a.list, a.details["domain"]) for a in alerts.of_type("delivery"))
+        assert keys == [
+            ("news", "other.example"),
+            ("news", "slow.example"),
+            ("promo", "slow.example"),
+        ]
+        # The window of the first alerts ends at 180 + 3600.
+        run_timers(clock, until=3779.0)
+        assert len(alerts.of_type("delivery")) == 3
+        run_timers(clock, until=3780.0)
+        [summary] = alerts.of_type("delivery")[3:]
+        assert summary.list == "news"
+        assert summary.details["domain"] == "slow.example"
+        assert summary.details["suppressed"] == 4
+        assert summary.details["first_at"] == summary.details["last_at"] == 180.0
+
+    def test_held_back_alerts_are_summed_up_at_stop(self) -> None:
+        """
+        Stopping the queue sums up the alerts held back in open windows.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["4xx"]})
+        queue, _, alerts = bounce_queue(clock, outbound)
+        queue.startService()
+        for _ in range(3):
+            queue.submit(message((A,)), ORIGINAL)
+        run_timers(clock, until=180.0)
+        assert len(alerts.of_type("delivery")) == 1
+        queue.stopService()
+        summary = alerts.of_type("delivery")[-1]
+        assert summary.details["suppressed"] == 2
+
+    def test_throttle_window_at_the_limit_and_one_past(self) -> None:
+        """
+        Within the window, alerts with the key are counted; at its end a
+        new alert passes and the count is summed up once.
+        """
+        throttle = AlertThrottle(3600.0)
+        assert throttle.admit(("news", "a.example"), 100.0)
+        assert not throttle.admit(("news", "a.example"), 200.0)
+        assert not throttle.admit(("news", "a.example"), 3699.999)
+        assert throttle.admit(("news", "b.example"), 200.0)
+        assert throttle.ended(3699.999) == []
+        assert throttle.admit(("news", "a.example"), 3700.0)
+        assert throttle.ended(3700.0) == [
+            ThrottleSummary(("news", "a.example"), 2, 200.0, 3699.999)
+        ]
+        assert throttle.ended(3800.0) == []
+        assert throttle.flush() == []
+
+    def test_throttle_bounds_the_keys_it_watches(self) -> None:
+        """
+        Past max_keys, the oldest window is summed up early.
+        """
+        throttle = AlertThrottle(3600.0, max_keys=2)
+        for domain in ("a", "b"):
+            assert throttle.admit(("l", domain), 0.0)
+            assert not throttle.admit(("l", domain), 1.0)
+        assert throttle.admit(("l", "c"), 2.0)
+        assert throttle.ended(2.0) == [ThrottleSummary(("l", "a"), 1, 1.0, 1.0)]
+        assert throttle.flush() == [
+            ThrottleSummary(("l", "b"), 1, 1.0, 1.0),
+        ]
+
+    def test_throttle_window_zero_lets_everything_through(self) -> None:
+        """
+        A window of 0 holds nothing back.
+        """
+        throttle = AlertThrottle(0.0)
+        assert all(throttle.admit(("l", "d"), 5.0) for _ in range(3))
+        assert throttle.flush() == []
+
+    def test_no_alert_sink_no_alerts(self) -> None:
+        """
+        Without an alert sink, bounces still work and nothing fails.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {A: ["5xx"]})
+        queue, _ = make_queue(clock, outbound)
+        queue.startService()
+        queue.submit(message((A,)), ORIGINAL)
+        assert queue.stats().dsns == 1
+
+
+class TestJournaledPause:
+    def test_pause_survives_a_restart(self) -> None:
+        """
+        A stopped queue is journaled as stopped: after a restart it sends
+        nothing until started, and the start is journaled too.
+        """
+        clock = Clock()
+        journal = MemoryJournal()
+        queue, _ = make_queue(clock, InstantOutbound(clock), journal)
+        queue.startService()
+        d = queue.pause()
+        assert d.called
+        assert d.result is None
+        assert journal.queue_records == [True]
+        queue.submit(envelope(), b"x\r\n")
+        outbound = InstantOutbound(clock)
+        restarted, _ = make_queue(clock, outbound, journal)
+        restarted.startService()
+        assert restarted.paused
+        assert restarted.stats().paused
+        assert outbound.calls == []
+        restarted.resume()
+        assert journal.queue_records == [True, False]
+        assert len(outbound.calls) == 1
+        again, _ = make_queue(clock, InstantOutbound(clock), journal)
+        again.startService()
+        assert not again.paused
+
+    def test_pause_that_cannot_be_journaled_fails_but_holds(self) -> None:
+        """
+        When the journal cannot record the pause, the Deferred fails with
+        JournalUnavailable, and the queue is stopped all the same.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, journal = make_queue(clock, outbound)
+        queue.startService()
+        journal.available = False
+        failures: list[Failure] = []
+        queue.pause().addErrback(failures.append)
+        assert [f.type for f in failures] == [JournalUnavailable]
+        assert queue.paused
+        journal.available = True
+        queue.submit(envelope(), b"x\r\n")
+        assert outbound.calls == []
+        queue.pause()
+        assert journal.queue_records == [True]
+
+    def test_pause_or_resume_before_start_wins_over_the_journal(self) -> None:
+        """
+        A pause or a resume asked before the queue starts is what holds
+        after the replay, and it is journaled once the journal runs.
+        """
+        clock = Clock()
+        journal = MemoryJournal()
+        journal.record_queue_state(True)
+        outbound = InstantOutbound(clock)
+        queue, _ = make_queue(clock, outbound, journal)
+        assert queue.resume().called
+        queue.startService()
+        assert not queue.paused
+        assert journal.queue_records == [True, False]
+        other, _ = make_queue(clock, InstantOutbound(clock), journal)
+        other.pause()
+        other.startService()
+        assert other.paused
+        assert journal.queue_records == [True, False, True]
+
+    def test_next_token_at(self) -> None:
+        """
+        Without a rate there is no token to wait for; with one, it is the
+        time the next message may leave.
+        """
+        clock = Clock()
+        unlimited, _ = make_queue(clock, InstantOutbound(clock))
+        assert unlimited.next_token_at() is None
+        clock.advance(5)
+        outbound = InstantOutbound(clock)
+        limited, _ = make_queue(clock, outbound, rate=10.0)
+        limited.startService()
+        assert limited.next_token_at() == 5.0
+        limited.submit(envelope(), b"x\r\n")
+        assert limited.next_token_at() == pytest.approx(5.1)
+
+
+# The same on the file journal, across real restarts.
+
+P = ParamSpec("P")
+
+
+def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
+    """
+    L{pytest_twisted.ensureDeferred}, typed.
+    """
+    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
+    return wrapped
+
+
+def real_reactor() -> IReactorThreads:
+    from twisted.internet import reactor
+
+    return cast(IReactorThreads, reactor)
+
+
+@async_test
+async def test_partial_failure_survives_a_restart_of_the_file_journal(tmp_path: Path) -> None:
+    """
+    On the file journal: after a partial failure and a restart, only the
+    remaining recipient is sent the message, and nothing is left after.
+    """
+    reactor = real_reactor()
+    clock = Clock()
+    clock.advance(1000)
+    outbound = RecipientOutbound(clock, {B: ["4xx"]})
+    queue = MessageQueue(FileJournal(tmp_path, reactor), outbound, clock, rng=lambda: 0.5)
+    queue.startService()
+    env = message(accepted_at=1000.0)
+    await queue.submit(env, ORIGINAL)
+    await queue.stopService()
+    assert outbound.delivered == [A, C]
+
+    outbound = RecipientOutbound(clock)
+    restarted = MessageQueue(FileJournal(tmp_path, reactor), outbound, clock, rng=lambda: 0.5)
+    restarted.startService()
+    assert restarted.progress(env.queue_id) == RecipientProgress((B,))
+    entry = restarted.get(env.queue_id)
+    assert entry is not None
+    assert (entry.state, entry.next_attempt_at) == (MessageState.DEFERRED, 1060.0)
+    clock.advance(60)
+    await restarted.stopService()
+    assert outbound.of(env.queue_id) == [(B,)]
+    assert outbound.delivered == [B]
+    last = FileJournal(tmp_path, cast(Any, Clock()))
+    try:
+        assert last.replay() == []
+    finally:
+        await last.stop()
+
+
+@async_test
+async def test_pause_survives_a_restart_of_the_file_journal(tmp_path: Path) -> None:
+    """
+    On the file journal: a stopped queue is still stopped after a restart,
+    and a started one is running again after the next.
+    """
+    reactor = real_reactor()
+    clock = Clock()
+    queue = MessageQueue(FileJournal(tmp_path, reactor), InstantOutbound(clock), clock)
+    queue.startService()
+    await queue.pause()
+    await queue.stopService()
+
+    outbound = InstantOutbound(clock)
+    restarted = MessageQueue(FileJournal(tmp_path, reactor), outbound, clock)
+    restarted.startService()
+    assert restarted.paused
+    await restarted.submit(envelope(), b"x\r\n")
+    assert outbound.calls == []
+    await restarted.resume()
+    await restarted.stopService()
+    assert len(outbound.calls) == 1
+
+    third = MessageQueue(FileJournal(tmp_path, reactor), InstantOutbound(clock), clock)
+    third.startService()
+    assert not third.paused
+    await third.stopService()
