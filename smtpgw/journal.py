@@ -30,7 +30,10 @@ records always come after the message's accept record. When the oldest
 segment holds few live messages, or the journal takes much more room than
 its live messages, the live messages of the oldest segment are copied
 forward (a COPY record: their accept record with the current priority,
-then their current state), which bounds disk use under sustained load.
+then their current state, with the recipients they still wait for), which
+bounds disk use under sustained load. The queue's own state (a QUEUE
+record: stopped by an admin) is written again in the current segment before
+the segment that holds it is deleted, when it says stopped.
 
 Queue ids: an ACCEPT whose queue id is live (accepted and not final) is
 refused with L{QueueIdInUse} rather than written: only COPY records may
