@@ -40,9 +40,9 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, Protocol
 
 from attrs import frozen
 
@@ -56,11 +56,12 @@ __all__ = [
     "MAX_LIST_LIMIT",
     "QUEUE_STATES",
     "Conditions",
+    "LaneSource",
     "MessageChange",
+    "PageCandidates",
     "QueueFilter",
     "QueueListing",
     "QueueRow",
-    "QueueScan",
     "QueueStatus",
     "ReadyLane",
     "ReadyOrder",
@@ -71,7 +72,6 @@ __all__ = [
     "explain",
     "iso8601",
     "listing_document",
-    "page_candidates",
     "parse_state",
     "queue_row",
     "row_document",
@@ -175,14 +175,32 @@ class Conditions:
         return max(0, self.concurrency - self.in_flight)
 
 
-@frozen
-class ReadyLane:
+class ReadyLane(NamedTuple):
     """
-    The ready messages of one list at one priority, oldest first.
+    The ready messages of one list at one priority, oldest first (the
+    shape of L{smtpgw.scheduler.Scheduler.ready_lanes}' items).
     """
 
     list: str
-    queue_ids: tuple[str, ...]
+    queue_ids: Sequence[str]
+
+
+class LaneSource(Protocol):
+    """
+    What knows the ready lanes: a L{smtpgw.scheduler.Scheduler} or a
+    L{smtpgw.scheduler.SchedulerSnapshot}.
+    """
+
+    def ready_lanes(self, priority: Priority) -> Sequence[tuple[str, Sequence[str]]]:
+        """
+        The lanes of one priority, in the order the round-robin serves
+        their lists next, each with its ready queue ids, oldest first.
+        """
+
+    def ready_lane_lengths(self, priority: Priority) -> Sequence[tuple[str, int]]:
+        """
+        The same lists with how many ready messages each has.
+        """
 
 
 class _PriorityLanes:
@@ -237,34 +255,45 @@ class ReadyOrder:
         self._places = places
 
     @classmethod
-    def from_lanes(cls, lanes: Mapping[Priority, Sequence[ReadyLane]]) -> ReadyOrder:
+    def from_lanes(
+        cls, lanes: Mapping[Priority, Sequence[tuple[str, Sequence[str]]]]
+    ) -> ReadyOrder:
         """
         The order of these lanes (per priority, in ring order), knowing
         every message's place.
         """
         return cls(
+            {p: [(name, len(ids)) for name, ids in by_ring] for p, by_ring in lanes.items()},
             {
-                p: [(lane.list, len(lane.queue_ids)) for lane in by_ring]
+                queue_id: (Priority(p), name, index)
                 for p, by_ring in lanes.items()
-            },
-            {
-                queue_id: (Priority(p), lane.list, index)
-                for p, by_ring in lanes.items()
-                for lane in by_ring
-                for index, queue_id in enumerate(lane.queue_ids)
+                for name, ids in by_ring
+                for index, queue_id in enumerate(ids)
             },
         )
 
     @classmethod
-    def from_entries(cls, entries: Iterable[ScheduledEntry]) -> ReadyOrder:
+    def of(cls, source: LaneSource, wanted: Iterable[ScheduledEntry] = ()) -> ReadyOrder:
         """
-        The order approximated from the entries alone (see L{QueueScan}),
-        knowing every ready message's place.
+        The exact order of the ready messages of C{source}, knowing the
+        place of the C{wanted} ones that are ready.
+
+        Only the lanes of the wanted messages are looked into, each once,
+        and only as far as its last wanted message: asking for a few
+        messages of a million costs milliseconds.
         """
-        scan = QueueScan(place_all=True)
-        for entry in entries:
-            scan.add(entry)
-        return scan.order()
+        by_lane: dict[tuple[Priority, str], set[str]] = {}
+        for entry in wanted:
+            if entry.state is MessageState.QUEUED:
+                by_lane.setdefault((entry.priority, entry.list), set()).add(entry.queue_id)
+        places: dict[str, tuple[Priority, str, int]] = {}
+        for priority in {p for p, _ in by_lane}:
+            for name, ids in source.ready_lanes(priority):
+                look_for = by_lane.get((priority, name))
+                if look_for:
+                    for queue_id, index in _indexes(ids, look_for).items():
+                        places[queue_id] = (priority, name, index)
+        return cls({p: source.ready_lane_lengths(p) for p in Priority}, places)
 
     def ready(self, priority: Priority) -> int:
         """
@@ -294,100 +323,62 @@ class ReadyOrder:
         return lanes.ahead(ring, lanes.lengths[ring])
 
 
-class QueueScan:
+def _indexes(ids: Sequence[str], wanted: set[str]) -> dict[str, int]:
     """
-    One pass over the scheduler's entries, in the scheduler's order, that
-    gathers what a listing or a "why" needs without keeping the entries: the
-    ready lanes' lengths and ring order, the place of the ready messages
-    asked about, and the first candidates of a listing page.
+    The index in C{ids} of each of C{wanted} found there, looking no
+    further than needed.
+    """
+    if len(wanted) == 1:
+        (queue_id,) = wanted
+        try:
+            # A scan in C, for "why" in a lane of a million.
+            return {queue_id: ids.index(queue_id)}
+        except ValueError:
+            return {}
+    found: dict[str, int] = {}
+    for index, queue_id in enumerate(ids):
+        if queue_id in wanted:
+            found[queue_id] = index
+            if len(found) == len(wanted):
+                break
+    return found
 
-    The scheduler does not show its lanes, so they are approximated: each
-    list's ready messages in the order of the entries (arrival order), and
-    the lists in the order of their oldest ready message. That is exact
-    until a message is released or re-prioritized (the scheduler puts those
-    at the end of their lane) and while the ring's turn has not moved past a
-    list whose oldest ready message is older than the next list's.
+
+class PageCandidates:
+    """
+    The first C{keep} queue ids, in queue id order (acceptance order), of
+    those fed in any order and any number of runs, without holding them
+    all.
     """
 
-    def __init__(
-        self,
-        queue_filter: QueueFilter | None = None,
-        after: str | None = None,
-        keep: int = 0,
-        wanted: Collection[str] = (),
-        *,
-        place_all: bool = False,
-    ) -> None:
+    def __init__(self, keep: int) -> None:
         """
-        @param queue_filter: which entries are listing candidates.
-        @param after: candidates have a queue id after this one.
-        @param keep: how many candidates to keep (the first, in queue id
-            order); 0 for none.
-        @param wanted: queue ids whose place to keep (for "why").
-        @param place_all: keep the place of every ready message.
+        @param keep: how many to keep, at least 1.
         """
-        self._filter = queue_filter or QueueFilter()
-        self._after = after
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, not {keep}")
         self._keep = keep
-        self._wanted = wanted
-        self._place_all = place_all
-        self._lanes: dict[Priority, dict[str, int]] = {p: {} for p in Priority}
-        self._places: dict[str, tuple[Priority, str, int]] = {}
-        self._kept: list[tuple[ScheduledEntry, int | None]] = []
-        self.seen: dict[str, ScheduledEntry] = {}
+        self._ids: list[str] = []
 
-    def add(self, entry: ScheduledEntry) -> None:
+    def add(self, queue_ids: Iterable[str]) -> None:
         """
-        Take the next entry into account.
+        Take these queue ids into account.
         """
-        queue_id = entry.queue_id
-        index: int | None = None
-        if entry.state is MessageState.QUEUED:
-            lanes = self._lanes[entry.priority]
-            index = lanes.get(entry.list, 0)
-            lanes[entry.list] = index + 1
-            if self._place_all or queue_id in self._wanted:
-                self._places[queue_id] = (entry.priority, entry.list, index)
-        if queue_id in self._wanted:
-            self.seen[queue_id] = entry
-        if (
-            self._keep
-            and (self._after is None or queue_id > self._after)
-            and self._filter.matches_entry(entry)
-        ):
-            self._kept.append((entry, index))
-            if len(self._kept) >= 2 * self._keep:
-                self._prune()
+        self._ids.extend(queue_ids)
+        if len(self._ids) >= 2 * self._keep:
+            self._prune()
 
     def _prune(self) -> None:
-        self._kept.sort(key=_kept_queue_id)
-        del self._kept[self._keep :]
+        # The ids mostly come in order already: the sort is about linear.
+        self._ids.sort()
+        del self._ids[self._keep :]
 
-    def candidates(self) -> list[ScheduledEntry]:
+    def queue_ids(self) -> list[str]:
         """
-        The first C{keep} candidates, in queue id order (acceptance order).
-        """
-        self._prune()
-        return [entry for entry, _ in self._kept]
-
-    def order(self) -> ReadyOrder:
-        """
-        The dispatch order of what was seen, knowing the place of the
-        wanted messages and of the kept candidates.
+        The first C{keep} queue ids fed, in order.
         """
         self._prune()
-        places = dict(self._places)
-        for entry, index in self._kept:
-            if index is not None:
-                places[entry.queue_id] = (entry.priority, entry.list, index)
-        return ReadyOrder(
-            {p: list(lanes.items()) for p, lanes in self._lanes.items()},
-            places,
-        )
-
-
-def _kept_queue_id(kept: tuple[ScheduledEntry, int | None]) -> str:
-    return kept[0].queue_id
+        return list(self._ids)
 
 
 @frozen
@@ -541,23 +532,6 @@ class QueueFilter:
         Whether the message's envelope passes the C{username} filter.
         """
         return self.username is None or envelope.username == self.username
-
-
-def page_candidates(
-    entries: Iterable[ScheduledEntry],
-    queue_filter: QueueFilter,
-    after: str | None,
-    limit: int,
-) -> list[ScheduledEntry]:
-    """
-    The entries a listing page considers: those passing the scheduler-side
-    filters, with a queue id after C{after}, in queue id order (which is
-    acceptance order), the first C{limit} of them.
-    """
-    scan = QueueScan(queue_filter, after, keep=limit)
-    for entry in entries:
-        scan.add(entry)
-    return scan.candidates()
 
 
 @frozen

@@ -394,6 +394,12 @@ class SchedulerSnapshot:
         """
         return self._lanes[Priority(priority)]
 
+    def ready_lane_lengths(self, priority: Priority | int) -> list[tuple[str, int]]:
+        """
+        As L{Scheduler.ready_lane_lengths}, at the snapshot's moment.
+        """
+        return [(name, len(ids)) for name, ids in self._lanes[Priority(priority)]]
+
     def queue_ids(
         self,
         *,

@@ -17,9 +17,9 @@ from smtpgw.queueinfo import (
     MAX_LISTED_RECIPIENTS,
     Conditions,
     MessageChange,
+    PageCandidates,
     QueueFilter,
     QueueListing,
-    QueueScan,
     QueueStatus,
     ReadyLane,
     ReadyOrder,
@@ -29,7 +29,6 @@ from smtpgw.queueinfo import (
     explain,
     iso8601,
     listing_document,
-    page_candidates,
     parse_state,
     queue_row,
     row_document,
@@ -85,6 +84,13 @@ def lanes(**by_list: str) -> list[ReadyLane]:
     Lanes in the order given: C{a="a1 a2"} is list C{a} with two messages.
     """
     return [ReadyLane(name, tuple(ids.split())) for name, ids in by_list.items()]
+
+
+def alone(queued: ScheduledEntry) -> ReadyOrder:
+    """
+    The order when C{queued} is the only ready message.
+    """
+    return ReadyOrder.from_lanes({queued.priority: [ReadyLane(queued.list, (queued.queue_id,))]})
 
 
 def dispatch_order(scheduler: Scheduler) -> list[str]:
@@ -148,43 +154,86 @@ class TestPosition:
             st.tuples(st.sampled_from("abcd"), st.sampled_from([1, 3])),
             min_size=1,
             max_size=40,
-        )
+        ),
+        st.lists(
+            st.tuples(st.sampled_from(["hold", "release", "pop", "raise"]), st.integers(0, 39)),
+            max_size=20,
+        ),
     )
     def test_positions_match_the_real_schedulers_order(
-        self, arrivals: list[tuple[str, int]]
+        self, arrivals: list[tuple[str, int]], changes: list[tuple[str, int]]
     ) -> None:
         """
-        For any arrivals of messages to lists and priorities, the position
-        computed from the entries is the index at which the real scheduler
-        hands the message out.
+        For any arrivals of messages to lists and priorities, then holds,
+        releases, pops and re-prioritizations (which move messages to the
+        end of a lane and the ring on), the position computed from the
+        scheduler's lanes is the index at which it hands the message out.
         """
         scheduler = Scheduler()
         for n, (list_name, priority) in enumerate(arrivals):
             scheduler.add(entry(f"m{n:03d}", priority=priority, list=list_name))
-        order = ReadyOrder.from_entries(scheduler.entries())
+        for change, n in changes:
+            queue_id = f"m{n % len(arrivals):03d}"
+            current = scheduler.get(queue_id)
+            if current is None or current.state is MessageState.SENDING:
+                continue
+            if change == "hold":
+                scheduler.hold(queue_id)
+            elif change == "release":
+                scheduler.release(queue_id)
+            elif change == "raise":
+                scheduler.reprioritize(queue_id, max(1, current.priority - 1))
+            else:
+                scheduler.pop_ready(NOW)
+        waiting = list(scheduler.entries())
+        order = ReadyOrder.of(scheduler, waiting)
         actual = dispatch_order(scheduler)
+        assert sorted(actual) == sorted(
+            e.queue_id for e in waiting if e.state is MessageState.QUEUED
+        )
+        by_id = {e.queue_id: e for e in waiting}
         for expected_position, queue_id in enumerate(actual):
-            n = int(queue_id[1:])
-            list_name, priority = arrivals[n]
-            computed = order.higher_than(Priority(priority)) + order.same_priority_ahead(
-                queue_id, Priority(priority), list_name
+            e = by_id[queue_id]
+            computed = order.higher_than(e.priority) + order.same_priority_ahead(
+                queue_id, e.priority, e.list
             )
             assert computed == expected_position
 
-    def test_from_entries_ignores_entries_not_ready(self) -> None:
+    def test_order_of_ignores_wanted_messages_not_ready(self) -> None:
         """
-        Held, deferred and sending messages are not in line.
+        Held, deferred and sending messages are not in line, and asking for
+        them looks into no lane.
         """
-        order = ReadyOrder.from_entries(
-            [
-                entry("h", state=MessageState.HELD),
-                entry("d", state=MessageState.DEFERRED, next_attempt_at=NOW + 5),
-                entry("s", state=MessageState.SENDING),
-                entry("q"),
-            ]
-        )
+        scheduler = Scheduler()
+        for e in (
+            entry("h", state=MessageState.HELD),
+            entry("d", state=MessageState.DEFERRED, next_attempt_at=NOW + 5),
+            entry("s"),
+            entry("q"),
+        ):
+            scheduler.add(e)
+        sending = scheduler.pop_ready(NOW)
+        assert sending is not None
+        assert sending.queue_id == "s"
+        order = ReadyOrder.of(scheduler, scheduler.entries())
         assert order.ready(Priority.NORMAL) == 1
         assert order.same_priority_ahead("q", Priority.NORMAL, "news") == 0
+
+    def test_order_of_knows_only_the_wanted_places(self) -> None:
+        """
+        ReadyOrder.of counts every ready message but finds the place of the
+        wanted ones only (an unwanted one counts as last of its lane).
+        """
+        scheduler = Scheduler()
+        for queue_id in ("a1", "b1", "a2", "b2", "a3"):
+            scheduler.add(entry(queue_id, list=queue_id[0]))
+        wanted = scheduler.get("a2")
+        assert wanted is not None
+        order = ReadyOrder.of(scheduler, [wanted])
+        assert order.ready(Priority.NORMAL) == 5
+        assert order.same_priority_ahead("a2", Priority.NORMAL, "a") == 2
+        # b1 is not known: counted as one more of lane b, after a1 b1 a2 b2 a3.
+        assert order.same_priority_ahead("b1", Priority.NORMAL, "b") == 5
 
 
 class TestEstimate:
@@ -497,16 +546,20 @@ class TestListing:
         Candidates come in queue id order, after the given id, at most the
         limit; paging on from the last id sees the rest exactly once.
         """
-        entries = [entry(f"id{n}") for n in (5, 1, 4, 2, 3)]
-        first = page_candidates(entries, QueueFilter(), None, 2)
-        assert [e.queue_id for e in first] == ["id1", "id2"]
-        second = page_candidates(entries, QueueFilter(), "id2", 2)
-        assert [e.queue_id for e in second] == ["id3", "id4"]
-        last = page_candidates(entries, QueueFilter(), "id4", 2)
-        assert [e.queue_id for e in last] == ["id5"]
-        assert page_candidates(entries, QueueFilter(), "id5", 2) == []
-        everything = page_candidates(entries, QueueFilter(list="news"), None, 10)
-        assert [e.queue_id for e in everything] == [f"id{n}" for n in range(1, 6)]
+        scheduler = Scheduler()
+        for n in (5, 1, 4, 2, 3):
+            scheduler.add(entry(f"id{n}"))
+
+        def page(after: str | None, keep: int) -> list[str]:
+            candidates = PageCandidates(keep)
+            candidates.add(scheduler.queue_ids(after=after))
+            return candidates.queue_ids()
+
+        assert page(None, 2) == ["id1", "id2"]
+        assert page("id2", 2) == ["id3", "id4"]
+        assert page("id4", 2) == ["id5"]
+        assert page("id5", 2) == []
+        assert page(None, 10) == [f"id{n}" for n in range(1, 6)]
 
     def test_row_shows_a_bounded_number_of_recipients(self) -> None:
         """
@@ -514,7 +567,7 @@ class TestListing:
         them (at the limit and one past it).
         """
         queued = entry("q")
-        why = explain(queued, ReadyOrder.from_entries([queued]), conditions())
+        why = explain(queued, alone(queued), conditions())
         at_limit = queue_row(queued, envelope("q", recipients=MAX_LISTED_RECIPIENTS), why)
         assert len(at_limit.recipients) == at_limit.recipient_count == MAX_LISTED_RECIPIENTS
         past = queue_row(queued, envelope("q", recipients=MAX_LISTED_RECIPIENTS + 1), why)
@@ -526,7 +579,7 @@ class TestListing:
         A row as JSON: the product's field names, times in ISO 8601 UTC.
         """
         queued = entry("q", priority=2)
-        why = explain(queued, ReadyOrder.from_entries([queued]), conditions())
+        why = explain(queued, alone(queued), conditions())
         document = row_document(queue_row(queued, envelope("q"), why))
         assert document == {
             "queue_id": "q",
@@ -549,7 +602,7 @@ class TestListing:
         scheduler knows.
         """
         queued = entry("q")
-        why = explain(queued, ReadyOrder.from_entries([queued]), conditions())
+        why = explain(queued, alone(queued), conditions())
         row = queue_row(queued, None, why)
         assert (row.username, row.sender, row.recipients, row.accepted_at) == (
             None,
@@ -568,40 +621,32 @@ class TestListing:
         assert iso8601(None) is None
 
 
-class TestScan:
-    def test_keeps_the_first_candidates_in_queue_id_order(self) -> None:
+class TestPageCandidates:
+    def test_keeps_the_first_in_queue_id_order(self) -> None:
         """
-        However the entries come, the scan keeps the C{keep} smallest queue
-        ids after C{after} (pruning as it goes), in order.
+        However the ids come, and in however many runs, the first C{keep}
+        in order are kept (pruning as it goes).
         """
-        scan = QueueScan(QueueFilter(), after="id03", keep=3)
-        for n in (9, 1, 8, 4, 7, 2, 6, 5, 3, 10):
-            scan.add(entry(f"id{n:02d}"))
-        assert [e.queue_id for e in scan.candidates()] == ["id04", "id05", "id06"]
+        candidates = PageCandidates(3)
+        for run in ([9, 1, 8], [4, 7], [], [2, 6, 5, 3, 10]):
+            candidates.add(f"id{n:02d}" for n in run)
+        assert candidates.queue_ids() == ["id01", "id02", "id03"]
 
-    def test_places_only_for_what_is_asked(self) -> None:
+    @pytest.mark.parametrize("fed", [0, 1, 2, 3])
+    def test_fewer_than_keep(self, fed: int) -> None:
         """
-        The scan keeps the place of the wanted messages and of the kept
-        candidates only, yet counts every ready message.
+        Below, at and one past C{keep}, what was fed is kept up to C{keep}.
         """
-        scan = QueueScan(QueueFilter(list="b"), keep=1, wanted={"a2"})
-        for queue_id in ("a1", "b1", "a2", "b2", "a3"):
-            scan.add(entry(queue_id, list=queue_id[0]))
-        order = scan.order()
-        assert order.ready(Priority.NORMAL) == 5
-        assert order.same_priority_ahead("a2", Priority.NORMAL, "a") == 2
-        assert order.same_priority_ahead("b1", Priority.NORMAL, "b") == 1
-        assert scan.seen == {"a2": scan.seen["a2"]}
-        assert scan.seen["a2"].queue_id == "a2"
-        assert [e.queue_id for e in scan.candidates()] == ["b1"]
+        candidates = PageCandidates(2)
+        candidates.add(f"id{n}" for n in reversed(range(fed)))
+        assert candidates.queue_ids() == [f"id{n}" for n in range(min(fed, 2))]
 
-    def test_no_candidates_without_keep(self) -> None:
+    def test_keep_must_be_positive(self) -> None:
         """
-        A scan for a "why" keeps no listing candidates.
+        Keeping nothing is refused.
         """
-        scan = QueueScan(wanted={"x"})
-        scan.add(entry("x"))
-        assert scan.candidates() == []
+        with pytest.raises(ValueError, match="keep"):
+            PageCandidates(0)
 
 
 class TestDocuments:
@@ -632,7 +677,7 @@ class TestDocuments:
         """
         status = QueueStatus(paused=False, in_flight=0, counts={}, rate=0.0, concurrency=1)
         queued = entry("q")
-        why = explain(queued, ReadyOrder.from_entries([queued]), conditions())
+        why = explain(queued, alone(queued), conditions())
         row = queue_row(queued, None, why)
         document = listing_document(QueueListing((row,), "q", status))
         assert document["messages"] == [row_document(row)]

@@ -724,6 +724,7 @@ class TestSnapshot:
         assert snapshot.get("m9") is None
         assert snapshot.queue_ids(state=MessageState.QUEUED) == ["m0", "m1", "m2", "m3"]
         assert snapshot.ready_lanes(3) == [("alpha", ["m0", "m1", "m2", "m3"])]
+        assert snapshot.ready_lane_lengths(3) == [("alpha", 4)]
         assert s.ready_lanes(3) == [("beta", ["m9"]), ("alpha", ["m3"])]
 
 
