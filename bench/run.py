@@ -423,6 +423,11 @@ def measure_bind(settings: Settings, workdir: Path) -> dict[str, Any]:
     }
 
 
+#: Above this many cores used by the rest of the machine during a row, the
+#: row's figure is not to be trusted (and neither is a ratio using it).
+NOISY_OTHER_CORES = 0.2
+
+
 def ratios(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """
     @param rows: row results by id.
@@ -434,6 +439,11 @@ def ratios(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if not a or not b or not a.get("rate_per_s") or not b.get("rate_per_s"):
             continue
         value = a["rate_per_s"] / b["rate_per_s"]
+        noisy = [
+            row_id
+            for row_id, row in ((top, a), (bottom, b))
+            if (row.get("other_cores") or 0) > NOISY_OTHER_CORES
+        ]
         out.append(
             {
                 "label": label,
@@ -441,6 +451,7 @@ def ratios(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "ratio": round(value, 2),
                 "target": target,
                 "met": None if target is None else value >= target,
+                "noisy_rows": noisy,
             }
         )
     return out
@@ -681,6 +692,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.keep:
             shutil.rmtree(base, ignore_errors=True)
     out(TABLE_LEGEND)
+    noisy = [
+        row_id
+        for row_id, row in results.items()
+        if (row.get("other_cores") or 0) > NOISY_OTHER_CORES
+    ]
+    if noisy:
+        out(
+            f"WARNING: something else used more than {NOISY_OTHER_CORES} cores during "
+            f"{', '.join(noisy)}: those figures are low; run again on an idle machine."
+        )
     ceiling = loadgen_ceiling(results)
     for line in ceiling["lines"]:
         out(line)
@@ -693,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if ratio["target"] is None
                 else f"  target >= {ratio['target']}x: {'MET' if ratio['met'] else 'NOT MET'}"
             )
+            if ratio["noisy_rows"]:
+                verdict += f"  (noisy: {', '.join(ratio['noisy_rows'])})"
             out(f"  {ratio['label']:<52} {ratio['ratio']:>6.2f}x{verdict}")
     out("\nreference figures measured by the issue's author on 2 cores:")
     for label, value in REFERENCES.items():
