@@ -8,6 +8,7 @@ parts of the gateway together.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import stat
 from typing import Any
@@ -126,6 +127,12 @@ class Options(usage.Options):
         ],
         ["rate", None, "0", "Messages per second for the whole gateway (0: unlimited)."],
         ["concurrency", None, "20", "Deliveries at once."],
+        [
+            "max-queue-age",
+            None,
+            "432000",
+            "Seconds a message may keep failing temporarily before it bounces (5.4.7).",
+        ],
         *[[_option(name), None, None, text] for name, (_, text) in LIMIT_OPTIONS.items()],
     ]
 
@@ -150,6 +157,12 @@ class Options(usage.Options):
             raise usage.UsageError("--rate must be 0 (unlimited) or more")
         self["rate"] = rate
         self["concurrency"] = _positive_int("concurrency", self["concurrency"])
+        try:
+            self["max-queue-age"] = float(self["max-queue-age"])
+        except ValueError:
+            raise usage.UsageError("--max-queue-age must be a number of seconds") from None
+        if not self["max-queue-age"] > 0:
+            raise usage.UsageError("--max-queue-age must be more than 0 seconds")
         self["limits"] = self._limits()
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
@@ -350,6 +363,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     journal = FileJournal(data_dir.child("journal").path, reactor)
     outbound = _outbound(options, data_dir, reactor)
     outbound.setServiceParent(top)
+    queue_ids = QueueIdGenerator()
     queue = MessageQueue(
         journal,
         outbound,  # type: ignore[arg-type]
@@ -357,6 +371,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         rate=options["rate"],
         concurrency=options["concurrency"],
         freeze_after_replay=True,
+        rng=random.random,
+        max_queue_age=options["max-queue-age"],
+        alerts=alerts,
+        hostname=options["hostname"],
+        queue_ids=queue_ids,
     )
     queue.setServiceParent(top)
     # After the queue, so it stops first; it listens only after twistd has
@@ -375,7 +394,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         tls=tls.options,
         require_tls=bool(options["require-tls"]),
         clock=reactor,
-        queue_ids=QueueIdGenerator(),
+        queue_ids=queue_ids,
     )
     listener = MultiPortListener(
         reactor=reactor,
