@@ -21,6 +21,7 @@ line counts as its length plus 2 for its CRLF.
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import unicodedata
 from datetime import UTC, datetime
@@ -55,6 +56,16 @@ CRLF = b"\r\n"
 # RFC 5322 field-name (printable ASCII except ":"), with the obsolete
 # whitespace before the colon tolerated.
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+@functools.lru_cache(maxsize=8)
+def _longer_than(length: int) -> re.Pattern[bytes]:
+    """
+    A pattern that finds a line of more than C{length} octets.
+    """
+    return re.compile(rb"[^\r\n]{%d}" % (length + 1))
+
+
 _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _IP_UNSAFE = re.compile(r"[^0-9A-Fa-f.:]")
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -228,6 +239,32 @@ class MessageAssembler:
             return
         self._body += line
         self._body += CRLF
+
+    def body_block(self, block: bytes) -> bool:
+        """
+        Take many body lines at once, when none of them needs a closer look.
+
+        The lines are complete, already un-dot-stuffed, each ending in CRLF.
+        The block is taken only when the header section is over, nothing was
+        refused, it holds no NUL, no CR or LF outside a CRLF, no line over
+        the limit, and it fits in the size limit: then taking it line by line
+        would have stored exactly these bytes. Otherwise nothing is taken and
+        the caller goes line by line, so every refusal happens as in L{line}.
+
+        @return: whether the block was taken.
+        """
+        if self._in_headers or self._rejection is not None:
+            return False
+        if self._size + len(block) > self.max_size or b"\0" in block:
+            return False
+        crlf = block.count(CRLF)
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+            return False
+        if _longer_than(self.max_line_length).search(block) is not None:
+            return False
+        self._size += len(block)
+        self._body += block
+        return True
 
     def _reject(self, rejection: MessageRejected) -> None:
         self._rejection = rejection

@@ -68,7 +68,7 @@ from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFil
 from smtpgw.checker import PasswordCheckUnavailable
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
-from smtpgw.message import MessageRejected
+from smtpgw.message import MessageAssembler, MessageRejected
 from smtpgw.model import Priority, QueueIdGenerator, SmtpUser
 from smtpgw.priority import parse_mt_priority_param
 from smtpgw.realm import GatewayMessage, GatewayServices, SessionMind, Transaction
@@ -617,6 +617,9 @@ class GatewaySMTP(smtp.ESMTP):
         """
         find = buf.find
         sink = self._sink
+        message = self._message
+        if sink is not None and message is not None:
+            pos = self._data_block(buf, pos, message.assembler)
         while True:
             eol = find(b"\r\n", pos)
             if eol < 0:
@@ -637,6 +640,31 @@ class GatewaySMTP(smtp.ESMTP):
                     if self._t.disconnecting:
                         return len(buf)
                     sink = None
+
+    def _data_block(self, buf: bytes, pos: int, assembler: MessageAssembler) -> int:
+        """
+        Hand the assembler, in one piece, the complete body lines of C{buf}
+        from C{pos} up to the final dot (or the last complete line), when it
+        can take them without looking at each: a 5 KB message is some seventy
+        lines, and a call per line is most of the cost of DATA.
+
+        @return: where line-by-line handling goes on.
+        """
+        last = buf.rfind(b"\r\n", pos)
+        if last < pos:
+            return pos
+        stop = last + 2
+        if buf.startswith(b".\r\n", pos):
+            return pos
+        end = buf.find(b"\r\n.\r\n", pos, stop + 3)
+        if end >= 0:
+            stop = end + 2
+        block = buf[pos:stop]
+        if block[:1] == b".":
+            block = block[1:].replace(b"\r\n.", b"\r\n")
+        elif b"\r\n." in block:
+            block = block.replace(b"\r\n.", b"\r\n")
+        return stop if assembler.body_block(block) else pos
 
     def _partial_line(self, length: int) -> None:
         """

@@ -846,3 +846,81 @@ class TestThroughTwistedSMTP:
         assert assembler.headers == []
         out = finish(assembler, message_id=None)
         assert out == RECEIVED + b"X-Priority: 3\r\n\r\nHello\r\n.dot\r\n\r\nbye\r\n"
+
+
+# --- many body lines at once ------------------------------------------------
+
+
+def _assembled(lines: list[bytes], block: bool, max_size: int = 10_000) -> bytes | str:
+    """
+    The message the assembler makes of a header and C{lines}, fed line by
+    line or, where it takes them, as one block; or the refusal's text.
+    """
+    assembler = MessageAssembler(max_size=max_size, max_line_length=998)
+    try:
+        for line in (b"Subject: s", b""):
+            assembler.line(line)
+        body = b"".join(line + b"\r\n" for line in lines)
+        if not (block and assembler.body_block(body)):
+            for line in lines:
+                assembler.line(line)
+        return assembler.finish(received=b"Received: x\r\n", message_id=None, priority=Priority(3))
+    except MessageRejected as rejection:
+        return rejection.text
+
+
+@given(
+    st.lists(
+        st.binary(max_size=40)
+        | st.sampled_from([b"x" * 998, b"x" * 999, b"a\rb", b"a\nb", b"\0", b"", b"."]),
+        max_size=30,
+    ),
+    st.integers(min_value=1024, max_value=3000),
+)
+def test_a_block_of_body_lines_gives_what_the_lines_one_by_one_give(
+    lines: list[bytes], max_size: int
+) -> None:
+    """
+    Whatever the lines (bare CR or LF, NUL, a line at the limit or one past
+    it, the size limit), taking them as a block either does exactly what
+    taking them one by one does, or takes nothing and leaves it to lines.
+    """
+    assert _assembled(lines, block=True, max_size=max_size) == _assembled(
+        lines, block=False, max_size=max_size
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"a\rb\r\n",
+        b"a\nb\r\n",
+        b"nul\0\r\n",
+        b"x" * 999 + b"\r\n",
+        b"y" * 2000 + b"\r\n",
+    ],
+)
+def test_a_block_that_needs_a_closer_look_is_not_taken(body: bytes) -> None:
+    assembler = MessageAssembler(max_size=10_000, max_line_length=998)
+    assembler.line(b"Subject: s")
+    assembler.line(b"")
+    assert not assembler.body_block(body)
+    assert assembler.size == len(b"Subject: s") + 2 + 2
+
+
+def test_a_block_is_taken_at_the_limits_and_not_one_past() -> None:
+    """
+    A 998-octet line and a block ending exactly at the size limit are taken;
+    a block one octet over the size limit is not (so the line-by-line path
+    refuses it on the right line). Nor is a block while the header section
+    is still open.
+    """
+    head = len(b"Subject: s") + 2 + 2
+    assembler = MessageAssembler(max_size=head + 1000 + 10, max_line_length=998)
+    assert not assembler.body_block(b"too early\r\n")
+    assembler.line(b"Subject: s")
+    assembler.line(b"")
+    assert assembler.body_block(b"x" * 998 + b"\r\n")
+    assert not assembler.body_block(b"y" * 9 + b"\r\n")
+    assert assembler.body_block(b"y" * 8 + b"\r\n")
+    assert assembler.size == head + 1000 + 10
