@@ -146,13 +146,32 @@ def _mask(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def _field(record: int, shift: int, bits: int) -> int:
-    return (record >> shift) & _mask(bits)
+# The field masks, computed once: packing and unpacking are on the hot path
+# of the replay of a million messages.
+_PRIORITY_MASK = _mask(_PRIORITY_BITS)
+_STATE_FIELD = _mask(_STATE_BITS)
+_ATTEMPTS_MASK = _mask(_ATTEMPTS_BITS)
+_LIST_MASK = _mask(_LIST_BITS)
+_SEGMENT_MAX = _mask(_SEGMENT_BITS)
+_OFFSET_MAX = _mask(_OFFSET_BITS)
+_LENGTH_MAX = _mask(_LENGTH_BITS)
+_LOW_MASK = _mask(_NEXT_SHIFT)
+_STATE_MASK = _STATE_FIELD << _STATE_SHIFT
+# The state codes, for the hot paths (hashing an enum member is slow).
+_QUEUED = _STATE_CODES[MessageState.QUEUED]
+_SENDING = _STATE_CODES[MessageState.SENDING]
+_DEFERRED = _STATE_CODES[MessageState.DEFERRED]
+_HELD = _STATE_CODES[MessageState.HELD]
+_DEFERRED_BITS = _DEFERRED << _STATE_SHIFT
+_STATES = tuple(_STATES_BY_CODE[code] for code in range(len(_STATES_BY_CODE)))
+# Indexed by the number (0 is never used): building an enum member by value
+# is slow.
+_PRIORITY_BY_NUMBER = (Priority.VERY_HIGH, *Priority)
 
 
-def _checked(value: int, bits: int, name: str) -> int:
-    if not 0 <= value <= _mask(bits):
-        raise ValueError(f"{name} {value} does not fit in {bits} bits")
+def _checked(value: int, limit: int, name: str) -> int:
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name} {value} does not fit in {limit.bit_length()} bits")
     return value
 
 
@@ -166,9 +185,23 @@ def _bits_float(bits: int) -> float:
     return result
 
 
+def _time_bits(value: float) -> int:
+    """
+    The bits of a next attempt time.
+
+    @raise ValueError: it is not a finite, non-negative number.
+    """
+    if not value and math.copysign(1.0, value) > 0:
+        # Never deferred: the usual case, and the smallest record.
+        return 0
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"next_attempt_at {value!r} is not a time")
+    return _float_bits(value)
+
+
 def _pack(
     priority: int,
-    state: MessageState,
+    state_code: int,
     attempts: int,
     list_index: int,
     location: JournalLocation,
@@ -179,34 +212,37 @@ def _pack(
 
     @raise ValueError: a field is out of its range.
     """
-    if not math.isfinite(next_attempt_at) or next_attempt_at < 0:
-        raise ValueError(f"next_attempt_at {next_attempt_at!r} is not a time")
+    segment, offset, length = location.segment, location.offset, location.length
+    if not (
+        0 <= segment <= _SEGMENT_MAX and 0 <= offset <= _OFFSET_MAX and 0 <= length <= _LENGTH_MAX
+    ):
+        _checked(segment, _SEGMENT_MAX, "segment")
+        _checked(offset, _OFFSET_MAX, "offset")
+        _checked(length, _LENGTH_MAX, "length")
+    if not 0 <= attempts <= MAX_ATTEMPTS:
+        attempts = min(max(attempts, 0), MAX_ATTEMPTS)
     return (
-        priority << _PRIORITY_SHIFT
-        | _STATE_CODES[state] << _STATE_SHIFT
-        | min(max(attempts, 0), MAX_ATTEMPTS) << _ATTEMPTS_SHIFT
+        priority
+        | state_code << _STATE_SHIFT
+        | attempts << _ATTEMPTS_SHIFT
         | list_index << _LIST_SHIFT
-        | _checked(location.segment, _SEGMENT_BITS, "segment") << _SEGMENT_SHIFT
-        | _checked(location.offset, _OFFSET_BITS, "offset") << _OFFSET_SHIFT
-        | _checked(location.length, _LENGTH_BITS, "length") << _LENGTH_SHIFT
-        | _float_bits(next_attempt_at) << _NEXT_SHIFT
+        | segment << _SEGMENT_SHIFT
+        | offset << _OFFSET_SHIFT
+        | length << _LENGTH_SHIFT
+        | _time_bits(next_attempt_at) << _NEXT_SHIFT
     )
 
 
 def _priority_of(record: int) -> int:
-    return _field(record, _PRIORITY_SHIFT, _PRIORITY_BITS)
-
-
-def _state_of(record: int) -> MessageState:
-    return _STATES_BY_CODE[_field(record, _STATE_SHIFT, _STATE_BITS)]
+    return record & _PRIORITY_MASK
 
 
 def _attempts_of(record: int) -> int:
-    return _field(record, _ATTEMPTS_SHIFT, _ATTEMPTS_BITS)
+    return (record >> _ATTEMPTS_SHIFT) & _ATTEMPTS_MASK
 
 
 def _list_of(record: int) -> int:
-    return _field(record, _LIST_SHIFT, _LIST_BITS)
+    return (record >> _LIST_SHIFT) & _LIST_MASK
 
 
 def _next_attempt_of(record: int) -> float:
@@ -217,39 +253,39 @@ def _replace(record: int, shift: int, bits: int, value: int) -> int:
     return (record & ~(_mask(bits) << shift)) | (value << shift)
 
 
-def _with_state(record: int, state: MessageState) -> int:
-    return _replace(record, _STATE_SHIFT, _STATE_BITS, _STATE_CODES[state])
+def _code_of(record: int) -> int:
+    return (record >> _STATE_SHIFT) & _STATE_FIELD
+
+
+def _with_state(record: int, code: int) -> int:
+    return (record & ~_STATE_MASK) | code << _STATE_SHIFT
 
 
 def _with_priority(record: int, priority: int) -> int:
-    return _replace(record, _PRIORITY_SHIFT, _PRIORITY_BITS, priority)
+    return (record & ~_PRIORITY_MASK) | priority
 
 
 def _with_retry(record: int, attempts: int, next_attempt_at: float) -> int:
     if not math.isfinite(next_attempt_at) or next_attempt_at < 0:
         raise ValueError(f"next_attempt_at {next_attempt_at!r} is not a time")
-    low = record & _mask(_NEXT_SHIFT)
+    low = record & _LOW_MASK
     low = _replace(low, _ATTEMPTS_SHIFT, _ATTEMPTS_BITS, min(max(attempts, 0), MAX_ATTEMPTS))
     return low | _float_bits(next_attempt_at) << _NEXT_SHIFT
 
 
-_STATE_MASK = _mask(_STATE_BITS) << _STATE_SHIFT
-_DEFERRED_BITS = _STATE_CODES[MessageState.DEFERRED] << _STATE_SHIFT
-
-
 def _entry_of(queue_id: str, record: int, list_names: list[str]) -> ScheduledEntry:
     return ScheduledEntry(
-        queue_id=queue_id,
-        priority=Priority(_priority_of(record)),
-        list=list_names[_list_of(record)],
-        location=JournalLocation(
-            segment=_field(record, _SEGMENT_SHIFT, _SEGMENT_BITS),
-            offset=_field(record, _OFFSET_SHIFT, _OFFSET_BITS),
-            length=_field(record, _LENGTH_SHIFT, _LENGTH_BITS),
+        queue_id,
+        _PRIORITY_BY_NUMBER[record & _PRIORITY_MASK],
+        list_names[(record >> _LIST_SHIFT) & _LIST_MASK],
+        JournalLocation(
+            (record >> _SEGMENT_SHIFT) & _SEGMENT_MAX,
+            (record >> _OFFSET_SHIFT) & _OFFSET_MAX,
+            (record >> _LENGTH_SHIFT) & _LENGTH_MAX,
         ),
-        state=_state_of(record),
-        attempts=_attempts_of(record),
-        next_attempt_at=_next_attempt_of(record),
+        _STATES[(record >> _STATE_SHIFT) & _STATE_FIELD],
+        (record >> _ATTEMPTS_SHIFT) & _ATTEMPTS_MASK,
+        _bits_float(record >> _NEXT_SHIFT) if record > _LOW_MASK else 0.0,
     )
 
 
@@ -475,7 +511,8 @@ class Scheduler:
         self._bucket_keys: list[int] = []
         self._due: list[tuple[float, str]] = []
         self._due_key = -1
-        self._by_state: dict[MessageState, int] = dict.fromkeys(_STATE_CODES, 0)
+        # Per state code.
+        self._by_state = [0] * len(_STATES)
         self._by_priority: dict[int, int] = dict.fromkeys(_PRIORITIES, 0)
 
     # Queries
@@ -574,7 +611,7 @@ class Scheduler:
         """
         How many entries are in each state.
         """
-        return dict(self._by_state)
+        return {_STATES[code]: count for code, count in enumerate(self._by_state)}
 
     def counts_by_priority(self) -> dict[Priority, int]:
         """
@@ -629,26 +666,35 @@ class Scheduler:
         @raise ValueError: the queue id is already scheduled, the state is not
             one of those, or a field is out of range.
         """
-        if entry.queue_id in self._records:
-            raise ValueError(f"{entry.queue_id} is already scheduled")
-        if entry.state not in (MessageState.QUEUED, MessageState.DEFERRED, MessageState.HELD):
-            raise ValueError(f"cannot add an entry in state {entry.state.value}")
-        priority = int(Priority(entry.priority))
+        queue_id = entry.queue_id
+        if queue_id in self._records:
+            raise ValueError(f"{queue_id} is already scheduled")
+        state = entry.state
+        if state is MessageState.QUEUED:
+            code = _QUEUED
+        elif state is MessageState.DEFERRED:
+            code = _DEFERRED
+        elif state is MessageState.HELD:
+            code = _HELD
+        else:
+            raise ValueError(f"cannot add an entry in state {state.value}")
+        priority = entry.priority
+        if type(priority) is not Priority:
+            priority = Priority(priority)
+        number = int(priority)
+        list_index = self._list_indexes.get(entry.list)
+        if list_index is None:
+            list_index = self._list_index(entry.list)
         record = _pack(
-            priority,
-            entry.state,
-            entry.attempts,
-            self._list_index(entry.list),
-            entry.location,
-            entry.next_attempt_at,
+            number, code, entry.attempts, list_index, entry.location, entry.next_attempt_at
         )
-        self._records[entry.queue_id] = record
-        self._by_state[entry.state] += 1
-        self._by_priority[priority] += 1
-        if entry.state is MessageState.QUEUED:
-            self._enqueue(entry.queue_id, priority, _list_of(record))
-        elif entry.state is MessageState.DEFERRED:
-            self._wait(entry.queue_id, entry.next_attempt_at)
+        self._records[queue_id] = record
+        self._by_state[code] += 1
+        self._by_priority[number] += 1
+        if code == _QUEUED:
+            self._enqueue(queue_id, number, list_index)
+        elif code == _DEFERRED:
+            self._wait(queue_id, entry.next_attempt_at)
 
     def pop_ready(self, now: float) -> ScheduledEntry | None:
         """
@@ -661,9 +707,9 @@ class Scheduler:
         for priority in _PRIORITIES:
             if self._ready[priority]:
                 queue_id = self._pop_from_ring(priority)
-                record = _with_state(self._records[queue_id], MessageState.SENDING)
+                record = _with_state(self._records[queue_id], _SENDING)
                 self._records[queue_id] = record
-                self._count_state(MessageState.QUEUED, MessageState.SENDING)
+                self._count_state(_QUEUED, _SENDING)
                 return _entry_of(queue_id, record, self._list_names)
         return None
 
@@ -673,7 +719,7 @@ class Scheduler:
 
         @return: the entry as it was.
         """
-        record = self._require(queue_id, MessageState.SENDING)
+        record = self._require(queue_id, _SENDING)
         return self._forget(queue_id, record)
 
     def defer(self, queue_id: str, next_attempt_at: float, attempts: int) -> None:
@@ -682,10 +728,10 @@ class Scheduler:
 
         @param attempts: the attempts made so far, this one included.
         """
-        record = self._require(queue_id, MessageState.SENDING)
-        record = _with_state(_with_retry(record, attempts, next_attempt_at), MessageState.DEFERRED)
+        record = self._require(queue_id, _SENDING)
+        record = _with_state(_with_retry(record, attempts, next_attempt_at), _DEFERRED)
         self._records[queue_id] = record
-        self._count_state(MessageState.SENDING, MessageState.DEFERRED)
+        self._count_state(_SENDING, _DEFERRED)
         self._wait(queue_id, next_attempt_at)
 
     def requeue(self, queue_id: str) -> None:
@@ -693,8 +739,8 @@ class Scheduler:
         Make a C{sending} entry ready again, at the end of its list's turn,
         without counting an attempt (the delivery was not tried).
         """
-        record = self._require(queue_id, MessageState.SENDING)
-        self._make_ready(queue_id, record, MessageState.SENDING)
+        record = self._require(queue_id, _SENDING)
+        self._make_ready(queue_id, record, _SENDING)
 
     def hold(self, queue_id: str) -> None:
         """
@@ -704,14 +750,14 @@ class Scheduler:
         @raise InvalidTransition: the entry is being sent.
         """
         record = self._known(queue_id)
-        state = _state_of(record)
-        if state is MessageState.HELD:
+        code = _code_of(record)
+        if code == _HELD:
             return
-        if state is MessageState.SENDING:
+        if code == _SENDING:
             raise InvalidTransition(f"{queue_id} is being sent")
-        self._leave(queue_id, record, state)
-        self._records[queue_id] = _with_state(record, MessageState.HELD)
-        self._count_state(state, MessageState.HELD)
+        self._leave(queue_id, record, code)
+        self._records[queue_id] = _with_state(record, _HELD)
+        self._count_state(code, _HELD)
 
     def release(self, queue_id: str) -> None:
         """
@@ -721,13 +767,13 @@ class Scheduler:
         @raise InvalidTransition: the entry is being sent.
         """
         record = self._known(queue_id)
-        state = _state_of(record)
-        if state is MessageState.QUEUED:
+        code = _code_of(record)
+        if code == _QUEUED:
             return
-        if state is MessageState.SENDING:
+        if code == _SENDING:
             raise InvalidTransition(f"{queue_id} is being sent")
-        self._leave(queue_id, record, state)
-        self._make_ready(queue_id, record, state)
+        self._leave(queue_id, record, code)
+        self._make_ready(queue_id, record, code)
 
     def cancel(self, queue_id: str) -> ScheduledEntry:
         """
@@ -737,10 +783,10 @@ class Scheduler:
         @raise InvalidTransition: the entry is being sent.
         """
         record = self._known(queue_id)
-        state = _state_of(record)
-        if state is MessageState.SENDING:
+        code = _code_of(record)
+        if code == _SENDING:
             raise InvalidTransition(f"{queue_id} is being sent")
-        self._leave(queue_id, record, state)
+        self._leave(queue_id, record, code)
         return self._forget(queue_id, record)
 
     def reprioritize(self, queue_id: str, priority: Priority | int) -> None:
@@ -753,13 +799,13 @@ class Scheduler:
         old = _priority_of(record)
         if new == old:
             return
-        state = _state_of(record)
-        if state is MessageState.QUEUED:
+        ready = _code_of(record) == _QUEUED
+        if ready:
             self._unready(queue_id, old, _list_of(record))
         self._records[queue_id] = _with_priority(record, new)
         self._by_priority[old] -= 1
         self._by_priority[new] += 1
-        if state is MessageState.QUEUED:
+        if ready:
             self._enqueue(queue_id, new, _list_of(record))
 
     # Internals
@@ -781,35 +827,37 @@ class Scheduler:
             raise UnknownMessage(queue_id)
         return record
 
-    def _require(self, queue_id: str, state: MessageState) -> int:
+    def _require(self, queue_id: str, code: int) -> int:
         record = self._known(queue_id)
-        actual = _state_of(record)
-        if actual is not state:
-            raise InvalidTransition(f"{queue_id} is {actual.value}, not {state.value}")
+        actual = _code_of(record)
+        if actual != code:
+            raise InvalidTransition(
+                f"{queue_id} is {_STATES[actual].value}, not {_STATES[code].value}"
+            )
         return record
 
     def _forget(self, queue_id: str, record: int) -> ScheduledEntry:
         del self._records[queue_id]
-        self._by_state[_state_of(record)] -= 1
+        self._by_state[_code_of(record)] -= 1
         self._by_priority[_priority_of(record)] -= 1
         return _entry_of(queue_id, record, self._list_names)
 
-    def _count_state(self, old: MessageState, new: MessageState) -> None:
+    def _count_state(self, old: int, new: int) -> None:
         self._by_state[old] -= 1
         self._by_state[new] += 1
 
-    def _leave(self, queue_id: str, record: int, state: MessageState) -> None:
+    def _leave(self, queue_id: str, record: int, code: int) -> None:
         """
         Take a waiting entry out of its lane (queued) or bucket (deferred).
         """
-        if state is MessageState.QUEUED:
+        if code == _QUEUED:
             self._unready(queue_id, _priority_of(record), _list_of(record))
-        elif state is MessageState.DEFERRED:
+        elif code == _DEFERRED:
             self._unwait(_next_attempt_of(record))
 
-    def _make_ready(self, queue_id: str, record: int, old: MessageState) -> None:
-        self._records[queue_id] = _with_state(record, MessageState.QUEUED)
-        self._count_state(old, MessageState.QUEUED)
+    def _make_ready(self, queue_id: str, record: int, old: int) -> None:
+        self._records[queue_id] = _with_state(record, _QUEUED)
+        self._count_state(old, _QUEUED)
         self._enqueue(queue_id, _priority_of(record), _list_of(record))
 
     def _enqueue(self, queue_id: str, priority: int, list_index: int) -> None:
@@ -944,7 +992,7 @@ class Scheduler:
         while due and due[0][0] <= now:
             when, queue_id = heapq.heappop(due)
             if self._is_waiting(queue_id, when):
-                self._make_ready(queue_id, self._records[queue_id], MessageState.DEFERRED)
+                self._make_ready(queue_id, self._records[queue_id], _DEFERRED)
         now_key = self._bucket_key(now)
         keys = self._bucket_keys
         while keys and keys[0] <= now_key:
@@ -959,13 +1007,13 @@ class Scheduler:
             waiting = sorted((self._next_attempt(q), q) for q in self._live(bucket, key))
             if key < now_key:
                 for _, queue_id in waiting:
-                    self._make_ready(queue_id, self._records[queue_id], MessageState.DEFERRED)
+                    self._make_ready(queue_id, self._records[queue_id], _DEFERRED)
                 continue
             # The bucket of now: its entries due later wait in the heap.
             ready = 0
             while ready < len(waiting) and waiting[ready][0] <= now:
                 queue_id = waiting[ready][1]
-                self._make_ready(queue_id, self._records[queue_id], MessageState.DEFERRED)
+                self._make_ready(queue_id, self._records[queue_id], _DEFERRED)
                 ready += 1
             rest = waiting[ready:]
             if due:
