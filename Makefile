@@ -37,6 +37,8 @@ test: lint types pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.delivery_bench
+	$(BIN)/python -m bench.queue_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info dropin.cache
