@@ -682,11 +682,18 @@ class MessageQueue(Service):
         super().startService()
         if not self._replayed:
             self._replayed = True
-            self._replay()
             if self._freeze_after_replay:
                 # Millions of replayed entries live as long as the process:
-                # keep the collector from walking them again and again.
+                # collecting while they are made only walks them again and
+                # again, and afterwards they are kept out of every walk.
+                gc.disable()
+                try:
+                    self._replay()
+                finally:
+                    gc.enable()
                 gc.freeze()
+            else:
+                self._replay()
             self._journal.start()
             self._journal_started = True
             self._take_up_pause()
