@@ -475,6 +475,13 @@ class SmtpUserChecker:
         decided: Deferred[SmtpUser] = checked.addCallback(self._decide, found)
         return decided.addBoth(self._share, found.key)
 
+    @property
+    def sharing(self) -> int:
+        """
+        Logins waiting for the outcome of an identical check under way.
+        """
+        return sum(len(waiting) for waiting in self._checking.values())
+
     def _share(self, result: SmtpUser | Failure, key: bytes) -> SmtpUser | Failure:
         """
         Give the outcome of a check to the logins that waited for it.
