@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from smtpgw.limits import Limits
-from smtpgw.tap import DEFAULT_MAX_SIZE, Options, _hand_over
+from smtpgw.tap import DEFAULT_MAX_SIZE, LIMIT_OPTIONS, Options, _hand_over
 from smtpgw.tls import TLSConfigError, ensure_self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,3 +204,33 @@ def test_gateway_tac_builds_the_same_service(tmp_path: Path) -> None:
         "MessageQueue",
         "MultiPortListener",
     }
+
+
+def test_twistd_finds_the_plugin_and_lists_every_option() -> None:
+    """
+    After the README's install (editable, compat mode), C{twistd smtpgw
+    --help} finds the plugin and lists the options of PRODUCT sections 2, 3
+    and 7 and every session limit.
+    """
+    twistd = str(Path(sys.executable).parent / "twistd")
+    result = subprocess.run(
+        [twistd, "smtpgw", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    for option in (
+        "--data-dir",
+        "--ports",
+        "--interface",
+        "--hostname",
+        "--tls-cert",
+        "--tls-key",
+        "--require-tls",
+        "--relay",
+        "--rate",
+        "--concurrency",
+        "--max-size",
+        "--max-recipients",
+        "--max-queue-age",
+        *(f"--{name.replace('_', '-')}=" for name in LIMIT_OPTIONS),
+    ):
+        assert option in result.stdout, option
