@@ -53,6 +53,8 @@ from smtpgw.queueinfo import (
     explain,
     parse_state,
     queue_row,
+    row_document,
+    why_document,
 )
 from smtpgw.scheduler import InvalidTransition, ScheduledEntry, SchedulerSnapshot, UnknownMessage
 from smtpgw.validation import ValidationError, validate_priority
@@ -708,19 +710,7 @@ def _change_from(fields: dict[str, Any]) -> MessageChange:
 
 
 def _why_fields(why: Why) -> dict[str, Any]:
-    return {
-        "queue_id": why.queue_id,
-        "list": why.list,
-        "state": why.state.value,
-        "priority": int(why.priority),
-        "attempts": why.attempts,
-        "next_attempt_at": _float(why.next_attempt_at),
-        "position": why.position,
-        "higher_priority": why.higher_priority,
-        "throttle": why.throttle.value,
-        "reason": why.reason,
-        "estimated_send_at": _float(why.estimated_send_at),
-    }
+    return why_document(why, time=_float)
 
 
 def _why_from(fields: dict[str, Any]) -> Why:
@@ -740,20 +730,7 @@ def _why_from(fields: dict[str, Any]) -> Why:
 
 
 def _row_fields(row: QueueRow) -> dict[str, Any]:
-    return {
-        "queue_id": row.queue_id,
-        "list": row.list,
-        "username": row.username,
-        "sender": row.sender,
-        "recipients": list(row.recipients),
-        "recipient_count": row.recipient_count,
-        "priority": int(row.priority),
-        "state": row.state.value,
-        "attempts": row.attempts,
-        "accepted_at": _float(row.accepted_at),
-        "next_attempt_at": _float(row.next_attempt_at),
-        "estimated_send_at": _float(row.estimated_send_at),
-    }
+    return row_document(row, time=_float)
 
 
 def _row_from(fields: dict[str, Any]) -> QueueRow:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -582,9 +582,9 @@ def queue_row(entry: ScheduledEntry, envelope: Envelope | None, why: Why) -> Que
     )
 
 
-def row_document(row: QueueRow) -> dict[str, Any]:
+def row_document(row: QueueRow, time: Callable[[float | None], Any] = iso8601) -> dict[str, Any]:
     """
-    A listing row as JSON (times in ISO 8601 UTC).
+    A listing row as JSON (times in ISO 8601 UTC, or as C{time} makes them).
     """
     return {
         "queue_id": row.queue_id,
@@ -596,15 +596,15 @@ def row_document(row: QueueRow) -> dict[str, Any]:
         "priority": int(row.priority),
         "state": row.state.value,
         "attempts": row.attempts,
-        "accepted_at": iso8601(row.accepted_at),
-        "next_attempt_at": iso8601(row.next_attempt_at),
-        "estimated_send_at": iso8601(row.estimated_send_at),
+        "accepted_at": time(row.accepted_at),
+        "next_attempt_at": time(row.next_attempt_at),
+        "estimated_send_at": time(row.estimated_send_at),
     }
 
 
-def why_document(why: Why) -> dict[str, Any]:
+def why_document(why: Why, time: Callable[[float | None], Any] = iso8601) -> dict[str, Any]:
     """
-    A L{Why} as JSON (times in ISO 8601 UTC).
+    A L{Why} as JSON (times in ISO 8601 UTC, or as C{time} makes them).
     """
     return {
         "queue_id": why.queue_id,
@@ -612,12 +612,12 @@ def why_document(why: Why) -> dict[str, Any]:
         "state": why.state.value,
         "priority": int(why.priority),
         "attempts": why.attempts,
-        "next_attempt_at": iso8601(why.next_attempt_at),
+        "next_attempt_at": time(why.next_attempt_at),
         "position": why.position,
         "higher_priority": why.higher_priority,
         "throttle": why.throttle.value,
         "reason": why.reason,
-        "estimated_send_at": iso8601(why.estimated_send_at),
+        "estimated_send_at": time(why.estimated_send_at),
     }
 
 
