@@ -16,11 +16,11 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 
-from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
+from smtpgw.alerts import AlertThrottle, ThrottleSummary
 from smtpgw.interfaces import Alert, IAlertSink
 
 __all__ = ["AuthFailureTracker", "ConnectionCounter", "RepeatedAlertFilter", "address_key"]
@@ -302,18 +302,6 @@ class AuthFailureTracker:
         return len(self._failures)
 
 
-@define(eq=False)
-class _Repeats:
-    """
-    The sender alerts of one (username, sender) within one window.
-    """
-
-    first: Alert
-    ends_at: float
-    count: int = 0
-    last_at: float = 0.0
-
-
 @implementer(IAlertSink)
 class RepeatedAlertFilter:
     """
@@ -325,7 +313,8 @@ class RepeatedAlertFilter:
 
     A client that keeps using a refused sender (or, in monitor mode, sends
     many messages with one) would otherwise fill the alert center with one
-    alert per message.
+    alert per message. The counting is L{AlertThrottle}'s, as for the
+    queue's delivery alerts; this adds the timer that ends the windows.
     """
 
     #: The (username, sender) pairs watched at most; past it, the oldest
@@ -350,9 +339,7 @@ class RepeatedAlertFilter:
         self._sink = sink
         self._clock = clock
         self._window = window
-        self._max_tracked = max_tracked
-        # Insertion order is the order in which windows end.
-        self._windows: dict[tuple[str, str], _Repeats] = {}
+        self._throttle = AlertThrottle(window, max_keys=max_tracked)
         self._timer: IDelayedCall | None = None
 
     def raise_alert(self, alert: Alert) -> None:
@@ -366,16 +353,12 @@ class RepeatedAlertFilter:
         details = alert.details
         key = (str(details.get("username", "")), str(details.get("sender", "")))
         now = self._clock.seconds()
-        self._end_windows(now)
-        repeats = self._windows.get(key)
-        if repeats is not None:
-            repeats.count += 1
-            repeats.last_at = alert.created_at
+        self._summarize(self._throttle.ended(now), now)
+        admitted = self._throttle.admit(key, now, payload=alert)
+        # Admitting may have summed up the oldest window early.
+        self._summarize(self._throttle.ended(now), now)
+        if not admitted:
             return
-        if len(self._windows) >= self._max_tracked:
-            oldest = next(iter(self._windows))
-            self._summarize(self._windows.pop(oldest), now)
-        self._windows[key] = _Repeats(alert, now + self._window)
         self._sink.raise_alert(alert)
         if self._timer is None:
             self._timer = self._clock.callLater(self._window, self._on_timer)
@@ -385,14 +368,13 @@ class RepeatedAlertFilter:
         @return: the alerts held back so far in the current window of this
             user and sender.
         """
-        repeats = self._windows.get((username, sender))
-        return 0 if repeats is None else repeats.count
+        return self._throttle.suppressed((username, sender))
 
     def tracked(self) -> int:
         """
         @return: how many (username, sender) windows are open.
         """
-        return len(self._windows)
+        return len(self._throttle)
 
     def flush(self) -> None:
         """
@@ -401,44 +383,34 @@ class RepeatedAlertFilter:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        now = self._clock.seconds()
-        windows, self._windows = self._windows, {}
-        for repeats in windows.values():
-            self._summarize(repeats, now)
+        self._summarize(self._throttle.flush(), self._clock.seconds())
 
     def _on_timer(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        self._end_windows(now)
-        if self._windows:
-            first = next(iter(self._windows.values()))
-            self._timer = self._clock.callLater(max(0.0, first.ends_at - now), self._on_timer)
+        self._summarize(self._throttle.ended(now), now)
+        next_end = self._throttle.next_end()
+        if next_end is not None:
+            self._timer = self._clock.callLater(max(0.0, next_end - now), self._on_timer)
 
-    def _end_windows(self, now: float) -> None:
-        windows = self._windows
-        while windows:
-            key = next(iter(windows))
-            if windows[key].ends_at > now:
-                return
-            self._summarize(windows.pop(key), now)
-
-    def _summarize(self, repeats: _Repeats, now: float) -> None:
-        if not repeats.count:
-            return
-        first = repeats.first
-        self._sink.raise_alert(
-            Alert(
-                type=first.type,
-                message=(
-                    f"{first.message} (and {repeats.count} more times within {self._window:g} s)"
-                ),
-                created_at=now,
-                list=first.list,
-                details={
-                    **first.details,
-                    "repeats": repeats.count,
-                    "first_at": first.created_at,
-                    "last_at": repeats.last_at,
-                },
+    def _summarize(self, summaries: list[ThrottleSummary], now: float) -> None:
+        for summary in summaries:
+            first = summary.payload
+            assert isinstance(first, Alert)
+            self._sink.raise_alert(
+                Alert(
+                    type=first.type,
+                    message=(
+                        f"{first.message} (and {summary.suppressed} more times within "
+                        f"{self._window:g} s)"
+                    ),
+                    created_at=now,
+                    list=first.list,
+                    details={
+                        **first.details,
+                        "repeats": summary.suppressed,
+                        "first_at": first.created_at,
+                        "last_at": summary.last_at,
+                    },
+                )
             )
-        )

@@ -31,12 +31,15 @@ from smtpgw.interfaces import Alert, IAlertSink
 from smtpgw.validation import ValidationError
 
 __all__ = [
+    "MAX_ALERT_KEYS",
     "MAX_PENDING_ALERTS",
     "MAX_QUERY_LIMIT",
     "AlertDatabase",
+    "AlertThrottle",
     "MemoryAlertSink",
     "SQLiteAlertStore",
     "StoredAlert",
+    "ThrottleSummary",
     "alert_document",
 ]
 
@@ -47,6 +50,129 @@ MAX_QUERY_LIMIT: Final = 1000
 """Most alerts one query returns."""
 
 DEFAULT_QUERY_LIMIT: Final = 100
+
+MAX_ALERT_KEYS = 10_000
+#: The user name of the bounces the queue submits (their list is that of
+
+
+@frozen
+class ThrottleSummary:
+    """
+    The alerts L{AlertThrottle} held back for one key during one window.
+    """
+
+    key: tuple[str, str]
+    suppressed: int
+    first_at: float
+    last_at: float
+    payload: object = None
+
+
+@define
+class _Window:
+    opened_at: float
+    payload: object = None
+    suppressed: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+
+
+class AlertThrottle:
+    """
+    Lets one alert per key through per C{window} seconds and counts the
+    others; a window that ends with alerts held back gives a
+    L{ThrottleSummary}. Pure: the caller passes the time.
+    """
+
+    def __init__(self, window: float, max_keys: int = MAX_ALERT_KEYS) -> None:
+        """
+        @param window: seconds after an alert during which alerts with its
+            key are only counted; 0 lets every alert through.
+        @param max_keys: the most keys watched at once.
+        """
+        self._window = window
+        self._max_keys = max_keys
+        # Insertion order is the order in which windows end.
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._due: list[ThrottleSummary] = []
+
+    def admit(self, key: tuple[str, str], now: float, payload: object = None) -> bool:
+        """
+        @param payload: kept with the window an admitted alert opens, and
+            given back in its summary (e.g. the alert itself).
+        @return: whether an alert with C{key} should be raised at C{now};
+            when not, it is counted.
+        """
+        if self._window <= 0:
+            return True
+        window = self._windows.get(key)
+        if window is not None and now < window.opened_at + self._window:
+            if not window.suppressed:
+                window.first_at = now
+            window.suppressed += 1
+            window.last_at = now
+            return False
+        if window is not None:
+            self._close(key)
+        elif len(self._windows) >= self._max_keys:
+            self._close(next(iter(self._windows)))
+        self._windows[key] = _Window(now, payload)
+        return True
+
+    def suppressed(self, key: tuple[str, str]) -> int:
+        """
+        @return: the alerts with C{key} held back in its current window.
+        """
+        window = self._windows.get(key)
+        return 0 if window is None else window.suppressed
+
+    def __len__(self) -> int:
+        """
+        @return: the windows open.
+        """
+        return len(self._windows)
+
+    def next_end(self) -> float | None:
+        """
+        @return: when the first open window ends, or L{None}.
+        """
+        for window in self._windows.values():
+            return window.opened_at + self._window
+        return None
+
+    def ended(self, now: float) -> list[ThrottleSummary]:
+        """
+        @return: the summaries of the windows that ended by C{now} with
+            alerts held back (or were closed early), each given once.
+        """
+        windows = self._windows
+        while windows:
+            key = next(iter(windows))
+            if now < windows[key].opened_at + self._window:
+                break
+            self._close(key)
+        due, self._due = self._due, []
+        return due
+
+    def flush(self) -> list[ThrottleSummary]:
+        """
+        End every window now (at shutdown).
+
+        @return: the summaries of the windows with alerts held back.
+        """
+        for key in list(self._windows):
+            self._close(key)
+        due, self._due = self._due, []
+        return due
+
+    def _close(self, key: tuple[str, str]) -> None:
+        window = self._windows.pop(key)
+        if window.suppressed:
+            self._due.append(
+                ThrottleSummary(
+                    key, window.suppressed, window.first_at, window.last_at, window.payload
+                )
+            )
 
 
 @frozen

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpgw.alerts import AlertThrottle, ThrottleSummary
 from smtpgw.dsn import RecipientFailure, build_dsn, should_send_dsn
 from smtpgw.interfaces import (
     Alert,
@@ -61,16 +62,13 @@ __all__ = [
     "DEFAULT_STOP_TIMEOUT",
     "DSN_USERNAME",
     "EXPIRED_STATUS",
-    "MAX_ALERT_KEYS",
     "RETRY_BASE",
     "RETRY_JITTER",
     "RETRY_MAX",
-    "AlertThrottle",
     "MessageQueue",
     "QueueStats",
     "RecipientOutcomes",
     "RecipientProgress",
-    "ThrottleSummary",
     "TokenBucket",
     "jittered",
     "recipient_failure",
@@ -95,8 +93,6 @@ DEFAULT_DELIVERY_ALERT_ATTEMPTS = 3
 DEFAULT_ALERT_WINDOW = 3600.0
 #: The most (list, domain) windows watched at once; past it, the oldest is
 #: summed up early.
-MAX_ALERT_KEYS = 10_000
-#: The user name of the bounces the queue submits (their list is that of
 #: the message they report on).
 DSN_USERNAME = "MAILER-DAEMON"
 #: The status of a recipient that still failed when its message expired
@@ -263,99 +259,6 @@ class RecipientProgress:
 
     remaining: tuple[str, ...]
     bounced: tuple[str, ...] = ()
-
-
-@frozen
-class ThrottleSummary:
-    """
-    The alerts L{AlertThrottle} held back for one key during one window.
-    """
-
-    key: tuple[str, str]
-    suppressed: int
-    first_at: float
-    last_at: float
-
-
-@define
-class _Window:
-    opened_at: float
-    suppressed: int = 0
-    first_at: float = 0.0
-    last_at: float = 0.0
-
-
-class AlertThrottle:
-    """
-    Lets one alert per key through per C{window} seconds and counts the
-    others; a window that ends with alerts held back gives a
-    L{ThrottleSummary}. Pure: the caller passes the time.
-    """
-
-    def __init__(self, window: float, max_keys: int = MAX_ALERT_KEYS) -> None:
-        """
-        @param window: seconds after an alert during which alerts with its
-            key are only counted; 0 lets every alert through.
-        @param max_keys: the most keys watched at once.
-        """
-        self._window = window
-        self._max_keys = max_keys
-        # Insertion order is the order in which windows end.
-        self._windows: dict[tuple[str, str], _Window] = {}
-        self._due: list[ThrottleSummary] = []
-
-    def admit(self, key: tuple[str, str], now: float) -> bool:
-        """
-        @return: whether an alert with C{key} should be raised at C{now};
-            when not, it is counted.
-        """
-        if self._window <= 0:
-            return True
-        window = self._windows.get(key)
-        if window is not None and now < window.opened_at + self._window:
-            if not window.suppressed:
-                window.first_at = now
-            window.suppressed += 1
-            window.last_at = now
-            return False
-        if window is not None:
-            self._close(key)
-        elif len(self._windows) >= self._max_keys:
-            self._close(next(iter(self._windows)))
-        self._windows[key] = _Window(now)
-        return True
-
-    def ended(self, now: float) -> list[ThrottleSummary]:
-        """
-        @return: the summaries of the windows that ended by C{now} with
-            alerts held back (or were closed early), each given once.
-        """
-        windows = self._windows
-        while windows:
-            key = next(iter(windows))
-            if now < windows[key].opened_at + self._window:
-                break
-            self._close(key)
-        due, self._due = self._due, []
-        return due
-
-    def flush(self) -> list[ThrottleSummary]:
-        """
-        End every window now (at shutdown).
-
-        @return: the summaries of the windows with alerts held back.
-        """
-        for key in list(self._windows):
-            self._close(key)
-        due, self._due = self._due, []
-        return due
-
-    def _close(self, key: tuple[str, str]) -> None:
-        window = self._windows.pop(key)
-        if window.suppressed:
-            self._due.append(
-                ThrottleSummary(key, window.suppressed, window.first_at, window.last_at)
-            )
 
 
 @define

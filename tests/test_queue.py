@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from smtpgw.alerts import MemoryAlertSink
+from smtpgw.alerts import AlertThrottle, MemoryAlertSink, ThrottleSummary
 from smtpgw.interfaces import (
     DeliveryResult,
     IJournal,
@@ -51,10 +51,8 @@ from smtpgw.queue import (
     RETRY_BASE,
     RETRY_JITTER,
     RETRY_MAX,
-    AlertThrottle,
     MessageQueue,
     RecipientProgress,
-    ThrottleSummary,
     TokenBucket,
     jittered,
     recipient_failure,
