@@ -115,14 +115,61 @@ def _migrate_1(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
+def _migrate_2(connection: sqlite3.Connection) -> None:
+    statements = [
+        """
+        CREATE TABLE admins (
+            name TEXT PRIMARY KEY NOT NULL,
+            password_hash BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            last_login_at REAL
+        )
+        """,
+        """
+        CREATE TABLE api_tokens (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            token_hash BLOB NOT NULL UNIQUE,
+            created_by TEXT,
+            created_at REAL NOT NULL,
+            last_used_at REAL
+        )
+        """,
+        """
+        CREATE TABLE admin_sessions (
+            id_hash BLOB PRIMARY KEY NOT NULL,
+            admin TEXT NOT NULL REFERENCES admins (name) ON DELETE CASCADE,
+            csrf TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_seen_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX admin_sessions_by_admin ON admin_sessions (admin)",
+        """
+        CREATE TABLE daily_stats (
+            day TEXT NOT NULL,
+            list TEXT NOT NULL,
+            accepted INTEGER NOT NULL DEFAULT 0,
+            delivered INTEGER NOT NULL DEFAULT 0,
+            deferred INTEGER NOT NULL DEFAULT 0,
+            bounced INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, list)
+        )
+        """,
+    ]
+    for statement in statements:
+        connection.execute(statement)
+
+
 MIGRATIONS: Final[Mapping[int, Callable[[sqlite3.Connection], None]]] = {
     1: _migrate_1,
+    2: _migrate_2,
 }
 """
 Schema changes by the version they bring the database to. Each runs inside
 the one transaction that also records the new version, so a crash leaves the
-schema at a known version. Append, never edit: C{api_tokens} and C{admins}
-come as version 2 and later.
+schema at a known version. Append, never edit: version 2 brings the
+admin accounts, API tokens, admin sessions and daily statistics.
 """
 
 SCHEMA_VERSION: Final = max(MIGRATIONS)

@@ -136,12 +136,22 @@ def test_directory_instead_of_database(db_path: Path) -> None:
         open_database(db_path)
 
 
+def _open_at_version_1(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Make a database as smtpgw's first schema version left it.
+    """
+    with monkeypatch.context() as m:
+        m.setattr(database, "MIGRATIONS", {1: database.MIGRATIONS[1]})
+        m.setattr(database, "SCHEMA_VERSION", 1)
+        open_database(db_path).close()
+
+
 def test_migrations_run_in_order_once(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     A database at version 1 gets the later migrations, in version order,
     each once; the next open runs none.
     """
-    open_database(db_path).close()
+    _open_at_version_1(db_path, monkeypatch)
     ran: list[int] = []
 
     def make(version: int) -> Callable[[sqlite3.Connection], None]:
@@ -170,7 +180,7 @@ def test_failed_migration_leaves_the_previous_version(
     A migration that fails half-way is rolled back with the version number,
     so the next start tries it again from a known state.
     """
-    open_database(db_path).close()
+    _open_at_version_1(db_path, monkeypatch)
 
     def broken(connection: sqlite3.Connection) -> None:
         connection.execute("CREATE TABLE half_done (x INTEGER)")
