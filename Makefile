@@ -24,8 +24,8 @@ run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= smtpgw --data-dir $(DATA_DIR) --relay $(RELAY) $(RUN_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check smtpgw twisted/plugins tests bench
-	$(BIN)/ruff format --check smtpgw twisted/plugins tests bench
+	$(BIN)/ruff check smtpgw web twisted/plugins tests bench
+	$(BIN)/ruff format --check smtpgw web twisted/plugins tests bench
 
 types: $(STAMP)
 	$(BIN)/mypy

@@ -7,8 +7,11 @@ setup(
     version="0.1.0",
     description="An authenticated SMTP relay gateway with a durable priority queue",
     python_requires=">=3.11",
-    packages=["smtpgw", "twisted.plugins"],
-    package_data={"twisted": ["plugins/smtpgw_plugin.py"]},
+    packages=["smtpgw", "web", "twisted.plugins"],
+    package_data={
+        "twisted": ["plugins/smtpgw_plugin.py"],
+        "web": ["templates/*.xml", "static/*", "openapi.json"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",
         "pyopenssl",
@@ -33,6 +36,8 @@ setup(
             "ruff",
             "mypy<2.5",
             "mypy-zope",
+            "selenium",
+            "schemathesis",
         ],
     },
     entry_points={
