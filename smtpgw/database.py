@@ -161,15 +161,69 @@ def _migrate_2(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
+def _migrate_3(connection: sqlite3.Connection) -> None:
+    statements = [
+        """
+        CREATE TABLE recipients (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            list TEXT NOT NULL REFERENCES lists (name) ON DELETE CASCADE,
+            email TEXT NOT NULL,
+            fields TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL DEFAULT 'subscribed'
+                CHECK (status IN ('subscribed', 'unsubscribed', 'bounced')),
+            created_at REAL NOT NULL,
+            changed_at REAL,
+            UNIQUE (list, email)
+        )
+        """,
+        "CREATE INDEX recipients_by_list ON recipients (list, id)",
+        """
+        CREATE TABLE campaigns (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            list TEXT NOT NULL REFERENCES lists (name) ON DELETE RESTRICT,
+            subject TEXT NOT NULL,
+            text TEXT,
+            html TEXT,
+            sender TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 3 CHECK (priority BETWEEN 1 AND 5),
+            send_at REAL,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            state TEXT NOT NULL DEFAULT 'scheduled'
+                CHECK (state IN ('scheduled', 'sending', 'paused', 'finished', 'cancelled')),
+            paused_by_admin INTEGER NOT NULL DEFAULT 0 CHECK (paused_by_admin IN (0, 1)),
+            cursor INTEGER NOT NULL DEFAULT 0,
+            total INTEGER,
+            sent INTEGER NOT NULL DEFAULT 0,
+            in_doubt INTEGER NOT NULL DEFAULT 0,
+            started_at REAL,
+            finished_at REAL
+        )
+        """,
+        "CREATE INDEX campaigns_by_state ON campaigns (state, id)",
+        """
+        CREATE TABLE settings (
+            name TEXT PRIMARY KEY NOT NULL,
+            value BLOB NOT NULL
+        )
+        """,
+    ]
+    for statement in statements:
+        connection.execute(statement)
+
+
 MIGRATIONS: Final[Mapping[int, Callable[[sqlite3.Connection], None]]] = {
     1: _migrate_1,
     2: _migrate_2,
+    3: _migrate_3,
 }
 """
 Schema changes by the version they bring the database to. Each runs inside
 the one transaction that also records the new version, so a crash leaves the
 schema at a known version. Append, never edit: version 2 brings the
-admin accounts, API tokens, admin sessions and daily statistics.
+admin accounts, API tokens, admin sessions and daily statistics;
+version 3 the lists' recipients, console sends (campaigns) and settings
+(secrets the gateway generates once, such as the unsubscribe-link key).
 """
 
 SCHEMA_VERSION: Final = max(MIGRATIONS)
