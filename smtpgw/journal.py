@@ -615,6 +615,7 @@ class _SegmentStore:
         self.suspended: set[str] = set()
         self.index_trusted = True
         self._failing: set[str] = set()
+        self.fsync_observer: Callable[[float], None] | None = None
 
     def _log_housekeeping(self, step: str, failure: Failure | None) -> None:
         if failure is not None:
@@ -1045,6 +1046,8 @@ class _SegmentStore:
         self.bytes_written += offset - start
         self.last_batch_records = len(payloads)
         # Durable from here on.
+        if self.fsync_observer is not None:
+            self._observe_fsync(self.fsync_observer)
         if self.index_trusted:
             try:
                 for payload, location in zip(payloads, locations, strict=True):
@@ -1054,6 +1057,13 @@ class _SegmentStore:
         if segment.size >= self.segment_size:
             self._housekeep(_ROTATION, self._rotate, None, needs_index=False)
         return locations
+
+    def _observe_fsync(self, observer: Callable[[float], None]) -> None:
+        # The records are durable: a broken observer must not fail them.
+        try:
+            observer(self.last_fsync_seconds)
+        except Exception as e:
+            self.warn("journal: fsync observer failed: {error}", error=repr(e))
 
     def _rotate(self) -> None:
         try:
@@ -1511,6 +1521,7 @@ class FileJournal:
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         file_ops: FileOps | None = None,
         read_pool: ThreadPool | None = None,
+        fsync_observer: Callable[[float], None] | None = None,
     ) -> None:
         """
         @param directory: where the segment files are; created if missing.
@@ -1521,6 +1532,10 @@ class FileJournal:
         @param retry_interval: see L{DEFAULT_RETRY_INTERVAL}.
         @param file_ops: the write and fdatasync calls (tests inject faults).
         @param read_pool: runs reads; the reactor's thread pool by default.
+        @param fsync_observer: called on the writer thread with the seconds
+            each group commit's fdatasync took (for a latency histogram);
+            it must be thread-safe and quick, and what it raises is logged
+            as a warning, never failing the commit.
         """
         self.directory = os.fspath(directory)
         self._reactor = reactor
@@ -1537,6 +1552,7 @@ class FileJournal:
             compaction_chunk,
             file_ops or FileOps(),
         )
+        self._store.fsync_observer = fsync_observer
         self._phase = _Phase.NEW
         self._writer: _Writer | None = None
         self._retry: IDelayedCall | None = None

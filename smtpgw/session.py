@@ -69,6 +69,7 @@ from smtpgw.checker import PasswordCheckUnavailable
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
 from smtpgw.message import MessageAssembler, MessageRejected
+from smtpgw.metrics import RejectReason, SessionMetrics
 from smtpgw.model import Priority, QueueIdGenerator, SmtpUser
 from smtpgw.priority import parse_mt_priority_param
 from smtpgw.realm import GatewayMessage, GatewayServices, SessionMind, Transaction
@@ -157,6 +158,48 @@ _CHALLENGERS: dict[bytes, Callable[[], Any]] = {
     b"PLAIN": PLAINCredentials,
     b"LOGIN": smtp.LOGINCredentials,
 }
+
+
+# -- metrics hooks ----------------------------------------------------------
+
+
+class _NoMetrics:
+    """
+    The L{SessionMetrics} of a gateway without metrics: every event is a
+    no-op call, so the session never tests for L{None}.
+    """
+
+    def connection_opened(self) -> None:
+        pass
+
+    def connection_closed(self) -> None:
+        pass
+
+    def accepted(self) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+
+_NO_METRICS: SessionMetrics = _NoMetrics()
+
+
+def _reason_of(rejection: MessageRejected) -> RejectReason:
+    """
+    The metrics reason of a refused message, from its enhanced status.
+    """
+    status = rejection.status
+    if status == "5.3.4":
+        return RejectReason.TOO_LARGE
+    if status.startswith("5.6."):
+        return RejectReason.BAD_LINE
+    if status.startswith("5.7."):
+        return RejectReason.HEADER_FROM_UNAUTHORIZED
+    return RejectReason.OTHER
+
+
+# -- end of metrics hooks ---------------------------------------------------
 
 
 class CommandRefused(Exception):
@@ -343,6 +386,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._timer_at = 0.0
         self._delayed: IDelayedCall | None = None
         self._auth_turn: Deferred[bool] | None = None
+        self._metrics: SessionMetrics = _NO_METRICS
+        self._metered = False
 
     # -- connection lifecycle -------------------------------------------
 
@@ -352,6 +397,9 @@ class GatewaySMTP(smtp.ESMTP):
         after the greet delay).
         """
         factory = self.factory
+        self._metrics = metrics = factory.metrics
+        metrics.connection_opened()
+        self._metered = True
         self._t = self.transport
         self._clock = factory.clock
         self._limits = limits = factory.limits
@@ -416,6 +464,9 @@ class GatewaySMTP(smtp.ESMTP):
         if self._counted:
             self._counted = False
             self.factory.connections.release(self._client_key)
+        if self._metered:
+            self._metered = False
+            self._metrics.connection_closed()
 
     def _logout(self) -> None:
         logout, self._onLogout = self._onLogout, None
@@ -901,6 +952,7 @@ class GatewaySMTP(smtp.ESMTP):
             self._bad(R_AUTH_IN_TRANSACTION)
             return
         if factory.require_tls and not self._tls_active:
+            self._metrics.rejected(RejectReason.TLS_REQUIRED)
             self._bad(R_TLS_REQUIRED)
             return
         if factory.auth_failures.blocked(self._client_key):
@@ -1043,6 +1095,7 @@ class GatewaySMTP(smtp.ESMTP):
             return None
         delay = min(limits.auth_failure_delay * failures, limits.auth_failure_delay_cap)
         if delay <= 0:
+            self._metrics.rejected(RejectReason.AUTH_FAILED)
             self._t.write(R_AUTH_FAILED)
             return None
         # The tarpit: the client waits before it may try again.
@@ -1052,10 +1105,12 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _tarpit_done(self, tarpit: Deferred[None]) -> None:
         self._delayed = None
+        self._metrics.rejected(RejectReason.AUTH_FAILED)
         self._t.write(R_AUTH_FAILED)
         tarpit.callback(None)
 
     def _auth_blocked(self) -> None:
+        self._metrics.rejected(RejectReason.AUTH_THROTTLED)
         self._t.write(self._421(b"4.7.0", b"Error: too many failed logins"))
         self._close()
 
@@ -1063,6 +1118,7 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _mail(self, argument: bytes) -> None:
         if not self.authenticated:
+            self._metrics.rejected(RejectReason.AUTH_REQUIRED)
             self._bad(R_AUTH_REQUIRED)
             return
         if self.transaction is not None:
@@ -1092,9 +1148,12 @@ class GatewaySMTP(smtp.ESMTP):
             )
             parameters = parse_mail_parameters(rest, self._limits.max_size)
         except CommandRefused as refused:
+            if refused.reply == R_SIZE_EXCEEDED:
+                self._metrics.rejected(RejectReason.TOO_LARGE)
             self._refuse(refused)
             return
         if not self.factory.services.queue.accepting:
+            self._metrics.rejected(RejectReason.JOURNAL_UNAVAILABLE)
             if not self._junk():
                 self._t.write(R_STORAGE)
             return
@@ -1128,6 +1187,7 @@ class GatewaySMTP(smtp.ESMTP):
                 client_ip=self._client_ip,
             )
             self._logout()
+            self._metrics.rejected(RejectReason.AUTH_REQUIRED)
             self._t.write(R_AUTH_REQUIRED)
             return None
         return self._validate_sender(address, parameters)
@@ -1152,6 +1212,7 @@ class GatewaySMTP(smtp.ESMTP):
         try:
             result = self.delivery.validateFrom(self._helo, address)
         except smtp.SMTPServerError as refusal:
+            self._metrics.rejected(RejectReason.SENDER_UNAUTHORIZED)
             self._server_error(refusal)
             return None
         transaction = Transaction(
@@ -1161,7 +1222,10 @@ class GatewaySMTP(smtp.ESMTP):
         )
         if isinstance(result, Deferred):
             return result.addCallbacks(
-                self._sender_accepted, self._validation_failed, (transaction,)
+                self._sender_accepted,
+                self._validation_failed,
+                (transaction,),
+                errbackArgs=(RejectReason.SENDER_UNAUTHORIZED,),
             )
         self._sender_accepted(result, transaction)
         return None
@@ -1175,9 +1239,10 @@ class GatewaySMTP(smtp.ESMTP):
         self._message_factory = None
         self._t.write(R_SENDER_OK)
 
-    def _validation_failed(self, failure: Failure) -> None:
+    def _validation_failed(self, failure: Failure, reason: RejectReason) -> None:
         failure.trap(smtp.SMTPServerError)
         refusal: smtp.SMTPServerError = failure.value  # type: ignore[assignment]
+        self._metrics.rejected(reason)
         self._server_error(refusal)
 
     def _server_error(self, refusal: smtp.SMTPServerError) -> None:
@@ -1214,6 +1279,7 @@ class GatewaySMTP(smtp.ESMTP):
                 self._t.write(R_RCPT_OK)
             return
         if len(transaction.recipients) >= self._limits.max_recipients:
+            self._metrics.rejected(RejectReason.TOO_MANY_RECIPIENTS)
             if not self._junk():
                 self._t.write(R_TOO_MANY_RECIPIENTS)
             return
@@ -1221,11 +1287,15 @@ class GatewaySMTP(smtp.ESMTP):
         try:
             result = self.delivery.validateTo(user)
         except smtp.SMTPServerError as refusal:
+            self._metrics.rejected(RejectReason.OTHER)
             self._server_error(refusal)
             return
         if isinstance(result, Deferred):
             result.addCallbacks(
-                self._recipient_accepted, self._validation_failed, (transaction, recipient)
+                self._recipient_accepted,
+                self._validation_failed,
+                (transaction, recipient),
+                errbackArgs=(RejectReason.OTHER,),
             )
             self._pause_until(result)
         else:
@@ -1275,6 +1345,7 @@ class GatewaySMTP(smtp.ESMTP):
             rejection=str(rejection),
         )
         if fatal or rejection.status != "5.3.4":
+            self._metrics.rejected(_reason_of(rejection))
             self._t.write(b"%d %s\r\n" % (rejection.code, rejection.reply_bytes()))
             self._close()
         else:
@@ -1287,6 +1358,7 @@ class GatewaySMTP(smtp.ESMTP):
         rejection, self._rejection = self._rejection, None
         self._reset_transaction()
         if rejection is not None:
+            self._metrics.rejected(_reason_of(rejection))
             self._t.write(b"%d %s\r\n" % (rejection.code, rejection.reply_bytes()))
             return
         if message is None:  # refused and already answered
@@ -1296,6 +1368,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._pause_until(d)
 
     def _queued(self, queue_id: str) -> None:
+        # Queued whether or not the client is still there to read the 250.
+        self._metrics.accepted()
         self._bad_commands = 0
         self._junk_commands = 0
         # The one log event of an accepted message (and of its login).
@@ -1316,9 +1390,11 @@ class GatewaySMTP(smtp.ESMTP):
             return
         if rejection is JournalUnavailable:
             log.warn("journal unavailable: {error}", error=str(failure.value))
+            self._metrics.rejected(RejectReason.JOURNAL_UNAVAILABLE)
             self._t.write(R_STORAGE)
         else:
             refused: MessageRejected = failure.value  # type: ignore[assignment]
+            self._metrics.rejected(_reason_of(refused))
             reply = b"%d %s\r\n" % (refused.code, refused.reply_bytes())
             if refused.status.startswith("5.7."):
                 # A policy refusal (header From:) counts as an error.
@@ -1362,6 +1438,8 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
     @ivar connections: open connections per client address.
     @ivar auth_failures: recent failed logins per client address.
     @ivar sender_alerts: holds back repeated C{sender_domain} alerts.
+    @ivar metrics: what the sessions report connections, accepted messages
+        and refusals to (a no-op when the gateway keeps no metrics).
     """
 
     protocol = GatewaySMTP  # type: ignore[assignment]
@@ -1379,6 +1457,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         require_tls: bool,
         clock: IReactorTime,
         queue_ids: QueueIdGenerator,
+        metrics: SessionMetrics | None = None,
     ) -> None:
         """
         @param portal: checks AUTH credentials; its realm is a
@@ -1393,6 +1472,9 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         @param require_tls: offer AUTH only after STARTTLS.
         @param clock: the time source for every timer.
         @param queue_ids: makes the queue id of each accepted message.
+        @param metrics: told of connections, accepted messages and
+            refusals (see L{smtpgw.metrics.GatewayMetrics}); none kept when
+            L{None}.
         """
         super().__init__(portal)
         try:
@@ -1406,6 +1488,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         self.tls = tls
         self.require_tls = require_tls
         self.clock = clock
+        self.metrics: SessionMetrics = metrics if metrics is not None else _NO_METRICS
         self.sender_alerts = RepeatedAlertFilter(alerts, clock, window=limits.sender_alert_window)
         self.services = GatewayServices(
             queue=queue,
