@@ -1,0 +1,272 @@
+"""
+The admin app's frame, in memory: logging in and out, sessions, the CSRF
+check on every form, security headers, the request body limit, static
+files and the probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smtpgw.admins import SESSION_IDLE_SECONDS
+from tests.web_support import Browser, WebApp, make_web_app
+from web.security import CONTENT_SECURITY_POLICY, AdminSite
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[WebApp]:
+    app = make_web_app(tmp_path)
+    yield app
+    app.close()
+
+
+def test_pages_send_a_visitor_without_session_to_the_login_page(web: WebApp) -> None:
+    """
+    A GET of a page without a session is redirected to the login page,
+    which will come back to it.
+    """
+    response = web.browser().get("/?x=1")
+    assert response.code == 302
+    assert response.header("location") == "/login?next=%2F%3Fx%3D1"
+
+
+def test_login_with_the_right_password_starts_a_session(web: WebApp) -> None:
+    """
+    The admin's password opens a session (an HttpOnly, SameSite=Strict
+    cookie) and goes where the login was asked for.
+    """
+    browser = web.browser()
+    response = browser.login("admin", web.admin_password, next="/?from=login")
+    assert response.code == 303
+    assert response.header("location") == "/?from=login"
+    cookie = response.header("set-cookie")
+    assert cookie is not None
+    assert cookie.startswith("smtpgw_session=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
+    home = browser.get("/")
+    assert home.code == 200
+    assert "Overview" in home.text
+
+
+@pytest.mark.parametrize(
+    ("name", "password"),
+    [("admin", "wrong"), ("nobody", "x"), ("admin", ""), ("", ""), ("admin", "x" * 2000)],
+)
+def test_wrong_credentials_are_refused_without_saying_which(
+    web: WebApp, name: str, password: str
+) -> None:
+    """
+    Wrong passwords, unknown names and oversized input all get the same
+    answer and no session.
+    """
+    browser = web.browser()
+    response = browser.login(name, password)
+    assert response.code == 401
+    assert "Wrong admin name or password." in response.text
+    assert "smtpgw_session" not in (response.header("set-cookie") or "")
+    assert browser.get("/").code == 302
+
+
+def test_login_form_without_its_token_is_refused(web: WebApp) -> None:
+    """
+    A login posted from elsewhere (no login token matching the cookie) is
+    refused even with the right password.
+    """
+    response = web.browser().post(
+        "/login", {"name": "admin", "password": web.admin_password, "login_token": "forged"}
+    )
+    assert response.code == 401
+    assert "expired" in response.text
+
+
+def test_login_redirect_never_leaves_the_site(web: WebApp) -> None:
+    """
+    A C{next} naming another site (or a protocol-relative URL) goes home.
+    """
+    for target in ("https://evil.test/", "//evil.test/x", "/\\evil.test"):
+        browser = web.browser()
+        response = browser.login("admin", web.admin_password, next=target)
+        assert response.header("location") == "/"
+
+
+def test_repeated_failed_logins_are_slowed(web: WebApp) -> None:
+    """
+    After the free failures, the next attempt is answered only once the
+    throttle's delay has passed on the clock.
+    """
+    browser = web.browser()
+    for _ in range(3):
+        assert browser.login("admin", "wrong").code == 401
+    form = browser.get("/login")
+    token = form.text.split('name="login_token" value="')[1].split('"')[0]
+    d = browser.stub.request(
+        "POST",
+        "http://admin.test/login",
+        data=f"login_token={token}&name=admin&password=wrong".encode(),
+        headers={"Content-Type": ["application/x-www-form-urlencoded"]},
+    )
+    answered: list[int] = []
+    d.addCallback(lambda response: answered.append(response.code))
+    browser.stub.flush()
+    assert answered == [], "the fourth failure was answered at once"
+    delay = web.ctx.throttle.delay("127.0.0.1", "admin", web.clock.seconds())
+    assert delay > 0
+    web.clock.advance(delay)
+    browser.stub.flush()
+    assert answered == [401]
+
+
+def test_logout_ends_the_session(web: WebApp) -> None:
+    """
+    Logging out deletes the session: the old cookie opens nothing.
+    """
+    browser = web.logged_in()
+    response = browser.submit("/logout", {}, form_page="/")
+    assert response.code == 303
+    assert browser.get("/").code == 302
+
+
+def test_a_post_without_the_csrf_token_is_refused(web: WebApp) -> None:
+    """
+    A form posted with a live session but without (or with a wrong) CSRF
+    token is refused and does nothing.
+    """
+    browser = web.logged_in()
+    assert browser.post("/logout", {}).code == 403
+    assert browser.post("/logout", {"csrf": "wrong"}).code == 403
+    assert browser.get("/").code == 200, "the refused logout ended the session"
+
+
+def test_a_post_without_a_session_is_refused_not_redirected(web: WebApp) -> None:
+    """
+    A form posted without a session is refused (no 500, as Klein's own
+    sessions would give).
+    """
+    response = web.browser().post("/logout", {"csrf": "x"})
+    assert response.code == 403
+    assert "session has ended" in response.text
+
+
+def test_an_idle_session_ends(web: WebApp) -> None:
+    """
+    A session unused for the idle limit still works at the limit and not
+    one second past it.
+    """
+    browser = web.logged_in()
+    web.clock.advance(SESSION_IDLE_SECONDS)
+    assert browser.get("/").code == 200
+    web.clock.advance(SESSION_IDLE_SECONDS + 1)
+    assert browser.get("/").code == 302
+
+
+def test_every_response_carries_the_security_headers(web: WebApp) -> None:
+    """
+    Pages, the login page, 404s and API errors all carry the CSP (with
+    frame-ancestors), nosniff and no-store.
+    """
+    browser = web.logged_in()
+    for path in ("/", "/login", "/no-such-page", "/api/v1/lists", "/static/style.css"):
+        response = browser.get(path)
+        assert response.header("content-security-policy") == CONTENT_SECURITY_POLICY, path
+        assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY
+        assert response.header("x-content-type-options") == "nosniff", path
+        assert response.header("x-frame-options") == "DENY", path
+        assert response.header("server") == "smtpgw", path
+
+
+def test_unknown_pages_get_a_404_page(web: WebApp) -> None:
+    browser = web.logged_in()
+    response = browser.get("/no-such-page")
+    assert response.code == 404
+    assert "There is no such page." in response.text
+
+
+def test_static_files_are_served_and_nothing_else(web: WebApp) -> None:
+    """
+    The stylesheet and script are served without a session; other names
+    (and paths out of the folder) are not.
+    """
+    browser = web.browser()
+    css = browser.get("/static/style.css")
+    assert css.code == 200
+    assert b"--accent" in css.body
+    assert browser.get("/static/app.js").code == 200
+    assert browser.get("/static/../app.py").code == 404
+    assert browser.get("/static/missing.css").code == 404
+
+
+def test_request_bodies_over_the_limit_are_refused(tmp_path: Path) -> None:
+    """
+    A body of exactly the limit is read; one byte more is answered 413.
+    """
+    web = make_web_app(tmp_path)
+    try:
+        browser = Browser(AdminSite(web.app.resource(), max_body=100))
+        at_limit = browser.request(
+            "POST",
+            "/login",
+            body=b"n" * 100,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert at_limit.code == 401
+        over = browser.request(
+            "POST",
+            "/login",
+            body=b"n" * 101,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert over.code == 413
+        assert "over the limit" in over.json()["error"]
+    finally:
+        web.close()
+
+
+def test_healthz_answers_without_a_session(tmp_path: Path) -> None:
+    """
+    The health probe needs no login and says which check fails.
+    """
+    checks = {"journal": True, "queue": True}
+    web = make_web_app(tmp_path, health=lambda: checks)
+    try:
+        response = web.browser().get("/healthz")
+        assert response.code == 200
+        assert response.json() == {"status": "ok", "checks": checks}
+        checks["journal"] = False
+        failing = web.browser().get("/healthz")
+        assert failing.code == 503
+        assert failing.json()["status"] == "failing"
+    finally:
+        web.close()
+
+
+def test_metrics_need_a_token_or_a_session(web: WebApp) -> None:
+    """
+    /metrics refuses an anonymous scrape.
+    """
+    response = web.browser().get("/metrics")
+    assert response.code == 401
+    assert response.header("www-authenticate") == 'Bearer realm="smtpgw"'
+
+
+def test_api_refuses_without_a_token(web: WebApp) -> None:
+    """
+    The API answers 401 in JSON without a bearer token, with a wrong one,
+    and with a session cookie alone.
+    """
+    browser = web.logged_in()
+    assert browser.get("/api/v1/lists").code == 401
+    response = browser.get("/api/v1/lists", headers={"Authorization": "Bearer smtpgw_nope"})
+    assert response.code == 401
+    assert response.json() == {"error": "a valid API token is required (Bearer)"}
+
+
+def test_api_answers_with_a_token(web: WebApp) -> None:
+    _, token = web.admins.create_token("test", None)
+    web.users.create_list("news")
+    response = web.browser().get("/api/v1/lists", headers={"Authorization": f"Bearer {token}"})
+    assert response.code == 200
+    assert [item["name"] for item in response.json()["lists"]] == ["news"]

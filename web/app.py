@@ -1,0 +1,59 @@
+"""
+The admin app as a whole: every page class, the API mounted at
+C{/api/v1}, and the site that serves them with the security headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from web.api import ApiApp
+from web.auth import json_error
+from web.context import WebContext
+from web.pages_core import CorePages
+from web.routes import pages
+from web.security import MAX_BODY_BYTES, AdminSite
+
+__all__ = ["AdminApp", "admin_site"]
+
+
+class AdminApp(CorePages):
+    """
+    Every page of the admin app, and the API.
+    """
+
+    app = pages
+
+    def __init__(self, ctx: WebContext) -> None:
+        super().__init__(ctx)
+        self.api = ApiApp(ctx, self.auth)
+
+    @pages.route("/api/v1/", branch=True)
+    def api_branch(self, request: IRequest) -> IResource:
+        return self.api.app.resource()
+
+    @pages.handle_errors(NotFound)
+    async def _not_found(self, request: IRequest, failure: Any) -> bytes:
+        visitor = await self.auth.visitor(request)
+        return await self.refuse(request, visitor, 404, "There is no such page.")
+
+    @pages.handle_errors(MethodNotAllowed)
+    def _not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        return json_error(request, 405, "method not allowed")
+
+    def resource(self) -> IResource:
+        """
+        The root resource of the app.
+        """
+        return self.app.resource()
+
+
+def admin_site(ctx: WebContext, *, max_body: int = MAX_BODY_BYTES) -> AdminSite:
+    """
+    The site to listen with on C{--admin}.
+    """
+    return AdminSite(AdminApp(ctx).resource(), max_body=max_body)
