@@ -14,14 +14,22 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from web.api import ApiApp
 from web.auth import json_error
 from web.context import WebContext
+from web.pages_alerts import AlertPages
+from web.pages_campaigns import CampaignPages
 from web.pages_core import CorePages
+from web.pages_lists import ListPages
+from web.pages_queue import QueuePages
+from web.pages_stats import StatsPages
+from web.pages_tokens import TokenPages
 from web.routes import pages
 from web.security import MAX_BODY_BYTES, AdminSite
 
 __all__ = ["AdminApp", "admin_site"]
 
 
-class AdminApp(CorePages):
+class AdminApp(
+    ListPages, CampaignPages, QueuePages, AlertPages, StatsPages, TokenPages, CorePages
+):
     """
     Every page of the admin app, and the API.
     """
