@@ -24,6 +24,7 @@ from smtpgw.ports import PortSpecError, parse_ports
 
 DEFAULT_PORTS = "23,25,26,587,1025-5000"
 DEFAULT_MAX_SIZE = 25 * 1024 * 1024
+DEFAULT_ADMIN = "tcp:8080:interface=127.0.0.1"
 
 log = Logger()
 
@@ -133,6 +134,18 @@ class Options(usage.Options):
             "432000",
             "Seconds a message may keep failing temporarily before it bounces (5.4.7).",
         ],
+        [
+            "admin",
+            None,
+            DEFAULT_ADMIN,
+            "Where the admin pages and API listen (a Twisted endpoint; 'none': off).",
+        ],
+        [
+            "public-url",
+            None,
+            None,
+            "The admin app's URL as mail recipients reach it (unsubscribe links).",
+        ],
         *[[_option(name), None, None, text] for name, (_, text) in LIMIT_OPTIONS.items()],
     ]
 
@@ -145,6 +158,7 @@ class Options(usage.Options):
             self.docs[_option(name)] = f"{text} [default: {default}]"
 
     def postOptions(self) -> None:
+        self["ports-text"] = self["ports"]
         try:
             self["ports"] = parse_ports(self["ports"])
         except PortSpecError as e:
@@ -182,6 +196,10 @@ class Options(usage.Options):
 
         if self["hostname"] is None:
             self["hostname"] = socket.getfqdn()
+        if self["admin"].strip().lower() == "none":
+            self["admin"] = None
+        if self["public-url"] is None:
+            self["public-url"] = _default_public_url(self["admin"], self["hostname"])
 
     def _limits(self) -> Limits:
         changes: dict[str, Any] = {"max_size": DEFAULT_MAX_SIZE}
@@ -203,6 +221,17 @@ class Options(usage.Options):
             return Limits(**changes)
         except (TypeError, ValueError) as e:
             raise usage.UsageError(str(e).replace("_", "-")) from None
+
+
+def _default_public_url(admin: str | None, hostname: str) -> str:
+    """
+    The admin app's URL when C{--public-url} is not given: its TCP port on
+    the gateway's name, or nothing when there is no TCP admin port.
+    """
+    if admin is None or not admin.startswith("tcp:"):
+        return ""
+    port = admin.split(":")[1]
+    return f"http://{hostname}:{port}"
 
 
 def _reactor() -> Any:
@@ -403,10 +432,88 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         factory=factory,
     )
     listener.setServiceParent(top)
+    if options["admin"] is not None:
+        _admin_service(options, db, reactor, users, alerts, queue, journal).setServiceParent(top)
     _SighupService(reactor, tls, install_sighup_reload).setServiceParent(top)
     if owner is not None:
         _hand_over(data_dir, owner)
     return top
+
+
+def _admin_service(
+    options: Options,
+    db: Any,
+    reactor: Any,
+    users: Any,
+    alerts: Any,
+    queue: Any,
+    journal: Any,
+) -> IService:
+    """
+    The admin accounts, the first admin, and the admin app listening on
+    C{--admin}.
+    """
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.endpoints import serverFromString
+
+    from smtpgw.admins import ThreadedAdminStore
+    from smtpgw.control import QueueControl
+    from smtpgw.services import OrderedMultiService
+    from web.app import admin_site
+    from web.context import GatewaySettings, WebContext
+
+    try:
+        endpoint = serverFromString(reactor, options["admin"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"--admin {options['admin']!r}: {e}") from None
+    admin = OrderedMultiService()
+    admins = ThreadedAdminStore(db, reactor=reactor, clock=reactor)
+    admins.setServiceParent(admin)
+    _FirstAdmin(admins).setServiceParent(admin)
+    ctx = WebContext(
+        users=users,
+        admins=admins,
+        alerts=alerts,
+        clock=reactor,
+        settings=GatewaySettings(
+            hostname=options["hostname"],
+            ports=options["ports-text"],
+            require_tls=bool(options["require-tls"]),
+            base_url=options["public-url"],
+        ),
+        control=QueueControl(queue, journal, reactor),
+        health=lambda: {"journal": bool(journal.accepting), "queue": bool(queue.running)},
+    )
+    web = StreamServerEndpointService(endpoint, admin_site(ctx))
+    web._raiseSynchronously = True
+    web.setServiceParent(admin)
+    return admin
+
+
+class _FirstAdmin(Service):
+    """
+    On the first start, makes the admin account and logs its password,
+    the only time it is shown.
+    """
+
+    def __init__(self, admins: Any) -> None:
+        self._admins = admins
+
+    def startService(self) -> None:
+        super().startService()
+
+        def made(password: str | None) -> None:
+            if password is not None:
+                log.warn(
+                    "First start: made the admin account 'admin' with the password "
+                    "{password} (shown only this once; change it with "
+                    "'smtpgw-admin admin password admin')",
+                    password=password,
+                )
+
+        self._admins.ensure_first_admin().addCallbacks(
+            made, lambda f: log.failure("Could not make the first admin account", f)
+        )
 
 
 class _SighupService(Service):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -114,6 +115,7 @@ class Gateway:
     port: int
     extra_args: Sequence[str] = ()
     relay: str = "capture"
+    admin_port: int | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     starts: int = 0
@@ -137,8 +139,47 @@ class Gateway:
             "gateway.test",
             "--relay",
             self.relay,
+            "--admin",
+            "none" if self.admin_port is None else f"tcp:{self.admin_port}:interface=127.0.0.1",
             *self.extra_args,
         ]
+
+    @property
+    def admin_url(self) -> str:
+        """
+        The admin app's base URL (with C{admin_port} set).
+        """
+        assert self.admin_port is not None, "started without an admin port"
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def first_admin_password(self, timeout: float = 30.0) -> str:
+        """
+        The password the first start logged for the admin account.
+        """
+        found: list[str] = []
+
+        def logged() -> bool:
+            match = re.search(r"'admin' with the password (\S+) ", self.log_text())
+            if match:
+                found.append(match.group(1))
+            return bool(found)
+
+        wait_until(logged, timeout, "the first admin's password in the log")
+        return found[0]
+
+    def wait_admin(self, timeout: float = 30.0) -> None:
+        """
+        Wait until the admin app answers.
+        """
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.admin_port or 0), timeout=5):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(answers, timeout, f"admin app on port {self.admin_port}")
 
     def start(self, timeout: float = 30.0) -> None:
         assert self.process is None, "already running"
