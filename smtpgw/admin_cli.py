@@ -22,7 +22,7 @@ The environment variable C{SMTPGW_BCRYPT_ROUNDS} (default 12, 4 to 31) sets
 the bcrypt cost of new password hashes; tests set it to 4. It is not in
 C{--help} on purpose: lowering it weakens every new password.
 
-Adding a command group (C{admin}, C{token}): write a function that
+Adding a command group: write a function that
 takes the subparsers object, adds the group's parser and its commands with
 L{add_command}, and append it to L{COMMAND_GROUPS}. A command's handler gets
 the parsed arguments and a L{Context}, and returns an L{Output}, or raises
@@ -42,6 +42,15 @@ from typing import Any, Final, NoReturn, TypeVar
 from attrs import define, frozen
 from twisted.internet.interfaces import IReactorTime
 
+from smtpgw.admins import (
+    Admin,
+    ApiToken,
+    SQLiteAdminStore,
+    admin_document,
+    token_document,
+    validate_admin_name,
+    validate_token_name,
+)
 from smtpgw.control import (
     BadArgument,
     ControlClient,
@@ -90,8 +99,10 @@ __all__ = [
     "Context",
     "Output",
     "UsageError",
+    "add_admin_commands",
     "add_command",
     "add_queue_commands",
+    "add_token_commands",
     "build_parser",
     "main",
 ]
@@ -161,13 +172,22 @@ class Output:
 class Context:
     """
     What commands share: the data directory, the clock, the bcrypt cost,
-    and the user store, opened on first use.
+    and the user and admin stores, opened on first use.
     """
 
     data_dir: Path
     clock: IReactorTime
     rounds: int
     _store: SQLiteUserStore | None = None
+    _admin_store: SQLiteAdminStore | None = None
+
+    def _make_data_dir(self) -> None:
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise CommandError(
+                f"cannot create data directory {self.data_dir}: {e.strerror}"
+            ) from e
 
     def user_store(self, *, create: bool = False) -> SQLiteUserStore:
         """
@@ -179,16 +199,26 @@ class Context:
         """
         if self._store is None:
             if create:
-                try:
-                    self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                except OSError as e:
-                    raise CommandError(
-                        f"cannot create data directory {self.data_dir}: {e.strerror}"
-                    ) from e
+                self._make_data_dir()
             self._store = SQLiteUserStore.open(
                 database_path(self.data_dir), self.clock, rounds=self.rounds, create=create
             )
         return self._store
+
+    def admin_store(self, *, create: bool = False) -> SQLiteAdminStore:
+        """
+        The admin store (admins, API tokens) of the data directory.
+
+        @param create: as for L{user_store}.
+        @raise StoreError: when the database cannot be used.
+        """
+        if self._admin_store is None:
+            if create:
+                self._make_data_dir()
+            self._admin_store = SQLiteAdminStore.open(
+                database_path(self.data_dir), self.clock, rounds=self.rounds, create=create
+            )
+        return self._admin_store
 
     def close(self) -> None:
         """
@@ -197,6 +227,9 @@ class Context:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._admin_store is not None:
+            self._admin_store.close()
+            self._admin_store = None
 
 
 Handler = Callable[[argparse.Namespace, Context], Output]
@@ -683,14 +716,137 @@ def add_queue_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     _queue_id_argument(why)
 
 
+# --- admin and token commands ---------------------------------------------------
+
+_SHOWN_ONCE: Final = "is shown only this once; it is stored only as a hash"
+
+
+def _admin_add(args: argparse.Namespace, context: Context) -> Output:
+    validate_admin_name(args.name)
+    store = context.admin_store(create=True)
+    password = store.create_admin(args.name)
+    (admin,) = [a for a in store.admins() if a.name == args.name]
+    return Output(
+        admin_document(admin, password),
+        f"name: {admin.name}\npassword: {password}\nnote: the password {_SHOWN_ONCE}",
+    )
+
+
+def _admin_list(args: argparse.Namespace, context: Context) -> Output:
+    listed: list[Admin] = context.admin_store().admins()
+    documents = [admin_document(admin) for admin in listed]
+    if not documents:
+        return Output({"admins": []}, "no admins")
+    rows = [("NAME", "CREATED", "LAST LOGIN")] + [
+        (d["name"], d["created_at"], d["last_login_at"] or "never") for d in documents
+    ]
+    return Output({"admins": documents}, _table(rows))
+
+
+def _admin_delete(args: argparse.Namespace, context: Context) -> Output:
+    context.admin_store().delete_admin(args.name)
+    return Output({"name": args.name, "deleted": True}, f"deleted admin {args.name}")
+
+
+def _admin_password(args: argparse.Namespace, context: Context) -> Output:
+    password = context.admin_store().set_admin_password(args.name)
+    return Output(
+        {"name": args.name, "password": password},
+        f"name: {args.name}\npassword: {password}\nnote: the password {_SHOWN_ONCE}; "
+        "the old one no longer works and its sessions have ended",
+    )
+
+
+def add_admin_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{admin add NAME}, C{list}, C{delete NAME}, C{password NAME}: the
+    accounts of the admin web pages.
+    """
+    group = subparsers.add_parser(
+        "admin", help="admin web page accounts", description="admin web page accounts"
+    )
+    commands = group.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
+    add = add_command(commands, "add", _admin_add, "create an admin; prints its password, once")
+    add.add_argument("name", metavar="NAME", help="letters, digits, '.', '_', '@', '-'")
+    add_command(commands, "list", _admin_list, "show the admins")
+    delete = add_command(commands, "delete", _admin_delete, "delete an admin")
+    delete.add_argument("name", metavar="NAME")
+    password = add_command(
+        commands,
+        "password",
+        _admin_password,
+        "give an admin a new password, ending its sessions; prints it, once",
+    )
+    password.add_argument("name", metavar="NAME")
+
+
+def _token_text(token: ApiToken, secret: str | None = None) -> str:
+    document = token_document(token)
+    lines = [f"id: {token.id}", f"name: {token.name}"]
+    if secret is not None:
+        lines.append(f"token: {secret}")
+    lines += [
+        f"created_by: {token.created_by or '-'}",
+        f"created_at: {document['created_at']}",
+        f"last_used_at: {document['last_used_at'] or 'never'}",
+    ]
+    if secret is not None:
+        lines.append(f"note: the token {_SHOWN_ONCE}")
+    return "\n".join(lines)
+
+
+def _token_add(args: argparse.Namespace, context: Context) -> Output:
+    name = validate_token_name(args.name)
+    token, secret = context.admin_store(create=True).create_token(name, None)
+    return Output(token_document(token, secret), _token_text(token, secret))
+
+
+def _token_list(args: argparse.Namespace, context: Context) -> Output:
+    documents = [token_document(token) for token in context.admin_store().tokens()]
+    if not documents:
+        return Output({"tokens": []}, "no API tokens")
+    rows = [("ID", "NAME", "CREATED BY", "CREATED", "LAST USED")] + [
+        (
+            str(d["id"]),
+            d["name"],
+            d["created_by"] or "-",
+            d["created_at"],
+            d["last_used_at"] or "never",
+        )
+        for d in documents
+    ]
+    return Output({"tokens": documents}, _table(rows))
+
+
+def _token_delete(args: argparse.Namespace, context: Context) -> Output:
+    context.admin_store().delete_token(args.id)
+    return Output({"id": args.id, "deleted": True}, f"deleted API token {args.id}")
+
+
+def add_token_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{token add NAME}, C{list}, C{delete ID}: bearer tokens of the JSON API.
+    """
+    group = subparsers.add_parser(
+        "token", help="JSON API tokens", description="bearer tokens of the JSON API"
+    )
+    commands = group.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    add = add_command(commands, "add", _token_add, "create an API token; prints the token, once")
+    add.add_argument("name", metavar="NAME", help="what it is for (up to 64 characters)")
+    add_command(commands, "list", _token_list, "show the API tokens (never the tokens themselves)")
+    delete = add_command(commands, "delete", _token_delete, "delete an API token")
+    delete.add_argument("id", metavar="ID", type=int, help="its id, from 'token list'")
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
     add_list_commands,
     add_user_commands,
     add_queue_commands,
+    add_admin_commands,
+    add_token_commands,
 ]
 """
-The command groups, each a function that adds its parser. C{admin} and
-C{token} will be appended here.
+The command groups, each a function that adds its parser.
 """
 
 

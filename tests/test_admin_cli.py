@@ -26,6 +26,7 @@ from smtpgw.admin_cli import (
     _rounds_from_environment,
     main,
 )
+from smtpgw.admins import MAX_ADMIN_NAME_LENGTH, SQLiteAdminStore, ThreadedAdminStore
 from smtpgw.database import database_path
 from smtpgw.passwords import DEFAULT_ROUNDS, verify_password
 from smtpgw.userstore import SQLiteUserStore, ThreadedUserStore
@@ -444,6 +445,335 @@ def test_user_delete(news: Admin) -> None:
     assert "no SMTP+ user" in err
 
 
+# --- admins -----------------------------------------------------------------
+
+ADMIN_FIELDS = {"name", "created_at", "last_login_at"}
+TOKEN_FIELDS = {"id", "name", "created_by", "created_at", "last_used_at"}
+
+
+def _admin_store(admin: Admin) -> SQLiteAdminStore:
+    return SQLiteAdminStore.open(
+        database_path(admin.data_dir), admin.clock, rounds=4, create=False
+    )
+
+
+def _fields(out: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in out.splitlines())
+
+
+def test_admin_add_prints_the_password_once(admin: Admin) -> None:
+    """
+    C{admin add} creates the data directory (mode 0700) when missing and
+    prints the name and the generated password, which logs in; no later
+    command shows it.
+    """
+    status, out, _ = admin("admin", "add", "alice")
+    assert status == 0
+    lines = _fields(out)
+    assert lines["name"] == "alice"
+    password = lines["password"]
+    assert "shown only this once" in out
+    assert oct(admin.data_dir.stat().st_mode & 0o777) == "0o700"
+    with _admin_store(admin) as store:
+        assert store.check_admin("alice", password)
+    for args in (["admin", "list"], ["token", "list"]):
+        for extra in ([], ["--json"]):
+            status, later, _ = admin(*args, *extra)
+            assert status == 0
+            assert password not in later
+            assert "password" not in later
+
+
+def test_admin_add_json(admin: Admin) -> None:
+    """
+    C{admin add --json} answers the admin's fields and its C{password}.
+    """
+    document = admin.json("admin", "add", "alice")
+    assert set(document) == ADMIN_FIELDS | {"password"}
+    assert document["name"] == "alice"
+    assert document["created_at"] == "2023-11-14T22:13:20Z"
+    assert document["last_login_at"] is None
+    with _admin_store(admin) as store:
+        assert store.check_admin("alice", document["password"])
+
+
+def test_admin_name_at_the_length_limit_and_one_past(admin: Admin) -> None:
+    """
+    A 64-character name is taken; a 65-character one exits 2 naming NAME,
+    and does not even create the data directory.
+    """
+    status, _, err = admin("admin", "add", "a" * (MAX_ADMIN_NAME_LENGTH + 1))
+    assert status == 2
+    assert "NAME: " in err
+    assert "not a valid admin name" in err
+    assert not admin.data_dir.exists()
+    assert admin("admin", "add", "a" * MAX_ADMIN_NAME_LENGTH)[0] == 0
+
+
+def test_admin_add_refusals_change_nothing(admin: Admin) -> None:
+    """
+    An existing name exits 1 and keeps the first password; a bad name
+    exits 2.
+    """
+    password = admin.json("admin", "add", "alice")["password"]
+    status, _, err = admin("admin", "add", "alice")
+    assert status == 1
+    assert err == "smtpgw-admin: error: admin 'alice' already exists\n"
+    assert admin("admin", "add", "bad name")[0] == 2
+    with _admin_store(admin) as store:
+        assert store.check_admin("alice", password)
+        assert store.admin_count() == 1
+
+
+def test_admin_list(admin: Admin) -> None:
+    """
+    Admins by name with their creation and last login times, as text and
+    as JSON; none is said so.
+    """
+    assert admin("admin", "add", "zed")[0] == 0
+    password = admin.json("admin", "add", "amy")["password"]
+    admin.clock.advance(60)
+    with _admin_store(admin) as store:
+        assert store.check_admin("amy", password)
+    status, out, _ = admin("admin", "list")
+    assert status == 0
+    assert out.splitlines() == [
+        "NAME  CREATED               LAST LOGIN",
+        "amy   2023-11-14T22:13:20Z  2023-11-14T22:14:20Z",
+        "zed   2023-11-14T22:13:20Z  never",
+    ]
+    assert admin.json("admin", "list") == {
+        "admins": [
+            {
+                "name": "amy",
+                "created_at": "2023-11-14T22:13:20Z",
+                "last_login_at": "2023-11-14T22:14:20Z",
+            },
+            {"name": "zed", "created_at": "2023-11-14T22:13:20Z", "last_login_at": None},
+        ]
+    }
+
+
+def test_admin_list_empty(news: Admin) -> None:
+    """
+    A data directory without admins says so.
+    """
+    assert news("admin", "list") == (0, "no admins\n", "")
+    assert news.json("admin", "list") == {"admins": []}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["admin", "list"],
+        ["admin", "delete", "a"],
+        ["admin", "password", "a"],
+        ["token", "list"],
+        ["token", "delete", "1"],
+    ],
+)
+def test_admin_and_token_commands_need_a_database(admin: Admin, args: list[str]) -> None:
+    """
+    Reading or changing admins and tokens of a data directory without a
+    database fails and creates nothing.
+    """
+    status, _, err = admin(*args)
+    assert status == 1
+    assert "no database at" in err
+    assert not admin.data_dir.exists()
+
+
+def test_admin_delete(admin: Admin) -> None:
+    """
+    A deleted admin is gone; deleting it again exits 1.
+    """
+    admin("admin", "add", "alice")
+    admin("admin", "add", "bob")
+    assert admin.json("admin", "delete", "alice") == {"name": "alice", "deleted": True}
+    assert [d["name"] for d in admin.json("admin", "list")["admins"]] == ["bob"]
+    status, _, err = admin("admin", "delete", "alice")
+    assert status == 1
+    assert err == "smtpgw-admin: error: no admin named 'alice'\n"
+    assert admin("admin", "delete", "bob") == (0, "deleted admin bob\n", "")
+
+
+def test_admin_password_regenerates_and_ends_sessions(admin: Admin) -> None:
+    """
+    C{admin password} prints a new password once; it works, the old one
+    does not, and the admin's sessions end; an unknown admin exits 1.
+    """
+    old = admin.json("admin", "add", "alice")["password"]
+    with _admin_store(admin) as store:
+        session_id, _ = store.create_session("alice")
+    regenerated = admin.json("admin", "password", "alice")
+    assert set(regenerated) == {"name", "password"}
+    assert regenerated["name"] == "alice"
+    status, out, _ = admin("admin", "password", "alice")
+    assert status == 0
+    newest = _fields(out)["password"]
+    assert "shown only this once" in out
+    assert len({old, regenerated["password"], newest}) == 3
+    with _admin_store(admin) as store:
+        assert store.check_admin("alice", newest)
+        assert not store.check_admin("alice", regenerated["password"])
+        assert not store.check_admin("alice", old)
+        assert store.get_session(session_id) is None
+    status, _, err = admin("admin", "password", "carol")
+    assert status == 1
+    assert "no admin named 'carol'" in err
+
+
+# --- API tokens ---------------------------------------------------------------
+
+
+def test_token_add_prints_the_token_once(admin: Admin) -> None:
+    """
+    C{token add} prints the id, the name and the token, which checks; the
+    listing never shows it.
+    """
+    status, out, _ = admin("token", "add", "deploy bot")
+    assert status == 0
+    lines = _fields(out)
+    assert lines["id"] == "1"
+    assert lines["name"] == "deploy bot"
+    token = lines["token"]
+    assert token.startswith("smtpgw_")
+    assert "shown only this once" in out
+    with _admin_store(admin) as store:
+        checked = store.check_token(token)
+    assert checked is not None
+    assert checked.name == "deploy bot"
+    for extra in ([], ["--json"]):
+        status, later, _ = admin("token", "list", *extra)
+        assert status == 0
+        assert token not in later
+        assert token[len("smtpgw_") :] not in later
+        assert '"token"' not in later
+
+
+def test_token_add_json(admin: Admin) -> None:
+    """
+    C{token add --json} answers C{id}, C{name}, C{token}, C{created_by}
+    (null: made from the command line) and the times.
+    """
+    document = admin.json("token", "add", "ci")
+    assert set(document) == TOKEN_FIELDS | {"token"}
+    assert document["id"] == 1
+    assert document["name"] == "ci"
+    assert document["created_by"] is None
+    assert document["created_at"] == "2023-11-14T22:13:20Z"
+    assert document["last_used_at"] is None
+    assert admin.json("token", "add", "ci")["id"] == 2
+
+
+def test_token_list(admin: Admin) -> None:
+    """
+    Tokens by id with who made them and when they were last used.
+    """
+    token = admin.json("token", "add", "ci")["token"]
+    admin.json("token", "add", "backup job")
+    admin.clock.advance(60)
+    with _admin_store(admin) as store:
+        assert store.check_token(token) is not None
+    status, out, _ = admin("token", "list")
+    assert status == 0
+    assert out.splitlines() == [
+        "ID  NAME        CREATED BY  CREATED               LAST USED",
+        "1   ci          -           2023-11-14T22:13:20Z  2023-11-14T22:14:20Z",
+        "2   backup job  -           2023-11-14T22:13:20Z  never",
+    ]
+    documents = admin.json("token", "list")["tokens"]
+    assert [set(d) for d in documents] == [TOKEN_FIELDS, TOKEN_FIELDS]
+    assert documents[0]["last_used_at"] == "2023-11-14T22:14:20Z"
+
+
+def test_token_list_empty(news: Admin) -> None:
+    """
+    A data directory without tokens says so.
+    """
+    assert news("token", "list") == (0, "no API tokens\n", "")
+    assert news.json("token", "list") == {"tokens": []}
+
+
+def test_token_delete(admin: Admin) -> None:
+    """
+    A deleted token no longer checks; deleting it again exits 1.
+    """
+    token = admin.json("token", "add", "ci")
+    assert admin.json("token", "delete", "1") == {"id": 1, "deleted": True}
+    with _admin_store(admin) as store:
+        assert store.check_token(token["token"]) is None
+    status, _, err = admin("token", "delete", "1")
+    assert status == 1
+    assert err == "smtpgw-admin: error: no API token with id 1\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["token", "delete", "one"], 2, "argument ID: invalid int value: 'one'"),
+        (["token", "delete", "99"], 1, "no API token with id 99"),
+        (["token", "delete", "-1"], 1, "no API token with id -1"),
+        (["token", "delete", str(2**64)], 1, "no API token with id"),
+        (["token", "add", ""], 2, "NAME: a token name must not be empty"),
+        (["token", "add", "n" * 65], 2, "NAME: a token name is at most 64 characters"),
+        (["token", "add", "a\x1bb"], 2, "NAME: 'a\\x1bb' has a control character"),
+    ],
+)
+def test_token_refusals_change_nothing(
+    admin: Admin, args: list[str], status: int, message: str
+) -> None:
+    """
+    Bad ids and names exit non-zero with one line, leaving the one token.
+    """
+    admin("token", "add", "ci")
+    result, _, err = admin(*args)
+    assert result == status
+    assert message in err
+    assert [d["id"] for d in admin.json("token", "list")["tokens"]] == [1]
+
+
+def test_token_name_at_the_length_limit(admin: Admin) -> None:
+    """
+    A 64-character token name is taken.
+    """
+    assert admin.json("token", "add", "n" * 64)["name"] == "n" * 64
+
+
+@pytest.fixture
+def gateway_admins(admin: Admin) -> Iterator[ThreadedAdminStore]:
+    """
+    The admin store as the running gateway holds it open.
+    """
+    from twisted.internet import reactor
+
+    admin.data_dir.mkdir()
+    store = ThreadedAdminStore(
+        database_path(admin.data_dir),
+        reactor=reactor,  # type: ignore[arg-type]
+        clock=admin.clock,
+        rounds=4,
+    )
+    store.startService()
+    yield store
+    store.stopService()
+
+
+@async_test
+async def test_admin_added_by_the_cli_is_seen_by_the_running_gateway(
+    admin: Admin, gateway_admins: ThreadedAdminStore
+) -> None:
+    """
+    An admin and a token made with C{smtpgw-admin} while the gateway runs
+    work there at once, and the gateway then makes no first admin.
+    """
+    password = admin.json("admin", "add", "alice")["password"]
+    token = admin.json("token", "add", "ci")["token"]
+    assert await gateway_admins.check_admin("alice", password)
+    assert await gateway_admins.check_token(token) is not None
+    assert await gateway_admins.ensure_first_admin() is None
+
+
 # --- the command line itself ------------------------------------------------
 
 
@@ -452,7 +782,11 @@ def test_user_delete(news: Admin) -> None:
     [
         ([], "the following arguments are required: GROUP"),
         (["frob"], "invalid choice: 'frob'"),
-        (["token", "add"], "invalid choice: 'token'"),
+        (["tokens", "add"], "invalid choice: 'tokens'"),
+        (["token", "add"], "token add: the following arguments are required: NAME"),
+        (["admin"], "admin: the following arguments are required: COMMAND"),
+        (["admin", "frob"], "admin: argument COMMAND: invalid choice: 'frob'"),
+        (["token", "delete"], "token delete: the following arguments are required: ID"),
         (["user"], "user: the following arguments are required: COMMAND"),
         (["user", "frob"], "user: argument COMMAND: invalid choice: 'frob'"),
         (["list", "add"], "list add: the following arguments are required: NAME"),
@@ -461,7 +795,7 @@ def test_user_delete(news: Admin) -> None:
 )
 def test_unknown_commands_are_clean_errors(admin: Admin, args: list[str], message: str) -> None:
     """
-    Unknown groups (including those not written yet), unknown commands and
+    Unknown groups, unknown commands and
     missing arguments exit 2 with one line, and touch nothing.
     """
     status, _, err = admin(*args)
@@ -528,12 +862,14 @@ def test_bad_rounds_variable_is_a_usage_error(
 
 def test_command_groups_are_the_extension_point() -> None:
     """
-    The groups are a list later commands (queue, admin, token) append to.
+    The groups are a list later commands append to; admin and token are there.
     """
     assert [group.__name__ for group in COMMAND_GROUPS] == [
         "add_list_commands",
         "add_user_commands",
         "add_queue_commands",
+        "add_admin_commands",
+        "add_token_commands",
     ]
 
 
