@@ -530,3 +530,41 @@ async def test_decorators_feed_daily_stats(daily: DailyStats) -> None:
     await outbound.deliver(envelope(), b"body")
     today = await daily.today("news")
     assert (today["accepted"], today["delivered"], today["deferred"]) == (1, 1, 0)
+
+
+def test_decorators_around_the_real_queue() -> None:
+    """
+    Wired as the gateway wires them (the counting queue for the sessions,
+    the counting outbound inside the queue, the metrics reading the
+    queue), one message submitted and sent counts accepted and delivered
+    for its list, and the metrics see the queue's delivered total.
+    """
+    from smtpgw.memjournal import MemoryJournal
+    from smtpgw.queue import MessageQueue
+
+    clock = Clock()
+    recorder = Recorder()
+    metrics = GatewayMetrics()
+    inner = FakeOutbound(DeliveryResult(delivered=("b@x.example",)))
+    queue = MessageQueue(
+        MemoryJournal(), CountingOutbound(inner, recorder, metrics), clock, rng=lambda: 0.5
+    )
+    metrics.track_queue(queue)
+    sessions_queue = CountingQueue(queue, recorder)
+    queue.startService()
+    try:
+        submitted = sessions_queue.submit(envelope("b@x.example", list_name="promo"), b"body")
+        clock.advance(1.0)
+        assert submitted.called
+        assert [e.list for e in inner.delivered] == ["promo"]
+        # The queue may dispatch before the submission's callbacks have run.
+        assert sorted(recorder.calls, key=repr) == [
+            ("promo", {"accepted": 1}),
+            ("promo", {"delivered": 1}),
+        ]
+        assert metrics.registry.get_sample_value("smtpgw_delivered_total") == 1
+        assert metrics.registry.get_sample_value("smtpgw_delivery_attempts_total") == 1
+    finally:
+        stopped = queue.stopService()
+        clock.advance(1.0)
+        assert stopped is None or stopped.called
