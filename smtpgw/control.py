@@ -51,6 +51,7 @@ from smtpgw.queueinfo import (
     Throttle,
     Why,
     explain,
+    message_subject,
     parse_state,
     queue_row,
     row_document,
@@ -463,11 +464,12 @@ class QueueControl:
         while scanned < len(candidates) and len(rows) < limit:
             batch = candidates[scanned : scanned + self._read_batch]
             envelopes = await self._envelopes(batch)
-            for entry, envelope in zip(batch, envelopes, strict=True):
+            for entry, (envelope, subject) in zip(batch, envelopes, strict=True):
                 scanned += 1
                 if by_user and (envelope is None or not queue_filter.matches_envelope(envelope)):
                     continue
-                rows.append(queue_row(entry, envelope, explain(entry, order, conditions)))
+                why = explain(entry, order, conditions)
+                rows.append(queue_row(entry, envelope, why, subject))
                 if len(rows) == limit:
                     break
         next_after: str | None = None
@@ -478,11 +480,18 @@ class QueueControl:
             next_after = candidates[-1].queue_id
         return QueueListing(tuple(rows), next_after, status)
 
-    def _envelopes(self, entries: Sequence[ScheduledEntry]) -> Deferred[list[Envelope | None]]:
+    def _envelopes(
+        self, entries: Sequence[ScheduledEntry]
+    ) -> Deferred[list[tuple[Envelope | None, str | None]]]:
         return gatherResults([self._envelope(entry) for entry in entries])
 
-    def _envelope(self, entry: ScheduledEntry) -> Deferred[Envelope | None]:
-        def unreadable(failure: Any) -> None:
+    def _envelope(self, entry: ScheduledEntry) -> Deferred[tuple[Envelope | None, str | None]]:
+        """
+        The envelope of an entry and its message's subject, both L{None}
+        when the journal cannot give them.
+        """
+
+        def unreadable(failure: Any) -> tuple[None, None]:
             # The message may have left the queue (and the journal dropped
             # it) since the snapshot; the row shows what the scheduler knew.
             self._log.warn(
@@ -490,9 +499,10 @@ class QueueControl:
                 queue_id=entry.queue_id,
                 reason=failure.getErrorMessage(),
             )
+            return None, None
 
         d = maybeDeferred(self._journal.read, entry.location)
-        return d.addCallbacks(lambda read: read[0], unreadable)
+        return d.addCallbacks(lambda read: (read[0], message_subject(read[1])), unreadable)
 
 
 # --- the AMP commands ------------------------------------------------------
@@ -570,6 +580,7 @@ _ROW: list[tuple[bytes, amp.Argument]] = [
     (b"accepted_at", amp.Float(optional=True)),
     (b"next_attempt_at", amp.Float(optional=True)),
     (b"estimated_send_at", amp.Float(optional=True)),
+    (b"subject", amp.Unicode(optional=True)),
 ]
 
 _QUEUE_ID: list[tuple[bytes, amp.Argument]] = [(b"queue_id", amp.Unicode())]
@@ -747,6 +758,7 @@ def _row_from(fields: dict[str, Any]) -> QueueRow:
         accepted_at=fields["accepted_at"],
         next_attempt_at=fields["next_attempt_at"],
         estimated_send_at=fields["estimated_send_at"],
+        subject=fields["subject"],
     )
 
 

@@ -38,10 +38,13 @@ nothing of a higher priority arrives:
 from __future__ import annotations
 
 import bisect
+import email.errors
+import email.policy
 import enum
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
 from typing import Any, Final, NamedTuple, Protocol
 
 from attrs import frozen
@@ -54,6 +57,7 @@ __all__ = [
     "GONE_STATES",
     "MAX_LISTED_RECIPIENTS",
     "MAX_LIST_LIMIT",
+    "MAX_SUBJECT_LENGTH",
     "QUEUE_STATES",
     "Conditions",
     "LaneSource",
@@ -72,6 +76,7 @@ __all__ = [
     "explain",
     "iso8601",
     "listing_document",
+    "message_subject",
     "parse_state",
     "queue_row",
     "row_document",
@@ -96,6 +101,13 @@ DEFAULT_LIST_LIMIT: Final = 1000
 MAX_LIST_LIMIT: Final = 10_000
 #: The recipients a listing row shows; C{recipient_count} has them all.
 MAX_LISTED_RECIPIENTS: Final = 10
+#: The characters of a subject a listing row shows; longer ones are cut
+#: and end with an ellipsis.
+MAX_SUBJECT_LENGTH: Final = 200
+#: The bytes of a message looked at for its subject: headers past them are
+#: not read (a header block is rarely more than a few kilobytes).
+_SUBJECT_SCAN: Final = 64 * 1024
+_HEADERS: Final = BytesHeaderParser(policy=email.policy.default)
 
 
 def iso8601(seconds: float | None) -> str | None:
@@ -545,6 +557,9 @@ class QueueRow:
     @ivar recipients: the first L{MAX_LISTED_RECIPIENTS} recipients.
     @ivar recipient_count: all of them.
     @ivar next_attempt_at: for a deferred message, its next attempt.
+    @ivar subject: the message's C{Subject} as text (see
+        L{message_subject}); L{None} when it has none or it could not be
+        read.
     """
 
     queue_id: str
@@ -559,11 +574,46 @@ class QueueRow:
     accepted_at: float | None
     next_attempt_at: float | None
     estimated_send_at: float | None
+    subject: str | None = None
 
 
-def queue_row(entry: ScheduledEntry, envelope: Envelope | None, why: Why) -> QueueRow:
+def _shown_character(c: str) -> str:
+    # Undecodable bytes come out of the parser as lone surrogates, which
+    # neither UTF-8 pages nor AMP can carry.
+    if "\ud800" <= c <= "\udfff":
+        return "\ufffd"
+    return c if c.isprintable() else " "
+
+
+def message_subject(message: bytes) -> str | None:
     """
-    The listing row of an entry, with its envelope when it could be read.
+    The C{Subject} of a message as an admin reads it: encoded words
+    decoded, folded lines and runs of white space made one space, control
+    characters and undecodable bytes replaced, at most L{MAX_SUBJECT_LENGTH}
+    characters (a cut subject ends with an ellipsis).
+
+    @param message: the message as accepted (headers first); only its
+        first 64 KiB are looked at.
+    @return: the subject, or L{None} when it has none.
+    """
+    try:
+        value = _HEADERS.parsebytes(message[:_SUBJECT_SCAN]).get("subject")
+    except (email.errors.MessageError, LookupError, ValueError):
+        return None
+    if value is None:
+        return None
+    text = " ".join("".join(_shown_character(c) for c in str(value)).split())
+    if len(text) > MAX_SUBJECT_LENGTH:
+        text = text[: MAX_SUBJECT_LENGTH - 1] + "\u2026"
+    return text
+
+
+def queue_row(
+    entry: ScheduledEntry, envelope: Envelope | None, why: Why, subject: str | None = None
+) -> QueueRow:
+    """
+    The listing row of an entry, with its envelope (and the message's
+    subject) when it could be read.
     """
     recipients = envelope.recipients if envelope is not None else ()
     return QueueRow(
@@ -579,6 +629,7 @@ def queue_row(entry: ScheduledEntry, envelope: Envelope | None, why: Why) -> Que
         accepted_at=envelope.accepted_at if envelope is not None else None,
         next_attempt_at=why.next_attempt_at,
         estimated_send_at=why.estimated_send_at,
+        subject=subject,
     )
 
 
@@ -599,6 +650,7 @@ def row_document(row: QueueRow, time: Callable[[float | None], Any] = iso8601) -
         "accepted_at": time(row.accepted_at),
         "next_attempt_at": time(row.next_attempt_at),
         "estimated_send_at": time(row.estimated_send_at),
+        "subject": row.subject,
     }
 
 

@@ -138,6 +138,7 @@ class TestWithGateway:
             "accepted_at": "2023-11-14T22:12:20Z",
             "next_attempt_at": None,
             "estimated_send_at": None,
+            "subject": "hi",
         }
 
     @async_test

@@ -570,6 +570,7 @@ class TestListing:
         assert row.recipients == ("r0@example.org", "r1@example.org")
         assert (row.priority, row.state, row.attempts) == (Priority.HIGH, MessageState.QUEUED, 0)
         assert row.accepted_at == NOW - 60
+        assert row.subject == "hi"
         assert listing.status.counts[MessageState.QUEUED] == 2
         assert listing.next_after is None
 

@@ -5,6 +5,7 @@ computed from the scheduler's state without a reactor.
 
 from __future__ import annotations
 
+import email.header
 import itertools
 
 import pytest
@@ -15,6 +16,7 @@ from smtpgw.interfaces import JournalLocation
 from smtpgw.model import Envelope, MessageState, Priority
 from smtpgw.queueinfo import (
     MAX_LISTED_RECIPIENTS,
+    MAX_SUBJECT_LENGTH,
     Conditions,
     MessageChange,
     PageCandidates,
@@ -29,6 +31,7 @@ from smtpgw.queueinfo import (
     explain,
     iso8601,
     listing_document,
+    message_subject,
     parse_state,
     queue_row,
     row_document,
@@ -580,7 +583,7 @@ class TestListing:
         """
         queued = entry("q", priority=2)
         why = explain(queued, alone(queued), conditions())
-        document = row_document(queue_row(queued, envelope("q"), why))
+        document = row_document(queue_row(queued, envelope("q"), why, "Hello"))
         assert document == {
             "queue_id": "q",
             "list": "news",
@@ -594,6 +597,7 @@ class TestListing:
             "accepted_at": "2023-11-14T22:12:50Z",
             "next_attempt_at": None,
             "estimated_send_at": "2023-11-14T22:13:20Z",
+            "subject": "Hello",
         }
 
     def test_row_without_envelope(self) -> None:
@@ -604,10 +608,11 @@ class TestListing:
         queued = entry("q")
         why = explain(queued, alone(queued), conditions())
         row = queue_row(queued, None, why)
-        assert (row.username, row.sender, row.recipients, row.accepted_at) == (
+        assert (row.username, row.sender, row.recipients, row.accepted_at, row.subject) == (
             None,
             None,
             (),
+            None,
             None,
         )
         assert row.state is MessageState.QUEUED
@@ -619,6 +624,77 @@ class TestListing:
         assert iso8601(0.0) == "1970-01-01T00:00:00Z"
         assert iso8601(NOW + 0.9) == "2023-11-14T22:13:20Z"
         assert iso8601(None) is None
+
+
+class TestMessageSubject:
+    @pytest.mark.parametrize(
+        ("message", "subject"),
+        [
+            (b"From: a@b.example\r\nSubject: Hello world\r\n\r\nbody", "Hello world"),
+            (b"subject:  lower  case\n\nbody", "lower case"),
+            (b"Subject: folded\r\n  over two lines\r\n\r\n", "folded over two lines"),
+            (b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\n", "caf\u00e9"),
+            (b"Subject: =?utf-8?b?5pel5pys?=\r\n\r\n", "\u65e5\u672c"),
+            (b"Subject: tab\there\r\n\r\n", "tab here"),
+            (b"Subject: \r\n\r\n", ""),
+            (b"From: a@b.example\r\n\r\nSubject: in the body\r\n", None),
+            (b"", None),
+        ],
+    )
+    def test_subject_as_an_admin_reads_it(self, message: bytes, subject: str | None) -> None:
+        """
+        The subject is decoded, unfolded, its white space made single
+        spaces; a message without one (or with it only in the body) has
+        none.
+        """
+        assert message_subject(message) == subject
+
+    def test_undecodable_bytes_are_replaced(self) -> None:
+        """
+        Raw 8-bit bytes that are not text become replacement characters,
+        never lone surrogates (which no page or AMP box could carry).
+        """
+        subject = message_subject(b"Subject: bad \xff\xfe bytes\r\n\r\n")
+        assert subject is not None
+        assert subject.startswith("bad ")
+        assert subject.endswith(" bytes")
+        subject.encode("utf-8")
+
+    def test_length_at_the_limit_and_one_past(self) -> None:
+        """
+        A subject of L{MAX_SUBJECT_LENGTH} characters is shown whole; one
+        more and it is cut to the limit, ending with an ellipsis.
+        """
+        at_limit = "x" * MAX_SUBJECT_LENGTH
+        assert message_subject(f"Subject: {at_limit}\r\n\r\n".encode()) == at_limit
+        past = message_subject(f"Subject: {at_limit}y\r\n\r\n".encode())
+        assert past == "x" * (MAX_SUBJECT_LENGTH - 1) + "\u2026"
+
+    @given(st.binary(max_size=400))
+    def test_any_bytes_give_printable_bounded_text(self, message: bytes) -> None:
+        """
+        Whatever the message, the subject is absent or printable UTF-8 text
+        within the limit.
+        """
+        subject = message_subject(b"Subject: " + message)
+        if subject is not None:
+            assert len(subject) <= MAX_SUBJECT_LENGTH
+            assert subject.isprintable()
+            subject.encode("utf-8")
+
+    @given(st.text(max_size=300))
+    def test_any_text_header_gives_printable_bounded_text(self, text: str) -> None:
+        """
+        Any text, encoded as an RFC 2047 word or raw, gives printable text
+        within the limit.
+        """
+        encoded = email.header.Header(text, "utf-8").encode()
+        for raw in (encoded.encode("ascii"), text.encode("utf-8", "surrogatepass")):
+            subject = message_subject(b"Subject: " + raw + b"\r\n\r\n")
+            if subject is not None:
+                assert len(subject) <= MAX_SUBJECT_LENGTH
+                assert subject.isprintable()
+                subject.encode("utf-8")
 
 
 class TestPageCandidates:
