@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import os
+import smtplib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -50,6 +51,7 @@ __all__ = [
     "missing_browser",
     "need_browser",
     "screenshots_fixture",
+    "smtp_auth_plain",
     "start_driver",
 ]
 
@@ -215,6 +217,33 @@ class AdminBrowser:
         element.clear()
         element.send_keys(value)
 
+    def choose(self, css: str, value: str) -> None:
+        """
+        Pick the option of a C{<select>} by its value.
+        """
+        from selenium.webdriver.support.ui import Select
+
+        Select(self.find(css)).select_by_value(value)
+
+    def field_error(self, name: str) -> WebElement | None:
+        """
+        The error shown beside the form control named C{name}: the element
+        C{#error-<name>} in the same C{.field} as the control, if any.
+        """
+        found = self.find_all(f"div.field:has([name='{name}']) #error-{name}")
+        return found[0] if found else None
+
+    def rows(self, table_css: str) -> list[list[str]]:
+        """
+        The text of each cell of each row of a table's body.
+        """
+        from selenium.webdriver.common.by import By
+
+        return [
+            [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in self.find_all(f"{table_css} tbody tr")
+        ]
+
     def heading(self) -> str:
         text: str = self.find("main h1").text
         return text
@@ -266,6 +295,26 @@ class AdminBrowser:
         return path
 
 
+def smtp_auth_plain(gateway: Gateway, username: str, password: str) -> int:
+    """
+    Authenticate with C{AUTH PLAIN} after STARTTLS on the gateway's SMTP
+    port, as an integration would with the credentials the pages showed.
+
+    @return: the reply's code: 235 when accepted, 535 when refused.
+    """
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
+        client.ehlo("browser.test")
+        client.starttls(context=gateway.tls_context())
+        client.ehlo("browser.test")
+        # smtplib's auth_plain reads the credentials from these attributes.
+        client.user, client.password = username, password
+        try:
+            code, _ = client.auth("PLAIN", client.auth_plain)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code
+        return code
+
+
 @pytest.fixture(scope="module", name="screenshots")
 def screenshots_fixture() -> Path:
     """
@@ -281,7 +330,13 @@ def browser_gateway_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """
     need_browser()
     data = tmp_path_factory.mktemp("browser") / "data"
-    gateway = Gateway(data, free_port(), admin_port=free_port())
+    # A wrong SMTP password is part of the flows; the tarpit has its own tests.
+    gateway = Gateway(
+        data,
+        free_port(),
+        extra_args=("--auth-failure-delay", "0.05"),
+        admin_port=free_port(),
+    )
     gateway.start()
     try:
         gateway.wait_admin()
