@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from smtpgw.database import StoreError
 from smtpgw.model import Enforcement, Priority, SmtpUser
 from smtpgw.passwords import verify_password
+from smtpgw.userstore import SQLiteUserStore
 from smtpgw.validation import MAX_NOTES_LENGTH
 from tests.web_support import Browser, Response, WebApp, make_web_app
 from web.context import GatewaySettings
@@ -816,3 +818,49 @@ def test_no_page_shows_a_hash(web: WebApp, browser: Browser) -> None:
     ]
     assert all(page.code == 200 for page in pages)
     assert_no_secrets(web, *pages)
+
+
+def test_a_head_request_leaves_the_password_to_be_shown(web: WebApp, browser: Browser) -> None:
+    """
+    Only a GET of the user's page takes the new password: a HEAD (a link
+    checker, a prefetch) does not use up the one showing.
+    """
+    web.users.create_list("news")
+    response = browser.submit("/lists/news/users/new", user_fields())
+    location = response.header("location")
+    assert location is not None
+    head = browser.request("HEAD", location)
+    assert head.code == 200
+    assert 'id="new-password"' in browser.get(location).text
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("create_list", "/lists"),
+        ("create_user", "/lists/news/users/new"),
+        ("update_user", "/users/{username}"),
+        ("regenerate_password", "/users/{username}/password"),
+        ("delete_user", "/users/{username}/delete"),
+        ("delete_list", "/lists/news/delete"),
+    ],
+)
+def test_a_store_failure_is_a_clear_refusal_not_a_server_error(
+    web: WebApp, browser: Browser, monkeypatch: pytest.MonkeyPatch, method: str, path: str
+) -> None:
+    """
+    When the store fails a change with its own error, the page says so with
+    a 409 and the store's reason, never a 500.
+    """
+    web.users.create_list("news")
+    user, _ = web.users.create_user("news", domains="example.com", rounds=4)
+    form_page = f"/users/{user.username}"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise StoreError("the database is read-only")
+
+    monkeypatch.setattr(SQLiteUserStore, method, fail)
+    fields = {"name": "fresh", **user_fields()}
+    response = browser.submit(path.format(username=user.username), fields, form_page=form_page)
+    assert response.code == 409
+    assert "The change was not made: the database is read-only." in response.text

@@ -296,6 +296,8 @@ class ListPages(PageBase):
                 error=f"A list named {name!r} already exists.",
                 status=409,
             )
+        except StoreError as e:
+            return await self._store_refused(request, visitor, e)
         return self.redirect(
             request, visitor, _path("lists", name), ("good", f"List {name} created.")
         )
@@ -306,6 +308,10 @@ class ListPages(PageBase):
 
     async def _no_list(self, request: IRequest, visitor: Visitor) -> bytes:
         return await self.refuse(request, visitor, 404, "There is no list of that name.")
+
+    async def _store_refused(self, request: IRequest, visitor: Visitor, error: Exception) -> bytes:
+        # The store's messages are one line meant for admins (and name no secret).
+        return await self.refuse(request, visitor, 409, f"The change was not made: {error}.")
 
     async def _no_user(self, request: IRequest, visitor: Visitor) -> bytes:
         return await self.refuse(request, visitor, 404, "There is no SMTP+ user of that name.")
@@ -470,7 +476,7 @@ class ListPages(PageBase):
                 refused=f"The list {name} was not deleted: it still has SMTP+ users.",
             )
         except StoreError as e:
-            return await self.refuse(request, visitor, 409, f"The list was not deleted: {e}")
+            return await self._store_refused(request, visitor, e)
         return self.redirect(request, visitor, "/lists", ("good", f"List {name} deleted."))
 
     # -- SMTP+ users ------------------------------------------------------
@@ -628,6 +634,8 @@ class ListPages(PageBase):
                 errors = {e.field: e.message}
             except NoSuchList:
                 return await self._no_list(request, visitor)
+            except StoreError as e:
+                return await self._store_refused(request, visitor, e)
         if errors:
             return await self._new_user_page(request, visitor, name, form, errors)
         self.auth.once.put(visitor.session_id, password_kind(user.username), password)
@@ -766,6 +774,8 @@ class ListPages(PageBase):
                 errors = {e.field: e.message}
             except NoSuchUser:
                 return await self._no_user(request, visitor)
+            except StoreError as e:
+                return await self._store_refused(request, visitor, e)
         if errors:
             return await self._edit_user_page(request, visitor, user, form, errors)
         return self.redirect(
@@ -779,6 +789,8 @@ class ListPages(PageBase):
             password: str = await self.ctx.users.regenerate_password(username)
         except NoSuchUser:
             return await self._no_user(request, visitor)
+        except StoreError as e:
+            return await self._store_refused(request, visitor, e)
         self.auth.once.put(visitor.session_id, password_kind(username), password)
         return self.redirect(
             request,
@@ -828,6 +840,8 @@ class ListPages(PageBase):
             await self.ctx.users.delete_user(username)
         except NoSuchUser:
             return await self._no_user(request, visitor)
+        except StoreError as e:
+            return await self._store_refused(request, visitor, e)
         return self.redirect(
             request,
             visitor,
