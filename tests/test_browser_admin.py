@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from attrs import define, field
 
 from tests.browser_support import (
     ADMIN_NAME,
@@ -22,7 +23,9 @@ from tests.browser_support import (
     driver_fixture,  # noqa: F401 (a fixture)
     need_browser,
     screenshots_fixture,  # noqa: F401 (a fixture)
+    smtp_auth_plain,
 )
+from tests.gateway_process import Gateway
 
 ERROR_TITLES = {"Not found", "Bad request", "Refused", "Conflict", "Error"}
 
@@ -124,3 +127,247 @@ def test_logging_out_ends_the_session(admin_browser: AdminBrowser) -> None:
     web.open("/lists")
     assert web.path().startswith("/login"), web.path()
     assert not web.logged_in()
+
+
+# -- a list and its SMTP+ users, as an admin meets them --------------------
+
+LIST_NAME = "newsletter"
+GOOD_DOMAINS = "example.com;mail.example.com"
+BAD_DOMAINS = "not a domain;;"
+NOTES = "Made by the browser test."
+
+
+@define
+class NewUser:
+    """
+    What the browser showed while adding an SMTP+ user.
+
+    @ivar add_error: the text of the error beside the domains field when the
+        add form was sent with a bad domain, or L{None} if none was beside it.
+    @ivar page: the path the saved form led to (the user's page).
+    """
+
+    username: str
+    password: str = field(repr=False)
+    copy_button_shown: bool
+    add_error: str | None
+    page: str
+
+
+@pytest.fixture(scope="module", name="mail_list")
+def mail_list_fixture(admin_browser: AdminBrowser) -> str:
+    """
+    A list made with the form of the lists page (which leads to the new
+    list's SMTP+ settings page).
+    """
+    web = admin_browser
+    web.ensure_logged_in()
+    web.open("/lists")
+    web.fill("#new-list input[name=name]", LIST_NAME)
+    web.submit("#new-list button[type=submit]")
+    assert web.path() == f"/lists/{LIST_NAME}", web.path()
+    return LIST_NAME
+
+
+@pytest.fixture(scope="module", name="new_user")
+def new_user_fixture(admin_browser: AdminBrowser, mail_list: str) -> NewUser:
+    """
+    An SMTP+ user added from the list's page: the add form is first sent
+    with a bad domain, then corrected and saved; the password shown is read
+    once.
+    """
+    web = admin_browser
+    web.ensure_logged_in()
+    web.open(f"/lists/{mail_list}")
+    web.click_and_load("#add-user")
+    web.fill("input[name=authorized_domains]", BAD_DOMAINS)
+    web.submit("#save-user")
+    error = web.field_error("authorized_domains")
+    add_error = error.text if error is not None and error.is_displayed() else None
+    web.screenshot("add-user-error")
+    web.fill("input[name=authorized_domains]", GOOD_DOMAINS)
+    web.fill("textarea[name=notes]", NOTES)
+    web.submit("#save-user")
+    password = web.wait_for("#new-password").text
+    copy = web.find_all("[data-copy=new-password]")
+    username = web.path().rsplit("/", 1)[-1]
+    user = NewUser(
+        username=username,
+        password=password,
+        copy_button_shown=bool(copy) and copy[0].is_displayed(),
+        add_error=add_error,
+        page=web.path(),
+    )
+    web.screenshot("user-new-password")
+    return user
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_a_list_made_on_the_lists_page_is_listed(
+    admin_browser: AdminBrowser, mail_list: str
+) -> None:
+    """
+    The list made with the lists page's form is in its table, linking to
+    the list's SMTP+ settings.
+    """
+    web = admin_browser
+    web.open("/lists")
+    assert web.find_all(f"main a[href='/lists/{mail_list}']")
+    web.screenshot("lists")
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_the_list_page_shows_the_smtp_settings(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, mail_list: str
+) -> None:
+    """
+    The SMTP+ settings page of a list shows the server's address, its ports
+    and the encryption, and the (empty) table of the list's users with the
+    link to add one.
+    """
+    web = admin_browser
+    web.open(f"/lists/{mail_list}")
+    text = web.find("main").text
+    assert "gateway.test" in text
+    assert str(browser_gateway.port) in text
+    assert "STARTTLS" in text
+    assert web.find("table#users").is_displayed()
+    assert web.find("#add-user").is_displayed()
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_adding_a_user_shows_its_password_once(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, mail_list: str, new_user: NewUser
+) -> None:
+    """
+    The add form refuses a bad domain with the error beside the field;
+    saved, it leads to the user's page, which shows the generated password
+    once, with a copy button (JavaScript is on). The password works over
+    SMTP; a reload shows it no more, anywhere on the page. The list's
+    table now has the user.
+    """
+    web = admin_browser
+    assert new_user.add_error, "no error beside the domains field of the add form"
+    assert new_user.page == f"/users/{new_user.username}"
+    assert new_user.username.startswith(f"smtp-{mail_list}-")
+    assert len(new_user.password) >= 16
+    assert new_user.copy_button_shown
+    assert smtp_auth_plain(browser_gateway, new_user.username, new_user.password) == 235
+    web.open(new_user.page)
+    assert web.find_all("#new-password") == []
+    assert new_user.password not in web.driver.page_source
+    web.open(f"/lists/{mail_list}")
+    rows = [row for row in web.rows("#users") if row and row[0].startswith(new_user.username)]
+    assert len(rows) == 1, web.rows("#users")
+    assert "active" in rows[0]
+    assert new_user.password not in web.driver.page_source
+    web.screenshot("list-settings")
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_a_bad_domain_is_shown_beside_the_field(
+    admin_browser: AdminBrowser, new_user: NewUser
+) -> None:
+    """
+    On the user's page, a bad authorized domain is refused: the error is
+    beside the domains field, which still holds what was typed; the user
+    keeps its domains.
+    """
+    web = admin_browser
+    web.open(f"/users/{new_user.username}")
+    web.fill("input[name=authorized_domains]", BAD_DOMAINS)
+    web.submit("#save-user")
+    error = web.field_error("authorized_domains")
+    assert error is not None, "no #error-authorized_domains beside the field"
+    assert error.is_displayed()
+    assert error.text
+    domains = web.find("input[name=authorized_domains]")
+    assert domains.is_displayed()
+    assert domains.get_attribute("value") == BAD_DOMAINS
+    web.screenshot("edit-user-error")
+    web.open(f"/users/{new_user.username}")
+    assert web.find("input[name=authorized_domains]").get_attribute("value") == GOOD_DOMAINS
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_regenerating_shows_a_new_password_once(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, new_user: NewUser
+) -> None:
+    """
+    Regenerating shows a new, different password once; over SMTP the old
+    one stops working and the new one works.
+    """
+    web = admin_browser
+    assert smtp_auth_plain(browser_gateway, new_user.username, new_user.password) == 235
+    web.open(f"/users/{new_user.username}")
+    assert web.find_all("#new-password") == []
+    web.submit("#regenerate")
+    assert web.path() == f"/users/{new_user.username}"
+    fresh = web.wait_for("#new-password").text
+    assert fresh
+    assert fresh != new_user.password
+    assert web.find("[data-copy=new-password]").is_displayed()
+    web.screenshot("user-regenerated")
+    web.driver.refresh()
+    assert web.find_all("#new-password") == []
+    assert fresh not in web.driver.page_source
+    assert smtp_auth_plain(browser_gateway, new_user.username, new_user.password) == 535
+    assert smtp_auth_plain(browser_gateway, new_user.username, fresh) == 235
+    new_user.password = fresh
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_priority_1_shows_in_the_users_table(
+    admin_browser: AdminBrowser, mail_list: str, new_user: NewUser
+) -> None:
+    """
+    Priority 1 saved on the user's page shows as "1" and "very high" in the
+    user's row of the list's table.
+    """
+    web = admin_browser
+    web.open(f"/users/{new_user.username}")
+    web.choose("select[name=priority]", "1")
+    web.submit("#save-user")
+    assert web.field_error("priority") is None
+    web.open(f"/lists/{mail_list}")
+    rows = [row for row in web.rows("#users") if row and row[0].startswith(new_user.username)]
+    assert len(rows) == 1, web.rows("#users")
+    priority = [cell for cell in rows[0] if "very high" in cell]
+    assert priority, rows[0]
+    assert priority[0].split()[0] == "1", priority[0]
+    web.screenshot("list-settings-priority")
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_deleting_a_user_asks_for_confirmation(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, mail_list: str, new_user: NewUser
+) -> None:
+    """
+    The Delete link in the user's row leads to a confirmation page; once
+    confirmed the user is gone from the list's table and its password no
+    longer works over SMTP.
+    """
+    web = admin_browser
+    web.open(f"/lists/{mail_list}")
+    web.click_and_load(f"#users a[href='/users/{new_user.username}/delete']")
+    assert web.path() == f"/users/{new_user.username}/delete"
+    assert new_user.username in web.find("main").text
+    web.screenshot("delete-user-confirm")
+    web.submit("#confirm-delete")
+    assert web.path() == f"/lists/{mail_list}"
+    assert not [row for row in web.rows("#users") if row and row[0].startswith(new_user.username)]
+    assert smtp_auth_plain(browser_gateway, new_user.username, new_user.password) == 535
+    assert web.console_errors() == []
