@@ -301,7 +301,7 @@ def test_a_user_whom_no_sender_passes_gets_a_warning(web: WebApp, browser: Brows
     web.users.create_list("news")
     empty, _ = web.users.create_user("news", rounds=4)
     page = browser.get("/lists/news")
-    row = re.search(rf"<tr><td><a href=\"/users/{empty.username}\">.*?</tr>", page.text)
+    row = re.search(rf"<tr><td><a href=\"/users/{empty.username}\".*?</tr>", page.text)
     assert row, "no row for the user"
     assert '<span class="badge warn"' in row.group(0)
     assert "no sender passes" in row.group(0)

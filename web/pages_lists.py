@@ -381,7 +381,9 @@ class ListPages(PageBase):
         return await self.show(request, visitor, f"List {name}", content, active="lists")
 
     def _user_row(self, user: SmtpUser) -> list[Any]:
-        username: list[Any] = [tags.a(user.username, href=_path("users", user.username))]
+        username: list[Any] = [
+            tags.a(user.username, href=_path("users", user.username), class_="nowrap")
+        ]
         if _no_sender_passes(user):
             username += [" ", _warning_badge()]
         active = (
@@ -400,7 +402,7 @@ class ListPages(PageBase):
         return [
             username,
             active,
-            priority_label(user.priority),
+            tags.span(priority_label(user.priority), class_="nowrap"),
             _short(user.notes),
             _entries(user.authorized_domains),
             _entries(user.authorized_senders),
