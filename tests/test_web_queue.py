@@ -23,8 +23,9 @@ from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, MessageState, Priority
 from smtpgw.queue import MessageQueue
 from tests.web_support import Browser, make_web_app
+from web.app import AdminApp
 from web.context import WebContext
-from web.pages_queue import QUEUE_PAGE_SIZE, read_queue_filter
+from web.pages_queue import QUEUE_PAGE_SIZE, QueuePages, read_queue_filter
 
 _serial = itertools.count(1)
 
@@ -601,3 +602,13 @@ def test_without_a_queue_the_pages_say_it_is_not_available(tmp_path: Path) -> No
             assert response.code == 503, path
     finally:
         web.close()
+
+
+def test_no_other_page_class_shadows_a_queue_method() -> None:
+    """
+    Every page class is mixed into one app: each name the queue pages
+    define is the queue pages' own in the app (handlers and helpers alike).
+    """
+    for name, value in vars(QueuePages).items():
+        if callable(value) and not name.startswith("__"):
+            assert getattr(AdminApp, name) is value, name

@@ -221,7 +221,7 @@ class QueuePages(PageBase):
     async def queue_page(self, request: IRequest, visitor: Visitor) -> bytes:
         control = self.ctx.control
         if control is None:
-            return await self._unavailable(request, visitor)
+            return await self._queue_unavailable(request, visitor)
         form = read_queue_filter(
             arg(request, "list"), arg(request, "state"), arg(request, "priority")
         )
@@ -235,14 +235,14 @@ class QueuePages(PageBase):
         status = listing.status if listing is not None else control.status()
         lists = await self.ctx.users.lists()
         content = tags.div(
-            await self._figures(status),
-            self._controls(visitor, status),
+            await self._queue_figures(status),
+            self._queue_controls(visitor, status),
             tags.h2("Messages"),
-            self._filter_form(form, [item.name for item in lists]),
+            self._queue_filter_form(form, [item.name for item in lists]),
         )
         if listing is not None:
-            content(self._table(visitor, listing, _here(request)))
-            content(self._pager(form, after, listing))
+            content(self._queue_table(visitor, listing, _here(request)))
+            content(self._queue_pager(form, after, listing))
         bad = bool(form.errors) or listing is None
         return await self.show(
             request,
@@ -254,7 +254,7 @@ class QueuePages(PageBase):
             notices=notices,
         )
 
-    async def _figures(self, status: QueueStatus) -> Tag:
+    async def _queue_figures(self, status: QueueStatus) -> Tag:
         sent: str = "—"
         accepted: str = "—"
         if self.ctx.stats is not None:
@@ -304,7 +304,7 @@ class QueuePages(PageBase):
             ),
         )
 
-    def _controls(self, visitor: Visitor, status: QueueStatus) -> Tag:
+    def _queue_controls(self, visitor: Visitor, status: QueueStatus) -> Tag:
         if status.paused:
             action, label, css, button_id = "/queue/start", "Restart the queue", "", "queue-start"
             hint = "Mail is still accepted and kept while the queue is stopped."
@@ -320,7 +320,7 @@ class QueuePages(PageBase):
         )
         return tags.div(class_="actions card")(form, tags.span(hint, class_="hint"))
 
-    def _filter_form(self, form: QueueFilterForm, lists: list[str]) -> Tag:
+    def _queue_filter_form(self, form: QueueFilterForm, lists: list[str]) -> Tag:
         values = form.values
         list_select = tags.select(name="list", id="f-list")(
             _option("", "All lists", values["list"])
@@ -352,7 +352,7 @@ class QueuePages(PageBase):
             ),
         )
 
-    def _table(self, visitor: Visitor, listing: QueueListing, back: str) -> Tag:
+    def _queue_table(self, visitor: Visitor, listing: QueueListing, back: str) -> Tag:
         headers = (
             "List",
             "Message",
@@ -379,7 +379,9 @@ class QueuePages(PageBase):
                     tags.td(_scheduled(row)),
                     tags.td(_estimate(row.state, row.estimated_send_at, listing.status.paused)),
                     tags.td(
-                        self._row_actions(visitor, row.queue_id, row.state, row.priority, back)
+                        self._queue_row_actions(
+                            visitor, row.queue_id, row.state, row.priority, back
+                        )
                     ),
                 )
             )
@@ -397,7 +399,7 @@ class QueuePages(PageBase):
             tags.table(id="queue")(tags.thead(tags.tr(*[tags.th(h) for h in headers])), body)
         )
 
-    def _row_actions(
+    def _queue_row_actions(
         self,
         visitor: Visitor,
         queue_id: str,
@@ -409,9 +411,9 @@ class QueuePages(PageBase):
         if state is MessageState.SENDING:
             actions(tags.span("being sent", class_="muted"))
         if state in _HOLDABLE:
-            actions(self._small_form(visitor, queue_id, "hold", "Hold", back))
+            actions(self._queue_small_form(visitor, queue_id, "hold", "Hold", back))
         if state in _RELEASABLE:
-            actions(self._small_form(visitor, queue_id, "release", "Release", back))
+            actions(self._queue_small_form(visitor, queue_id, "release", "Release", back))
         if state is not MessageState.SENDING:
             actions(
                 tags.a(
@@ -437,7 +439,7 @@ class QueuePages(PageBase):
         actions(tags.a("Why?", href=f"/queue/{queue_id}", class_="button small secondary"))
         return actions
 
-    def _small_form(
+    def _queue_small_form(
         self, visitor: Visitor, queue_id: str, verb: str, label: str, back: str
     ) -> Tag:
         return tags.form(method="post", action=f"/queue/{queue_id}/{verb}", class_="inline")(
@@ -446,7 +448,7 @@ class QueuePages(PageBase):
             tags.button(label, type="submit", class_="small secondary"),
         )
 
-    def _pager(self, form: QueueFilterForm, after: str | None, listing: QueueListing) -> Tag:
+    def _queue_pager(self, form: QueueFilterForm, after: str | None, listing: QueueListing) -> Tag:
         pager = tags.div(class_="actions", id="queue-pager")
         if after is not None:
             pager(tags.a("First page", href=_listing_url(form.values), class_="button secondary"))
@@ -466,21 +468,23 @@ class QueuePages(PageBase):
     @pages.route("/queue/stop", methods=["POST"])
     @page
     async def queue_stop(self, request: IRequest, visitor: Visitor) -> bytes:
-        return await self._whole_queue(
+        return await self._queue_stop_or_start(
             request, visitor, "stop", "The queue is stopped: nothing more is sent until restarted."
         )
 
     @pages.route("/queue/start", methods=["POST"])
     @page
     async def queue_start(self, request: IRequest, visitor: Visitor) -> bytes:
-        return await self._whole_queue(request, visitor, "start", "The queue is running again.")
+        return await self._queue_stop_or_start(
+            request, visitor, "start", "The queue is running again."
+        )
 
-    async def _whole_queue(
+    async def _queue_stop_or_start(
         self, request: IRequest, visitor: Visitor, verb: str, done: str
     ) -> bytes:
         control = self.ctx.control
         if control is None:
-            return await self._unavailable(request, visitor)
+            return await self._queue_unavailable(request, visitor)
         try:
             await (control.stop() if verb == "stop" else control.start())
         except NotDurable as e:
@@ -495,11 +499,11 @@ class QueuePages(PageBase):
     async def queue_why(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
         control = self.ctx.control
         if control is None:
-            return await self._unavailable(request, visitor)
+            return await self._queue_unavailable(request, visitor)
         try:
             why: Why = await control.why(queue_id)
         except ControlError as e:
-            return await self._control_error(request, visitor, e)
+            return await self._queue_control_error(request, visitor, e)
         here = f"/queue/{queue_id}"
         details = tags.dl(class_="settings", id="why")(
             tags.dt("Message"),
@@ -539,7 +543,7 @@ class QueuePages(PageBase):
                 "keeps sending at its limits.",
                 class_="hint",
             ),
-            self._row_actions(visitor, why.queue_id, why.state, why.priority, here),
+            self._queue_row_actions(visitor, why.queue_id, why.state, why.priority, here),
             tags.p(tags.a("Back to the queue", href="/queue")),
         )
         return await self.show(
@@ -549,14 +553,14 @@ class QueuePages(PageBase):
     @pages.route("/queue/<string:queue_id>/hold", methods=["POST"])
     @page
     async def queue_hold(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
-        return await self._change(
+        return await self._queue_change(
             request, visitor, queue_id, lambda c: c.hold(queue_id), f"{queue_id} is held."
         )
 
     @pages.route("/queue/<string:queue_id>/release", methods=["POST"])
     @page
     async def queue_release(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
-        return await self._change(
+        return await self._queue_change(
             request,
             visitor,
             queue_id,
@@ -571,8 +575,8 @@ class QueuePages(PageBase):
         try:
             priority = validate_priority(wanted)
         except ValidationError as e:
-            return await self._error_page(request, visitor, 400, e.message, _back(request))
-        return await self._change(
+            return await self._queue_error_page(request, visitor, 400, e.message, _back(request))
+        return await self._queue_change(
             request,
             visitor,
             queue_id,
@@ -585,11 +589,11 @@ class QueuePages(PageBase):
     async def queue_cancel_form(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
         control = self.ctx.control
         if control is None:
-            return await self._unavailable(request, visitor)
+            return await self._queue_unavailable(request, visitor)
         try:
             why: Why = await control.why(queue_id)
         except ControlError as e:
-            return await self._control_error(request, visitor, e)
+            return await self._queue_control_error(request, visitor, e)
         back = _back(request)
         form = tags.form(
             method="post", action=f"/queue/{queue_id}/cancel", class_="card", id="cancel-confirm"
@@ -612,7 +616,7 @@ class QueuePages(PageBase):
     @pages.route("/queue/<string:queue_id>/cancel", methods=["POST"])
     @page
     async def queue_cancel(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
-        return await self._change(
+        return await self._queue_change(
             request,
             visitor,
             queue_id,
@@ -621,7 +625,7 @@ class QueuePages(PageBase):
             gone=True,
         )
 
-    async def _change(
+    async def _queue_change(
         self,
         request: IRequest,
         visitor: Visitor,
@@ -633,14 +637,14 @@ class QueuePages(PageBase):
     ) -> bytes:
         control = self.ctx.control
         if control is None:
-            return await self._unavailable(request, visitor)
+            return await self._queue_unavailable(request, visitor)
         back = _back(request, queue_id if gone else None)
         try:
             await action(control)
         except NotDurable as e:
             return self.redirect(request, visitor, back, ("bad", str(e)))
         except ControlError as e:
-            return await self._control_error(request, visitor, e, back)
+            return await self._queue_control_error(request, visitor, e, back)
         _log.info(
             "admin {admin} changed {queue_id}: {done}",
             admin=visitor.admin,
@@ -651,7 +655,7 @@ class QueuePages(PageBase):
 
     # --- errors -------------------------------------------------------------
 
-    async def _control_error(
+    async def _queue_control_error(
         self, request: IRequest, visitor: Visitor, error: ControlError, back: str = "/queue"
     ) -> bytes:
         if isinstance(error, NoSuchMessage):
@@ -662,9 +666,9 @@ class QueuePages(PageBase):
             status = 400
         else:
             status = 409
-        return await self._error_page(request, visitor, status, str(error), back)
+        return await self._queue_error_page(request, visitor, status, str(error), back)
 
-    async def _error_page(
+    async def _queue_error_page(
         self, request: IRequest, visitor: Visitor, status: int, message: str, back: str
     ) -> bytes:
         titles = {400: "Bad request", 404: "Not in the queue", 409: "Not possible now"}
@@ -676,7 +680,7 @@ class QueuePages(PageBase):
             request, visitor, titles.get(status, "Error"), content, active="queue", status=status
         )
 
-    async def _unavailable(self, request: IRequest, visitor: Visitor) -> bytes:
+    async def _queue_unavailable(self, request: IRequest, visitor: Visitor) -> bytes:
         content = tags.div(class_="card", id="queue-unavailable")(tags.p(_UNAVAILABLE))
         return await self.show(
             request, visitor, "Queue not available", content, active="queue", status=503
