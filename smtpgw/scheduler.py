@@ -43,6 +43,19 @@ of one priority will be handed out; L{Scheduler.queue_ids} selects queue
 ids by list, priority and state without building an entry for each; and
 L{Scheduler.snapshot} freezes both (and every entry) at one moment for
 listings that take several reactor turns.
+
+Gates
+=====
+
+An entry may be added behind a named gate (the messages of one console
+send are behind the gate of that send). The ready entries behind one gate
+form lanes of their own (one per priority), served in the round-robin like
+a list's lane while the gate is open. A closed gate's lanes are out of the
+ring: their entries stay C{queued} but are never handed out, and they are
+not counted as ready (L{Scheduler.has_ready}, L{Scheduler.ready_by_priority},
+L{Scheduler.ready_lanes}) until the gate opens again. Gates are closed
+until opened (L{Scheduler.open_gate}), so entries replayed at a start wait
+for their owner to say they may go.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_LISTS",
     "InvalidTransition",
+    "LaneKey",
     "ScheduledEntry",
     "Scheduler",
     "SchedulerSnapshot",
@@ -289,9 +303,15 @@ def _entry_of(queue_id: str, record: int, list_names: list[str]) -> ScheduledEnt
     )
 
 
+#: What a lane is known by in its priority's ring: a list's index, or a
+#: gate and a list's index.
+LaneKey = int | tuple[str, int]
+
+
 class _Lane:
     """
-    The ready entries of one list at one priority, in arrival order.
+    The ready entries of one list at one priority (or of one gate and one
+    list), in arrival order.
 
     @ivar keys: queue ids, oldest first; may contain stale ones.
     @ivar stale: how many occurrences of a queue id in C{keys} are stale. A
@@ -299,15 +319,22 @@ class _Lane:
         occurrences, so the pop skips exactly that many before the live one.
     @ivar live: the number of live entries in C{keys}.
     @ivar in_ring: whether the lane's list is in its priority's ring.
+    @ivar list_index: the index of the list its entries are sent for.
+    @ivar gate: the gate its entries are behind, or L{None}.
+    @ivar open: whether it may be served: always for a lane without a
+        gate, while its gate is open for the others.
     """
 
-    __slots__ = ("in_ring", "keys", "live", "stale")
+    __slots__ = ("gate", "in_ring", "keys", "list_index", "live", "open", "stale")
 
-    def __init__(self) -> None:
+    def __init__(self, list_index: int, gate: str | None = None, open: bool = True) -> None:
         self.keys: deque[str] = deque()
         self.stale: dict[str, int] = {}
         self.live = 0
         self.in_ring = False
+        self.list_index = list_index
+        self.gate = gate
+        self.open = open
 
     def live_ids(self) -> list[str]:
         """
@@ -498,11 +525,19 @@ class Scheduler:
         self._records: dict[str, int] = {}
         self._list_names: list[str] = []
         self._list_indexes: dict[str, int] = {}
-        # Per priority: list index -> lane, the ring of list indexes whose
-        # lanes may hold ready entries, and the number of ready entries.
-        self._lanes: dict[int, dict[int, _Lane]] = {p: {} for p in _PRIORITIES}
-        self._rings: dict[int, deque[int]] = {p: deque() for p in _PRIORITIES}
+        # Per priority: lane key -> lane, the ring of the keys of the open
+        # lanes that may hold ready entries, and the number of ready
+        # entries in open lanes.
+        self._lanes: dict[int, dict[LaneKey, _Lane]] = {p: {} for p in _PRIORITIES}
+        self._rings: dict[int, deque[LaneKey]] = {p: deque() for p in _PRIORITIES}
         self._ready: dict[int, int] = dict.fromkeys(_PRIORITIES, 0)
+        # Gates: the gate of each entry behind one, the open gates, and per
+        # priority the ready entries behind open gates (part of _ready)
+        # and behind closed ones (not part of it).
+        self._gate_of: dict[str, str] = {}
+        self._open_gates: set[str] = set()
+        self._gated_ready: dict[int, int] = dict.fromkeys(_PRIORITIES, 0)
+        self._closed_ready: dict[int, int] = dict.fromkeys(_PRIORITIES, 0)
         # Deferred entries: those of the buckets up to _due_key (the
         # buckets that came due) in the heap _due, the later ones in
         # _buckets, whose keys are in the heap _bucket_keys once each.
@@ -575,10 +610,10 @@ class Scheduler:
         lanes = self._lanes[p]
         names = self._list_names
         result = []
-        for list_index in self._rings[p]:
-            lane = lanes[list_index]
+        for key in self._rings[p]:
+            lane = lanes[key]
             if lane.live:
-                result.append((names[list_index], lane.live_ids()))
+                result.append((names[lane.list_index], lane.live_ids()))
         return result
 
     def ready_lane_lengths(self, priority: Priority | int) -> list[tuple[str, int]]:
@@ -590,9 +625,9 @@ class Scheduler:
         lanes = self._lanes[p]
         names = self._list_names
         return [
-            (names[list_index], lanes[list_index].live)
-            for list_index in self._rings[p]
-            if lanes[list_index].live
+            (names[lanes[key].list_index], lanes[key].live)
+            for key in self._rings[p]
+            if lanes[key].live
         ]
 
     def snapshot(self) -> SchedulerSnapshot:
@@ -621,9 +656,67 @@ class Scheduler:
 
     def ready_by_priority(self) -> dict[Priority, int]:
         """
-        How many entries are ready to be sent, per priority.
+        How many entries are ready to be sent, per priority (those behind a
+        closed gate are not).
         """
         return {Priority(p): n for p, n in self._ready.items()}
+
+    def ready_behind_gates(self, priority: Priority | int) -> tuple[int, int]:
+        """
+        The ready entries of one priority that are behind gates.
+
+        @return: how many are behind open gates (counted as ready by
+            L{ready_by_priority}), and how many behind closed ones.
+        """
+        p = int(Priority(priority))
+        return self._gated_ready[p], self._closed_ready[p]
+
+    # Gates
+
+    def gate_of(self, queue_id: str) -> str | None:
+        """
+        The gate an entry is behind, or L{None}.
+        """
+        return self._gate_of.get(queue_id)
+
+    def gated(self, gate: str) -> list[str]:
+        """
+        The queue ids of the entries behind C{gate}, in any state (a scan of
+        the entries behind gates, not of every entry).
+        """
+        return [queue_id for queue_id, g in self._gate_of.items() if g == gate]
+
+    def gates(self) -> set[str]:
+        """
+        The gates that have entries behind them.
+        """
+        return set(self._gate_of.values())
+
+    def is_open(self, gate: str) -> bool:
+        """
+        Whether C{gate} is open (gates are closed until opened).
+        """
+        return gate in self._open_gates
+
+    def open_gate(self, gate: str) -> None:
+        """
+        Let the entries behind C{gate} be handed out: its lanes join the
+        end of their priorities' rings. Opening an open gate does nothing.
+        """
+        if gate in self._open_gates:
+            return
+        self._open_gates.add(gate)
+        self._set_gate_lanes(gate, True)
+
+    def close_gate(self, gate: str) -> None:
+        """
+        Stop handing out the entries behind C{gate} (those being sent are
+        not affected). Closing a closed gate does nothing.
+        """
+        if gate not in self._open_gates:
+            return
+        self._open_gates.discard(gate)
+        self._set_gate_lanes(gate, False)
 
     def has_ready(self, now: float) -> bool:
         """
@@ -659,10 +752,12 @@ class Scheduler:
 
     # Changes
 
-    def add(self, entry: ScheduledEntry) -> None:
+    def add(self, entry: ScheduledEntry, gate: str | None = None) -> None:
         """
         Add an entry in state C{queued}, C{deferred} or C{held}.
 
+        @param gate: the gate it is behind, if any (see the module's
+            description); it stays behind it until it leaves.
         @raise ValueError: the queue id is already scheduled, the state is not
             one of those, or a field is out of range.
         """
@@ -689,6 +784,8 @@ class Scheduler:
             number, code, entry.attempts, list_index, entry.location, entry.next_attempt_at
         )
         self._records[queue_id] = record
+        if gate is not None:
+            self._gate_of[queue_id] = gate
         self._by_state[code] += 1
         self._by_priority[number] += 1
         if code == _QUEUED:
@@ -838,6 +935,8 @@ class Scheduler:
 
     def _forget(self, queue_id: str, record: int) -> ScheduledEntry:
         del self._records[queue_id]
+        if self._gate_of:
+            self._gate_of.pop(queue_id, None)
         self._by_state[_code_of(record)] -= 1
         self._by_priority[_priority_of(record)] -= 1
         return _entry_of(queue_id, record, self._list_names)
@@ -860,48 +959,105 @@ class Scheduler:
         self._count_state(old, _QUEUED)
         self._enqueue(queue_id, _priority_of(record), _list_of(record))
 
+    def _lane_key(self, queue_id: str, list_index: int) -> LaneKey:
+        gate = self._gate_of.get(queue_id) if self._gate_of else None
+        return list_index if gate is None else (gate, list_index)
+
     def _enqueue(self, queue_id: str, priority: int, list_index: int) -> None:
         lanes = self._lanes[priority]
-        lane = lanes.get(list_index)
+        key = self._lane_key(queue_id, list_index) if self._gate_of else list_index
+        lane = lanes.get(key)
         if lane is None:
-            lane = lanes[list_index] = _Lane()
+            if isinstance(key, tuple):
+                gate = key[0]
+                lane = lanes[key] = _Lane(list_index, gate, gate in self._open_gates)
+            else:
+                lane = lanes[key] = _Lane(list_index)
         lane.keys.append(queue_id)
         lane.live += 1
+        if lane.gate is not None:
+            if not lane.open:
+                self._closed_ready[priority] += 1
+                return
+            self._gated_ready[priority] += 1
         self._ready[priority] += 1
         if not lane.in_ring:
             lane.in_ring = True
-            self._rings[priority].append(list_index)
+            self._rings[priority].append(key)
 
     def _unready(self, queue_id: str, priority: int, list_index: int) -> None:
-        lane = self._lanes[priority][list_index]
+        lanes = self._lanes[priority]
+        key = self._lane_key(queue_id, list_index)
+        lane = lanes[key]
         lane.live -= 1
-        self._ready[priority] -= 1
+        if not lane.open:
+            self._closed_ready[priority] -= 1
+        else:
+            self._ready[priority] -= 1
+            if lane.gate is not None:
+                self._gated_ready[priority] -= 1
         if lane.live == 0:
             # Only stale ids are left: drop them now rather than at a pop.
             lane.keys.clear()
             lane.stale.clear()
+            if not lane.in_ring:
+                # Out of the ring (closed), nothing would ever drop it.
+                del lanes[key]
         else:
             lane.stale[queue_id] = lane.stale.get(queue_id, 0) + 1
+
+    def _set_gate_lanes(self, gate: str, open: bool) -> None:
+        """
+        Open or close the lanes of C{gate}, moving their entries between
+        the ready and the closed counts, and their keys in or out of the
+        rings.
+        """
+        for priority in _PRIORITIES:
+            lanes = self._lanes[priority]
+            keys = [k for k, lane in lanes.items() if lane.gate == gate and lane.open != open]
+            for key in keys:
+                lane = lanes[key]
+                lane.open = open
+                if open:
+                    self._closed_ready[priority] -= lane.live
+                    self._ready[priority] += lane.live
+                    self._gated_ready[priority] += lane.live
+                    if lane.live and not lane.in_ring:
+                        lane.in_ring = True
+                        self._rings[priority].append(key)
+                    elif not lane.live and not lane.in_ring:
+                        del lanes[key]
+                else:
+                    self._ready[priority] -= lane.live
+                    self._gated_ready[priority] -= lane.live
+                    self._closed_ready[priority] += lane.live
+                    if lane.in_ring:
+                        lane.in_ring = False
+                        self._rings[priority].remove(key)
+                    if not lane.live:
+                        del lanes[key]
 
     def _pop_from_ring(self, priority: int) -> str:
         ring = self._rings[priority]
         lanes = self._lanes[priority]
         while True:
-            list_index = ring[0]
-            lane = lanes[list_index]
+            key = ring[0]
+            lane = lanes[key]
             if lane.live == 0:
                 ring.popleft()
                 lane.in_ring = False
-                del lanes[list_index]
+                del lanes[key]
                 continue
             queue_id = self._pop_live(lane)
             lane.live -= 1
             self._ready[priority] -= 1
+            if lane.gate is not None:
+                self._gated_ready[priority] -= 1
             if lane.live:
                 ring.rotate(-1)
             else:
                 ring.popleft()
-                del lanes[list_index]
+                del lanes[key]
             return queue_id
 
     @staticmethod

@@ -705,6 +705,113 @@ class TestSelection:
             next(Scheduler().snapshot().queue_id_runs(0))
 
 
+class TestGates:
+    """
+    Entries behind a gate: closed until opened, served in turn with the
+    lists while open, kept but not handed out nor counted ready while
+    closed.
+    """
+
+    def test_gates_are_closed_until_opened(self) -> None:
+        """
+        An entry behind a gate never opened is not ready and not handed
+        out; opening the gate makes it so.
+        """
+        s = Scheduler()
+        s.add(entry("c1"), gate="campaign-1")
+        assert not s.is_open("campaign-1")
+        assert not s.has_ready(0)
+        assert s.pop_ready(0) is None
+        assert s.ready_by_priority()[Priority.NORMAL] == 0
+        assert s.ready_behind_gates(3) == (0, 1)
+        assert s.counts_by_state()[MessageState.QUEUED] == 1
+        assert s.ready_lanes(3) == []
+        s.open_gate("campaign-1")
+        assert s.ready_behind_gates(3) == (1, 0)
+        assert s.ready_lanes(3) == [("alpha", ["c1"])]
+        assert drain(s) == ["c1"]
+
+    def test_open_gate_takes_turns_with_the_lists(self) -> None:
+        """
+        A gate's lane of a list is a lane of its own in the round-robin: the
+        list's other entries and the gate's entries alternate.
+        """
+        s = Scheduler()
+        s.open_gate("g")
+        for i in range(3):
+            s.add(entry(f"a{i}"))
+            s.add(entry(f"c{i}"), gate="g")
+        assert drain(s) == ["a0", "c0", "a1", "c1", "a2", "c2"]
+
+    def test_closing_keeps_the_entries_until_reopened(self) -> None:
+        """
+        Closing a gate stops its entries being handed out (one being sent
+        is not affected); they keep their order and go once it reopens,
+        behind the lanes already waiting. Closing or opening twice changes
+        nothing.
+        """
+        s = Scheduler()
+        s.open_gate("g")
+        for i in range(3):
+            s.add(entry(f"c{i}"), gate="g")
+        sending = s.pop_ready(0)
+        assert sending is not None
+        s.close_gate("g")
+        s.close_gate("g")
+        s.add(entry("a0"))
+        s.add(entry("c3"), gate="g")
+        assert drain(s) == ["a0"]
+        s.add(entry("a1"))
+        s.add(entry("b0", list="beta"))
+        s.complete(sending.queue_id)
+        s.open_gate("g")
+        s.open_gate("g")
+        assert drain(s) == ["a1", "b0", "c1", "c2", "c3"]
+        assert s.gated("g") == ["c1", "c2", "c3"]
+
+    def test_admin_operations_behind_a_closed_gate(self) -> None:
+        """
+        Hold, release, re-prioritize and cancel work on entries behind a
+        closed gate, which stay behind it.
+        """
+        s = Scheduler()
+        for i in range(3):
+            s.add(entry(f"c{i}"), gate="g")
+        s.hold("c0")
+        s.reprioritize("c1", 1)
+        s.cancel("c2")
+        assert s.ready_behind_gates(1) == (0, 1)
+        assert s.ready_behind_gates(3) == (0, 0)
+        s.release("c0")
+        assert s.ready_behind_gates(3) == (0, 1)
+        assert not s.has_ready(0)
+        assert sorted(s.gated("g")) == ["c0", "c1"]
+        assert s.gate_of("c0") == "g"
+        assert s.gate_of("c2") is None
+        assert s.gates() == {"g"}
+        s.open_gate("g")
+        assert drain(s) == ["c1", "c0"]
+
+    def test_gated_entries_leave_no_trace(self) -> None:
+        """
+        Once every entry behind a gate is gone, the gate is forgotten by
+        L{Scheduler.gates}, and no lane is left behind.
+        """
+        s = Scheduler()
+        s.add(entry("c0"), gate="g")
+        s.add(entry("c1", state=MessageState.DEFERRED, next_attempt_at=5.0), gate="g")
+        s.cancel("c0")
+        s.open_gate("g")
+        assert s.next_wakeup(0) == 5.0
+        popped = s.pop_ready(5.0)
+        assert popped is not None
+        assert popped.queue_id == "c1"
+        s.complete("c1")
+        assert s.gates() == set()
+        assert len(s) == 0
+        assert all(not lanes for lanes in s._lanes.values())
+
+
 class TestSnapshot:
     def test_snapshot_is_one_moment(self) -> None:
         """
@@ -807,12 +914,19 @@ def test_adds_and_pops_respect_priority_fifo_and_turns(
                 others.discard(popped.list)
 
 
+GATES = ("g1", "g2")
+LaneName = str | tuple[str, str]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """
     Every operation, checked against a plain model of the lanes: pops follow
     strict priority, FIFO per lane, round-robin between lists, the counts
     always agree, and ready_lanes announces the order the pops follow; with
-    deferred entries in buckets narrower and wider than the delays.
+    deferred entries in buckets narrower and wider than the delays, and
+    entries behind gates that open and close: a closed gate's entries are
+    never handed out nor counted as ready, and a gate's lane that opens
+    waits for the turn of every lane already waiting.
     """
 
     ids = Bundle("ids")
@@ -826,15 +940,25 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.priority: dict[str, int] = {}
         self.list: dict[str, str] = {}
         self.due: dict[str, float] = {}
-        self.lanes: dict[tuple[int, str], list[str]] = {}
-        self.owed: dict[tuple[int, str], set[str]] = {}
+        self.gate: dict[str, str | None] = {}
+        self.open: set[str] = set()
+        self.lanes: dict[tuple[int, LaneName], list[str]] = {}
+        self.owed: dict[tuple[int, LaneName], set[LaneName]] = {}
 
     @initialize(bucket_width=st.sampled_from([0.25, 1.0, 4.0]))
     def start(self, bucket_width: float) -> None:
         self.s = Scheduler(bucket_width=bucket_width)
 
-    def lane(self, queue_id: str) -> tuple[int, str]:
-        return (self.priority[queue_id], self.list[queue_id])
+    def lane(self, queue_id: str) -> tuple[int, LaneName]:
+        gate = self.gate[queue_id]
+        name: LaneName = self.list[queue_id] if gate is None else (gate, self.list[queue_id])
+        return (self.priority[queue_id], name)
+
+    def is_open(self, key: tuple[int, LaneName]) -> bool:
+        return not isinstance(key[1], tuple) or key[1][0] in self.open
+
+    def waiting(self) -> dict[tuple[int, LaneName], list[str]]:
+        return {k: v for k, v in self.lanes.items() if v and self.is_open(k)}
 
     def ready(self, queue_id: str) -> None:
         self.state[queue_id] = MessageState.QUEUED
@@ -846,7 +970,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not self.lanes[key]:
             self.excuse(key)
 
-    def excuse(self, key: tuple[int, str]) -> None:
+    def excuse(self, key: tuple[int, LaneName]) -> None:
         for (p, _), others in self.owed.items():
             if p == key[0]:
                 others.discard(key[1])
@@ -866,13 +990,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         list_name=st.sampled_from(LISTS),
         state=st.sampled_from([MessageState.QUEUED, MessageState.DEFERRED, MessageState.HELD]),
         delay=st.floats(0, 10),
+        gate=st.sampled_from([None, None, *GATES]),
     )
-    def add(self, priority: int, list_name: str, state: MessageState, delay: float) -> str:
+    def add(
+        self,
+        priority: int,
+        list_name: str,
+        state: MessageState,
+        delay: float,
+        gate: str | None = None,
+    ) -> str:
         self.n += 1
         queue_id = f"m{self.n}"
-        self.s.add(entry(queue_id, priority, list_name, state, next_attempt_at=self.now + delay))
+        self.s.add(
+            entry(queue_id, priority, list_name, state, next_attempt_at=self.now + delay), gate
+        )
         self.priority[queue_id] = priority
         self.list[queue_id] = list_name
+        self.gate[queue_id] = gate
         self.state[queue_id] = state
         if state is MessageState.QUEUED:
             self.ready(queue_id)
@@ -885,11 +1020,41 @@ class SchedulerMachine(RuleBasedStateMachine):
         priority=st.integers(1, 5),
         list_name=st.sampled_from(LISTS),
         count=st.integers(1, 4),
+        gate=st.sampled_from([None, *GATES]),
     )
-    def add_burst(self, priority: int, list_name: str, count: int) -> object:
+    def add_burst(self, priority: int, list_name: str, count: int, gate: str | None) -> object:
         return multiple(
-            *(self.add(priority, list_name, MessageState.QUEUED, 0.0) for _ in range(count))
+            *(self.add(priority, list_name, MessageState.QUEUED, 0.0, gate) for _ in range(count))
         )
+
+    @rule(gate=st.sampled_from(GATES), open=st.booleans())
+    def switch_gate(self, gate: str, open: bool) -> None:
+        self.s.has_ready(self.now)
+        self.promote()
+        was_open = gate in self.open
+        if open:
+            self.s.open_gate(gate)
+            self.open.add(gate)
+        else:
+            self.s.close_gate(gate)
+            self.open.discard(gate)
+        assert self.s.is_open(gate) is open
+        if was_open == open:
+            return
+        for key, ids in self.lanes.items():
+            if not (ids and isinstance(key[1], tuple) and key[1][0] == gate):
+                continue
+            if open:
+                # Behind the lanes already waiting; its own lanes join in
+                # some order among themselves.
+                self.owed[key] = {
+                    m
+                    for (p, m) in self.waiting()
+                    if p == key[0] and not (isinstance(m, tuple) and m[0] == gate)
+                }
+            else:
+                self.excuse(key)
+        assert sorted(self.s.gated(gate)) == sorted(q for q in self.state if self.gate[q] == gate)
 
     @rule(dt=st.floats(0, 5))
     def advance(self, dt: float) -> None:
@@ -899,17 +1064,18 @@ class SchedulerMachine(RuleBasedStateMachine):
     def pop(self) -> None:
         popped = self.s.pop_ready(self.now)
         self.promote()
-        waiting = {k: v for k, v in self.lanes.items() if v}
+        waiting = self.waiting()
         if not waiting:
             assert popped is None
             return
         assert popped is not None
         top = min(p for p, _ in waiting)
-        key = (int(popped.priority), popped.list)
+        key = self.lane(popped.queue_id)
         assert key[0] == top
+        assert self.is_open(key)
         assert self.lanes[key][0] == popped.queue_id
         assert not self.owed.get(key)
-        self.owed[key] = {m for (p, m) in waiting if p == top and m != popped.list}
+        self.owed[key] = {m for (p, m) in waiting if p == top and m != key[1]}
         self.lanes[key].pop(0)
         self.excuse(key)
         self.state[popped.queue_id] = MessageState.SENDING
@@ -1008,8 +1174,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         """
         self.s.has_ready(self.now)
         self.promote()
-        announced = {(int(p), name): ids for p in Priority for name, ids in self.s.ready_lanes(p)}
-        assert announced == {k: v for k, v in self.lanes.items() if v}
+        announced = sorted(
+            (int(p), name, ids) for p in Priority for name, ids in self.s.ready_lanes(p)
+        )
+        expected = sorted(
+            (p, name if isinstance(name, str) else name[1], ids)
+            for (p, name), ids in self.waiting().items()
+        )
+        assert announced == expected
         assert ready_lanes_order(self.s) == pop_order(self.s, self.now)
 
     @invariant()
@@ -1023,6 +1195,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.s.counts_by_priority() == {
             Priority(p): by_priority.get(p, 0) for p in range(1, 6)
         }
+        ready = Counter(p for (p, _), ids in self.waiting().items() for _ in ids)
+        assert self.s.ready_by_priority() == {Priority(p): ready.get(p, 0) for p in range(1, 6)}
+        for p in range(1, 6):
+            behind = [
+                (self.is_open(k), len(ids))
+                for k, ids in self.lanes.items()
+                if k[0] == p and isinstance(k[1], tuple)
+            ]
+            assert self.s.ready_behind_gates(p) == (
+                sum(n for is_open, n in behind if is_open),
+                sum(n for is_open, n in behind if not is_open),
+            )
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase
