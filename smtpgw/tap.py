@@ -352,11 +352,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from smtpgw.database import database_path
     from smtpgw.journal import FileJournal
     from smtpgw.listening import MultiPortListener
+    from smtpgw.metrics import GatewayMetrics
     from smtpgw.model import QueueIdGenerator
     from smtpgw.queue import MessageQueue
     from smtpgw.realm import GatewayRealm
     from smtpgw.services import OrderedMultiService
     from smtpgw.session import GatewaySMTPFactory
+    from smtpgw.stats import CountingOutbound, CountingQueue, DailyStats
     from smtpgw.tls import TLSConfigError, install_sighup_reload, reloadable_tls
     from smtpgw.userstore import ThreadedUserStore
 
@@ -388,14 +390,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     bcrypt.setServiceParent(top)
     alerts = SQLiteAlertStore(db, reactor=reactor)
     alerts.setServiceParent(top)
+    # Before the outbound and the queue, so it stops after them and writes
+    # the counts of the last deliveries.
+    stats = DailyStats(db, reactor=reactor, clock=reactor)
+    stats.setServiceParent(top)
+    metrics = GatewayMetrics()
     # The queue replays, starts and (after draining) stops the journal.
-    journal = FileJournal(data_dir.child("journal").path, reactor)
+    journal = FileJournal(
+        data_dir.child("journal").path, reactor, fsync_observer=metrics.observe_fsync
+    )
     outbound = _outbound(options, data_dir, reactor)
     outbound.setServiceParent(top)
     queue_ids = QueueIdGenerator()
     queue = MessageQueue(
         journal,
-        outbound,  # type: ignore[arg-type]
+        CountingOutbound(outbound, stats, metrics),  # type: ignore[arg-type]
         reactor,
         rate=options["rate"],
         concurrency=options["concurrency"],
@@ -407,6 +416,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         queue_ids=queue_ids,
     )
     queue.setServiceParent(top)
+    metrics.track_queue(queue)
     # After the queue, so it stops first; it listens only after twistd has
     # dropped privileges, so the socket belongs to the gateway's user.
     ControlService(QueueControl(queue, journal, reactor), data_dir.path, reactor).setServiceParent(
@@ -415,7 +425,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
     factory = GatewaySMTPFactory(
         portal=portal,
-        queue=queue,
+        queue=CountingQueue(queue, stats),
         alerts=alerts,
         users=users,
         hostname=options["hostname"],
@@ -424,6 +434,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         require_tls=bool(options["require-tls"]),
         clock=reactor,
         queue_ids=queue_ids,
+        metrics=metrics,
     )
     listener = MultiPortListener(
         reactor=reactor,
@@ -433,7 +444,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     listener.setServiceParent(top)
     if options["admin"] is not None:
-        _admin_service(options, db, reactor, users, alerts, queue, journal).setServiceParent(top)
+        _admin_service(
+            options, db, reactor, users, alerts, queue, journal, stats, metrics
+        ).setServiceParent(top)
     _SighupService(reactor, tls, install_sighup_reload).setServiceParent(top)
     if owner is not None:
         _hand_over(data_dir, owner)
@@ -448,6 +461,8 @@ def _admin_service(
     alerts: Any,
     queue: Any,
     journal: Any,
+    stats: Any,
+    metrics: Any,
 ) -> IService:
     """
     The admin accounts, the first admin, and the admin app listening on
@@ -482,6 +497,8 @@ def _admin_service(
             base_url=options["public-url"],
         ),
         control=QueueControl(queue, journal, reactor),
+        stats=stats,
+        metrics=metrics,
         health=lambda: {"journal": bool(journal.accepting), "queue": bool(queue.running)},
     )
     web = StreamServerEndpointService(endpoint, admin_site(ctx))

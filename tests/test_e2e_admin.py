@@ -85,3 +85,23 @@ def test_a_busy_admin_port_stops_the_start_with_a_clear_error(tmp_path: Path) ->
         with pytest.raises(AssertionError, match="exited"):
             gw.start(timeout=30)
         assert "Address already in use" in gw.log_text() or "in use" in gw.log_text()
+
+
+def test_metrics_count_what_the_gateway_did(gateway: Gateway) -> None:
+    """
+    /metrics (with a token) counts a refused MAIL before AUTH and shows the
+    queue and journal series.
+    """
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+        client.ehlo("metrics.test")
+        code, _ = client.mail("someone@example.com")
+        assert code == 530
+    token = admin(gateway.data_dir, "token", "add", "scraper")["token"]
+    code, body = _get(gateway.admin_url + "/metrics", {"Authorization": f"Bearer {token}"})
+    assert code == 200
+    text = body.decode()
+    assert 'smtpgw_messages_rejected_total{reason="auth_required"} 1.0' in text
+    assert "smtpgw_journal_fsync_seconds_bucket" in text
+    assert 'smtpgw_queue_messages{priority="1"}' in text
