@@ -185,20 +185,31 @@ def _recipients(row: QueueRow) -> Tag:
     return cell
 
 
+def _time(when: float | None) -> Tag:
+    """
+    A time that wraps between its date and its hour only.
+    """
+    text = format_time(when)
+    date, _, hour = text.partition(" ")
+    if not hour:
+        return tags.span(text)
+    return tags.span(tags.span(date, class_="nowrap"), " ", tags.span(hour, class_="nowrap"))
+
+
 def _scheduled(row: QueueRow) -> Tag:
-    cell = tags.span(tags.span("accepted ", class_="muted"), format_time(row.accepted_at))
+    cell = tags.span(tags.span("accepted ", class_="muted"), _time(row.accepted_at))
     if row.next_attempt_at is not None:
         cell(
             tags.br(),
             tags.span("next attempt ", class_="muted"),
-            format_time(row.next_attempt_at),
+            _time(row.next_attempt_at),
         )
     return cell
 
 
-def _estimate(state: MessageState, estimate: float | None, paused: bool) -> str:
+def _estimate(state: MessageState, estimate: float | None, paused: bool) -> Tag | str:
     if estimate is not None:
-        return format_time(estimate)
+        return _time(estimate)
     if state is MessageState.HELD:
         return "held: not until released"
     if paused:
@@ -356,9 +367,7 @@ class QueuePages(PageBase):
         headers = (
             "List",
             "Message",
-            "Subject",
-            "Recipients",
-            "Sender",
+            "Sender and recipients",
             "State",
             "Priority",
             "Scheduled",
@@ -370,10 +379,17 @@ class QueuePages(PageBase):
             body(
                 tags.tr(id=f"msg-{row.queue_id}", **{"data-state": row.state.value})(
                     tags.td(row.list),
-                    tags.td(tags.a(row.queue_id, href=f"/queue/{row.queue_id}", class_="mono")),
-                    tags.td(row.subject if row.subject is not None else "—"),
-                    tags.td(_recipients(row)),
-                    tags.td(row.sender if row.sender is not None else "—"),
+                    tags.td(
+                        tags.div(
+                            row.subject if row.subject is not None else "(no subject)",
+                            class_="subject",
+                        ),
+                        tags.a(row.queue_id, href=f"/queue/{row.queue_id}", class_="mono hint"),
+                    ),
+                    tags.td(
+                        tags.div(row.sender if row.sender is not None else "—"),
+                        tags.div(tags.span("to ", class_="muted"), _recipients(row)),
+                    ),
                     tags.td(_state_badge(row.state)),
                     tags.td(PRIORITY_LABELS[row.priority]),
                     tags.td(_scheduled(row)),
@@ -396,7 +412,9 @@ class QueuePages(PageBase):
                 )
             )
         return tags.div(class_="table-wrap")(
-            tags.table(id="queue")(tags.thead(tags.tr(*[tags.th(h) for h in headers])), body)
+            tags.table(id="queue", class_="dense")(
+                tags.thead(tags.tr(*[tags.th(h) for h in headers])), body
+            )
         )
 
     def _queue_row_actions(
@@ -406,8 +424,10 @@ class QueuePages(PageBase):
         state: MessageState,
         priority: Priority,
         back: str,
+        *,
+        why_link: bool = True,
     ) -> Tag:
-        actions = tags.div(class_="actions")
+        actions = tags.div(class_="actions row-actions")
         if state is MessageState.SENDING:
             actions(tags.span("being sent", class_="muted"))
         if state in _HOLDABLE:
@@ -436,7 +456,8 @@ class QueuePages(PageBase):
                 tags.button("Set", type="submit", class_="small secondary"),
             ),
         )
-        actions(tags.a("Why?", href=f"/queue/{queue_id}", class_="button small secondary"))
+        if why_link:
+            actions(tags.a("Why?", href=f"/queue/{queue_id}", class_="button small secondary"))
         return actions
 
     def _queue_small_form(
@@ -543,7 +564,9 @@ class QueuePages(PageBase):
                 "keeps sending at its limits.",
                 class_="hint",
             ),
-            self._queue_row_actions(visitor, why.queue_id, why.state, why.priority, here),
+            self._queue_row_actions(
+                visitor, why.queue_id, why.state, why.priority, here, why_link=False
+            ),
             tags.p(tags.a("Back to the queue", href="/queue")),
         )
         return await self.show(

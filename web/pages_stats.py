@@ -44,8 +44,10 @@ DEFAULT_PERIOD: Final = 14
 CHART_HEIGHT: Final = 160
 """The height of the bars' area, in SVG units."""
 
-BAR_WIDTH: Final = 6
-GROUP_GAP: Final = 8
+CHART_WIDTH: Final = 760
+"""The width of the chart, in SVG units, whatever the number of days: the
+bars are as wide as fits."""
+
 LABEL_HEIGHT: Final = 18
 AXIS_WIDTH: Final = 36
 
@@ -92,8 +94,10 @@ def bar_chart(days: Sequence[Any], *, title: str) -> Tag:
     """
     read = [_read_day(d) for d in days]
     top = max([1, *(v for d in read for v in d.values)])
-    group = BAR_WIDTH * len(SERIES) + GROUP_GAP
-    width = AXIS_WIDTH + group * max(1, len(read))
+    group = (CHART_WIDTH - AXIS_WIDTH) / max(1, len(read))
+    # A quarter of each day's room is the gap to the next day.
+    bar_width = group * 0.75 / len(SERIES)
+    width = CHART_WIDTH
     height = CHART_HEIGHT + LABEL_HEIGHT
     label_every = 1 if len(read) <= 14 else 2
     chart = _svg(
@@ -125,9 +129,9 @@ def bar_chart(days: Sequence[Any], *, title: str) -> Tag:
             chart(
                 _svg(
                     "rect",
-                    x=_number(left + position * BAR_WIDTH),
+                    x=_number(left + position * bar_width),
                     y=_number(CHART_HEIGHT - bar_height),
-                    width=str(BAR_WIDTH),
+                    width=_number(bar_width),
                     height=_number(bar_height),
                     class_=f"bar {name}",
                     data_day=day.day,
@@ -135,7 +139,8 @@ def bar_chart(days: Sequence[Any], *, title: str) -> Tag:
                     data_value=str(value),
                 )(Tag("title")(f"{day.day} {name}: {value}"))
             )
-        if index % label_every == 0 or index == len(read) - 1:
+        # Counted from today, which is always labelled.
+        if (len(read) - 1 - index) % label_every == 0:
             chart(
                 _svg("text", x=_number(left), y=str(height - 4))(day.day[5:]),
             )
