@@ -612,3 +612,23 @@ def test_no_other_page_class_shadows_a_queue_method() -> None:
     for name, value in vars(QueuePages).items():
         if callable(value) and not name.startswith("__"):
             assert getattr(AdminApp, name) is value, name
+
+
+def test_without_statistics_sent_today_is_unknown(tmp_path: Path) -> None:
+    """
+    A queue without daily statistics still shows its page; "sent today"
+    says it is not known rather than 0.
+    """
+    journal = MemoryJournal()
+
+    def attach(ctx: WebContext) -> None:
+        queue = MessageQueue(journal, PendingOutbound(), ctx.clock)
+        ctx.control = QueueControl(queue, journal, ctx.clock)
+
+    web = make_web_app(tmp_path, extra=attach)
+    try:
+        page = web.logged_in().get("/queue")
+        assert page.code == 200
+        assert '<div class="figure" id="queue-sent-today">—</div>' in page.text
+    finally:
+        web.close()
