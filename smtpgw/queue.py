@@ -22,6 +22,27 @@ The rate is a token bucket on the injected clock: C{rate} tokens a second,
 holding at most C{max(1, rate / 10)} (a tenth of a second's worth), so after
 an idle spell at most that many messages leave at once and the long-run rate
 is never above C{rate}.
+
+Gates and pre-emption
+=====================
+
+A queue built with C{gate_of} puts the messages that function names a gate
+for behind that gate in the scheduler (the messages of a console send are
+behind the gate of the send: L{smtpgw.campaigns.campaign_gate}). A gate is
+closed until its owner opens it with L{MessageQueue.open_gate}, giving the
+priority it stands for; while open, the queue itself keeps it closed for
+as long as messages of a higher priority are waiting or being sent, and for
+C{preemption_grace} seconds after the last of them finished
+(L{DEFAULT_PREEMPTION_GRACE}), so that a burst of priority-1 messages that
+arrive one after another all go before the gate's next message. A closed
+gate's messages stay queued; none is handed to the outbound relay. What
+keeps an open gate closed is a L{Preemption}; observers
+(L{MessageQueue.add_observer}) hear when it changes, and of every message's
+outcome.
+
+Submitting in two steps (L{MessageQueue.accept}, then
+L{MessageQueue.schedule}) lets a caller record that a message is durable
+before it can be sent.
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ import gc
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
@@ -51,6 +73,7 @@ from smtpgw.interfaces import (
     JournalLocation,
     JournalUnavailable,
 )
+from smtpgw.journal import QueueIdInUse
 from smtpgw.model import Envelope, MessageState, Priority, QueueIdGenerator
 from smtpgw.outbound import all_deferred
 from smtpgw.scheduler import ScheduledEntry, Scheduler
@@ -59,13 +82,17 @@ __all__ = [
     "DEFAULT_ALERT_WINDOW",
     "DEFAULT_DELIVERY_ALERT_ATTEMPTS",
     "DEFAULT_MAX_QUEUE_AGE",
+    "DEFAULT_PREEMPTION_GRACE",
     "DEFAULT_STOP_TIMEOUT",
     "DSN_USERNAME",
     "EXPIRED_STATUS",
     "RETRY_BASE",
     "RETRY_JITTER",
     "RETRY_MAX",
+    "MessageOutcome",
     "MessageQueue",
+    "Preemption",
+    "QueueObserver",
     "QueueStats",
     "RecipientOutcomes",
     "RecipientProgress",
@@ -100,6 +127,11 @@ DSN_USERNAME = "MAILER-DAEMON"
 EXPIRED_STATUS = "5.4.7"
 #: How long stopping waits for deliveries under way, in seconds.
 DEFAULT_STOP_TIMEOUT = 30.0
+#: Seconds a gate stays closed after the last message of a higher priority
+#: than its own finished: longer than the gap between two messages a client
+#: sends one after another, so a burst goes out whole before the gate's
+#: next message.
+DEFAULT_PREEMPTION_GRACE = 1.0
 
 # Float sums of clock steps may fall a hair short of a whole token.
 _TOKEN_EPSILON = 1e-9
@@ -240,6 +272,10 @@ def recipient_failure(
     )
 
 
+def _reason(preemption: Preemption | None) -> str | None:
+    return None if preemption is None else preemption.reason
+
+
 def _no_jitter() -> float:
     return 0.5
 
@@ -367,6 +403,85 @@ class QueueStats:
     recipients_expired: int = 0
 
 
+@frozen
+class Preemption:
+    """
+    What keeps an open gate closed: traffic of a higher priority.
+
+    @ivar priority: the highest priority of that traffic.
+    @ivar console: whether it is only messages behind gates (another
+        console send), rather than SMTP+ mail.
+    @ivar until: when it ends by itself, when it is only the grace period
+        after the last such message; L{None} while such messages are
+        waiting or being sent.
+    """
+
+    priority: Priority
+    console: bool = False
+    until: float | None = None
+
+    @property
+    def reason(self) -> str:
+        """
+        The reason, as the pages show it: C{"priority-1 SMTP+ traffic"}.
+        """
+        what = "console send" if self.console else "SMTP+ traffic"
+        return f"priority-{int(self.priority)} {what}"
+
+
+@frozen
+class MessageOutcome:
+    """
+    What became of a message after an attempt, or an admin's cancel.
+
+    @ivar state: C{delivered}, C{bounced} (done, some recipient failed for
+        good), C{deferred} (some recipients are to be tried again) or
+        C{cancelled}.
+    @ivar gate: the gate it was behind, or L{None}.
+    @ivar delivered: the recipients that took it in this attempt.
+    @ivar bounced: the recipients refused for good (C{5xx}) in this attempt.
+    @ivar expired: the recipients that failed for good in this attempt
+        because the message was too old to try again.
+    """
+
+    queue_id: str
+    list: str
+    state: MessageState
+    gate: str | None = None
+    delivered: tuple[str, ...] = ()
+    bounced: tuple[str, ...] = ()
+    expired: tuple[str, ...] = ()
+
+
+class QueueObserver(Protocol):
+    """
+    What L{MessageQueue.add_observer} takes. Its methods run on the reactor
+    thread, inside the queue's own work: they must return quickly and not
+    call back into the queue (schedule such work for later).
+    """
+
+    def message_settled(self, outcome: MessageOutcome) -> None:
+        """
+        A message was delivered, bounced, deferred or cancelled.
+        """
+
+    def gate_changed(self, gate: str, preemption: Preemption | None) -> None:
+        """
+        What keeps an open gate closed changed (L{None}: nothing does).
+        """
+
+
+@define
+class _GateControl:
+    """
+    An owner's wishes for one gate, and the pre-emption seen last.
+    """
+
+    priority: int
+    wanted_open: bool
+    preemption: Preemption | None = None
+
+
 @implementer(IMessageQueue)
 class MessageQueue(Service):
     """
@@ -407,6 +522,8 @@ class MessageQueue(Service):
         alert_window: float = DEFAULT_ALERT_WINDOW,
         scheduler: Scheduler | None = None,
         freeze_after_replay: bool = False,
+        gate_of: Callable[[Envelope], str | None] | None = None,
+        preemption_grace: float = DEFAULT_PREEMPTION_GRACE,
     ) -> None:
         """
         @param journal: where messages are made durable.
@@ -435,15 +552,20 @@ class MessageQueue(Service):
         @param scheduler: the scheduler to fill; a new one when not given.
         @param freeze_after_replay: call C{gc.freeze()} after the replay (for
             the gateway process; tests keep collecting everything).
+        @param gate_of: names the gate a message is behind, if any (see the
+            module's description), for submitted and replayed messages.
+        @param preemption_grace: see L{DEFAULT_PREEMPTION_GRACE}.
         @raise ValueError: for a concurrency below 1, a C{max_queue_age}
-            that is not a positive number, or a host name that cannot be
-            written in a bounce.
+            that is not a positive number, a negative grace, or a host name
+            that cannot be written in a bounce.
         """
         self._freeze_after_replay = freeze_after_replay
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         if not max_queue_age > 0:
             raise ValueError(f"max_queue_age must be a positive number, not {max_queue_age!r}")
+        if not 0 <= preemption_grace < math.inf:
+            raise ValueError(f"preemption_grace must be 0 or more, not {preemption_grace!r}")
         _check_hostname(hostname)
         self._journal = journal
         self._outbound = outbound
@@ -484,6 +606,16 @@ class MessageQueue(Service):
         self._recipients_delivered = 0
         self._recipients_bounced = 0
         self._recipients_expired = 0
+        self.gate_of = gate_of
+        self._grace = preemption_grace
+        self._gates: dict[str, _GateControl] = {}
+        self._observers: list[QueueObserver] = []
+        self._redelivered_by_gate: dict[str, int] = {}
+        # Per priority (index 0 unused), for deliveries under way and the
+        # time the last one finished: [not behind a gate, behind one].
+        self._flying = [[0, 0] for _ in range(6)]
+        self._last_done = [[-math.inf, -math.inf] for _ in range(6)]
+        self._flight_class: dict[str, tuple[int, int]] = {}
 
     @property
     def rate(self) -> float:
@@ -524,6 +656,31 @@ class MessageQueue(Service):
         """
         return bool(self._journal.accepting)
 
+    def accept(self, envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+        """
+        The first half of L{submit}: make the message durable in the
+        journal, without scheduling it; L{schedule} does that.
+
+        @return: fires with the message's location once it is durable;
+            fails with L{JournalUnavailable}, or with
+            L{smtpgw.journal.QueueIdInUse} when a message with its queue id
+            is still live in the journal (not counted as refused).
+        """
+
+        def refused(failure: Failure) -> Failure:
+            if not failure.check(QueueIdInUse):
+                self._refused_by_journal(failure)
+            return failure
+
+        return self._journal.accept(envelope, body).addErrback(refused)
+
+    def schedule(self, envelope: Envelope, location: JournalLocation) -> None:
+        """
+        The second half of L{submit}: schedule a message L{accept} made
+        durable (behind its gate, if it has one).
+        """
+        self._accepted_by_journal(location, envelope)
+
     def submit(self, envelope: Envelope, body: bytes) -> Deferred[None]:
         """
         Journal the message, then schedule it.
@@ -546,14 +703,17 @@ class MessageQueue(Service):
 
     def _schedule(self, envelope: Envelope, location: JournalLocation) -> None:
         try:
-            self.scheduler.add(
-                ScheduledEntry(
-                    queue_id=envelope.queue_id,
-                    priority=envelope.priority,
-                    list=envelope.list,
-                    location=location,
-                )
+            entry = ScheduledEntry(
+                queue_id=envelope.queue_id,
+                priority=envelope.priority,
+                list=envelope.list,
+                location=location,
             )
+            gate = None if self.gate_of is None else self.gate_of(envelope)
+            if gate is None:
+                self.scheduler.add(entry)
+            else:
+                self.scheduler.add(entry, gate)
         except Exception:
             self._unscheduled += 1
             self._log.failure(
@@ -747,9 +907,12 @@ class MessageQueue(Service):
         Drop a message that is not being sent; it is never delivered (to
         the recipients it still waited for).
         """
+        entry = self.scheduler.get(queue_id)
+        gate = self.scheduler.gate_of(queue_id)
         d = self._admin(queue_id, self.scheduler.cancel, MessageState.CANCELLED)
-        if queue_id not in self.scheduler:
+        if entry is not None and queue_id not in self.scheduler:
             self._progress.pop(queue_id, None)
+            self._tell(MessageOutcome(queue_id, entry.list, MessageState.CANCELLED, gate))
         return d
 
     def reprioritize(self, queue_id: str, priority: Priority | int) -> Deferred[None]:
@@ -819,6 +982,150 @@ class MessageQueue(Service):
         self._dispatch()
         return d
 
+    # Gates and observers
+
+    def add_observer(self, observer: QueueObserver) -> None:
+        """
+        Tell C{observer} of every message's outcome and of the changes of
+        what keeps open gates closed.
+        """
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: QueueObserver) -> None:
+        """
+        Stop telling C{observer}.
+        """
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def open_gate(self, gate: str, priority: Priority | int) -> None:
+        """
+        Let the messages behind C{gate} go, at the turn of C{priority}:
+        while messages of a higher priority need the bandwidth (and for the
+        grace period after), the queue keeps the gate closed by itself.
+        """
+        control = self._gates.get(gate)
+        number = int(Priority(priority))
+        if control is None:
+            self._gates[gate] = _GateControl(number, True)
+        else:
+            control.priority = number
+            control.wanted_open = True
+        self._dispatch()
+
+    def close_gate(self, gate: str) -> None:
+        """
+        Keep the messages behind C{gate} from being sent (those under way
+        finish) until L{open_gate}.
+        """
+        control = self._gates.get(gate)
+        if control is None:
+            self._gates[gate] = _GateControl(int(Priority.NORMAL), False)
+        else:
+            control.wanted_open = False
+            if control.preemption is not None:
+                control.preemption = None
+                self._tell_gate(gate, None)
+        self.scheduler.close_gate(gate)
+
+    def forget_gate(self, gate: str) -> None:
+        """
+        Drop what is known of C{gate} (its owner is done with it); it is
+        closed, as every gate nobody opened.
+        """
+        self._gates.pop(gate, None)
+        self.scheduler.close_gate(gate)
+
+    def gate_is_open(self, gate: str) -> bool:
+        """
+        Whether the messages behind C{gate} may be handed out now.
+        """
+        return self.scheduler.is_open(gate)
+
+    def gated(self, gate: str) -> list[ScheduledEntry]:
+        """
+        The messages behind C{gate} in the scheduler, in any state.
+        """
+        entries = (self.scheduler.get(q) for q in self.scheduler.gated(gate))
+        return [e for e in entries if e is not None]
+
+    def gates(self) -> set[str]:
+        """
+        The gates that have messages behind them.
+        """
+        return self.scheduler.gates()
+
+    def redelivered_in(self, gate: str) -> int:
+        """
+        How many messages behind C{gate} the replay found being sent (after
+        a crash, or a stop that did not wait for them): they are sent
+        again, so their recipients may get them twice.
+        """
+        return self._redelivered_by_gate.get(gate, 0)
+
+    def preemption(self, priority: Priority | int) -> Preemption | None:
+        """
+        What would keep a gate of this priority closed now, if anything.
+        """
+        return self._preemption(int(Priority(priority)), self._clock.seconds())
+
+    def _preemption(self, priority: int, now: float) -> Preemption | None:
+        scheduler = self.scheduler
+        for higher in range(1, priority):
+            ready = scheduler.ready_count(higher)
+            gated, _ = scheduler.ready_behind_gates(higher)
+            plain_flying, gated_flying = self._flying[higher]
+            if ready - gated or plain_flying:
+                return Preemption(Priority(higher))
+            if gated or gated_flying:
+                return Preemption(Priority(higher), console=True)
+            plain_done, gated_done = self._last_done[higher]
+            until = max(plain_done, gated_done) + self._grace
+            if now < until:
+                return Preemption(Priority(higher), plain_done + self._grace <= now, until)
+        return None
+
+    def _update_gates(self, now: float) -> float | None:
+        """
+        Open or close the gates their owners opened, as the traffic of
+        higher priorities says.
+
+        @return: when a gate kept closed only by a grace period may open.
+        """
+        change_at: float | None = None
+        # Higher priorities first: their gates' traffic counts for the others.
+        for gate, control in sorted(self._gates.items(), key=lambda item: item[1].priority):
+            preemption = None
+            if control.wanted_open:
+                preemption = self._preemption(control.priority, now)
+            if preemption is None and control.wanted_open:
+                self.scheduler.open_gate(gate)
+            else:
+                self.scheduler.close_gate(gate)
+            until = None if preemption is None else preemption.until
+            if until is not None and (change_at is None or until < change_at):
+                change_at = until
+            before, control.preemption = control.preemption, preemption
+            if _reason(before) != _reason(preemption):
+                self._tell_gate(gate, preemption)
+        return change_at
+
+    def _tell(self, outcome: MessageOutcome) -> None:
+        for observer in list(self._observers):
+            try:
+                observer.message_settled(outcome)
+            except Exception:
+                self._log.failure(
+                    "an observer failed on the outcome of {queue_id}", queue_id=outcome.queue_id
+                )
+
+    def _tell_gate(self, gate: str, preemption: Preemption | None) -> None:
+        for observer in list(self._observers):
+            try:
+                observer.gate_changed(gate, preemption)
+            except Exception:
+                self._log.failure("an observer failed on a change of gate {gate}", gate=gate)
+
     # Dispatching
 
     def _replay(self) -> None:
@@ -828,18 +1135,21 @@ class MessageQueue(Service):
             state = _REPLAYED_STATES.get(message.state)
             if state is None or queue_id in self.scheduler:
                 continue
+            gate = None if self.gate_of is None else self.gate_of(message.envelope)
+            entry = ScheduledEntry(
+                queue_id=queue_id,
+                priority=message.envelope.priority,
+                list=message.envelope.list,
+                location=message.location,
+                state=state,
+                attempts=message.attempts,
+                next_attempt_at=message.next_attempt_at,
+            )
             try:
-                self.scheduler.add(
-                    ScheduledEntry(
-                        queue_id=queue_id,
-                        priority=message.envelope.priority,
-                        list=message.envelope.list,
-                        location=message.location,
-                        state=state,
-                        attempts=message.attempts,
-                        next_attempt_at=message.next_attempt_at,
-                    )
-                )
+                if gate is None:
+                    self.scheduler.add(entry)
+                else:
+                    self.scheduler.add(entry, gate)
             except ValueError:
                 self._log.failure(
                     "cannot schedule journaled message {queue_id}", queue_id=queue_id
@@ -850,6 +1160,8 @@ class MessageQueue(Service):
             counts[state.value] = counts.get(state.value, 0) + 1
             if message.state == MessageState.SENDING.value:
                 self._redelivered += 1
+                if gate is not None:
+                    self._redelivered_by_gate[gate] = self._redelivered_by_gate.get(gate, 0) + 1
         self._log.info(
             "replayed {total} journaled messages {counts}",
             total=sum(counts.values()),
@@ -878,12 +1190,15 @@ class MessageQueue(Service):
             self._dispatching = False
 
     def _fill(self) -> None:
+        gates_change_at = self._update_gates(self._clock.seconds()) if self._gates else None
         if not self.running or self._paused:
             return
         while len(self._in_flight) < self._concurrency:
             now = self._clock.seconds()
             if not self.scheduler.has_ready(now):
                 due = self.scheduler.next_wakeup(now)
+                if gates_change_at is not None and (due is None or gates_change_at < due):
+                    due = gates_change_at
                 if due is not None:
                     self._wake_at(due)
                 return
@@ -915,6 +1230,9 @@ class MessageQueue(Service):
 
     def _start(self, entry: ScheduledEntry) -> None:
         queue_id = entry.queue_id
+        kind = (int(entry.priority), 0 if self.scheduler.gate_of(queue_id) is None else 1)
+        self._flight_class[queue_id] = kind
+        self._flying[kind[0]][kind[1]] += 1
         d = ensureDeferred(self._attempt(entry))
         if not d.called:
             self._in_flight[queue_id] = d
@@ -924,6 +1242,10 @@ class MessageQueue(Service):
         d.addBoth(self._finished, queue_id)
 
     def _finished(self, _: object, queue_id: str) -> None:
+        kind = self._flight_class.pop(queue_id, None)
+        if kind is not None:
+            self._flying[kind[0]][kind[1]] -= 1
+            self._last_done[kind[0]][kind[1]] = self._clock.seconds()
         self._in_flight.pop(queue_id, None)
         if not self._in_flight:
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -960,8 +1282,10 @@ class MessageQueue(Service):
         attempts = entry.attempts + 1
         next_attempt_at = self._next_attempt_at(attempts)
         await self._record(entry.queue_id, MessageState.DEFERRED, attempts, next_attempt_at)
+        gate = self.scheduler.gate_of(entry.queue_id)
         self.scheduler.defer(entry.queue_id, next_attempt_at, attempts)
         self._deferred += 1
+        self._tell(MessageOutcome(entry.queue_id, entry.list, MessageState.DEFERRED, gate))
 
     def _next_attempt_at(self, attempts: int) -> float:
         return self._clock.seconds() + jittered(self._retry(attempts), self._rng())
@@ -978,6 +1302,7 @@ class MessageQueue(Service):
         now = self._clock.seconds()
         attempts = entry.attempts + 1
         before = self._progress.get(queue_id)
+        gate = self.scheduler.gate_of(queue_id)
         outcomes = sort_outcomes(
             tried,
             result,
@@ -1028,6 +1353,7 @@ class MessageQueue(Service):
             self.scheduler.defer(queue_id, next_attempt_at, attempts)
             self._deferred += 1
             self._delivery_alert(original, deferred, attempts, next_attempt_at, now)
+            state = MessageState.DEFERRED
         else:
             state = MessageState.BOUNCED if bounced else MessageState.DELIVERED
             self._log.info("{state} {queue_id}", state=state.value, **fields)
@@ -1040,6 +1366,18 @@ class MessageQueue(Service):
                 self._delivered += 1
         if failed:
             self._bounce_alert(original, outcomes, failed, dsn, now)
+        failed_now = {r for r, _ in failed}
+        self._tell(
+            MessageOutcome(
+                queue_id,
+                entry.list,
+                state,
+                gate,
+                outcomes.delivered,
+                tuple(r for r, _ in outcomes.bounced if r in failed_now),
+                tuple(r for r, _ in outcomes.expired if r in failed_now),
+            )
+        )
 
     async def _report(
         self, original: Envelope, body: bytes, outcomes: RecipientOutcomes, now: float

@@ -661,6 +661,13 @@ class Scheduler:
         """
         return {Priority(p): n for p, n in self._ready.items()}
 
+    def ready_count(self, priority: Priority | int) -> int:
+        """
+        How many entries of this priority are ready to be sent (as
+        L{ready_by_priority} counts them), without building a dict.
+        """
+        return self._ready[int(priority)]
+
     def ready_behind_gates(self, priority: Priority | int) -> tuple[int, int]:
         """
         The ready entries of one priority that are behind gates.

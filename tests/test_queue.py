@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, cast
 
 import pytest
 import pytest_twisted
+from attrs import evolve
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from twisted.application.service import IService
@@ -46,12 +47,15 @@ from smtpgw.queue import (
 )
 from smtpgw.queue import (
     DEFAULT_MAX_QUEUE_AGE,
+    DEFAULT_PREEMPTION_GRACE,
     DSN_USERNAME,
     EXPIRED_STATUS,
     RETRY_BASE,
     RETRY_JITTER,
     RETRY_MAX,
+    MessageOutcome,
     MessageQueue,
+    Preemption,
     RecipientProgress,
     TokenBucket,
     jittered,
@@ -290,7 +294,7 @@ class TestSubmit:
         queue, journal = make_queue(clock, outbound)
         queue.startService()
 
-        def refuse(entry: object) -> None:
+        def refuse(entry: object, gate: str | None = None) -> None:
             raise ValueError("scheduler bug")
 
         queue.scheduler.add = refuse  # type: ignore[method-assign]
@@ -1810,3 +1814,324 @@ async def test_pause_survives_a_restart_of_the_file_journal(tmp_path: Path) -> N
     third.startService()
     assert not third.paused
     await third.stopService()
+
+
+def gated_envelope(gate: str = "g", priority: int = 3, list: str = "news") -> Envelope:
+    env = envelope(priority, list)
+    return evolve(env, username=gate)
+
+
+def gate_by_username(env: Envelope) -> str | None:
+    return env.username if env.username.startswith("g") else None
+
+
+class Recorder:
+    """
+    A L{QueueObserver} that keeps what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.outcomes: list[MessageOutcome] = []
+        self.changes: list[tuple[str, str | None]] = []
+
+    def message_settled(self, outcome: MessageOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    def gate_changed(self, gate: str, preemption: Preemption | None) -> None:
+        self.changes.append((gate, None if preemption is None else preemption.reason))
+
+
+def gated_queue(
+    clock: Clock, outbound: IOutbound, journal: MemoryJournal | None = None, **kwargs: Any
+) -> tuple[MessageQueue, MemoryJournal, Recorder]:
+    queue, journal = make_queue(clock, outbound, journal, gate_of=gate_by_username, **kwargs)
+    recorder = Recorder()
+    queue.add_observer(recorder)
+    return queue, journal, recorder
+
+
+class TestTwoStepSubmit:
+    def test_accept_then_schedule(self) -> None:
+        """
+        L{MessageQueue.accept} makes the message durable without scheduling
+        it; L{MessageQueue.schedule} then schedules and sends it.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, journal = make_queue(clock, outbound)
+        queue.startService()
+        env = envelope()
+        locations: list[JournalLocation] = []
+        queue.accept(env, b"x\r\n").addCallback(locations.append)
+        assert len(locations) == 1
+        assert [m.envelope.queue_id for m in journal.replay()] == [env.queue_id]
+        assert env.queue_id not in queue.scheduler
+        assert outbound.calls == []
+        queue.schedule(env, locations[0])
+        assert outbound.ids == [env.queue_id]
+        assert queue.stats().accepted == 1
+
+    def test_accept_of_a_live_queue_id_is_refused_and_not_counted(self) -> None:
+        """
+        Accepting a queue id that is live fails with L{QueueIdInUse}, which
+        is not counted as a refusal (its owner expects it after a restart);
+        a full journal still is.
+        """
+        clock = Clock()
+        queue, journal = make_queue(clock, PendingOutbound())
+        queue.startService()
+        env = envelope()
+        queue.submit(env, b"x\r\n")
+        failures: list[Failure] = []
+        queue.accept(env, b"x\r\n").addErrback(failures.append)
+        assert failures[0].check(QueueIdInUse)
+        assert queue.stats().refused == 0
+        journal.available = False
+        queue.accept(envelope(), b"x\r\n").addErrback(failures.append)
+        assert failures[1].check(JournalUnavailable)
+        assert queue.stats().refused == 1
+
+
+class TestGatesAndPreemption:
+    def test_gated_messages_wait_for_their_owner(self) -> None:
+        """
+        A message behind a gate is not sent until the gate's owner opens
+        it; closing it again holds back the next ones; plain messages go
+        meanwhile.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, _, _ = gated_queue(clock, outbound)
+        queue.startService()
+        first, second = gated_envelope(), gated_envelope()
+        plain = envelope()
+        for env in (first, plain):
+            queue.submit(env, b"x\r\n")
+        assert outbound.ids == [plain.queue_id]
+        assert [e.queue_id for e in queue.gated("g")] == [first.queue_id]
+        assert queue.gates() == {"g"}
+        queue.open_gate("g", 3)
+        assert queue.gate_is_open("g")
+        assert outbound.ids == [plain.queue_id, first.queue_id]
+        queue.close_gate("g")
+        queue.submit(second, b"x\r\n")
+        assert outbound.ids == [plain.queue_id, first.queue_id]
+        queue.open_gate("g", 3)
+        assert outbound.ids[-1] == second.queue_id
+
+    def test_higher_priority_waiting_or_sending_preempts_the_gate(self) -> None:
+        """
+        While a priority-1 message is being sent, no gated priority-3
+        message goes, though a plain priority-3 one does; observers hear
+        the reason and when it ends.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, _, recorder = gated_queue(clock, outbound, preemption_grace=0.0)
+        queue.startService()
+        queue.open_gate("g", 3)
+        urgent = envelope(priority=1)
+        queue.submit(urgent, b"x\r\n")
+        gated = gated_envelope()
+        plain = envelope()
+        queue.submit(gated, b"x\r\n")
+        queue.submit(plain, b"x\r\n")
+        assert outbound.started == [urgent.queue_id, plain.queue_id]
+        assert not queue.gate_is_open("g")
+        preemption = queue.preemption(3)
+        assert preemption is not None
+        assert preemption.reason == "priority-1 SMTP+ traffic"
+        assert recorder.changes == [("g", "priority-1 SMTP+ traffic")]
+        outbound.finish_first()
+        assert outbound.started[-1] == gated.queue_id
+        assert recorder.changes[-1] == ("g", None)
+        assert queue.preemption(3) is None
+
+    def test_grace_at_its_end_and_one_past(self) -> None:
+        """
+        After the last priority-1 message finished, the gate stays closed
+        for the grace period: a priority-1 message arriving just before its
+        end still goes before any gated one; at its end the gate opens by
+        itself (a timer), so one arriving just after finds a gated one gone.
+        """
+        grace = 1.0
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, _, _ = gated_queue(clock, outbound, preemption_grace=grace, concurrency=1)
+        queue.startService()
+        queue.open_gate("g", 3)
+        gated = [gated_envelope() for _ in range(3)]
+        first = envelope(priority=1)
+        queue.submit(first, b"x\r\n")
+        for env in gated:
+            queue.submit(env, b"x\r\n")
+        clock.advance(5)
+        outbound.finish_first()
+        done_at = clock.seconds()
+        run_timers(clock, done_at + grace - 0.001)
+        assert outbound.started == [first.queue_id]
+        preemption = queue.preemption(3)
+        assert preemption is not None
+        assert preemption.until == done_at + grace
+        assert preemption.reason == "priority-1 SMTP+ traffic"
+        second = envelope(priority=1)
+        queue.submit(second, b"x\r\n")
+        assert outbound.started == [first.queue_id, second.queue_id]
+        outbound.finish_first()
+        done_at = clock.seconds()
+        run_timers(clock, done_at + grace - 0.001)
+        assert outbound.started == [first.queue_id, second.queue_id]
+        run_timers(clock, done_at + grace)
+        assert outbound.started == [first.queue_id, second.queue_id, gated[0].queue_id]
+        assert queue.preemption(3) is None
+        clock.advance(0.001)
+        third = envelope(priority=1)
+        queue.submit(third, b"x\r\n")
+        outbound.finish_first()
+        assert outbound.started[2:] == [gated[0].queue_id, third.queue_id]
+
+    def test_a_burst_one_after_another_goes_before_any_gated_message(self) -> None:
+        """
+        Twenty priority-1 messages submitted one after another, each
+        finished well within the grace before the next arrives, all go
+        before any further gated message, though gated ones wait all along;
+        then the gated ones go.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, _, _ = gated_queue(clock, outbound, rate=100, preemption_grace=0.5)
+        queue.startService()
+        queue.open_gate("g", 3)
+        before = [gated_envelope() for _ in range(5)]
+        for env in before:
+            queue.submit(env, b"x\r\n")
+        while outbound.pending:
+            outbound.finish_first()
+        run_timers(clock)
+        urgent = [envelope(priority=1) for _ in range(20)]
+        queue.submit(urgent[0], b"x\r\n")
+        waiting = [gated_envelope() for _ in range(10)]
+        for env in waiting:
+            queue.submit(env, b"x\r\n")
+        for env in urgent[1:]:
+            run_timers(clock, clock.seconds() + 0.05)
+            while outbound.pending:
+                outbound.finish_first()
+            clock.advance(0.4)
+            queue.submit(env, b"x\r\n")
+        run_timers(clock, clock.seconds() + 0.05)
+        while outbound.pending:
+            outbound.finish_first()
+        assert outbound.started == [e.queue_id for e in before + urgent]
+        run_timers(clock)
+        while outbound.pending:
+            outbound.finish_first()
+            run_timers(clock)
+        assert outbound.started[25:] == [e.queue_id for e in waiting]
+
+    def test_a_higher_priority_gate_preempts_a_lower_one(self) -> None:
+        """
+        Messages of an open gate of priority 2 keep a gate of priority 3
+        closed, with the reason of a console send; an owner-closed gate of
+        priority 2 does not.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, _, recorder = gated_queue(clock, outbound, preemption_grace=0.0, concurrency=1)
+        queue.startService()
+        high = gated_envelope("g-high", priority=2)
+        low = gated_envelope("g-low", priority=3)
+        queue.submit(high, b"x\r\n")
+        queue.submit(low, b"x\r\n")
+        queue.open_gate("g-low", 3)
+        assert outbound.started == [low.queue_id]
+        outbound.finish_first()
+        queue.open_gate("g-high", 2)
+        later = gated_envelope("g-low")
+        queue.submit(later, b"x\r\n")
+        assert outbound.started == [low.queue_id, high.queue_id]
+        assert recorder.changes == [("g-low", "priority-2 console send")]
+        assert not queue.gate_is_open("g-low")
+        outbound.finish_first()
+        assert outbound.started == [low.queue_id, high.queue_id, later.queue_id]
+        assert recorder.changes[-1] == ("g-low", None)
+
+    def test_outcomes_reach_observers(self) -> None:
+        """
+        Observers hear of deliveries, bounces (which recipients), deferrals
+        and cancels, with the gate of the message.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {B: ["4xx"], C: ["5xx"]})
+        queue, _, recorder = gated_queue(clock, outbound, hostname=HOST)
+        queue.startService()
+        queue.open_gate("g", 3)
+        delivered = evolve(gated_envelope(), recipients=(A,))
+        deferred = evolve(gated_envelope(), recipients=(B,))
+        bounced = evolve(gated_envelope(), recipients=(C,), sender="")
+        for env in (delivered, deferred, bounced):
+            queue.submit(env, ORIGINAL)
+        queue.close_gate("g")
+        cancelled = gated_envelope()
+        queue.submit(cancelled, ORIGINAL)
+        queue.cancel(cancelled.queue_id)
+        got = {(o.queue_id, o.state, o.gate, o.delivered, o.bounced) for o in recorder.outcomes}
+        assert got == {
+            (delivered.queue_id, MessageState.DELIVERED, "g", (A,), ()),
+            (deferred.queue_id, MessageState.DEFERRED, "g", (), ()),
+            (bounced.queue_id, MessageState.BOUNCED, "g", (), (C,)),
+            (cancelled.queue_id, MessageState.CANCELLED, "g", (), ()),
+        }
+
+    def test_replay_puts_messages_behind_their_gates_and_counts_redeliveries(self) -> None:
+        """
+        After a restart, journaled messages are behind their gates again
+        (closed until opened), and those found being sent are counted per
+        gate.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, journal, _ = gated_queue(clock, outbound)
+        queue.startService()
+        queue.open_gate("g", 3)
+        flying, waiting = gated_envelope(), gated_envelope()
+        queue.submit(flying, b"x\r\n")
+        queue.close_gate("g")
+        queue.submit(waiting, b"x\r\n")
+        assert outbound.started == [flying.queue_id]
+
+        outbound = PendingOutbound()
+        restarted, _, _ = gated_queue(clock, outbound, journal)
+        restarted.startService()
+        assert sorted(e.queue_id for e in restarted.gated("g")) == sorted(
+            [flying.queue_id, waiting.queue_id]
+        )
+        assert restarted.redelivered_in("g") == 1
+        assert restarted.redelivered_in("other") == 0
+        assert outbound.started == []
+        restarted.open_gate("g", 3)
+        assert outbound.started == [flying.queue_id, waiting.queue_id]
+
+    def test_forget_gate_closes_it(self) -> None:
+        """
+        A forgotten gate is closed, like one never opened.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, _, _ = gated_queue(clock, outbound)
+        queue.startService()
+        queue.open_gate("g", 3)
+        queue.forget_gate("g")
+        queue.submit(gated_envelope(), b"x\r\n")
+        assert outbound.calls == []
+        assert not queue.gate_is_open("g")
+
+    def test_bad_grace_is_refused(self) -> None:
+        """
+        A negative or infinite grace is refused.
+        """
+        clock = Clock()
+        for grace in (-1.0, math.inf, math.nan):
+            with pytest.raises(ValueError, match="preemption_grace"):
+                make_queue(clock, InstantOutbound(clock), preemption_grace=grace)
+        assert DEFAULT_PREEMPTION_GRACE == 1.0
