@@ -212,10 +212,29 @@ def _migrate_3(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
+def _migrate_4(connection: sqlite3.Connection) -> None:
+    statements = [
+        # What keeps a send paused when no admin paused it (the runner
+        # writes it: "priority-1 SMTP+ traffic", "queue stopped").
+        "ALTER TABLE campaigns ADD COLUMN paused_reason TEXT",
+        # The last recipient (by id) of the list when the send started:
+        # later imports do not join a send under way.
+        "ALTER TABLE campaigns ADD COLUMN last_recipient_id INTEGER",
+        "ALTER TABLE campaigns ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN bounced INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN rate REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN updated_at REAL",
+    ]
+    for statement in statements:
+        connection.execute(statement)
+
+
 MIGRATIONS: Final[Mapping[int, Callable[[sqlite3.Connection], None]]] = {
     1: _migrate_1,
     2: _migrate_2,
     3: _migrate_3,
+    4: _migrate_4,
 }
 """
 Schema changes by the version they bring the database to. Each runs inside
@@ -223,7 +242,10 @@ the one transaction that also records the new version, so a crash leaves the
 schema at a known version. Append, never edit: version 2 brings the
 admin accounts, API tokens, admin sessions and daily statistics;
 version 3 the lists' recipients, console sends (campaigns) and settings
-(secrets the gateway generates once, such as the unsubscribe-link key).
+(secrets the gateway generates once, such as the unsubscribe-link key);
+version 4 what the campaign runner records of a send under way (why it is
+paused, its last recipient, delivered, bounced and deferred counts, its
+current rate).
 """
 
 SCHEMA_VERSION: Final = max(MIGRATIONS)
