@@ -115,9 +115,12 @@ def artifacts_dir(environ: dict[str, str] | None = None) -> Path:
     return directory
 
 
-def start_driver() -> WebDriver:
+def start_driver(*, javascript: bool = True) -> WebDriver:
     """
     A headless Chromium with a fixed window, its console log kept.
+
+    @param javascript: whether pages may run scripts; without, the pages
+        are seen as by a visitor who turned them off.
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -133,10 +136,41 @@ def start_driver() -> WebDriver:
     options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
     options.add_argument("--lang=en-US")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if not javascript:
+        options.add_experimental_option(
+            "prefs", {"profile.managed_default_content_settings.javascript": 2}
+        )
     service = Service(executable_path=str(CHROMEDRIVER))
     browser = webdriver.Chrome(service=service, options=options)
     browser.set_page_load_timeout(30)
     return browser
+
+
+#: What chromedriver sometimes answers, instead of "stale element", about an
+#: element of a page the browser has left (SeleniumHQ/selenium#15401).
+_LEFT_PAGE: Final = ("does not belong to the document", "No node with given id")
+
+
+def _is_stale(element: WebElement) -> bool:
+    """
+    Whether the page that held C{element} is gone (Selenium's own
+    C{staleness_of} lets chromedriver's other answers for it escape).
+    """
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
+
+    try:
+        element.is_enabled()
+    except (StaleElementReferenceException, NoSuchElementException):
+        return True
+    except WebDriverException as e:
+        if any(text in str(e.msg) for text in _LEFT_PAGE):
+            return True
+        raise
+    return False
 
 
 @define
@@ -200,11 +234,15 @@ class AdminBrowser:
         """
         Click an element that leads to another page and wait for it.
         """
-        from selenium.webdriver.support import expected_conditions as ec
-
         element = self.find(css)
         element.click()
-        self.wait(ec.staleness_of(element), f"the page after clicking {css}")
+        self.wait(lambda _: _is_stale(element), f"the page after clicking {css}")
+        # The old page is gone the moment the new one starts: wait until the
+        # new one is all there.
+        self.wait(
+            lambda driver: driver.execute_script("return document.readyState") == "complete",
+            f"the page after clicking {css} to load",
+        )
 
     def submit(self, button_css: str) -> None:
         """

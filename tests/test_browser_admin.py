@@ -1,14 +1,23 @@
 """
 The admin pages in a real headless Chromium against the real gateway
-(C{twistd -n smtpgw --admin ...}): logging in and out, and the screenshots
-of the main pages (saved as test artifacts, see L{tests.browser_support}).
+(C{twistd -n smtpgw --admin ...}), as an admin meets them: logging in and
+out; a list, its SMTP+ settings and an SMTP+ user added, edited (a bad
+domain refused beside the field), its password shown once, regenerated and
+checked over SMTP, given priority 1, deleted; the same without JavaScript;
+the queue, the alert center and the API tokens with something in them.
+Screenshots of the main pages are saved as test artifacts (see
+L{tests.browser_support}).
 
-The tests of one module share one gateway and one browser, so the whole
-module stays a few seconds long.
+The tests of the module share one gateway and one browser, so the whole
+module takes a few tens of seconds; the steps that need an earlier one
+(a list, a user) get it from a module fixture, so each test also runs alone.
 """
 
 from __future__ import annotations
 
+import json
+import smtplib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,8 +33,9 @@ from tests.browser_support import (
     need_browser,
     screenshots_fixture,  # noqa: F401 (a fixture)
     smtp_auth_plain,
+    start_driver,
 )
-from tests.gateway_process import Gateway
+from tests.gateway_process import Credentials, Gateway, add_user
 
 ERROR_TITLES = {"Not found", "Bad request", "Refused", "Conflict", "Error"}
 
@@ -370,4 +380,152 @@ def test_deleting_a_user_asks_for_confirmation(
     assert web.path() == f"/lists/{mail_list}"
     assert not [row for row in web.rows("#users") if row and row[0].startswith(new_user.username)]
     assert smtp_auth_plain(browser_gateway, new_user.username, new_user.password) == 535
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_without_javascript_a_user_is_added_and_its_password_shown(
+    browser_gateway: Gateway, screenshots: Path, mail_list: str
+) -> None:
+    """
+    With JavaScript off, logging in and the add-user form still work, and
+    the new password is shown; the copy button, which needs a script,
+    stays hidden.
+    """
+    plain = start_driver(javascript=False)
+    try:
+        web = AdminBrowser(
+            plain, browser_gateway.admin_url, browser_gateway.first_admin_password(), screenshots
+        )
+        web.login()
+        assert web.logged_in()
+        web.open(f"/lists/{mail_list}")
+        web.click_and_load("#add-user")
+        web.fill("input[name=authorized_domains]", "example.org")
+        web.submit("#save-user")
+        assert web.path().startswith(f"/users/smtp-{mail_list}-")
+        shown = web.find("#new-password")
+        assert shown.is_displayed()
+        assert smtp_auth_plain(browser_gateway, web.path().rsplit("/", 1)[-1], shown.text) == 235
+        copy = web.find("[data-copy=new-password]")
+        # Only a script takes the attribute away.
+        assert copy.get_attribute("hidden") is not None
+        assert not copy.is_displayed(), "the stylesheet shows elements marked hidden"
+        web.screenshot("user-new-password-no-javascript")
+    finally:
+        plain.quit()
+
+
+# -- the queue, the alerts and the API tokens, with something in them ------
+
+
+@pytest.fixture(scope="module", name="sender")
+def sender_fixture(browser_gateway: Gateway, mail_list: str) -> Credentials:
+    """
+    An SMTP+ user of the list allowed to send from example.com, made with
+    C{smtpgw-admin} (the pages' own flow is tested above).
+    """
+    return add_user(browser_gateway.data_dir, mail_list, "--domains", "example.com")
+
+
+def _smtp_session(gateway: Gateway, user: Credentials) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", gateway.port, timeout=30)
+    client.ehlo("browser.test")
+    client.starttls(context=gateway.tls_context())
+    client.ehlo("browser.test")
+    client.login(user.username, user.password)
+    return client
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_the_queue_page_stops_and_restarts_the_queue(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, sender: Credentials
+) -> None:
+    """
+    Stopped from the queue page, the queue keeps a message sent over SMTP,
+    which the page lists with its subject; restarted, the message is sent.
+    """
+    web = admin_browser
+    web.ensure_logged_in()
+    web.open("/queue")
+    assert web.find("#queue-state").text == "running"
+    web.submit("#queue-stop")
+    assert web.find("#queue-state").text == "stopped"
+    with _smtp_session(browser_gateway, sender) as client:
+        client.sendmail(
+            "app@example.com",
+            ["reader@dest.test"],
+            "From: app@example.com\r\nTo: reader@dest.test\r\n"
+            "Subject: Held by the browser test\r\n\r\nHello.\r\n",
+        )
+    web.open("/queue")
+    rows = web.find_all("#queue tbody tr[id^=msg-]")
+    assert len(rows) == 1
+    assert "Held by the browser test" in rows[0].text
+    assert web.find("#queue-waiting").text == "1"
+    web.screenshot("queue")
+    assert web.console_errors() == []
+    web.submit("#queue-start")
+    assert web.find("#queue-state").text == "running"
+    delivered = browser_gateway.wait_delivered(1)
+    assert len(delivered) == 1
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_the_alert_center_shows_a_refused_sender(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, mail_list: str, sender: Credentials
+) -> None:
+    """
+    A sender the user is not authorized for is refused over SMTP, and the
+    alert center shows the alert, with the list and the address.
+    """
+    web = admin_browser
+    web.ensure_logged_in()
+    with _smtp_session(browser_gateway, sender) as client:
+        code, _ = client.mail("mallory@evil.test")
+    assert code == 550
+
+    def alert_shown(_: object) -> bool:
+        web.open("/alerts")
+        return "mallory@evil.test" in web.find("#alerts").text
+
+    web.wait(alert_shown, "the sender alert in the alert center")
+    rows = [row for row in web.rows("#alerts") if "mallory@evil.test" in " ".join(row)]
+    assert rows
+    assert mail_list in rows[0]
+    web.screenshot("alerts")
+    assert web.console_errors() == []
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_a_token_made_on_the_tokens_page_is_shown_once_and_opens_the_api(
+    admin_browser: AdminBrowser, browser_gateway: Gateway, mail_list: str
+) -> None:
+    """
+    A token made on the tokens page is shown once with a copy button, opens
+    the JSON API (which lists the list), and is not shown again on reload.
+    """
+    web = admin_browser
+    web.ensure_logged_in()
+    web.open("/tokens")
+    web.fill("#token-form input[name=name]", "browser test")
+    web.submit("#token-form button[type=submit]")
+    token = web.wait_for("#new-token").text
+    assert token
+    assert web.find("[data-copy=new-token]").is_displayed()
+    web.screenshot("tokens")
+    request = urllib.request.Request(  # noqa: S310 (loopback)
+        browser_gateway.admin_url + "/api/v1/lists", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        assert response.status == 200
+        assert mail_list in [item["name"] for item in json.load(response)["lists"]]
+    web.driver.refresh()
+    assert web.find_all("#new-token") == []
+    assert token not in web.driver.page_source
+    assert "browser test" in web.find("#tokens").text
     assert web.console_errors() == []
