@@ -468,7 +468,7 @@ def _admin_service(
     The admin accounts, the first admin, and the admin app listening on
     C{--admin}.
     """
-    from twisted.application.internet import StreamServerEndpointService
+    from twisted.application.internet import StreamServerEndpointService, TimerService
     from twisted.internet.endpoints import serverFromString
 
     from smtpgw.admins import ThreadedAdminStore
@@ -485,6 +485,9 @@ def _admin_service(
     admins = ThreadedAdminStore(db, reactor=reactor, clock=reactor)
     admins.setServiceParent(admin)
     _FirstAdmin(admins).setServiceParent(admin)
+    purge = TimerService(SESSION_PURGE_INTERVAL, _purge_sessions, admins)
+    purge.clock = reactor
+    purge.setServiceParent(admin)
     ctx = WebContext(
         users=users,
         admins=admins,
@@ -505,6 +508,16 @@ def _admin_service(
     web._raiseSynchronously = True
     web.setServiceParent(admin)
     return admin
+
+
+SESSION_PURGE_INTERVAL = 3600.0
+"""Seconds between sweeps of ended admin sessions out of the database."""
+
+
+def _purge_sessions(admins: Any) -> Any:
+    return admins.purge_sessions().addErrback(
+        lambda f: log.warn("Could not purge ended admin sessions: {e}", e=f.getErrorMessage())
+    )
 
 
 class _FirstAdmin(Service):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from smtpgw.admins import SESSION_IDLE_SECONDS
-from tests.web_support import Browser, WebApp, make_web_app
+from tests.web_support import Browser, Inline, WebApp, make_web_app
+from web.auth import Visitor
 from web.security import CONTENT_SECURITY_POLICY, AdminSite
 
 
@@ -270,3 +271,174 @@ def test_api_answers_with_a_token(web: WebApp) -> None:
     response = web.browser().get("/api/v1/lists", headers={"Authorization": f"Bearer {token}"})
     assert response.code == 200
     assert [item["name"] for item in response.json()["lists"]] == ["news"]
+
+
+def test_only_upload_routes_take_large_bodies(tmp_path: Path) -> None:
+    """
+    Forms and JSON are bounded by the small limit (at it: read; one past:
+    413); the recipients upload routes by the large one.
+    """
+    web = make_web_app(tmp_path)
+    try:
+        browser = Browser(AdminSite(web.app.resource(), max_body=1000, max_form=100))
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        assert browser.request("POST", "/login", body=b"n" * 100, headers=form).code == 401
+        assert browser.request("POST", "/login", body=b"n" * 101, headers=form).code == 413
+        upload = {"Content-Type": "text/csv"}
+        for path in ("/api/v1/lists/news/recipients", "/lists/news/recipients/import"):
+            at_limit = browser.request("POST", path, body=b"e" * 1000, headers=upload)
+            assert at_limit.code != 413, path
+            over = browser.request("POST", path, body=b"e" * 1001, headers=upload)
+            assert over.code == 413, path
+    finally:
+        web.close()
+
+
+def test_a_path_that_is_not_utf8_is_a_400_not_a_logged_error(web: WebApp) -> None:
+    """
+    Klein would log a traceback for an undecodable path; the app answers
+    400 first, without a session.
+    """
+    response = web.browser().get("/lists/%FF%FE")
+    assert response.code == 400
+    assert "UTF-8" in response.json()["error"]
+
+
+def test_slash_variants_are_not_redirected_to_the_host_header(web: WebApp) -> None:
+    """
+    Doubled and trailing slashes are never redirected to an absolute URL
+    built from the client's Host header.
+    """
+    browser = web.logged_in()
+    for path in ("/api/v1//lists", "//lists", "/lists/"):
+        response = browser.get(path, headers={"Host": "evil.example"})
+        assert "evil.example" not in (response.header("location") or ""), path
+
+
+def test_parallel_logins_each_count_and_are_bounded(web: WebApp) -> None:
+    """
+    Guesses sent at once each count as failures before their check (so
+    they do not all share one delay), and past the waiting bound the rest
+    are refused at once with 429 instead of queueing password checks.
+    """
+    browser = web.browser()
+    form = browser.get("/login")
+    token = form.text.split('name="login_token" value="')[1].split('"')[0]
+    codes: list[int] = []
+    for _ in range(40):
+        d = browser.stub.request(
+            "POST",
+            "http://admin.test/login",
+            data=f"login_token={token}&name=admin&password=wrong".encode(),
+            headers={"Content-Type": ["application/x-www-form-urlencoded"]},
+        )
+        d.addCallback(lambda response: codes.append(response.code))
+    browser.stub.flush()
+    assert 429 in codes, codes
+    assert web.ctx.throttle.delay("127.0.0.1", "admin", web.clock.seconds()) > 0
+    for _ in range(200):
+        web.clock.advance(30)
+        browser.stub.flush()
+    assert len(codes) == 40
+    assert codes.count(401) <= 12, codes
+
+
+def test_a_head_request_does_not_use_up_what_is_shown_once(web: WebApp) -> None:
+    """
+    A HEAD of the page that shows a notice (or a new token) leaves it for
+    the next GET.
+    """
+    browser = web.logged_in()
+    response = browser.submit("/tokens", {"name": "ci"})
+    assert response.code == 303
+    assert browser.request("HEAD", "/tokens").code == 200
+    page = browser.get("/tokens")
+    assert 'id="new-token"' in page.text
+
+
+def test_a_database_failure_is_a_503_page(web: WebApp) -> None:
+    """
+    A store that cannot answer gives a 503 page, not a 500 with a traceback.
+    """
+    from smtpgw.database import StoreNotRunning
+
+    browser = web.logged_in()
+
+    class Broken:
+        def lists(self) -> None:
+            raise StoreNotRunning("the user store is not running")
+
+    web.ctx.users = Inline(Broken())
+    response = browser.get("/lists")
+    assert response.code == 503
+    assert "database cannot be used" in response.text
+
+
+def test_an_unexpected_error_is_a_500_page_and_logged(
+    web: WebApp, logged_errors: list[dict[str, object]]
+) -> None:
+    """
+    A bug in a handler gives the layout's 500 page (no traceback in it) and
+    a logged failure.
+    """
+    browser = web.logged_in()
+
+    class Broken:
+        def lists(self) -> None:
+            raise RuntimeError("a bug")
+
+    web.ctx.users = Inline(Broken())
+    response = browser.get("/lists")
+    assert response.code == 500
+    assert "a bug" not in response.text
+    assert "Traceback" not in response.text
+    assert any("admin page" in str(event.get("log_format")) for event in logged_errors)
+    logged_errors.clear()
+
+
+def test_logging_in_again_ends_the_previous_session(web: WebApp) -> None:
+    """
+    A login replaces the session the browser came with (no fixation).
+    """
+    from twisted.internet.defer import Deferred
+    from twisted.web.test.requesthelper import DummyRequest
+
+    old_id, _ = web.admins.create_session("admin")
+
+    class CookieRequest(DummyRequest):
+        def getCookie(self, name: bytes) -> bytes | None:
+            return old_id.encode() if name == b"smtpgw_session" else None
+
+        def addCookie(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def isSecure(self) -> bool:
+            return False
+
+    request = CookieRequest([b"login"])
+    done = Deferred.fromCoroutine(
+        web.app.auth.login(request, "admin", web.admin_password)  # type: ignore[arg-type]
+    )
+    visitor = done.result
+    assert isinstance(visitor, Visitor)
+    assert visitor.session_id != old_id
+    assert web.admins.get_session(old_id) is None
+    assert web.admins.get_session(visitor.session_id) is not None
+
+
+def test_cookies_are_secure_behind_an_https_public_url(tmp_path: Path) -> None:
+    """
+    With an https public URL (a TLS proxy in front), cookies are Secure
+    even though the request reached the app over plain HTTP.
+    """
+    from web.context import GatewaySettings
+
+    web = make_web_app(
+        tmp_path,
+        settings=GatewaySettings("mail.example.test", "25", base_url="https://admin.example"),
+    )
+    try:
+        response = web.browser().get("/login")
+        assert "Secure" in (response.header("set-cookie") or "")
+    finally:
+        web.close()

@@ -89,6 +89,7 @@ class Browser:
         server: Any = self.stub._agent._serverFactory
         server.requestFactory = GuardedRequest
         server.max_body = site.max_body
+        server.max_form = site.max_form
         server.displayTracebacks = False
 
     def request(

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from smtpgw.database import StoreError
 from web.api import ApiApp
 from web.auth import json_error
 from web.context import WebContext
@@ -25,6 +27,14 @@ from web.routes import pages
 from web.security import MAX_BODY_BYTES, AdminSite
 
 __all__ = ["AdminApp", "admin_site"]
+
+_log = Logger()
+
+# Werkzeug would redirect "/a//b" and "/a/" with a Location built from the
+# request's Host header: answer such paths as they are instead.
+for _map in (pages.url_map, ApiApp.app.url_map):
+    _map.strict_slashes = False
+    _map.merge_slashes = False
 
 
 class AdminApp(
@@ -52,6 +62,27 @@ class AdminApp(
     @pages.handle_errors(MethodNotAllowed)
     def _not_allowed(self, request: IRequest, failure: Any) -> bytes:
         return json_error(request, 405, "method not allowed")
+
+    @pages.handle_errors(StoreError)
+    async def _store_failed(self, request: IRequest, failure: Any) -> bytes:
+        _log.warn(
+            "admin page {path} could not use the database: {error}",
+            path=request.path,
+            error=failure.getErrorMessage(),
+        )
+        return await self.refuse(
+            request,
+            None,
+            503,
+            "The gateway's database cannot be used right now: try again in a moment.",
+        )
+
+    @pages.handle_errors(Exception)
+    async def _failed(self, request: IRequest, failure: Any) -> bytes:
+        _log.failure("admin page {path} failed", failure, path=request.path)
+        return await self.refuse(
+            request, None, 500, "Something went wrong; the gateway's log says what."
+        )
 
     def resource(self) -> IResource:
         """

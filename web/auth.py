@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 
 from attrs import field as attrs_field
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ __all__ = [
     "SESSION_COOKIE",
     "Auth",
     "OneTimeBox",
+    "TooManyLogins",
     "Visitor",
     "api",
     "arg",
@@ -53,6 +54,15 @@ MAX_CREDENTIAL_LENGTH: Final = 1024
 ONE_TIME_SECONDS: Final = 300.0
 """How long a one-time secret waits to be shown before it is forgotten."""
 MAX_ONE_TIME: Final = 1000
+MAX_WAITING_LOGINS: Final = 8
+"""Logins waiting for their password check beyond which more are refused."""
+
+
+class TooManyLogins(Exception):
+    """
+    Too many logins are waiting for a password check: try again later.
+    """
+
 
 _log = Logger()
 
@@ -176,11 +186,35 @@ class Auth:
     Sessions and tokens over an admin store (L{smtpgw.admins.ThreadedAdminStore}).
     """
 
-    def __init__(self, admins: Any, clock: IReactorTime, throttle: Any) -> None:
+    def __init__(
+        self,
+        admins: Any,
+        clock: IReactorTime,
+        throttle: Any,
+        *,
+        secure_cookies: bool = False,
+        max_waiting_logins: int = MAX_WAITING_LOGINS,
+    ) -> None:
+        """
+        @param secure_cookies: mark cookies C{Secure} even on plain HTTP
+            requests (the app is behind a TLS-terminating proxy).
+        @param max_waiting_logins: logins allowed to wait at once (for
+            their delay or their password check); more are answered "try
+            later" at once.
+        """
         self._admins = admins
         self._clock = clock
         self._throttle = throttle
+        self._secure_cookies = secure_cookies
+        self._max_waiting = max_waiting_logins
+        # One password check at a time: the admin store's other thread keeps
+        # serving the session and token lookups of every page and API call.
+        self._checks = DeferredSemaphore(1)
+        self._pending = 0
         self.once = OneTimeBox(clock)
+
+    def _secure(self, request: IRequest) -> bool:
+        return self._secure_cookies or _is_secure(request)
 
     async def visitor(self, request: IRequest) -> Visitor | None:
         """
@@ -208,7 +242,7 @@ class Auth:
                 token.encode(),
                 path=b"/login",
                 httpOnly=True,
-                secure=_is_secure(request),
+                secure=self._secure(request),
                 sameSite="strict",
             )
         return token
@@ -217,21 +251,37 @@ class Auth:
         """
         Check a login form's credentials, slowed down after failures from
         the same address or for the same name; start a session on success.
+
+        Each attempt counts as a failure from the moment it arrives (and is
+        taken back if it succeeds), so parallel guesses each see the delay
+        the ones before them earned; password checks run one at a time; and
+        at most L{MAX_WAITING_LOGINS} logins wait at once.
+
+        @raise TooManyLogins: when too many are waiting already.
         """
         ip = _client_ip(request)
         now = self._clock.seconds()
+        if self._pending >= self._max_waiting:
+            raise TooManyLogins()
         delay = self._throttle.delay(ip, name, now)
-        if delay > 0:
-            await deferLater(self._clock, delay, lambda: None)
-        if not name or not password or len(name) > 64 or len(password) > MAX_CREDENTIAL_LENGTH:
-            ok = False
-        else:
-            ok = await self._admins.check_admin(name, password)
+        self._throttle.failed(ip, name, now)
+        self._pending += 1
+        try:
+            if delay > 0:
+                await deferLater(self._clock, delay, lambda: None)
+            if not name or not password or len(name) > 64 or len(password) > MAX_CREDENTIAL_LENGTH:
+                ok = False
+            else:
+                ok = await self._checks.run(self._admins.check_admin, name, password)
+        finally:
+            self._pending -= 1
         if not ok:
-            self._throttle.failed(ip, name, self._clock.seconds())
             _log.info("admin login failed for {name!r} from {ip}", name=name[:64], ip=ip)
             return None
         self._throttle.succeeded(ip, name, self._clock.seconds())
+        previous = _cookie(request, SESSION_COOKIE)
+        if previous is not None:
+            await self._admins.delete_session(previous)
         session_id, session = await self._admins.create_session(name)
         _add_cookie(
             request,
@@ -239,7 +289,7 @@ class Auth:
             session_id.encode(),
             path=b"/",
             httpOnly=True,
-            secure=_is_secure(request),
+            secure=self._secure(request),
             sameSite="strict",
             max_age=str(int(SESSION_MAX_SECONDS)),
         )
@@ -259,7 +309,7 @@ class Auth:
             b"",
             path=b"/",
             httpOnly=True,
-            secure=_is_secure(request),
+            secure=self._secure(request),
             sameSite="strict",
             max_age="0",
         )

@@ -12,7 +12,7 @@ from twisted.python.filepath import FilePath
 from twisted.web.iweb import IRequest
 from twisted.web.template import tags
 
-from web.auth import Visitor, arg, json_error, page, safe_next
+from web.auth import TooManyLogins, Visitor, arg, json_error, page, safe_next
 from web.render import field, table
 from web.routes import PageBase, pages
 
@@ -78,7 +78,13 @@ class CorePages(PageBase):
                 name=name,
                 error="The login form expired: try again.",
             )
-        visitor = await self.auth.login(request, name, arg(request, "password"))
+        try:
+            visitor = await self.auth.login(request, name, arg(request, "password"))
+        except TooManyLogins:
+            request.setHeader(b"Retry-After", b"30")
+            return await self.refuse(
+                request, None, 429, "Too many logins at once: try again in a minute."
+            )
         if visitor is None:
             return await self._login_page(
                 request, target, name=name, error="Wrong admin name or password."

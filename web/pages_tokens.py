@@ -41,7 +41,12 @@ class TokenPages(PageBase):
     @pages.route("/tokens", methods=["GET", "HEAD"])
     @page
     async def tokens_page(self, request: IRequest, visitor: Visitor) -> bytes:
-        made = self.auth.once.take(visitor.session_id, NEW_TOKEN)
+        # A HEAD shows nothing, so it must not use up the token shown once.
+        made = (
+            self.auth.once.take(visitor.session_id, NEW_TOKEN)
+            if request.method == b"GET"
+            else None
+        )
         return await self._tokens_render(request, visitor, made=made)
 
     @pages.route("/tokens", methods=["POST"])

@@ -38,7 +38,12 @@ class PageBase:
 
     def __init__(self, ctx: WebContext) -> None:
         self.ctx = ctx
-        self.auth = Auth(ctx.admins, ctx.clock, ctx.throttle)
+        self.auth = Auth(
+            ctx.admins,
+            ctx.clock,
+            ctx.throttle,
+            secure_cookies=ctx.settings.base_url.lower().startswith("https:"),
+        )
 
     async def show(
         self,
@@ -56,7 +61,8 @@ class PageBase:
         L{redirect} first.
         """
         shown = list(notices)
-        if visitor is not None:
+        # A HEAD shows nothing, so it must not use up what is shown once.
+        if visitor is not None and request.method == b"GET":
             left = self.auth.once.take(visitor.session_id, NOTICE)
             if left is not None:
                 shown.insert(0, left)
@@ -89,7 +95,15 @@ class PageBase:
         """
         An error page.
         """
-        titles = {400: "Bad request", 403: "Refused", 404: "Not found", 409: "Conflict"}
+        titles = {
+            400: "Bad request",
+            403: "Refused",
+            404: "Not found",
+            409: "Conflict",
+            429: "Too many requests",
+            500: "Something went wrong",
+            503: "Not available",
+        }
         content = tags.div(class_="card")(
             tags.p(message),
             tags.p(tags.a("Back to the start", href="/" if visitor else "/login")),
