@@ -336,7 +336,11 @@ class TokenBucket:
         if not self.rate:
             return True
         self._refill(now)
-        return self._tokens >= 1.0 - _TOKEN_EPSILON
+        # At epoch times a float step of the clock is about 2e-7 s: a
+        # shortfall worth less than a few of them could never be waited
+        # for (the wake-up time would round to now).
+        slack = max(_TOKEN_EPSILON, 4.0 * math.ulp(now) * self.rate)
+        return self._tokens >= 1.0 - slack
 
     def take(self, now: float) -> None:
         """

@@ -218,6 +218,28 @@ class TestPureParts:
         assert not bucket.ready(5.049)
         assert bucket.ready(5.05)
 
+    @given(
+        st.floats(1e9, 4e9),
+        st.sampled_from([1.0, 7.0, 100.0, 1000.0, 20000.0]),
+        st.floats(1e-4, 0.05),
+    )
+    def test_bucket_at_epoch_times_never_waits_for_now(
+        self, start: float, rate: float, step: float
+    ) -> None:
+        """
+        At epoch-sized times (where a float step of the clock is ~1e-7 s),
+        a bucket that is not ready always names a later time for its next
+        token, so a dispatcher waking then makes progress.
+        """
+        bucket = TokenBucket.for_rate(rate)
+        now = start
+        for _ in range(50):
+            while bucket.ready(now):
+                bucket.take(now)
+            assert bucket.next_token_at(now) > now
+            now = bucket.next_token_at(now) + step * (now % 1.0 > 0.5)
+            assert bucket.ready(now)
+
     def test_unlimited_bucket(self) -> None:
         """
         Rate 0 never holds anything back.
@@ -480,6 +502,27 @@ class TestLimits:
             queue.submit(envelope(), b"x\r\n")
         assert len(outbound.calls) == 500
         assert queue.stats().delivered == 500
+
+    def test_rate_at_epoch_times(self) -> None:
+        """
+        With the clock at an epoch time, a rate-limited queue sends at its
+        rate and its wake-ups always move time on.
+        """
+        clock = Clock()
+        clock.advance(1_700_000_000.0)
+        outbound = InstantOutbound(clock)
+        queue, _ = make_queue(clock, outbound, rate=100)
+        queue.startService()
+        for _ in range(300):
+            queue.submit(envelope(), b"x\r\n")
+        wakeups = 0
+        while clock.getDelayedCalls():
+            wakeups += 1
+            assert wakeups < 1000
+            clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        times = [t for _, _, t in outbound.calls]
+        assert len(times) == 300
+        assert (300 - 10) / (times[-1] - times[9]) == pytest.approx(100, rel=0.01)
 
     def test_concurrency_never_exceeded(self) -> None:
         """
