@@ -51,6 +51,13 @@ from smtpgw.admins import (
     validate_admin_name,
     validate_token_name,
 )
+from smtpgw.campaigns import (
+    Campaign,
+    CampaignState,
+    SQLiteCampaignStore,
+    campaign_document,
+    parse_send_at,
+)
 from smtpgw.control import (
     BadArgument,
     ControlClient,
@@ -74,6 +81,15 @@ from smtpgw.queueinfo import (
     parse_state,
     status_document,
     why_document,
+)
+from smtpgw.recipients import (
+    MAX_IMPORT_BYTES,
+    MAX_PAGE,
+    CsvRefused,
+    RecipientStatus,
+    import_document,
+    parse_recipients_csv,
+    recipient_document,
 )
 from smtpgw.userstore import (
     UNSET,
@@ -100,8 +116,10 @@ __all__ = [
     "Output",
     "UsageError",
     "add_admin_commands",
+    "add_campaign_commands",
     "add_command",
     "add_queue_commands",
+    "add_recipient_commands",
     "add_token_commands",
     "build_parser",
     "main",
@@ -126,6 +144,11 @@ _OPTION_OF_FIELD: Final = {
     "notes": "--notes",
     "enforcement": "--enforce/--monitor",
     "active": "--active/--inactive",
+    "subject": "--subject",
+    "text": "--text",
+    "html": "--html",
+    "sender": "--sender",
+    "send_at": "--send-at",
 }
 
 
@@ -180,6 +203,7 @@ class Context:
     rounds: int
     _store: SQLiteUserStore | None = None
     _admin_store: SQLiteAdminStore | None = None
+    _campaign_store: SQLiteCampaignStore | None = None
 
     def _make_data_dir(self) -> None:
         try:
@@ -220,10 +244,26 @@ class Context:
             )
         return self._admin_store
 
+    def campaign_store(self) -> SQLiteCampaignStore:
+        """
+        The store of console sends (and, as its C{recipients}, of the
+        lists' recipients) of the data directory.
+
+        @raise StoreError: when the database cannot be used.
+        """
+        if self._campaign_store is None:
+            self._campaign_store = SQLiteCampaignStore.open(
+                database_path(self.data_dir), self.clock, create=False
+            )
+        return self._campaign_store
+
     def close(self) -> None:
         """
         Close what was opened.
         """
+        if self._campaign_store is not None:
+            self._campaign_store.close()
+            self._campaign_store = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -838,12 +878,278 @@ def add_token_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     delete.add_argument("id", metavar="ID", type=int, help="its id, from 'token list'")
 
 
+# --- recipients and campaign commands ----------------------------------------------
+
+#: Bad rows named in the one-line error of an import that changed nothing.
+_ERRORS_SHOWN: Final = 5
+
+
+def _read_input(path: str, limit: int) -> bytes:
+    """
+    The bytes of a file (C{-}: standard input), at most C{limit} and one
+    more (so that a parser can say it is too large).
+    """
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(limit + 1)
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _read_text(path: str, option: str) -> str:
+    data = _read_input(path, 2 * 1024 * 1024)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{option}: {path} is not UTF-8 text") from None
+
+
+def _recipients_import(args: argparse.Namespace, context: Context) -> Output:
+    data = _read_input(args.file, MAX_IMPORT_BYTES)
+    try:
+        parsed = parse_recipients_csv(data)
+    except CsvRefused as e:
+        raise UsageError(f"{args.file}: {e}") from None
+    result = context.campaign_store().recipients.import_recipients(
+        args.list, parsed, valid_only=args.valid_only
+    )
+    if not result.applied:
+        shown = "; ".join(f"line {e.line}: {e.message}" for e in result.errors[:_ERRORS_SHOWN])
+        more = len(result.errors) - _ERRORS_SHOWN
+        raise UsageError(
+            f"{len(result.errors)} bad row(s), nothing imported (--valid-only imports the "
+            f"{len(parsed.rows)} good one(s)): {shown}"
+            + (f"; and {more} more" if more > 0 else "")
+        )
+    lines = [
+        f"imported {result.imported} recipient(s) into list {args.list}: "
+        f"{result.added} added, {result.updated} updated"
+    ]
+    lines += [f"line {e.line}: {e.message}" for e in result.errors]
+    if result.errors:
+        lines.append(f"{len(result.errors)} bad row(s) left out")
+    return Output(import_document(result), "\n".join(lines))
+
+
+def _recipients_list(args: argparse.Namespace, context: Context) -> Output:
+    if not 1 <= args.limit <= MAX_PAGE:
+        raise UsageError(f"--limit must be 1 to {MAX_PAGE}, not {args.limit}")
+    status = None
+    if args.status is not None:
+        try:
+            status = RecipientStatus(args.status)
+        except ValueError:
+            raise UsageError(
+                f"--status: {args.status!r} is not subscribed, unsubscribed or bounced"
+            ) from None
+    store = context.campaign_store().recipients
+    page = store.recipients(args.list, args.after, args.limit, status)
+    counts = store.counts(args.list)
+    next_after = page[-1].id if len(page) == args.limit else None
+    document = {
+        "recipients": [recipient_document(r) for r in page],
+        "counts": {s.value: n for s, n in counts.items()},
+        "next_after": next_after,
+    }
+    lines = [", ".join(f"{n} {s.value}" for s, n in counts.items())]
+    if page:
+        rows = [("ID", "EMAIL", "STATUS", "FIELDS")] + [
+            (
+                str(r.id),
+                r.email,
+                r.status.value,
+                _one_line(", ".join(f"{k}={v}" for k, v in r.fields.items()))[:60],
+            )
+            for r in page
+        ]
+        lines.append(_table(rows))
+    else:
+        lines.append("no recipients match")
+    if next_after is not None:
+        lines.append(f"more: list on with --after {next_after}")
+    return Output(document, "\n".join(lines))
+
+
+def add_recipient_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{recipients import --list NAME FILE [--valid-only]} and
+    C{recipients list --list NAME}.
+    """
+    group = subparsers.add_parser(
+        "recipients", help="the recipients of lists", description="the recipients of lists"
+    )
+    commands = group.add_subparsers(dest="recipients_command", metavar="COMMAND", required=True)
+    imports = add_command(
+        commands,
+        "import",
+        _recipients_import,
+        "import recipients from a CSV file (a header row with an 'email' column; the other "
+        "columns are merge fields); with bad rows nothing is imported unless --valid-only",
+    )
+    imports.add_argument("--list", required=True, metavar="NAME", help="the list")
+    imports.add_argument("file", metavar="FILE", help="the CSV file, UTF-8 ('-': standard input)")
+    imports.add_argument(
+        "--valid-only", action="store_true", help="import the good rows even if some are bad"
+    )
+    listing = add_command(commands, "list", _recipients_list, "show a list's recipients")
+    listing.add_argument("--list", required=True, metavar="NAME", help="the list")
+    listing.add_argument("--status", metavar="STATUS", help="subscribed, unsubscribed or bounced")
+    listing.add_argument("--after", metavar="ID", type=int, default=0, help="only ids after ID")
+    listing.add_argument(
+        "--limit",
+        metavar="N",
+        type=int,
+        default=100,
+        help=f"at most N (default 100, {MAX_PAGE} most)",
+    )
+
+
+def _campaign_text(campaign: Campaign, now: float) -> str:
+    document = campaign_document(campaign, now)
+    lines = [
+        f"id: {campaign.id}",
+        f"list: {campaign.list}",
+        f"subject: {_one_line(campaign.subject)}",
+        f"sender: {campaign.sender}",
+        f"priority: {int(campaign.priority)}",
+        f"state: {campaign.state.value}",
+    ]
+    if document["paused_reason"]:
+        lines.append(f"paused_reason: {document['paused_reason']}")
+    total = "?" if campaign.total is None else str(campaign.total)
+    lines += [
+        f"send_at: {document['send_at'] or 'now'}",
+        f"progress: {campaign.sent}/{total} sent, {campaign.delivered} delivered, "
+        f"{campaign.bounced} bounced, {campaign.deferred} deferred, {campaign.in_doubt} in doubt",
+        f"rate: {document['rate']}/s",
+        f"eta: {document['eta'] or '-'}",
+        f"created_at: {document['created_at']}",
+        f"started_at: {document['started_at'] or '-'}",
+        f"finished_at: {document['finished_at'] or '-'}",
+    ]
+    return "\n".join(lines)
+
+
+def _campaign_add(args: argparse.Namespace, context: Context) -> Output:
+    text = args.text if args.text_file is None else _read_text(args.text_file, "--text-file")
+    html = args.html if args.html_file is None else _read_text(args.html_file, "--html-file")
+    send_at = None if args.send_at is None else parse_send_at(args.send_at)
+    campaign = context.campaign_store().create(
+        args.list,
+        args.subject,
+        sender=args.sender,
+        text=text,
+        html=html,
+        priority=validate_priority(args.priority),
+        send_at=send_at,
+        created_by="smtpgw-admin",
+    )
+    now = context.clock.seconds()
+    return Output(campaign_document(campaign, now), _campaign_text(campaign, now))
+
+
+def _campaign_list(args: argparse.Namespace, context: Context) -> Output:
+    state = None
+    if args.state is not None:
+        try:
+            state = CampaignState(args.state)
+        except ValueError:
+            names = ", ".join(s.value for s in CampaignState)
+            raise UsageError(f"--state: {args.state!r} is not one of {names}") from None
+    campaigns = context.campaign_store().campaigns(args.list, state, limit=1000)
+    now = context.clock.seconds()
+    documents = [campaign_document(c, now) for c in campaigns]
+    if not documents:
+        return Output({"campaigns": []}, "no console sends")
+    rows = [("ID", "LIST", "STATE", "PRI", "SENT", "SEND AT", "SUBJECT")] + [
+        (
+            str(d["id"]),
+            d["list"],
+            d["state"] + (f" ({d['paused_reason']})" if d["paused_reason"] else ""),
+            str(d["priority"]),
+            f"{d['sent']}/{'?' if d['total'] is None else d['total']}",
+            d["send_at"] or "now",
+            _one_line(d["subject"])[:50],
+        )
+        for d in documents
+    ]
+    return Output({"campaigns": documents}, _table(rows))
+
+
+def _campaign_show(args: argparse.Namespace, context: Context) -> Output:
+    campaign = context.campaign_store().get(args.id)
+    if campaign is None:
+        raise CommandError(f"no console send {args.id}")
+    now = context.clock.seconds()
+    return Output(campaign_document(campaign, now), _campaign_text(campaign, now))
+
+
+def _campaign_change(verb: str) -> Handler:
+    def change(args: argparse.Namespace, context: Context) -> Output:
+        store = context.campaign_store()
+        campaign: Campaign = getattr(store, verb)(args.id)
+        now = context.clock.seconds()
+        return Output(
+            campaign_document(campaign, now),
+            _campaign_text(campaign, now) + "\nnote: a running gateway takes this up within "
+            "a second",
+        )
+
+    return change
+
+
+def add_campaign_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """
+    C{campaign add}, C{list}, C{show ID}, C{pause ID}, C{resume ID},
+    C{cancel ID}: console sends, written to the database; a running gateway
+    takes changes up within a second.
+    """
+    group = subparsers.add_parser(
+        "campaign",
+        help="console sends to a list's recipients",
+        description="Console sends to a list's recipients (the gateway sends them).",
+    )
+    commands = group.add_subparsers(dest="campaign_command", metavar="COMMAND", required=True)
+    add = add_command(commands, "add", _campaign_add, "create a console send, now or at --send-at")
+    add.add_argument("--list", required=True, metavar="NAME", help="the list to send to")
+    add.add_argument("--subject", required=True, metavar="TEXT", help="merge fields: {{name}}")
+    add.add_argument("--sender", required=True, metavar="ADDRESS", help="the From address")
+    text = add.add_mutually_exclusive_group()
+    text.add_argument("--text", metavar="TEXT", help="the text body")
+    text.add_argument("--text-file", metavar="FILE", help="the text body, from a file")
+    html = add.add_mutually_exclusive_group()
+    html.add_argument("--html", metavar="HTML", help="the HTML body")
+    html.add_argument("--html-file", metavar="FILE", help="the HTML body, from a file")
+    add.add_argument("--priority", metavar="N", default="3", help="1 (very high) to 5; default 3")
+    add.add_argument(
+        "--send-at", metavar="TIME", help="ISO 8601, as 2030-01-31T09:00:00Z; default now"
+    )
+    listing = add_command(commands, "list", _campaign_list, "show the console sends, newest first")
+    listing.add_argument("--list", metavar="NAME", help="only those of this list")
+    listing.add_argument(
+        "--state", metavar="STATE", help="scheduled, sending, paused, finished or cancelled"
+    )
+    show = add_command(commands, "show", _campaign_show, "show one console send")
+    show.add_argument("id", metavar="ID", type=int)
+    for verb, help in (
+        ("pause", "pause a console send (its messages in the queue wait too)"),
+        ("resume", "resume a console send an admin paused"),
+        ("cancel", "cancel a console send; no further recipient gets it"),
+    ):
+        command = add_command(commands, verb, _campaign_change(verb), help)
+        command.add_argument("id", metavar="ID", type=int)
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
     add_list_commands,
     add_user_commands,
     add_queue_commands,
     add_admin_commands,
     add_token_commands,
+    add_recipient_commands,
+    add_campaign_commands,
 ]
 """
 The command groups, each a function that adds its parser.

@@ -89,7 +89,7 @@ from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -1335,6 +1335,8 @@ class CampaignRunner(Service):
         self._tick_again = False
         self._busy = 0
         self._idle_waiters: list[Deferred[None]] = []
+        self._doubts_counted: set[str] = set()
+        self._status_lock = DeferredLock()
 
     # Service
 
@@ -1554,7 +1556,9 @@ class CampaignRunner(Service):
             found = parse_queue_id(entry.queue_id)
             if found is not None and found[1] > send.cursor:
                 send.catch_up_to = max(send.catch_up_to, found[1])
-        send.in_doubt = self._queue.redelivered_in(gate)
+        if gate not in self._doubts_counted:
+            self._doubts_counted.add(gate)
+            send.in_doubt = self._queue.redelivered_in(gate)
         if send.in_doubt:
             self._log.warn(
                 "console send {id}: {count} messages were being delivered when the gateway"
@@ -1583,14 +1587,7 @@ class CampaignRunner(Service):
         campaign = await self._store.get(send.campaign.id)
         if campaign is not None and campaign.state is CampaignState.CANCELLED:
             send.campaign = campaign
-            await self._write_status()
-            self._drop(send)
-            for envelope, location in send.held_back.values():
-                self._queue.schedule(envelope, location)
-            send.held_back.clear()
-            self._cancel_queued(send.gate)
-            self._queue.forget_gate(send.gate)
-            self._log.info("console send {id} cancelled", id=send.campaign.id)
+            await self._cancelled(send)
             return
         if not send.finished:
             send.finished = True
@@ -1599,6 +1596,20 @@ class CampaignRunner(Service):
             await self._write_status()
             self._drop(send)
             self._queue.forget_gate(send.gate)
+
+    async def _cancelled(self, send: _Send) -> None:
+        """
+        Drop a send an admin cancelled, with its messages still queued
+        (those being delivered finish).
+        """
+        await self._write_status()
+        self._drop(send)
+        for envelope, location in send.held_back.values():
+            self._queue.schedule(envelope, location)
+        send.held_back.clear()
+        self._cancel_queued(send.gate)
+        self._queue.forget_gate(send.gate)
+        self._log.info("console send {id} cancelled", id=send.campaign.id)
 
     def _drop(self, send: _Send) -> None:
         self._sends.pop(send.campaign.id, None)
@@ -1791,8 +1802,12 @@ class CampaignRunner(Service):
     async def _finish(self, send: _Send) -> None:
         campaign_id = send.campaign.id
         finished = await self._store.finish(campaign_id)
-        send.finished = True
         updated = await self._store.get(campaign_id)
+        if updated is not None and updated.state is CampaignState.CANCELLED:
+            send.campaign = updated
+            await self._cancelled(send)
+            return
+        send.finished = True
         if updated is not None:
             send.campaign = updated
             if finished:
@@ -1836,6 +1851,11 @@ class CampaignRunner(Service):
         d.addBoth(lambda _: self._done())
 
     async def _write_status(self) -> None:
+        # One write at a time: each takes the counts it writes off the
+        # sends once written, and two at once would count them twice.
+        await self._status_lock.run(lambda: Deferred.fromCoroutine(self._write_status_now()))
+
+    async def _write_status_now(self) -> None:
         now = self._clock.seconds()
         updates = []
         taken = []

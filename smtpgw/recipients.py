@@ -263,6 +263,8 @@ def _column_names(header: list[str]) -> list[str]:
     """
     if len(header) > MAX_COLUMNS:
         raise CsvRefused(f"{len(header)} columns, more than the {MAX_COLUMNS} allowed", 1)
+    if not any(_SPACES.sub("_", cell.strip()).lower() == "email" for cell in header):
+        raise CsvRefused("the header row has no 'email' column (a header row is required)", 1)
     names: list[str] = []
     for position, cell in enumerate(header, start=1):
         name = _SPACES.sub("_", cell.strip()).lower()
@@ -279,8 +281,6 @@ def _column_names(header: list[str]) -> list[str]:
         if name in names:
             raise CsvRefused(f"column {position} repeats the column name {name!r}", 1)
         names.append(name)
-    if "email" not in names:
-        raise CsvRefused("the header row has no 'email' column (a header row is required)", 1)
     return names
 
 

@@ -862,7 +862,8 @@ def test_bad_rounds_variable_is_a_usage_error(
 
 def test_command_groups_are_the_extension_point() -> None:
     """
-    The groups are a list later commands append to; admin and token are there.
+    The groups are a list later commands append to; admin, token, recipients
+    and campaign are there.
     """
     assert [group.__name__ for group in COMMAND_GROUPS] == [
         "add_list_commands",
@@ -870,6 +871,8 @@ def test_command_groups_are_the_extension_point() -> None:
         "add_queue_commands",
         "add_admin_commands",
         "add_token_commands",
+        "add_recipient_commands",
+        "add_campaign_commands",
     ]
 
 
