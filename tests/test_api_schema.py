@@ -39,17 +39,27 @@ MAX_EXAMPLES = 10
 WAITING = 6
 #: The whole run may not take longer than this.
 RUN_TIMEOUT = 120.0
-#: The statuses that may answer valid and invalid requests: those the
-#: document gives, stricter than schemathesis' defaults (never a redirect,
-#: a 403, a 422, a 5xx or a rate limit). 413 is documented for every body:
-#: a user's 1000 authorized domains or senders (valid, or one too many)
-#: can be more than the site's body limit.
+#: Every check. The statuses that may answer valid and invalid requests
+#: are those the document gives, stricter than schemathesis' defaults
+#: (never a redirect, a 403, a 422, a 5xx or a rate limit); 413 is
+#: documented for every body: a user's 1000 authorized domains or senders
+#: (valid, or one too many) can be more than the site's body limit. A CSV
+#: body is text whatever schemathesis meant to send: an "invalid" one (an
+#: object, say) goes out as text, and any text is a file the import
+#: answers about, so that one check cannot apply to the import.
 CONFIG = """
+[checks]
+enabled = true
+
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "404", "409", "413"]
 
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "404", "405", "409", "413", "415"]
+
+[[operations]]
+include-operation-id = "recipients_import"
+checks.negative_data_rejection.enabled = false
 """
 
 
@@ -113,8 +123,6 @@ def test_the_api_conforms_to_its_openapi_document(
             f"{gw.admin_url}/api/v1/openapi.json",
             "--header",
             f"Authorization: Bearer {token}",
-            "--checks",
-            "all",
             "--max-examples",
             str(MAX_EXAMPLES),
             "--generation-deterministic",

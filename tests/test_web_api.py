@@ -11,14 +11,18 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
 
+from smtpgw.campaigns import (
+    InlineCampaignStore,
+    SQLiteCampaignStore,
+)
 from smtpgw.control import BadArgument as ControlBadArgument
 from smtpgw.control import NoSuchMessage, NotAllowed, NotDurable, QueueControl
 from smtpgw.database import StoreError, StoreNotRunning, UnusableDatabase
@@ -27,6 +31,7 @@ from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, Priority
 from smtpgw.passwords import verify_password
 from smtpgw.queue import MessageQueue
+from smtpgw.recipients import SQLiteRecipientStore
 from smtpgw.userstore import ListExists, ListNotEmpty, NoSuchList, NoSuchUser
 from smtpgw.validation import MAX_AUTHORIZED_ENTRIES, MAX_NOTES_LENGTH, ValidationError
 from tests.web_support import Browser, Response, WebApp, make_web_app
@@ -84,6 +89,7 @@ EXAMPLE_PARAMETERS = {
     "name": "news",
     "username": "smtp-news-abcdefgh",
     "queue_id": "18B2F1C0A00A1B2C3D400001",
+    "campaign_id": "1",
 }
 
 
@@ -1272,3 +1278,293 @@ def test_stats_today_per_list(web: WebApp, client: Api) -> None:
 
 def test_stats_without_statistics_answer_503(client: Api) -> None:
     assert_error(client.get("/stats"), 503, "statistics are not available")
+
+
+# --- recipients and console sends ----------------------------------------------------
+
+
+class InlineRecipients:
+    """
+    A L{SQLiteRecipientStore} as the app reaches the threaded one: C{run}
+    calls on the caller's thread and answers a fired L{Deferred}.
+    """
+
+    def __init__(self, store: SQLiteRecipientStore) -> None:
+        self.store = store
+
+    def run(self, f: Callable[[SQLiteRecipientStore], Any]) -> Deferred[Any]:
+        return maybeDeferred(f, self.store)
+
+
+class Runner:
+    """
+    Counts the pokes a campaign runner gets.
+    """
+
+    pokes = 0
+
+    def poke(self) -> None:
+        self.pokes += 1
+
+
+@pytest.fixture
+def sends(web: WebApp, tmp_path: Path) -> Iterator[Runner]:
+    """
+    The app with recipients, console sends and a runner, and a list
+    "news" whose SMTP+ user may send from example.com.
+    """
+    store = SQLiteCampaignStore.open(tmp_path / "smtpgw.db", web.clock)
+    web.ctx.campaigns = InlineCampaignStore(store)
+    web.ctx.recipients = InlineRecipients(store.recipients)
+    runner = web.ctx.runner = Runner()
+    web.users.create_list("news")
+    web.users.create_user("news", domains="example.com")
+    yield runner
+    store.close()
+
+
+CSV = b"email,Name\r\nann@example.org,Ann\r\nbob@example.org,Bob\r\n"
+
+
+def import_csv(client: Api, data: bytes, query: str = "") -> Response:
+    return client.post(f"/lists/news/recipients{query}", body=data, content_type="text/csv")
+
+
+def test_recipients_are_imported_from_csv(web: WebApp, client: Api, sends: Runner) -> None:
+    """
+    POST /lists/{name}/recipients with a CSV body adds the recipients and
+    says how many; the same file again updates them.
+    """
+    response = import_csv(client, CSV)
+    assert response.code == 200, response.text
+    result = response.json()
+    assert set(result) == fields_of("ImportResult")
+    assert result == {"imported": 2, "added": 2, "updated": 0, "applied": True, "errors": []}
+    again = import_csv(client, CSV.replace(b"Ann", b"Anna")).json()
+    assert (again["added"], again["updated"], again["applied"]) == (0, 2, True)
+    recipients = web.ctx.recipients.store.recipients("news")
+    assert [(r.email, dict(r.fields)) for r in recipients] == [
+        ("ann@example.org", {"name": "Anna"}),
+        ("bob@example.org", {"name": "Bob"}),
+    ]
+
+
+def test_bad_rows_are_reported_by_line_and_change_nothing_unless_asked(
+    web: WebApp, client: Api, sends: Runner
+) -> None:
+    """
+    A file with bad rows imports nothing and lists them by line; with
+    C{valid_only=true} the good rows are imported and the bad ones listed.
+    """
+    data = b"email,name\r\nann@example.org,Ann\r\nnot-an-address,X\r\nann@example.org,Again\r\n"
+    result = import_csv(client, data).json()
+    assert (result["applied"], result["imported"]) == (False, 0)
+    assert [e["line"] for e in result["errors"]] == [3, 4]
+    assert "not-an-address" in result["errors"][0]["error"]
+    result = import_csv(client, data, "?valid_only=true").json()
+    assert (result["applied"], result["imported"], len(result["errors"])) == (True, 1, 2)
+    assert import_csv(client, data, "?valid_only=false").json()["applied"] is False
+
+
+def test_a_file_refused_whole_says_why(client: Api, sends: Runner) -> None:
+    """
+    A file that cannot be imported at all (no email column, not UTF-8,
+    not even CSV) answers the same document, with the reason.
+    """
+    for data, line, message in [
+        (b"name\r\nAnn\r\n", 1, "no 'email' column"),
+        (b"email\r\n\xff@example.org\r\n", 2, "not valid UTF-8"),
+        (b"", None, "the file is empty"),
+        (b"\x00\x01", 1, "no 'email' column"),
+    ]:
+        result = import_csv(client, data).json()
+        assert (result["applied"], result["imported"]) == (False, 0)
+        (error,) = result["errors"]
+        assert error["line"] == line, result
+        assert message in error["error"]
+        assert not error["error"].startswith("line")
+
+
+def test_recipient_import_errors(web: WebApp, client: Api, sends: Runner) -> None:
+    """
+    Not CSV is 415; a bad C{valid_only} 400; an unknown list 404; without
+    a recipients store 503.
+    """
+    assert_error(
+        client.post("/lists/news/recipients", body=CSV, content_type="application/json"),
+        415,
+        "Content-Type: text/csv",
+    )
+    assert_error(client.post("/lists/news/recipients", body=CSV, content_type=None), 415, "as CSV")
+    assert_error(import_csv(client, CSV, "?valid_only=yes"), 400, "valid_only: 'yes'")
+    assert_error(
+        client.post("/lists/nope/recipients", body=CSV, content_type="text/csv"),
+        404,
+        "no list named 'nope'",
+    )
+    web.ctx.recipients = None
+    assert_error(import_csv(client, CSV), 503, "recipients are not available")
+
+
+SEND = {
+    "list": "news",
+    "subject": "Spring news",
+    "sender": "News@Example.com",
+    "text": "Hello {{name}}",
+}
+
+
+def test_a_console_send_is_created_shown_and_listed(
+    web: WebApp, client: Api, sends: Runner
+) -> None:
+    """
+    POST /campaigns creates a scheduled send (201, with where it is) and
+    pokes the runner; GET shows it with the fields of section 5.
+    """
+    response = client.post("/campaigns", {**SEND, "priority": 2, "html": "<p>Hi</p>"})
+    assert response.code == 201, response.text
+    created = response.json()
+    assert set(created) == fields_of("Campaign")
+    assert response.header("location") == f"/api/v1/campaigns/{created['id']}"
+    assert sends.pokes == 1
+    assert {k: created[k] for k in ("list", "subject", "sender", "text", "html", "priority")} == {
+        "list": "news",
+        "subject": "Spring news",
+        "sender": "news@example.com",
+        "text": "Hello {{name}}",
+        "html": "<p>Hi</p>",
+        "priority": 2,
+    }
+    assert (created["state"], created["paused_reason"], created["sent"]) == ("scheduled", None, 0)
+    assert (created["send_at"], created["eta"], created["created_by"]) == (None, None, "token:t")
+    assert client.ok("GET", f"/campaigns/{created['id']}") == created
+    listing = client.ok("GET", "/campaigns")
+    assert set(listing) == fields_of("Campaigns")
+    assert listing == {"campaigns": [created], "next_before": None}
+
+
+def test_console_send_defaults_and_schedule(client: Api, sends: Runner) -> None:
+    """
+    The priority is 3 unless given; C{send_at} is kept; a time before 1970
+    is as any past time.
+    """
+    created = client.ok(
+        "POST", "/campaigns", {**SEND, "send_at": "2030-01-31T09:00:00+01:00"}, 201
+    )
+    assert (created["priority"], created["send_at"]) == (3, "2030-01-31T08:00:00Z")
+    early = client.ok("POST", "/campaigns", {**SEND, "send_at": "1960-01-01T00:00:00Z"}, 201)
+    assert early["send_at"] == "1970-01-01T00:00:00Z"
+    now = client.ok("POST", "/campaigns", {**SEND, "send_at": None}, 201)
+    assert now["send_at"] is None
+
+
+def test_console_sends_are_paused_resumed_and_cancelled(client: Api, sends: Runner) -> None:
+    """
+    Pause, resume and cancel answer the send after the change; a change
+    its state does not allow is 409.
+    """
+    number = client.ok("POST", "/campaigns", SEND, 201)["id"]
+    paused = client.ok("POST", f"/campaigns/{number}/pause")
+    assert (paused["state"], paused["paused_reason"]) == ("paused", "paused by an admin")
+    resumed = client.ok("POST", f"/campaigns/{number}/resume")
+    assert (resumed["state"], resumed["paused_reason"]) == ("scheduled", None)
+    assert_error(client.post(f"/campaigns/{number}/resume"), 409, "not paused by an admin")
+    assert client.ok("POST", f"/campaigns/{number}/cancel")["state"] == "cancelled"
+    assert_error(client.post(f"/campaigns/{number}/pause"), 409, "it is cancelled")
+    assert_error(client.post(f"/campaigns/{number}/cancel"), 409, "it is cancelled")
+    assert sends.pokes == 4
+
+
+def test_console_send_lookup_errors(web: WebApp, client: Api, sends: Runner) -> None:
+    """
+    An unknown, malformed or out-of-range id is 404; without a campaign
+    store every route is 503.
+    """
+    for number in ("7", "0", "abc", "-1", "9" * 19, "9" * 30):
+        assert_error(client.get(f"/campaigns/{number}"), 404, "no console send")
+        assert_error(client.post(f"/campaigns/{number}/cancel"), 404, "no console send")
+    web.ctx.campaigns = None
+    assert_error(client.get("/campaigns"), 503, "console sends are not available")
+    assert_error(client.post("/campaigns", SEND), 503, "console sends are not available")
+
+
+def test_console_sends_are_filtered_and_paged(web: WebApp, client: Api, sends: Runner) -> None:
+    """
+    GET /campaigns filters by list and state, newest first, in pages.
+    """
+    web.users.create_list("other")
+    web.users.create_user("other", domains="example.com")
+    ids = [
+        client.ok("POST", "/campaigns", {**SEND, "list": name}, 201)["id"]
+        for name in ("news", "other", "news")
+    ]
+    client.ok("POST", f"/campaigns/{ids[0]}/cancel")
+    assert [c["id"] for c in client.ok("GET", "/campaigns?list=news")["campaigns"]] == [
+        ids[2],
+        ids[0],
+    ]
+    cancelled = client.ok("GET", "/campaigns?state=cancelled")["campaigns"]
+    assert [c["id"] for c in cancelled] == [ids[0]]
+    page = client.ok("GET", "/campaigns?limit=2")
+    assert [c["id"] for c in page["campaigns"]] == [ids[2], ids[1]]
+    assert page["next_before"] == ids[1]
+    rest = client.ok("GET", f"/campaigns?limit=2&before={ids[1]}")
+    assert ([c["id"] for c in rest["campaigns"]], rest["next_before"]) == ([ids[0]], None)
+    for query, message in [
+        ("state=done", "state: 'done' is not a state"),
+        ("limit=0", "limit: '0' is not a number from 1 to 1000"),
+        ("limit=1001", "is not a number from 1 to 1000"),
+        ("before=x", "before: 'x' is not a number"),
+        ("list=Bad!", "is not a valid list name"),
+    ]:
+        assert_error(client.get(f"/campaigns?{query}"), 400, message)
+
+
+BAD_SENDS: list[tuple[dict[str, Any], int, str, str | None]] = [
+    ({"sender": "news@elsewhere.example"}, 409, "may not send for list news", "sender"),
+    ({"sender": "news@example"}, 400, "needs at least two labels", "sender"),
+    ({"sender": "bücher@example.com"}, 400, "local part 'bücher' is not valid", "sender"),
+    ({"sender": "a@bücher.example"}, 400, "is not an address local@domain in ASCII", "sender"),
+    ({"subject": ""}, 400, "subject: one line, not blank", "subject"),
+    ({"subject": " \t\u3000"}, 400, "subject: one line, not blank", "subject"),
+    ({"subject": "two\nlines"}, 400, "subject: one line", "subject"),
+    ({"subject": "x" * 999}, 400, "999 characters, more than the 998 allowed", "subject"),
+    ({"subject": 5}, 400, "subject: 5 is not text", "subject"),
+    ({"text": ""}, 400, 'text: "" is not text', "text"),
+    ({"text": None}, 400, "text: null is not text", "text"),
+    ({"html": 3}, 400, "html: 3 is not text", "html"),
+    ({"priority": 6}, 400, "6 is not a priority", "priority"),
+    ({"priority": "1"}, 400, 'priority: "1" is not an integer', "priority"),
+    ({"send_at": "tomorrow"}, 400, "send_at: 'tomorrow' is not a time", "send_at"),
+    ({"send_at": "2030-13-01T00:00:00Z"}, 400, "is not a time: use RFC 3339", "send_at"),
+    ({"send_at": "2030-01-01"}, 400, "is not a time", "send_at"),
+    ({"send_at": 1900000000}, 400, "send_at: 1900000000 is not a time", "send_at"),
+    ({"list": "nope"}, 404, "no list named 'nope'", None),
+    ({"list": "Bad!"}, 400, "list: 'Bad!' is not a valid list name", "list"),
+    ({"state": "sending"}, 400, "unknown field(s) 'state'", "state"),
+]
+
+
+def test_console_send_creation_errors(client: Api, sends: Runner) -> None:
+    """
+    Each bad field is refused with its status and a message naming it; a
+    sender the list's SMTP+ users are not authorized for is a conflict
+    with the list's sender policy (409); nothing is created.
+    """
+    for change, status, message, field in BAD_SENDS:
+        assert_error(client.post("/campaigns", {**SEND, **change}), status, message, field)
+    for missing in ("list", "subject", "sender"):
+        document = {k: v for k, v in SEND.items() if k != missing}
+        assert_error(client.post("/campaigns", document), 400, f"{missing}: missing", missing)
+    no_body = {k: v for k, v in SEND.items() if k != "text"}
+    assert_error(client.post("/campaigns", no_body), 400, "a text or an HTML body", "text")
+    assert client.ok("GET", "/campaigns") == {"campaigns": [], "next_before": None}
+    assert sends.pokes == 0
+
+
+def test_a_console_send_at_the_limits(client: Api, sends: Runner) -> None:
+    """
+    A subject of 998 characters is taken (999 is refused, above).
+    """
+    created = client.ok("POST", "/campaigns", {**SEND, "subject": "é" * 998}, 201)
+    assert len(created["subject"]) == 998

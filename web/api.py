@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection, Mapping
+from datetime import datetime
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -32,6 +33,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from smtpgw.alerts import MAX_QUERY_LIMIT, alert_document
+from smtpgw.campaigns import (
+    MAX_BODY_LENGTH,
+    MAX_SUBJECT_LENGTH,
+    CampaignState,
+    CampaignStateError,
+    NoSuchCampaign,
+    campaign_document,
+)
 from smtpgw.control import BadArgument as ControlBadArgument
 from smtpgw.control import ControlError, NoSuchMessage, NotAllowed, NotDurable
 from smtpgw.database import StoreError, StoreNotRunning, UnusableDatabase
@@ -43,6 +52,13 @@ from smtpgw.queueinfo import (
     listing_document,
     status_document,
     why_document,
+)
+from smtpgw.recipients import (
+    CsvRefused,
+    ImportResult,
+    TooManyRecipients,
+    import_document,
+    parse_recipients_csv,
 )
 from smtpgw.userstore import (
     ListExists,
@@ -71,6 +87,8 @@ __all__ = [
     "MAX_USERNAME_LENGTH",
     "QUEUE_ID_PATTERN",
     "SENDER_PATTERN",
+    "SEND_AT_PATTERN",
+    "SUBJECT_PATTERN",
     "ApiApp",
     "ApiError",
     "api_error_for",
@@ -124,7 +142,21 @@ most 254 characters."""
 QUEUE_ID_PATTERN: Final = r"^[0-9A-F]{24}$"
 """A queue id (L{smtpgw.model.QueueIdGenerator}): 24 upper-case hex digits."""
 
+# What Python's str.strip() and ECMAScript's \s both call blank, so that a
+# subject the pattern takes is never blank to the store, nor the reverse.
+_BLANK: Final = "\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+SUBJECT_PATTERN: Final = rf"^[^\r\n]*[^\r\n{_BLANK}][^\r\n]*$"
+"""A console send's subject: one line, not blank."""
+SEND_AT_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+"""A console send's C{send_at}: an RFC 3339 date-time."""
+
 QUEUE_ID: Final = re.compile(QUEUE_ID_PATTERN)
+_SUBJECT: Final = re.compile(SUBJECT_PATTERN)
+_SEND_AT: Final = re.compile(SEND_AT_PATTERN)
+_MAX_ID: Final = 2**63 - 1
 _DOMAIN_ENTRY: Final = re.compile(DOMAIN_PATTERN)
 _SENDER_ENTRY: Final = re.compile(SENDER_PATTERN)
 
@@ -140,9 +172,12 @@ _STATUS_OF: Final[tuple[tuple[type[Exception], int], ...]] = (
     (NoSuchList, 404),
     (NoSuchUser, 404),
     (NoSuchMessage, 404),
+    (NoSuchCampaign, 404),
     (ListExists, 409),
     (ListNotEmpty, 409),
     (NotAllowed, 409),
+    (CampaignStateError, 409),
+    (TooManyRecipients, 409),
     (NotDurable, 503),
     (StoreNotRunning, 503),
     (UnusableDatabase, 503),
@@ -348,7 +383,10 @@ def _exact_entries(
     Check entries as the user store will (its message names the bad one),
     then that each is in the one form the API takes.
     """
-    parse(entries)
+    try:
+        parse(entries)
+    except ValidationError as e:
+        raise ApiError(400, f"{name}: {e.message}", name) from None
     for entry in entries:
         if not pattern.fullmatch(entry):
             raise ApiError(400, f"{name}: {entry[:80]!r} is not {what}", name)
@@ -394,6 +432,118 @@ def _queue_id(text: str, name: str = "queue_id") -> str:
             400, f"{name}: {text[:40]!r} is not a queue id (24 upper-case hex digits)", name
         )
     return text
+
+
+_CAMPAIGN_FIELDS: Final = ("list", "subject", "sender", "text", "html", "priority", "send_at")
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _campaign_fields(document: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The campaign store's arguments for a new console send, each of the
+    right JSON type and in the form the OpenAPI document gives (the store
+    checks the rest, the sender policy included).
+    """
+    _fields(document, _CAMPAIGN_FIELDS, ("list", "subject", "sender"))
+    name = _expect(document, "list", _text, "a list name")
+    try:
+        validate_list_name(name)
+    except ValidationError as e:
+        raise ApiError(400, f"list: {e.message}", "list") from None
+    subject = _expect(document, "subject", _text, "text")
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise ApiError(
+            400,
+            f"subject: {len(subject)} characters, more than the {MAX_SUBJECT_LENGTH} allowed",
+            "subject",
+        )
+    if not _SUBJECT.fullmatch(subject):
+        raise ApiError(400, "subject: one line, not blank", "subject")
+    sender = _expect(document, "sender", _text, "an address")
+    _exact_entries(
+        "sender",
+        [sender],
+        parse_senders,
+        _SENDER_ENTRY,
+        "an address local@domain in ASCII form, without blanks",
+    )
+    fields: dict[str, Any] = {"list": name, "subject": subject, "sender": sender}
+    for body in ("text", "html"):
+        if body in document:
+            value = _expect(document, body, lambda v: isinstance(v, str) and v != "", "text")
+            if len(value) > MAX_BODY_LENGTH:
+                raise ApiError(
+                    400,
+                    f"{body}: {len(value)} characters, more than the {MAX_BODY_LENGTH} allowed",
+                    body,
+                )
+            fields[body] = value
+    if "text" not in fields and "html" not in fields:
+        raise ApiError(400, "text: a text or an HTML body (or both) is required", "text")
+    if "priority" in document:
+        fields["priority"] = validate_priority(
+            _expect(
+                document, "priority", _is_integer, "an integer from 1 (very high) to 5 (very low)"
+            )
+        )
+    if document.get("send_at") is not None:
+        fields["send_at"] = _send_at(_expect(document, "send_at", _text, "a time"))
+    return fields
+
+
+def _send_at(text: str) -> float:
+    """
+    Read C{send_at}; a time before 1970 is as any past time: now.
+    """
+    if _SEND_AT.fullmatch(text):
+        try:
+            return max(0.0, datetime.fromisoformat(text.upper()).timestamp())
+        except (ValueError, OverflowError):
+            pass
+    raise ApiError(
+        400,
+        f"send_at: {text[:40]!r} is not a time: use RFC 3339, as 2030-01-31T09:00:00Z",
+        "send_at",
+    )
+
+
+def _campaign_id(text: str) -> int:
+    if _DIGITS.fullmatch(text) and 1 <= int(text) <= _MAX_ID:
+        return int(text)
+    raise ApiError(404, f"no console send {text[:40]!r}")
+
+
+def _refused_document(refused: CsvRefused) -> dict[str, Any]:
+    message = str(refused)
+    if refused.line is not None:
+        message = message.removeprefix(f"line {refused.line}: ")
+    return {
+        "imported": 0,
+        "added": 0,
+        "updated": 0,
+        "applied": False,
+        "errors": [{"line": refused.line, "error": message}],
+    }
+
+
+def _import(data: bytes, name: str, valid_only: bool) -> Callable[[Any], Any]:
+    """
+    What runs on the recipients store's thread: reading the file takes a
+    while for a large one, so not on the reactor's.
+    """
+
+    def run(store: Any) -> ImportResult | CsvRefused:
+        try:
+            parsed = parse_recipients_csv(data)
+        except CsvRefused as e:
+            return e
+        result: ImportResult = store.import_recipients(name, parsed, valid_only=valid_only)
+        return result
+
+    return run
 
 
 class ApiApp:
@@ -450,6 +600,15 @@ class ApiApp:
         if found is None:
             raise ApiError(404, f"no list named {name!r}")
         return found
+
+    def _campaigns(self) -> Any:
+        if self.ctx.campaigns is None:
+            raise ApiError(503, "console sends are not available in this process")
+        return self.ctx.campaigns
+
+    def _poke_runner(self) -> None:
+        if self.ctx.runner is not None:
+            self.ctx.runner.poke()
 
     async def _user_or_404(self, username: str) -> Any:
         found = await self.ctx.users.get_user(username)
@@ -578,6 +737,120 @@ class ApiApp:
         )
         return dump(request, {"username": username, "password": password})
 
+    # --- recipients -------------------------------------------------------------
+
+    @app.route("/lists/<name>/recipients", methods=["POST"])
+    @api
+    async def recipients_import(self, request: IRequest, token: Any, name: str) -> bytes:
+        raw_type = bytes(request.getHeader(b"content-type") or b"").decode("latin-1")
+        if raw_type.split(";")[0].strip().lower() != "text/csv":
+            raise ApiError(415, "send the recipients as CSV (Content-Type: text/csv)")
+        valid_only = _param(request, "valid_only")
+        if valid_only not in (None, "true", "false"):
+            raise ApiError(
+                400, f"valid_only: {valid_only[:40]!r} is not true or false", "valid_only"
+            )
+        if self.ctx.recipients is None:
+            raise ApiError(503, "recipients are not available in this process")
+        await self._list_or_404(name)
+        data = request.content.read()
+        outcome = await self.ctx.recipients.run(_import(data, name, valid_only == "true"))
+        if isinstance(outcome, CsvRefused):
+            return dump(request, _refused_document(outcome))
+        _log.info(
+            "API token {token} imported {count} recipients into list {name}",
+            token=token.name,
+            count=outcome.imported,
+            name=name,
+        )
+        return dump(request, import_document(outcome))
+
+    # --- console sends ----------------------------------------------------------
+
+    @app.route("/campaigns", methods=["GET"])
+    @api
+    async def campaigns(self, request: IRequest, token: Any) -> bytes:
+        list_name = _list_param(request)
+        state_text = _param(request, "state")
+        states = {state.value: state for state in CampaignState}
+        if state_text is not None and state_text not in states:
+            names = ", ".join(states)
+            raise ApiError(400, f"state: {state_text[:40]!r} is not a state: use {names}", "state")
+        limit = _int_param(request, "limit", 1, 1000, 100)
+        before = _int_param(request, "before", 1, _MAX_ID, None)
+        found = await self._campaigns().campaigns(
+            list_name, None if state_text is None else states[state_text], limit, before
+        )
+        now = self.ctx.clock.seconds()
+        return dump(
+            request,
+            {
+                "campaigns": [campaign_document(campaign, now) for campaign in found],
+                "next_before": found[-1].id if len(found) == limit else None,
+            },
+        )
+
+    @app.route("/campaigns", methods=["POST"])
+    @api
+    async def campaigns_create(self, request: IRequest, token: Any) -> bytes:
+        document = read_json(request)
+        fields = _campaign_fields(document)
+        store = self._campaigns()
+        name = fields.pop("list")
+        await self._list_or_404(name)
+        try:
+            await store.check_sender(name, fields["sender"])
+        except ValidationError as e:
+            # Well formed, but not what the list's SMTP+ users may send as now.
+            raise ApiError(409, f"sender: {e.message}", "sender") from None
+        campaign = await store.create(
+            name, fields.pop("subject"), created_by=f"token:{token.name}", **fields
+        )
+        self._poke_runner()
+        _log.info(
+            "API token {token} created console send {id} for list {name}",
+            token=token.name,
+            id=campaign.id,
+            name=name,
+        )
+        request.setHeader(b"Location", f"/api/v1/campaigns/{campaign.id}".encode())
+        return dump(request, campaign_document(campaign, self.ctx.clock.seconds()), 201)
+
+    @app.route("/campaigns/<campaign_id>", methods=["GET"])
+    @api
+    async def campaigns_show(self, request: IRequest, token: Any, campaign_id: str) -> bytes:
+        number = _campaign_id(campaign_id)
+        campaign = await self._campaigns().get(number)
+        if campaign is None:
+            raise ApiError(404, f"no console send {number}")
+        return dump(request, campaign_document(campaign, self.ctx.clock.seconds()))
+
+    async def _campaign_change(
+        self, request: IRequest, token: Any, verb: str, campaign_id: str
+    ) -> bytes:
+        number = _campaign_id(campaign_id)
+        campaign = await getattr(self._campaigns(), verb)(number)
+        self._poke_runner()
+        _log.info(
+            "API token {token}: {verb} console send {id}", token=token.name, verb=verb, id=number
+        )
+        return dump(request, campaign_document(campaign, self.ctx.clock.seconds()))
+
+    @app.route("/campaigns/<campaign_id>/pause", methods=["POST"])
+    @api
+    async def campaigns_pause(self, request: IRequest, token: Any, campaign_id: str) -> bytes:
+        return await self._campaign_change(request, token, "pause", campaign_id)
+
+    @app.route("/campaigns/<campaign_id>/resume", methods=["POST"])
+    @api
+    async def campaigns_resume(self, request: IRequest, token: Any, campaign_id: str) -> bytes:
+        return await self._campaign_change(request, token, "resume", campaign_id)
+
+    @app.route("/campaigns/<campaign_id>/cancel", methods=["POST"])
+    @api
+    async def campaigns_cancel(self, request: IRequest, token: Any, campaign_id: str) -> bytes:
+        return await self._campaign_change(request, token, "cancel", campaign_id)
+
     # --- alerts -----------------------------------------------------------------
 
     @app.route("/alerts", methods=["GET"])
@@ -591,7 +864,7 @@ class ApiApp:
         if unread not in (None, "true", "false"):
             raise ApiError(400, f"unread: {unread[:40]!r} is not true or false", "unread")
         limit = _int_param(request, "limit", 1, MAX_QUERY_LIMIT, DEFAULT_ALERT_LIMIT)
-        before = _int_param(request, "before", 1, 2**63 - 1, None)
+        before = _int_param(request, "before", 1, _MAX_ID, None)
         found = await self.ctx.alerts.alerts(
             list=list_name, type=kind, unread_only=unread == "true", limit=limit, before=before
         )
@@ -616,7 +889,7 @@ class ApiApp:
             lambda v: (
                 isinstance(v, list)
                 and len(v) <= MAX_QUERY_LIMIT
-                and all(_is_integer(i) and 1 <= i < 2**63 for i in v)
+                and all(_is_integer(i) and 1 <= i <= _MAX_ID for i in v)
             ),
             f"an array of at most {MAX_QUERY_LIMIT} alert ids",
         )
