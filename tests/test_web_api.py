@@ -40,7 +40,9 @@ from web.api import (
     LIST_NAME_PATTERN,
     MAX_JSON_BYTES,
     QUEUE_ID_PATTERN,
+    SEND_AT_PATTERN,
     SENDER_PATTERN,
+    SUBJECT_PATTERN,
     ApiApp,
     api_error_for,
 )
@@ -318,6 +320,38 @@ def test_the_documents_patterns_are_the_ones_the_api_checks() -> None:
     assert schemas["UserChange"]["properties"]["list"]["pattern"] == LIST_NAME_PATTERN
     why = OPENAPI["paths"]["/queue/{queue_id}/why"]["parameters"][0]
     assert why["schema"]["pattern"] == QUEUE_ID_PATTERN
+    send = schemas["CampaignCreate"]["properties"]
+    assert send["subject"]["pattern"] == SUBJECT_PATTERN
+    assert send["send_at"]["pattern"] == SEND_AT_PATTERN
+    assert send["sender"]["pattern"] == SENDER_PATTERN
+
+
+def test_subject_and_send_at_patterns() -> None:
+    """
+    A subject is one line that Python and ECMAScript agree is not blank;
+    C{send_at} is an RFC 3339 date-time.
+    """
+    for subject, ok in [
+        ("Spring news", True),
+        (" x ", True),
+        ("Новости", True),
+        ("", False),
+        (" \t", False),
+        ("\u3000\ufeff", False),
+        ("\x1c", False),
+        ("a\nb", False),
+        ("a\r", False),
+    ]:
+        assert bool(re.fullmatch(SUBJECT_PATTERN, subject)) is ok, subject
+    for send_at, ok in [
+        ("2030-01-31T09:00:00Z", True),
+        ("2030-01-31t09:00:00.123456789+01:00", True),
+        ("2030-01-31T09:00:00", False),
+        ("2030-01-31 09:00:00Z", False),
+        ("2030-01-31", False),
+        ("1900000000", False),
+    ]:
+        assert bool(re.fullmatch(SEND_AT_PATTERN, send_at)) is ok, send_at
 
 
 PATTERN_CASES = [
@@ -1456,6 +1490,8 @@ def test_console_send_defaults_and_schedule(client: Api, sends: Runner) -> None:
     assert early["send_at"] == "1970-01-01T00:00:00Z"
     now = client.ok("POST", "/campaigns", {**SEND, "send_at": None}, 201)
     assert now["send_at"] is None
+    precise = {**SEND, "send_at": "2030-01-31t09:00:00.123456789z"}
+    assert client.ok("POST", "/campaigns", precise, 201)["send_at"] == "2030-01-31T09:00:00Z"
 
 
 def test_console_sends_are_paused_resumed_and_cancelled(client: Api, sends: Runner) -> None:
