@@ -56,6 +56,9 @@ class AdminApp(
 
     @pages.handle_errors(NotFound)
     async def _not_found(self, request: IRequest, failure: Any) -> bytes:
+        # A path the API's branch did not take (a segment with a newline).
+        if bytes(request.path).startswith(b"/api/"):
+            return json_error(request, 404, "no such API route")
         visitor = await self.auth.visitor(request)
         return await self.refuse(request, visitor, 404, "There is no such page.")
 
