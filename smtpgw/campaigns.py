@@ -178,6 +178,8 @@ DEFAULT_POOL_SIZE: Final = 2
 """Threads of L{ThreadedCampaignStore}."""
 
 _CATCH_UP_BATCH: Final = 64
+# An unsubscribe link must fit in a header line with room to spare.
+_MAX_BASE_URL: Final = 500
 _QUEUE_ID: Final = re.compile(r"C(\d{1,18})R(\d{1,19})")
 _GATE: Final = re.compile(r"campaign-(\d{1,18})")
 _MERGE_FIELD: Final = re.compile(r"\{\{\s*([\w.-]+)\s*\}\}")
@@ -1307,6 +1309,7 @@ class CampaignRunner(Service):
             parts.scheme not in ("http", "https")
             or not parts.netloc
             or not base_url.isascii()
+            or len(base_url) > _MAX_BASE_URL
             or re.search(r"[\s\"'<>]", base_url)
         ):
             raise ValueError(f"base_url must be an absolute http(s) URL, not {base_url!r}")

@@ -1021,7 +1021,9 @@ def test_runner_refuses_bad_wiring(store: SQLiteCampaignStore, clock: Clock) -> 
     with pytest.raises(ValueError, match="gate_of=campaign_gate"):
         CampaignRunner(backend, plain, clock, hostname=HOST, base_url=BASE_URL)
     gated = MessageQueue(MemoryJournal(), FakeRelay(clock), clock, gate_of=campaign_gate)
-    for bad in ("", "/relative", "ftp://x", "https://exämple.org", 'https://x.org/"'):
+    long = "https://x.org/" + "a" * 487
+    CampaignRunner(backend, gated, clock, hostname=HOST, base_url=long[:-1])
+    for bad in ("", "/relative", "ftp://x", "https://exämple.org", 'https://x.org/"', long):
         with pytest.raises(ValueError, match="base_url"):
             CampaignRunner(backend, gated, clock, hostname=HOST, base_url=bad)
     with pytest.raises(ValueError, match="window"):
