@@ -1138,3 +1138,48 @@ async def test_threaded_store_answers_with_deferreds(db: Path) -> None:
             await threaded.create("news", "", sender=SENDER, text="x")
     finally:
         threaded.stopService()
+
+
+@async_test
+async def test_on_the_reactor_with_the_file_journal_and_threaded_store(db: Path) -> None:
+    """
+    The runner on the real reactor, with the file journal (group commits
+    on its thread) and the threaded store: everyone gets the send once,
+    and stopping in order leaves nothing behind.
+    """
+    from twisted.internet.task import deferLater
+
+    from smtpgw.journal import FileJournal
+
+    reactor = _reactor()
+    with SQLiteCampaignStore.open(db, reactor) as sync_store:
+        add_recipients(sync_store, 200)
+    threaded = ThreadedCampaignStore(db, reactor=reactor, clock=reactor)
+    relay = FakeRelay(cast(Clock, reactor))
+    journal_dir = db.parent / "journal"
+    queue = MessageQueue(FileJournal(journal_dir, reactor), relay, reactor, gate_of=campaign_gate)
+    runner = CampaignRunner(
+        threaded, queue, reactor, hostname=HOST, base_url=BASE_URL, window=32, poll_interval=0.1
+    )
+    threaded.startService()
+    queue.startService()
+    runner.startService()
+    try:
+        campaign = await threaded.create("news", "Hi", sender=SENDER, text="Hello {{name}}")
+        runner.poke()
+        for _ in range(300):
+            found = await threaded.get(campaign.id)
+            if found is not None and found.state is CampaignState.FINISHED:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        got = relay.recipients_of(campaign.id)
+        assert len(got) == len(set(got)) == 200
+    finally:
+        await runner.stopService()
+        await queue.stopService()
+        threaded.stopService()
+    done = FileJournal(journal_dir, reactor)
+    try:
+        assert [m for m in done.replay() if parse_queue_id(m.envelope.queue_id)] == []
+    finally:
+        await done.stop()
