@@ -371,6 +371,12 @@ class ListPages(PageBase):
                     class_="button",
                 ),
                 tags.a(
+                    "Recipients",
+                    href=_path("lists", name, "recipients"),
+                    id="recipients-link",
+                    class_="button secondary",
+                ),
+                tags.a(
                     "Delete list",
                     href=_path("lists", name, "delete"),
                     id="delete-list",
