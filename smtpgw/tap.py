@@ -141,6 +141,12 @@ class Options(usage.Options):
             "Where the admin pages and API listen (a Twisted endpoint; 'none': off).",
         ],
         [
+            "preemption-grace",
+            None,
+            "1.0",
+            "Seconds console sends stay paused after the last higher-priority message.",
+        ],
+        [
             "public-url",
             None,
             None,
@@ -200,6 +206,12 @@ class Options(usage.Options):
             self["admin"] = None
         if self["public-url"] is None:
             self["public-url"] = _default_public_url(self["admin"], self["hostname"])
+        try:
+            self["preemption-grace"] = float(self["preemption-grace"])
+        except ValueError:
+            raise usage.UsageError("--preemption-grace must be a number of seconds") from None
+        if not 0 <= self["preemption-grace"] <= 3600:
+            raise usage.UsageError("--preemption-grace must be between 0 and 3600 seconds")
 
     def _limits(self) -> Limits:
         changes: dict[str, Any] = {"max_size": DEFAULT_MAX_SIZE}
@@ -229,7 +241,7 @@ def _default_public_url(admin: str | None, hostname: str) -> str:
     the gateway's name, or nothing when there is no TCP admin port.
     """
     if admin is None or not admin.startswith("tcp:"):
-        return ""
+        return f"http://{hostname}"
     port = admin.split(":")[1]
     return f"http://{hostname}:{port}"
 
@@ -347,6 +359,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     queue lets deliveries under way finish, the journal flushes last.
     """
     from smtpgw.alerts import SQLiteAlertStore
+    from smtpgw.campaigns import CampaignRunner, ThreadedCampaignStore, campaign_gate
     from smtpgw.checker import BcryptPool, SmtpUserChecker
     from smtpgw.control import ControlService, QueueControl
     from smtpgw.database import database_path
@@ -356,6 +369,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from smtpgw.model import QueueIdGenerator
     from smtpgw.queue import MessageQueue
     from smtpgw.realm import GatewayRealm
+    from smtpgw.recipients import ThreadedRecipientStore
     from smtpgw.services import OrderedMultiService
     from smtpgw.session import GatewaySMTPFactory
     from smtpgw.stats import CountingOutbound, CountingQueue, DailyStats
@@ -401,6 +415,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     outbound = _outbound(options, data_dir, reactor)
     outbound.setServiceParent(top)
+    # Before the queue, so the campaign runner (after the queue) finds them
+    # running and they stop after it.
+    campaigns = ThreadedCampaignStore(db, reactor=reactor, clock=reactor)
+    campaigns.setServiceParent(top)
+    recipients = ThreadedRecipientStore(db, reactor=reactor, clock=reactor)
+    recipients.setServiceParent(top)
     queue_ids = QueueIdGenerator()
     queue = MessageQueue(
         journal,
@@ -414,9 +434,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         alerts=alerts,
         hostname=options["hostname"],
         queue_ids=queue_ids,
+        gate_of=campaign_gate,
+        preemption_grace=options["preemption-grace"],
     )
     queue.setServiceParent(top)
     metrics.track_queue(queue)
+    try:
+        runner = CampaignRunner(
+            campaigns,
+            queue,
+            reactor,
+            hostname=options["hostname"],
+            base_url=options["public-url"],
+        )
+    except ValueError as e:
+        raise usage.UsageError(f"--public-url: {e}") from None
+    runner.setServiceParent(top)
     # After the queue, so it stops first; it listens only after twistd has
     # dropped privileges, so the socket belongs to the gateway's user.
     ControlService(QueueControl(queue, journal, reactor), data_dir.path, reactor).setServiceParent(
@@ -445,7 +478,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     listener.setServiceParent(top)
     if options["admin"] is not None:
         _admin_service(
-            options, db, reactor, users, alerts, queue, journal, stats, metrics
+            options,
+            db,
+            reactor,
+            users,
+            alerts,
+            queue,
+            journal,
+            stats,
+            metrics,
+            recipients,
+            campaigns,
+            runner,
         ).setServiceParent(top)
     _SighupService(reactor, tls, install_sighup_reload).setServiceParent(top)
     if owner is not None:
@@ -463,6 +507,9 @@ def _admin_service(
     journal: Any,
     stats: Any,
     metrics: Any,
+    recipients: Any,
+    campaigns: Any,
+    runner: Any,
 ) -> IService:
     """
     The admin accounts, the first admin, and the admin app listening on
@@ -502,6 +549,9 @@ def _admin_service(
         control=QueueControl(queue, journal, reactor),
         stats=stats,
         metrics=metrics,
+        recipients=recipients,
+        campaigns=campaigns,
+        runner=runner,
         health=lambda: {"journal": bool(journal.accepting), "queue": bool(queue.running)},
     )
     web = StreamServerEndpointService(endpoint, admin_site(ctx))
