@@ -342,6 +342,8 @@ def test_the_recipients_page_counts_and_lists_them(sends: Sends, browser: Browse
     assert "name: Ann" in table
     for status in ("subscribed", "unsubscribed", "bounced"):
         assert status in table
+    # With recipients, the import is folded away below the counts.
+    assert tag_with_id(page, "import") == '<details class="card" id="import">'
     form = tag_with_id(page, "import-recipients")
     assert 'action="/lists/news/recipients/import"' in form
     assert 'enctype="multipart/form-data"' in form
@@ -459,6 +461,7 @@ def test_an_import_with_bad_rows_shows_them_by_line_and_imports_nothing(
     assert "duplicate address ann@example.org (first on line 2)" in html.unescape(lines[1][1])
     assert "3 columns, the header has 2" in lines[2][1]
     assert "3 rows have errors: nothing was imported" in by_id(response, "import-summary")
+    assert 'open="open"' in tag_with_id(response, "import")
     button = tag_with_id(response, "import-valid")
     assert 'name="valid_only"' in button
     assert "Import the 2 valid rows" in by_id(response, "import-valid")
@@ -1076,3 +1079,14 @@ def test_without_the_stores_the_pages_say_so(tmp_path: Path) -> None:
         assert anonymous.post("/unsubscribe/news~1~" + "A" * 22, {}).code == 503
     finally:
         web.close()
+
+
+def test_the_import_is_open_on_an_empty_list(browser: Browser) -> None:
+    """
+    A list without recipients shows the import form unfolded, and says so.
+    """
+    page = browser.get("/lists/other/recipients")
+    assert page.code == 200
+    assert 'open="open"' in tag_with_id(page, "import")
+    assert by_id(page, "count-subscribed") == "0"
+    assert "Nothing here yet." in by_id(page, "recipients")

@@ -408,19 +408,6 @@ class CampaignPages(PageBase):
                 class_="muted",
             ),
             self._recipients_counts(name, counts, shown),
-            table(
-                ("Email", "Fields", "Status"),
-                (
-                    (
-                        tags.span(r.email, class_="mono"),
-                        _fields(r),
-                        tags.span(r.status.value, class_=_RECIPIENT_BADGES[r.status]),
-                    )
-                    for r in found
-                ),
-                id="recipients",
-            ),
-            self._recipients_pager(name, shown, after, found, more),
             tags.div(class_="actions")(
                 tags.a(
                     "New console send to this list",
@@ -437,7 +424,22 @@ class CampaignPages(PageBase):
                 valid,
                 pasted,
                 echo_dropped=echo_dropped,
+                open_=bool(errors or row_errors) or not any(counts.values()),
             ),
+            tags.h2("Recipients"),
+            table(
+                ("Email", "Fields", "Status"),
+                (
+                    (
+                        tags.span(r.email, class_="mono"),
+                        _fields(r),
+                        tags.span(r.status.value, class_=_RECIPIENT_BADGES[r.status]),
+                    )
+                    for r in found
+                ),
+                id="recipients",
+            ),
+            self._recipients_pager(name, shown, after, found, more),
         )
         return await self.show(
             request, visitor, f"Recipients of {name}", content, active="lists", status=status
@@ -504,6 +506,7 @@ class CampaignPages(PageBase):
         pasted: str,
         *,
         echo_dropped: bool,
+        open_: bool,
     ) -> Tag:
         csv_error = errors.get("csv")
         textarea = tags.textarea(
@@ -543,7 +546,8 @@ class CampaignPages(PageBase):
                 hint=(
                     "The file was too large to show here again: choose it again."
                     if echo_dropped
-                    else "email,name\nann@example.org,Ann"
+                    else "The same as a file: a header row (email,name,...), then one "
+                    "recipient a line (ann@example.org,Ann,...)."
                 ),
             ),
         )
@@ -562,7 +566,14 @@ class CampaignPages(PageBase):
                 )
             )
         form(actions)
-        return tags.div(class_="card")(tags.h2("Import recipients"), form)
+        # Folded away once the list has recipients, so their table comes
+        # first; open while empty or with something to fix.
+        details = tags.details(class_="card", id="import")(
+            tags.summary(tags.strong("Import recipients from CSV")), form
+        )
+        if open_:
+            details(open="open")
+        return details
 
     def _recipients_row_errors(self, row_errors: Sequence[RowError], valid: int) -> Tag:
         items = tags.ul(id="import-errors", class_="errors")
@@ -656,9 +667,13 @@ class CampaignPages(PageBase):
             f"{result.updated} updated (their status kept)."
         )
         if result.errors:
+            skipped = len(result.errors)
             lines = ", ".join(str(e.line) for e in result.errors[:20])
-            more = "…" if len(result.errors) > 20 else ""
-            done += f" Skipped {len(result.errors)} bad rows (lines {lines}{more})."
+            more = "…" if skipped > 20 else ""
+            done += (
+                f" Skipped {skipped} bad {'row' if skipped == 1 else 'rows'} "
+                f"({'line' if skipped == 1 else 'lines'} {lines}{more})."
+            )
         return self.redirect(request, visitor, _path("lists", name, "recipients"), ("good", done))
 
     @staticmethod
