@@ -1,18 +1,19 @@
 """
 A console send made and watched in a real headless Chromium against the
 real gateway (C{twistd -n smtpgw --admin ... --rate 40 --relay capture}),
-as an admin goes about it: a list and its SMTP+ user authorizing
-example.com made in the pages; recipients pasted as CSV (a bad row shown
+as an admin goes about it: a list and its priority-1 SMTP+ user
+authorizing example.com made in the pages; recipients pasted as CSV (a bad row shown
 by its line and nothing imported, then the valid rows imported); a send
 refused for its sender beside the field, then saved at priority 3; its
-progress growing on its page, which reloads itself; paused (with the
-reason), resumed, finished with every recipient delivered once; and an
-unsubscribe link from a delivered message followed without a login.
+progress growing on its page, which reloads itself; paused by the admin
+(with the reason), resumed, paused by itself while priority-1 SMTP+ mail
+goes out (with that reason), finished with every recipient delivered once;
+and an unsubscribe link from a delivered message followed without a login.
 
 Screenshots (see L{tests.browser_support}): the recipients page with the
-bad row, the recipients page after the import, the new-send form with the
-sender refused, the send's page while sending, paused and finished, the
-listing of sends, and the unsubscribe page.
+bad row and after the import, the new-send form with the sender refused,
+the send's page while sending, paused by the admin, paused by priority-1
+traffic and finished, the listing of sends, and the unsubscribe page.
 
 The steps run in order in one test: each needs the one before, and the
 send runs for a few tens of seconds at the gateway's rate.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import smtplib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +37,7 @@ from tests.browser_support import (
     need_browser,
     screenshots_fixture,  # noqa: F401 (a fixture)
 )
-from tests.gateway_process import Gateway, free_port, wait_until
+from tests.gateway_process import Credentials, Gateway, free_port, wait_until
 
 LIST_NAME = "promo"
 RATE = 40
@@ -46,6 +48,12 @@ SENDER = "news@example.com"
 REFUSED_SENDER = "boss@elsewhere.org"
 #: How long the send may take, all told (800 at 40/s is 20 s).
 SEND_SECONDS = 120.0
+#: Priority-1 messages sent over SMTP while the send runs.
+URGENT = 40
+#: How long a send stays paused after the last of them: longer than a
+#: reload of its page, so that the page shows it.
+GRACE = 4
+PREEMPTED = "priority-1 SMTP+ traffic"
 
 
 @pytest.fixture(scope="module", name="browser_gateway")
@@ -59,7 +67,7 @@ def browser_gateway_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     gateway = Gateway(
         data,
         free_port(),
-        extra_args=("--rate", str(RATE)),
+        extra_args=("--rate", str(RATE), "--preemption-grace", str(GRACE)),
         admin_port=free_port(),
     )
     gateway.start()
@@ -102,6 +110,24 @@ def number_of(web: AdminBrowser, css: str) -> int | None:
 
 def wait_text(web: AdminBrowser, css: str, wanted: str, timeout: float = SEND_SECONDS) -> None:
     wait_until(lambda: text_of(web, css) == wanted, timeout, f"{css} to say {wanted!r}")
+
+
+def send_urgent_mail(gateway: Gateway, user: Credentials, count: int) -> None:
+    """
+    Send C{count} messages over SMTP as a priority-1 SMTP+ user would.
+    """
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
+        client.ehlo("browser.test")
+        client.starttls(context=gateway.tls_context())
+        client.ehlo("browser.test")
+        client.login(user.username, user.password)
+        for n in range(count):
+            client.sendmail(
+                "alerts@example.com",
+                [f"oncall{n}@dest.test"],
+                f"From: alerts@example.com\r\nTo: oncall{n}@dest.test\r\n"
+                f"Subject: Urgent {n}\r\n\r\nNow.\r\n",
+            )
 
 
 @define
@@ -147,8 +173,10 @@ def test_a_console_send_made_watched_paused_and_finished_in_the_pages(
     assert web.path() == f"/lists/{LIST_NAME}", web.path()
     web.click_and_load("#add-user")
     web.fill("input[name=authorized_domains]", "example.com")
+    web.choose("select[name=priority]", "1")
     web.submit("#save-user")
     assert web.path().startswith("/users/"), web.path()
+    urgent = Credentials(web.path().rsplit("/", 1)[-1], web.wait_for("#new-password").text)
 
     # Recipients pasted: the bad row is shown by its line, nothing imported.
     web.open(f"/lists/{LIST_NAME}")
@@ -253,19 +281,31 @@ def test_a_console_send_made_watched_paused_and_finished_in_the_pages(
     wait_until(lambda: bool(web.find_all("#campaign-resume")), 10, "the resume button")
     web.submit("#campaign-resume")
     assert web.find(".notice.good").text.startswith(f"Console send #{number} resumed")
+    wait_text(web, "#campaign-state", "sending", 10)
+
+    # Priority-1 SMTP+ mail pauses it by itself, with the reason, until it is sent.
+    send_urgent_mail(gateway, urgent, URGENT)
+    wait_text(web, "#campaign-paused-reason", PREEMPTED, 15)
+    assert text_of(web, "#campaign-state") == "paused"
+    # The runner's pause is not the admin's: there is nothing to resume.
+    assert web.find_all("#campaign-resume") == []
+    web.screenshot("campaign-paused-by-priority-1")
     wait_text(web, "#campaign-state", "finished", SEND_SECONDS)
     assert number_of(web, "#campaign-sent") == RECIPIENTS
     assert web.find("#campaign-status").get_attribute("data-refresh") is None
     assert web.find_all("#campaign-pause") == []
     web.screenshot("campaign-finished")
 
-    # Every recipient got it once, from the sender, with an unsubscribe link.
-    index = gateway.wait_delivered(RECIPIENTS, SEND_SECONDS)
-    recipients = [r for entry in index for r in entry["recipients"]]
+    # Every recipient got it once, from the sender, and the urgent mail went too.
+    index = gateway.wait_delivered(RECIPIENTS + URGENT, SEND_SECONDS)
+    sent = [entry for entry in index if entry["priority"] == 3]
+    recipients = [r for entry in sent for r in entry["recipients"]]
     assert len(recipients) == RECIPIENTS
     assert set(recipients) == {f"reader{n:04d}@example.org" for n in range(RECIPIENTS)}
-    assert {entry["sender"] for entry in index} == {SENDER}
-    assert {entry["priority"] for entry in index} == {3}
+    assert {entry["sender"] for entry in sent} == {SENDER}
+    urgent_sent = [entry for entry in index if entry["priority"] == 1]
+    assert len(urgent_sent) == URGENT
+    assert {entry["username"] for entry in urgent_sent} == {urgent.username}
 
     # Its listing.
     web.open("/campaigns")
