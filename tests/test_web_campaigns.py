@@ -45,6 +45,7 @@ from tests.web_support import BASE, Browser, Inline, Response, make_web_app
 from web.context import WebContext
 from web.pages_campaigns import (
     CAMPAIGNS_PAGE_SIZE,
+    ECHO_LIMIT,
     MAX_ERRORS_SHOWN,
     RECIPIENTS_PAGE_SIZE,
     REFRESH_SECONDS,
@@ -1090,3 +1091,64 @@ def test_the_import_is_open_on_an_empty_list(browser: Browser) -> None:
     assert 'open="open"' in tag_with_id(page, "import")
     assert by_id(page, "count-subscribed") == "0"
     assert "Nothing here yet." in by_id(page, "recipients")
+
+
+def test_a_send_posted_as_multipart_keeps_its_text(sends: Sends, browser: Browser) -> None:
+    """
+    The form is sent as multipart (so a large body is not tripled by
+    percent-encoding): letters beyond ASCII and line breaks arrive as typed.
+    """
+    response = post_multipart(
+        browser,
+        "/campaigns/new",
+        {**SEND, "subject": "Zoë\u2019s news", "text": "Grüße\r\n{{name}}\r\n"},
+        form_page="/campaigns/new",
+    )
+    assert response.code == 303, response.text
+    (campaign,) = sends.campaigns.campaigns()
+    assert campaign.subject == "Zoë\u2019s news"
+    assert campaign.text == "Grüße\n{{name}}\n"
+
+
+def bad_csv_of(size: int) -> bytes:
+    """
+    A CSV of exactly C{size} bytes with one good row and bad ones.
+    """
+    head = b"email\nok@example.org\n"
+    row = b"not-an-address-" + b"x" * 84 + b"\n"
+    rows, left = divmod(size - len(head), len(row))
+    data = head + row * rows
+    if left:
+        data += b"y" * (left - 1) + b"\n"
+    assert len(data) == size
+    return data
+
+
+@pytest.mark.parametrize(("size", "shown"), [(ECHO_LIMIT, True), (ECHO_LIMIT + 1, False)])
+def test_the_rows_are_shown_again_up_to_a_limit(
+    sends: Sends, browser: Browser, size: int, shown: bool
+) -> None:
+    """
+    After an import with bad rows, a file up to L{ECHO_LIMIT} bytes is put
+    back in the text box; a larger one must be chosen again, as the page
+    says.
+    """
+    data = bad_csv_of(size)
+    response = post_multipart(
+        browser,
+        "/lists/news/recipients/import",
+        {"csv": ""},
+        {"file": data},
+        form_page="/lists/news/recipients",
+    )
+    assert response.code == 400
+    assert emails(sends) == []
+    textarea = re.search(r'<textarea name="csv"[^>]*>(.*?)</textarea>', response.text, re.DOTALL)
+    assert textarea
+    echoed = html.unescape(textarea.group(1))
+    if shown:
+        assert echoed == "\n" + data.decode()
+        assert "choose the file again" not in response.text
+    else:
+        assert echoed == "\n"
+        assert "choose the file again" in response.text

@@ -544,7 +544,8 @@ class CampaignPages(PageBase):
                 textarea,
                 error=csv_error,
                 hint=(
-                    "The file was too large to show here again: choose it again."
+                    "The rows could not be shown here again (too large, or not UTF-8): "
+                    "choose the file again."
                     if echo_dropped
                     else "The same as a file: a header row (email,name,...), then one "
                     "recipient a line (ann@example.org,Ann,...)."
