@@ -109,6 +109,9 @@ _RECIPIENT_BADGES: Final[Mapping[RecipientStatus, str]] = {
     RecipientStatus.BOUNCED: "badge bad",
 }
 
+_SEND_FIELDS: Final = frozenset({"subject", "text", "html", "sender", "priority", "send_at"})
+"""The store's fields that the new-send form shows an error beside."""
+
 _OPEN: Final = frozenset({CampaignState.SCHEDULED, CampaignState.SENDING, CampaignState.PAUSED})
 
 _NO_SENDS: Final = (
@@ -282,6 +285,10 @@ def import_job(data: bytes, name: str, valid_only: bool) -> Any:
         return ImportOutcome(len(parsed.rows), result)
 
     return run
+
+
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else word + "s"
 
 
 def _id(text: str) -> int | None:
@@ -558,7 +565,7 @@ class CampaignPages(PageBase):
         if row_errors and valid > 0:
             actions(
                 tags.button(
-                    f"Import the {valid} valid rows",
+                    f"Import the {valid} valid {_plural(valid, 'row')}",
                     type="submit",
                     name="valid_only",
                     value="yes",
@@ -594,7 +601,7 @@ class CampaignPages(PageBase):
         summary = (
             f"{bad} {'row has' if bad == 1 else 'rows have'} errors: nothing was imported. "
             "Fix them below and import again"
-            + (f", or import the {valid} valid rows alone." if valid else ".")
+            + (f", or import the {valid} valid {_plural(valid, 'row')} alone." if valid else ".")
         )
         return tags.div(class_="notice bad", role="alert", id="import-summary")(
             tags.p(summary), items
@@ -628,7 +635,13 @@ class CampaignPages(PageBase):
             return await self._recipients_no_list(request, visitor)
         except TooManyRecipients as e:
             return await self._recipients_page(
-                request, visitor, name, status=409, errors={source: str(e)}, pasted=echo
+                request,
+                visitor,
+                name,
+                status=409,
+                errors={source: str(e)},
+                pasted=echo,
+                echo_dropped=dropped,
             )
         if outcome.refused is not None:
             return await self._recipients_page(
@@ -664,7 +677,8 @@ class CampaignPages(PageBase):
             skipped=len(result.errors),
         )
         done = (
-            f"Imported {result.imported} recipients: {result.added} added, "
+            f"Imported {result.imported} {_plural(result.imported, 'recipient')}: "
+            f"{result.added} added, "
             f"{result.updated} updated (their status kept)."
         )
         if result.errors:
@@ -936,11 +950,7 @@ class CampaignPages(PageBase):
                 form.list, form.subject.strip(), created_by=visitor.admin, **values
             )
         except ValidationError as e:
-            field_name = (
-                e.field
-                if e.field in {"subject", "text", "html", "sender", "priority", "send_at"}
-                else "subject"
-            )
+            field_name = e.field if e.field in _SEND_FIELDS else "subject"
             return await self._campaigns_new_page(
                 request, visitor, form, {field_name: e.message}, status=400
             )
