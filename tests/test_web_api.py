@@ -1604,3 +1604,15 @@ def test_a_console_send_at_the_limits(client: Api, sends: Runner) -> None:
     """
     created = client.ok("POST", "/campaigns", {**SEND, "subject": "é" * 998}, 201)
     assert len(created["subject"]) == 998
+
+
+def test_a_send_with_a_large_html_body_is_taken(web: WebApp, client: Api, sends: Runner) -> None:
+    """
+    A newsletter's HTML over the 64 KiB form limit (here 200 KiB) is
+    accepted on POST /campaigns, whose route takes upload-sized bodies.
+    """
+    html = "<p>" + "x" * 200_000 + "</p>"
+    response = client.post("/campaigns", {**SEND, "html": html})
+    assert response.code == 201, response.text
+    stored = web.ctx.campaigns.store.get(response.json()["id"])
+    assert stored.html == html

@@ -285,7 +285,12 @@ def test_only_upload_routes_take_large_bodies(tmp_path: Path) -> None:
         assert browser.request("POST", "/login", body=b"n" * 100, headers=form).code == 401
         assert browser.request("POST", "/login", body=b"n" * 101, headers=form).code == 413
         upload = {"Content-Type": "text/csv"}
-        for path in ("/api/v1/lists/news/recipients", "/lists/news/recipients/import"):
+        for path in (
+            "/api/v1/lists/news/recipients",
+            "/lists/news/recipients/import",
+            "/campaigns/new",
+            "/api/v1/campaigns",
+        ):
             at_limit = browser.request("POST", path, body=b"e" * 1000, headers=upload)
             assert at_limit.code != 413, path
             over = browser.request("POST", path, body=b"e" * 1001, headers=upload)

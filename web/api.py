@@ -77,6 +77,7 @@ from smtpgw.validation import (
 )
 from web.auth import Auth, api, json_error
 from web.context import WebContext
+from web.security import MAX_BODY_BYTES
 
 __all__ = [
     "DEFAULT_ALERT_LIMIT",
@@ -248,21 +249,22 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def read_json(request: IRequest) -> dict[str, Any]:
+def read_json(request: IRequest, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """
     The request's JSON object body.
 
+    @param limit: the largest body, in bytes.
     @raise ApiError: not JSON (C{415} for another content type, C{400} for
-        a body that does not parse or is not an object), or over
-        L{MAX_JSON_BYTES} (C{413}).
+        a body that does not parse or is not an object), or over C{limit}
+        (C{413}).
     """
     raw_type = bytes(request.getHeader(b"content-type") or b"").decode("latin-1")
     content_type = raw_type.split(";")[0].strip().lower()
     if content_type != "application/json":
         raise ApiError(415, "send a JSON body (Content-Type: application/json)")
-    raw = request.content.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise ApiError(413, f"JSON body over {MAX_JSON_BYTES} bytes")
+    raw = request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, f"JSON body over {limit} bytes")
     try:
         document = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
@@ -793,7 +795,9 @@ class ApiApp:
     @app.route("/campaigns", methods=["POST"])
     @api
     async def campaigns_create(self, request: IRequest, token: Any) -> bytes:
-        document = read_json(request)
+        # A send's HTML may be large: its route takes bodies up to the site's
+        # upload limit (web.security.UPLOAD_PATHS).
+        document = read_json(request, MAX_BODY_BYTES)
         fields = _campaign_fields(document)
         store = self._campaigns()
         name = fields.pop("list")

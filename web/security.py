@@ -26,7 +26,8 @@ __all__ = [
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 """
 The largest request body the admin app reads, on the routes that take an
-upload (a list's recipients as CSV, L{UPLOAD_PATHS}); one byte more is
+upload (a list's recipients as CSV, a console send's bodies:
+L{UPLOAD_PATHS}); one byte more is
 answered C{413} and the connection closed.
 """
 
@@ -37,7 +38,9 @@ the reactor thread before any handler (or login check) runs, so an
 anonymous client must not make it parse megabytes.
 """
 
-UPLOAD_PATHS: Final = re.compile(rb"^/(?:api/v1/)?lists/[^/?#]+/recipients(?:/[a-z]+)?(?:\?|$)")
+UPLOAD_PATHS: Final = re.compile(
+    rb"^/(?:api/v1/)?(?:lists/[^/?#]+/recipients(?:/[a-z]+)?|campaigns(?:/new)?)(?:\?|$)"
+)
 
 CONTENT_SECURITY_POLICY: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
