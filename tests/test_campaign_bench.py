@@ -22,6 +22,7 @@ from bench.campaign_bench import (
     SinkProtocol,
     StateSample,
     covered,
+    inside_bursts,
     merge_intervals,
     overtaken,
     per_second,
@@ -309,3 +310,22 @@ def test_schedule_spaces_singles_through_the_cycle() -> None:
         (4.0, 1, False),
         (6.0, 1, False),
     ]
+
+
+def test_inside_bursts_counts_console_between_a_bursts_arrivals() -> None:
+    """
+    Console arrivals strictly between a burst's first and last delivery
+    count for that burst; singles and one-message bursts are not bursts.
+    """
+    injected = [
+        Injected("a", 0.0, 1.0, True, group=0),
+        Injected("b", 1.0, 1.1, True, group=0),
+        Injected("c", 1.1, 1.2, True, group=0),
+        Injected("d", 4.0, 4.1, False, group=1),
+        Injected("e", 6.0, 6.1, True, group=2),
+        Injected("f", 6.1, 6.2, True, group=2),
+        Injected("g", 8.0, 8.1, True, group=3),
+    ]
+    arrivals = {"a": 1.01, "b": 1.11, "c": 1.21, "d": 4.2, "e": 6.11, "f": 6.21, "g": 8.2}
+    console = [1.05, 1.15, 1.3, 4.15, 6.15, 8.1, 8.3]
+    assert inside_bursts(injected, arrivals, console) == [2, 1]
