@@ -1045,10 +1045,10 @@ def analyse(
         # mail being accepted and sent.
         send["preempted_grace_s"] = round(sum(min(settings.grace, b - a) for a, b in spells), 3)
         send["expected_whole_ratio"] = round(send["not_preempted_s"] / send["span_s"], 4)
-        # After each spell the rate bucket is full again: that many messages
-        # leave at once on top of the rate.
+        # The rate bucket is full at the start and again after each spell:
+        # that many messages leave at once on top of the rate.
         capacity = TokenBucket.for_rate(settings.rate).capacity
-        refills = sum(min(capacity, settings.rate * (b - a)) for a, b in spells)
+        refills = capacity + sum(min(capacity, settings.rate * (b - a)) for a, b in spells)
         send["bucket_capacity"] = capacity
         send["bucket_refills"] = round(refills, 1)
         if send["not_preempted_s"] > 0:
@@ -1147,8 +1147,8 @@ def report(summary: dict[str, Any], say: Any) -> None:
         if "not_preempted_less_refills_per_s" in send:
             say(
                 f"  not pre-empted, less the {send['bucket_refills']:g} messages the rate "
-                f"bucket (capacity {send['bucket_capacity']:g}) let out at once after the "
-                f"spells: {send['not_preempted_less_refills_per_s']:.1f}/s = "
+                f"bucket (capacity {send['bucket_capacity']:g}) let out at once at the start and "
+                f"after each spell: {send['not_preempted_less_refills_per_s']:.1f}/s = "
                 f"{send['not_preempted_less_refills_ratio']:.3f} x rate"
             )
         if "from_creation_per_s" in send:
