@@ -315,7 +315,8 @@ def test_schedule_spaces_singles_through_the_cycle() -> None:
 def test_inside_bursts_counts_console_between_a_bursts_arrivals() -> None:
     """
     Console arrivals strictly between a burst's first and last delivery
-    count for that burst; singles and one-message bursts are not bursts.
+    count for that burst, timed from its first C{250}; singles and
+    one-message bursts are not bursts.
     """
     injected = [
         Injected("a", 0.0, 1.0, True, group=0),
@@ -328,4 +329,5 @@ def test_inside_bursts_counts_console_between_a_bursts_arrivals() -> None:
     ]
     arrivals = {"a": 1.01, "b": 1.11, "c": 1.21, "d": 4.2, "e": 6.11, "f": 6.21, "g": 8.2}
     console = [1.05, 1.15, 1.3, 4.15, 6.15, 8.1, 8.3]
-    assert inside_bursts(injected, arrivals, console) == [2, 1]
+    found = inside_bursts(injected, arrivals, console)
+    assert [[round(ms) for ms in burst] for burst in found] == [[50, 150], [50]]
