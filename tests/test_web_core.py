@@ -447,3 +447,76 @@ def test_cookies_are_secure_behind_an_https_public_url(tmp_path: Path) -> None:
         assert "Secure" in (response.header("set-cookie") or "")
     finally:
         web.close()
+
+
+PUBLIC_PAGES = {
+    "/login": "the login form",
+    "/static/<string:name>": "the stylesheet and script the login page needs",
+    "/healthz": "the health probe (says only ok or failing)",
+    "/unsubscribe/<string:token>": "recipients' unsubscribe links (the signed token authorizes)",
+}
+"""The page routes open to anyone, and why. The API's routes (under
+/api/v1/) check their bearer token: tests/test_web_api.py covers each."""
+
+
+def _example_path(rule: str) -> str:
+    path = rule
+    for variable, value in (
+        ("<string:name>", "style.css"),
+        ("<int:alert_id>", "1"),
+        ("<int:token_id>", "1"),
+        ("<int:campaign_id>", "1"),
+    ):
+        path = path.replace(variable, value)
+    while "<" in path:
+        start = path.index("<")
+        path = path[:start] + "x1" + path[path.index(">") + 1 :]
+    return path
+
+
+def test_every_page_route_refuses_without_a_session(web: WebApp) -> None:
+    """
+    Every route of the pages' table, with every method it takes, refuses a
+    visitor without a session (a GET goes to the login page, anything else
+    is 403), except the few public ones named in PUBLIC_PAGES; /metrics
+    asks for a token.
+    """
+    from web.routes import pages
+
+    browser = web.browser()
+    checked = 0
+    for rule in pages.url_map.iter_rules():
+        if rule.rule in PUBLIC_PAGES or rule.rule.startswith("/api/v1/"):
+            continue
+        path = _example_path(rule.rule)
+        for method in sorted(rule.methods or ()):
+            if method == "OPTIONS":
+                continue
+            response = browser.request(
+                method,
+                path,
+                body=b"csrf=x" if method == "POST" else None,
+                headers={"Content-Type": "application/x-www-form-urlencoded"}
+                if method == "POST"
+                else None,
+            )
+            if rule.rule == "/metrics":
+                assert response.code == 401, (method, path)
+            elif method in ("GET", "HEAD"):
+                assert response.code == 302, (method, path, response.code)
+                assert (response.header("location") or "").startswith("/login?next="), path
+            else:
+                assert response.code == 403, (method, path, response.code)
+            checked += 1
+    assert checked >= 40, f"only {checked} routes checked: is the table empty?"
+
+
+def test_the_public_pages_are_only_those_named(web: WebApp) -> None:
+    """
+    The exemptions above are exactly the routes that exist: a new public
+    route must be added there on purpose.
+    """
+    from web.routes import pages
+
+    rules = {rule.rule for rule in pages.url_map.iter_rules()}
+    assert set(PUBLIC_PAGES) <= rules
