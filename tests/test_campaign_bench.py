@@ -50,8 +50,9 @@ def _replies(transport: StringTransport) -> list[bytes]:
 
 def test_sink_records_a_message_at_its_final_dot() -> None:
     """
-    A message is recorded once, when its final dot arrives, with the
-    envelope recipients and the C{X-Bench-Id} of its header (any case).
+    A message is recorded once, when its final dot arrives, with the time
+    of its C{MAIL}, the envelope recipients and the C{X-Bench-Id} of its
+    header (any case).
     """
     protocol, transport, arrivals, now = _sink()
     protocol.dataReceived(
@@ -62,7 +63,9 @@ def test_sink_records_a_message_at_its_final_dot() -> None:
     assert arrivals == []
     now[0] = 12.5
     protocol.dataReceived(b".\r\nQUIT\r\n")
-    assert arrivals == [Arrival(12.5, "p1-000007", ("r1@example.org", "r2@example.org"))]
+    assert arrivals == [
+        Arrival(12.5, "p1-000007", ("r1@example.org", "r2@example.org"), mail_at=10.0)
+    ]
     assert _replies(transport) == [b"220", b"250", b"250", b"250", b"250", b"354", b"250", b"221"]
     assert transport.disconnecting
 
@@ -79,7 +82,7 @@ def test_sink_header_only_in_the_header() -> None:
     )
     assert arrivals == []
     protocol.dataReceived(b".\r\n")
-    assert arrivals == [Arrival(10.0, None, ("r@example.org",))]
+    assert arrivals == [Arrival(10.0, None, ("r@example.org",), mail_at=10.0)]
 
 
 def test_sink_pipelined_transactions_each_recorded() -> None:
@@ -120,10 +123,11 @@ def test_arrival_line_round_trip(at: float, bench_id: str | None, recipients: li
     """
     What the sink writes reads back the same, to the microsecond.
     """
-    back = Arrival.parse(Arrival(at, bench_id, tuple(recipients)).line())
+    back = Arrival.parse(Arrival(at, bench_id, tuple(recipients), at / 2).line())
     assert back.bench_id == bench_id
     assert back.recipients == tuple(recipients)
     assert back.at == pytest.approx(at, abs=1e-6)
+    assert back.mail_at == pytest.approx(at / 2, abs=1e-6)
 
 
 def test_sink_file_counts_complete_lines_only(tmp_path: Path) -> None:
@@ -135,7 +139,7 @@ def test_sink_file_counts_complete_lines_only(tmp_path: Path) -> None:
     follow = SinkFile(path)
     follow.read()
     assert (follow.console, follow.priority) == (0, 0)
-    path.write_text(Arrival(1.0, None, ("a@x.org",)).line() + "2.000000 p1-1 b@x")
+    path.write_text(Arrival(1.0, None, ("a@x.org",)).line() + "2.000000 1.9 p1-1 b@x")
     follow.read()
     assert (follow.console, follow.priority) == (1, 0)
     with path.open("a") as out:
