@@ -65,7 +65,10 @@ the cursor); C{delivered}, C{bounced} (failed for good) and C{deferred}
 (waiting for a retry) are what the queue reported, written every
 L{DEFAULT_POLL_INTERVAL} (a crash can lose the last second of them).
 A recipient refused for good (C{5xx}) is marked bounced and never sent to
-again.
+again. No bounce report goes to the send's sender (the queue makes none
+for messages behind a gate), and the admins get one C{bounce} alert per
+send and window (L{smtpgw.queue.DEFAULT_GATE_BOUNCE_WINDOW}), naming it
+C{console send <id>} (L{campaign_label}).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ from smtpgw.journal import QueueIdInUse
 from smtpgw.message import make_message_id
 from smtpgw.model import Envelope, MessageState, Priority, SmtpUser
 from smtpgw.policy import check_sender
-from smtpgw.queue import MessageOutcome, MessageQueue, Preemption
+from smtpgw.queue import QUEUE_STOPPED, MessageOutcome, MessageQueue, Preemption
 from smtpgw.queueinfo import iso8601
 from smtpgw.recipients import (
     Recipient,
@@ -113,6 +116,8 @@ from smtpgw.validation import ValidationError, normalize_address, validate_prior
 
 __all__ = [
     "ADMIN_PAUSE_REASON",
+    "CANCELLED_REASON",
+    "CATCHING_UP_REASON",
     "DEFAULT_MAX_DEFERRED",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_RETRY_INTERVAL",
@@ -133,6 +138,7 @@ __all__ = [
     "ThreadedCampaignStore",
     "campaign_document",
     "campaign_gate",
+    "campaign_label",
     "campaign_queue_id",
     "campaign_username",
     "merge",
@@ -172,7 +178,11 @@ RATE_WINDOW: Final = 10.0
 """The current rate of a send is measured over this many seconds."""
 
 ADMIN_PAUSE_REASON: Final = "paused by an admin"
-QUEUE_STOPPED_REASON: Final = "queue stopped"
+QUEUE_STOPPED_REASON: Final = QUEUE_STOPPED
+CATCHING_UP_REASON: Final = "catching up after a restart"
+"""Why a send's gate stays closed at a start until the runner has caught
+its cursor up with the messages the journal gave back."""
+CANCELLED_REASON: Final = "cancelled"
 
 DEFAULT_POOL_SIZE: Final = 2
 """Threads of L{ThreadedCampaignStore}."""
@@ -339,6 +349,13 @@ def campaign_username(campaign_id: int) -> str:
     C{campaign-<id>}; also the name of the send's gate.
     """
     return f"campaign-{campaign_id}"
+
+
+def campaign_label(campaign_id: int) -> str:
+    """
+    A send as "why" and the alerts name it: C{console send <id>}.
+    """
+    return f"console send {campaign_id}"
 
 
 def campaign_gate(envelope: Envelope) -> str | None:
@@ -1538,7 +1555,7 @@ class CampaignRunner(Service):
             # Finished (deferred messages left), or unknown: the mail was
             # accepted, so it goes.
             priority = Priority.NORMAL if campaign is None else campaign.priority
-            self._queue.open_gate(gate, priority)
+            self._queue.open_gate(gate, priority, label=campaign_label(campaign_id))
             if campaign is not None:
                 self._adopt(campaign, finished=True)
 
@@ -1575,12 +1592,15 @@ class CampaignRunner(Service):
         return send
 
     def _apply_gate(self, send: _Send) -> None:
+        label = campaign_label(send.campaign.id)
         if send.finished:
-            self._queue.open_gate(send.gate, send.campaign.priority)
-        elif send.campaign.paused_by_admin or send.catching_up:
-            self._queue.close_gate(send.gate)
+            self._queue.open_gate(send.gate, send.campaign.priority, label=label)
+        elif send.campaign.paused_by_admin:
+            self._queue.close_gate(send.gate, ADMIN_PAUSE_REASON, label=label)
+        elif send.catching_up:
+            self._queue.close_gate(send.gate, CATCHING_UP_REASON, label=label)
         else:
-            self._queue.open_gate(send.gate, send.campaign.priority)
+            self._queue.open_gate(send.gate, send.campaign.priority, label=label)
 
     async def _over(self, send: _Send) -> None:
         """
@@ -1619,7 +1639,7 @@ class CampaignRunner(Service):
         self._by_gate.pop(send.gate, None)
 
     def _cancel_queued(self, gate: str) -> None:
-        self._queue.close_gate(gate)
+        self._queue.close_gate(gate, CANCELLED_REASON)
         for entry in self._queue.gated(gate):
             if entry.state is not MessageState.SENDING:
                 self._queue.cancel(entry.queue_id).addErrback(self._not_cancelled, entry.queue_id)

@@ -18,6 +18,13 @@ recipients still to be tried are journaled with each change, so a restart
 (even after C{kill -9}) tries only those. docs/operations-queue.md describes
 all of it for operators.
 
+A message behind a gate (a console send's, see below) is the exception:
+no report goes to its sender (a marketing send's From address is not where
+bounces are read; the gate's owner hears of them in the outcome and keeps
+them), and its bounces raise one C{bounce} alert per gate and
+C{gate_bounce_window} (L{DEFAULT_GATE_BOUNCE_WINDOW}): the first at once,
+the next ones summed up when the window ends.
+
 The rate is a token bucket on the injected clock: C{rate} tokens a second,
 holding at most C{max(1, rate / 10)} (a tenth of a second's worth), so after
 an idle spell at most that many messages leave at once and the long-run rate
@@ -38,7 +45,8 @@ arrive one after another all go before the gate's next message. A closed
 gate's messages stay queued; none is handed to the outbound relay. What
 keeps an open gate closed is a L{Preemption}; observers
 (L{MessageQueue.add_observer}) hear when it changes, and of every message's
-outcome.
+outcome. L{MessageQueue.gate_hold} says why a gate's messages wait, for
+"why"; the owner names its gate (C{label}) and says why it closed it.
 
 Submitting in two steps (L{MessageQueue.accept}, then
 L{MessageQueue.schedule}) lets a caller record that a message is durable
@@ -81,11 +89,15 @@ from smtpgw.scheduler import ScheduledEntry, Scheduler
 __all__ = [
     "DEFAULT_ALERT_WINDOW",
     "DEFAULT_DELIVERY_ALERT_ATTEMPTS",
+    "DEFAULT_GATE_BOUNCE_WINDOW",
     "DEFAULT_MAX_QUEUE_AGE",
     "DEFAULT_PREEMPTION_GRACE",
     "DEFAULT_STOP_TIMEOUT",
     "DSN_USERNAME",
     "EXPIRED_STATUS",
+    "GATE_CLOSED",
+    "MAX_BOUNCE_EXAMPLES",
+    "QUEUE_STOPPED",
     "RETRY_BASE",
     "RETRY_JITTER",
     "RETRY_MAX",
@@ -118,8 +130,7 @@ DEFAULT_DELIVERY_ALERT_ATTEMPTS = 3
 #: One C{delivery} alert per list and destination domain per this many
 #: seconds; the others are counted and summed up when it ends.
 DEFAULT_ALERT_WINDOW = 3600.0
-#: The most (list, domain) windows watched at once; past it, the oldest is
-#: summed up early.
+#: The user name of the bounces the queue submits (their list is that of
 #: the message they report on).
 DSN_USERNAME = "MAILER-DAEMON"
 #: The status of a recipient that still failed when its message expired
@@ -132,6 +143,18 @@ DEFAULT_STOP_TIMEOUT = 30.0
 #: sends one after another, so a burst goes out whole before the gate's
 #: next message.
 DEFAULT_PREEMPTION_GRACE = 1.0
+#: The bounces of the messages behind one gate (a console send's) raise one
+#: C{bounce} alert per this many seconds: the first at once, the others
+#: counted and summed up in one alert when the window ends.
+DEFAULT_GATE_BOUNCE_WINDOW = 600.0
+#: The recipients (with their reasons) a summed-up bounce alert names as
+#: examples.
+MAX_BOUNCE_EXAMPLES = 5
+#: Why the messages behind a gate wait while an admin has stopped the queue.
+QUEUE_STOPPED = "queue stopped"
+#: Why the messages behind a gate wait when its owner closed it without
+#: saying why, or has not opened it yet (at a start).
+GATE_CLOSED = "not resumed yet"
 
 # Float sums of clock steps may fall a hair short of a whole token.
 _TOKEN_EPSILON = 1e-9
@@ -270,6 +293,29 @@ def recipient_failure(
         remote_mta=remote_mta,
         last_attempt=last_attempt,
     )
+
+
+def _bounce_reasons(outcomes: RecipientOutcomes, failed: Sequence[tuple[str, str]]) -> list[str]:
+    """
+    The reason of each failed recipient as an alert gives it: an expired
+    one's says so, with the last reply.
+    """
+    expired = dict(outcomes.expired)
+    return [
+        f"{EXPIRED_STATUS} delivery time expired (last reply: {why})" if r in expired else why
+        for r, why in failed
+    ]
+
+
+def _duration(seconds: float) -> str:
+    """
+    A span of time in words: C{"10 minutes"}, C{"45 seconds"}.
+    """
+    if seconds >= 120:
+        minutes = round(seconds / 60)
+        return f"{minutes} minutes"
+    whole = round(seconds)
+    return f"{whole} second{'s' if whole != 1 else ''}"
 
 
 def _reason(preemption: Preemption | None) -> str | None:
@@ -479,11 +525,44 @@ class QueueObserver(Protocol):
 class _GateControl:
     """
     An owner's wishes for one gate, and the pre-emption seen last.
+
+    @ivar label: what the gate stands for, in words (C{"console send 7"}).
+    @ivar closed_because: why the owner closed it, if it said.
     """
 
     priority: int
     wanted_open: bool
     preemption: Preemption | None = None
+    label: str | None = None
+    closed_because: str | None = None
+
+
+@define
+class _BounceTally:
+    """
+    The bounces behind one gate since its last C{bounce} alert.
+    """
+
+    label: str
+    opened_at: float
+    recipients: int = 0
+    messages: int = 0
+    examples: list[tuple[str, str]] = field(factory=list)
+    queue_ids: list[str] = field(factory=list)
+    first_at: float | None = None
+    last_at: float | None = None
+
+    def add(self, queue_id: str, failed: Sequence[tuple[str, str]], now: float) -> None:
+        self.recipients += len(failed)
+        self.messages += 1
+        room = MAX_BOUNCE_EXAMPLES - len(self.examples)
+        if room > 0:
+            self.examples.extend(failed[:room])
+        if len(self.queue_ids) < MAX_BOUNCE_EXAMPLES:
+            self.queue_ids.append(queue_id)
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
 
 
 @implementer(IMessageQueue)
@@ -528,6 +607,7 @@ class MessageQueue(Service):
         freeze_after_replay: bool = False,
         gate_of: Callable[[Envelope], str | None] | None = None,
         preemption_grace: float = DEFAULT_PREEMPTION_GRACE,
+        gate_bounce_window: float = DEFAULT_GATE_BOUNCE_WINDOW,
     ) -> None:
         """
         @param journal: where messages are made durable.
@@ -559,9 +639,11 @@ class MessageQueue(Service):
         @param gate_of: names the gate a message is behind, if any (see the
             module's description), for submitted and replayed messages.
         @param preemption_grace: see L{DEFAULT_PREEMPTION_GRACE}.
+        @param gate_bounce_window: see L{DEFAULT_GATE_BOUNCE_WINDOW}; 0
+            raises one alert per bounced message behind a gate.
         @raise ValueError: for a concurrency below 1, a C{max_queue_age}
-            that is not a positive number, a negative grace, or a host name
-            that cannot be written in a bounce.
+            that is not a positive number, a negative grace or bounce
+            window, or a host name that cannot be written in a bounce.
         """
         self._freeze_after_replay = freeze_after_replay
         if concurrency < 1:
@@ -570,6 +652,8 @@ class MessageQueue(Service):
             raise ValueError(f"max_queue_age must be a positive number, not {max_queue_age!r}")
         if not 0 <= preemption_grace < math.inf:
             raise ValueError(f"preemption_grace must be 0 or more, not {preemption_grace!r}")
+        if not 0 <= gate_bounce_window < math.inf:
+            raise ValueError(f"gate_bounce_window must be 0 or more, not {gate_bounce_window!r}")
         _check_hostname(hostname)
         self._journal = journal
         self._outbound = outbound
@@ -586,6 +670,11 @@ class MessageQueue(Service):
         self._queue_ids = queue_ids if queue_ids is not None else QueueIdGenerator()
         self._delivery_alert_attempts = delivery_alert_attempts
         self._delivery_alerts = AlertThrottle(alert_window)
+        self._gate_bounce_window = gate_bounce_window
+        self._gate_bounces = AlertThrottle(gate_bounce_window)
+        # The tally of each (list, gate) window open in _gate_bounces.
+        self._gate_tallies: dict[tuple[str, str], _BounceTally] = {}
+        self._gate_bounce_timer: IDelayedCall | None = None
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         # Only messages some of whose recipients are done have an entry.
         self._progress: dict[str, RecipientProgress] = {}
@@ -794,6 +883,7 @@ class MessageQueue(Service):
 
         def stop_journal(_: None) -> Deferred[None]:
             self._raise_summaries(self._delivery_alerts.flush())
+            self._flush_gate_bounces()
             return self._journal.stop()
 
         return self._drain().addCallback(stop_journal)
@@ -1002,35 +1092,81 @@ class MessageQueue(Service):
         if observer in self._observers:
             self._observers.remove(observer)
 
-    def open_gate(self, gate: str, priority: Priority | int) -> None:
+    def open_gate(self, gate: str, priority: Priority | int, *, label: str | None = None) -> None:
         """
         Let the messages behind C{gate} go, at the turn of C{priority}:
         while messages of a higher priority need the bandwidth (and for the
         grace period after), the queue keeps the gate closed by itself.
+
+        @param label: what the gate stands for, in words (C{"console send
+            7"}), for "why" and alerts (see L{gate_label}); L{None} keeps
+            the one given before.
         """
         control = self._gates.get(gate)
         number = int(Priority(priority))
         if control is None:
-            self._gates[gate] = _GateControl(number, True)
+            self._gates[gate] = _GateControl(number, True, label=label)
         else:
             control.priority = number
             control.wanted_open = True
+            control.closed_because = None
+            if label is not None:
+                control.label = label
         self._dispatch()
 
-    def close_gate(self, gate: str) -> None:
+    def close_gate(
+        self, gate: str, reason: str | None = None, *, label: str | None = None
+    ) -> None:
         """
         Keep the messages behind C{gate} from being sent (those under way
         finish) until L{open_gate}.
+
+        @param reason: why, in words (C{"paused by an admin"}), for
+            L{gate_hold}.
+        @param label: as for L{open_gate}.
         """
         control = self._gates.get(gate)
         if control is None:
-            self._gates[gate] = _GateControl(int(Priority.NORMAL), False)
+            self._gates[gate] = _GateControl(
+                int(Priority.NORMAL), False, label=label, closed_because=reason
+            )
         else:
             control.wanted_open = False
+            control.closed_because = reason
+            if label is not None:
+                control.label = label
             if control.preemption is not None:
                 control.preemption = None
                 self._tell_gate(gate, None)
         self.scheduler.close_gate(gate)
+
+    def gate_label(self, gate: str) -> str:
+        """
+        What C{gate} stands for, in words, as its owner named it; the
+        gate's name when it did not.
+        """
+        control = self._gates.get(gate)
+        if control is None or control.label is None:
+            return gate
+        return control.label
+
+    def gate_hold(self, gate: str) -> str | None:
+        """
+        Why none of the messages behind C{gate} is sent now, in words, or
+        L{None} when they go in their turn. The first that applies of: its
+        owner closed it (with the reason it gave, or L{GATE_CLOSED}); an
+        admin stopped the queue (L{QUEUE_STOPPED}); traffic of a higher
+        priority pre-empts it (the L{Preemption}'s reason).
+        """
+        control = self._gates.get(gate)
+        if control is None or not control.wanted_open:
+            if control is not None and control.closed_because is not None:
+                return control.closed_because
+            return GATE_CLOSED
+        if self._paused:
+            return QUEUE_STOPPED
+        preemption = self._preemption(control.priority, self._clock.seconds())
+        return None if preemption is None else preemption.reason
 
     def forget_gate(self, gate: str) -> None:
         """
@@ -1316,7 +1452,10 @@ class MessageQueue(Service):
         failed = outcomes.failed
         deferred = outcomes.deferred
         dsn: str | None = None
-        if failed:
+        # Behind a gate, the gate's owner hears of the failures (the
+        # outcome) and keeps them: a console send marks its recipients
+        # bounced, and no report goes to its From address.
+        if failed and gate is None:
             reported, dsn = await self._report(original, body, outcomes, now)
             if not reported:
                 # Tried again later, so that the bounce is not lost.
@@ -1368,7 +1507,9 @@ class MessageQueue(Service):
                 self._bounced += 1
             else:
                 self._delivered += 1
-        if failed:
+        if failed and gate is not None:
+            self._gate_bounce_alert(original, gate, outcomes, failed, now)
+        elif failed:
             self._bounce_alert(original, outcomes, failed, dsn, now)
         failed_now = {r for r, _ in failed}
         self._tell(
@@ -1457,10 +1598,7 @@ class MessageQueue(Service):
         now: float,
     ) -> None:
         expired = dict(outcomes.expired)
-        reasons = [
-            f"{EXPIRED_STATUS} delivery time expired (last reply: {why})" if r in expired else why
-            for r, why in failed
-        ]
+        reasons = _bounce_reasons(outcomes, failed)
         count = len(failed)
         self._raise(
             Alert(
@@ -1483,6 +1621,150 @@ class MessageQueue(Service):
                 },
             )
         )
+
+    def _gate_bounce_alert(
+        self,
+        original: Envelope,
+        gate: str,
+        outcomes: RecipientOutcomes,
+        failed: tuple[tuple[str, str], ...],
+        now: float,
+    ) -> None:
+        """
+        Count the failures of a message behind C{gate}: the first of a
+        window raises a C{bounce} alert at once, the others are summed up
+        in one when it ends (see L{DEFAULT_GATE_BOUNCE_WINDOW}).
+        """
+        self._sum_up_gate_bounces(now)
+        failures = tuple(
+            zip((r for r, _ in failed), _bounce_reasons(outcomes, failed), strict=True)
+        )
+        key = (original.list, gate)
+        window = _BounceTally(self.gate_label(gate), now)
+        if self._gate_bounces.admit(key, now, payload=window):
+            self._gate_tallies[key] = window
+            first = _BounceTally(window.label, now)
+            first.add(original.queue_id, failures, now)
+            self._raise(self._first_gate_bounce(original, gate, first, now))
+        else:
+            tally = self._gate_tallies.get(key)
+            if tally is not None:
+                tally.add(original.queue_id, failures, now)
+        # Admitting may have summed up the oldest window early.
+        self._sum_up_gate_bounces(now, reopen=False)
+
+    def _first_gate_bounce(
+        self, original: Envelope, gate: str, tally: _BounceTally, now: float
+    ) -> Alert:
+        recipient, reason = tally.examples[0]
+        what = (
+            f"recipient {recipient} bounced"
+            if tally.recipients == 1
+            else f"{tally.recipients} recipients bounced ({recipient})"
+        )
+        return Alert(
+            type="bounce",
+            message=(
+                f"{tally.label} (list {original.list}): {what}: {reason}"
+                + (
+                    f"; its next bounces are summed up every {_duration(self._gate_bounce_window)}"
+                    if self._gate_bounce_window > 0
+                    else ""
+                )
+            ),
+            created_at=now,
+            list=original.list,
+            details={
+                **self._gate_bounce_details(gate, tally),
+                "username": original.username,
+                "sender": original.sender,
+            },
+        )
+
+    def _gate_bounce_summary(
+        self, list_: str, gate: str, tally: _BounceTally, now: float
+    ) -> Alert:
+        count = tally.recipients
+        return Alert(
+            type="bounce",
+            message=(
+                f"{tally.label} (list {list_}): {count} more recipient"
+                f"{'s' if count != 1 else ''} bounced in the last"
+                f" {_duration(now - tally.opened_at)}"
+            ),
+            created_at=now,
+            list=list_,
+            details=self._gate_bounce_details(gate, tally),
+        )
+
+    def _gate_bounce_details(self, gate: str, tally: _BounceTally) -> dict[str, object]:
+        return {
+            "gate": gate,
+            "count": tally.recipients,
+            "messages": tally.messages,
+            "recipients": [r for r, _ in tally.examples],
+            "reasons": [why for _, why in tally.examples],
+            "queue_ids": list(tally.queue_ids),
+            "first_at": tally.first_at,
+            "last_at": tally.last_at,
+            "window": self._gate_bounce_window,
+        }
+
+    def _sum_up_gate_bounces(self, now: float, *, reopen: bool = True) -> None:
+        """
+        Raise one C{bounce} alert for each window of gate bounces that
+        ended with bounces held back. With C{reopen}, that alert opens the
+        gate's next window, so that a steady stream of bounces gives one
+        alert per window.
+        """
+        for summary in self._gate_bounces.ended(now):
+            tally = summary.payload
+            assert isinstance(tally, _BounceTally)
+            if self._gate_tallies.get(summary.key) is tally:
+                del self._gate_tallies[summary.key]
+            list_, gate = summary.key
+            self._raise(self._gate_bounce_summary(list_, gate, tally, now))
+            if reopen:
+                window = _BounceTally(tally.label, now)
+                if self._gate_bounces.admit(summary.key, now, payload=window):
+                    self._gate_tallies[summary.key] = window
+        # Windows that ended with nothing held back give no summary.
+        over = [k for k, t in self._gate_tallies.items() if self._window_over(t, now)]
+        for key in over:
+            del self._gate_tallies[key]
+        self._arm_gate_bounce_timer(now)
+
+    def _window_over(self, tally: _BounceTally, now: float) -> bool:
+        return now >= tally.opened_at + self._gate_bounce_window
+
+    def _arm_gate_bounce_timer(self, now: float) -> None:
+        next_end = self._gate_bounces.next_end()
+        timer = self._gate_bounce_timer
+        if timer is not None and timer.active():
+            if next_end is not None and timer.getTime() == next_end:
+                return
+            timer.cancel()
+        self._gate_bounce_timer = None
+        if next_end is not None:
+            self._gate_bounce_timer = self._clock.callLater(
+                max(0.0, next_end - now), self._gate_bounce_timer_fired
+            )
+
+    def _gate_bounce_timer_fired(self) -> None:
+        self._gate_bounce_timer = None
+        self._sum_up_gate_bounces(self._clock.seconds())
+
+    def _flush_gate_bounces(self) -> None:
+        timer, self._gate_bounce_timer = self._gate_bounce_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        now = self._clock.seconds()
+        for summary in self._gate_bounces.flush():
+            tally = summary.payload
+            assert isinstance(tally, _BounceTally)
+            list_, gate = summary.key
+            self._raise(self._gate_bounce_summary(list_, gate, tally, now))
+        self._gate_tallies.clear()
 
     def _delivery_alert(
         self,

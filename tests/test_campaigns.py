@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from smtpgw.alerts import MemoryAlertSink
 from smtpgw.campaigns import (
     ADMIN_PAUSE_REASON,
     DEFAULT_WINDOW,
@@ -55,7 +56,7 @@ from smtpgw.database import database_path
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, Priority
-from smtpgw.queue import MessageQueue
+from smtpgw.queue import DEFAULT_GATE_BOUNCE_WINDOW, MessageQueue
 from smtpgw.recipients import (
     Recipient,
     RecipientStatus,
@@ -202,6 +203,7 @@ class Gateway:
             "max_deferred": max_deferred,
         }
         self.backend = backend or InlineCampaignStore(store)
+        self.alerts = MemoryAlertSink()
         self.start()
 
     def start(self) -> None:
@@ -216,6 +218,7 @@ class Gateway:
             hostname=HOST,
             gate_of=campaign_gate,
             preemption_grace=o["grace"],
+            alerts=self.alerts,
         )
         self.runner = CampaignRunner(
             self.backend,
@@ -969,6 +972,40 @@ def test_hard_bounces_mark_recipients_bounced(store: SQLiteCampaignStore, clock:
     run_until(clock, finished(gateway, second.id))
     assert "r2@dest2.example" not in gateway.relay.recipients_of(second.id)
     assert gateway.campaign(second.id).total == 9
+
+
+def test_bounces_of_a_send_mail_no_report_and_raise_one_alert(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    The bounces of a send mail no report (DSN) to its sender; they raise
+    one alert naming the send at once, and one summing up the others when
+    the window ends; its recipients are marked bounced and counted.
+    """
+    add_recipients(store, 14)
+    gateway = Gateway(clock, store)
+    bad = [f"r{i}@dest{i % 7}.example" for i in range(0, 14, 7)] + ["r3@dest3.example"]
+    gateway.relay.plan = dict.fromkeys(bad, "5xx")
+    campaign = create(store)
+    run_until(clock, finished(gateway, campaign.id))
+    advance(clock, 2.0)
+    assert gateway.queue.stats().dsns == 0
+    assert SENDER not in [r for _, r, _ in gateway.relay.log]
+    assert gateway.campaign(campaign.id).bounced == 3
+    for address in bad:
+        recipient = store.recipients.get("news", address)
+        assert recipient is not None
+        assert recipient.status is RecipientStatus.BOUNCED
+    [first] = gateway.alerts.of_type("bounce")
+    assert first.list == "news"
+    assert first.message.startswith(f"console send {campaign.id} (list news): recipient ")
+    assert first.details["gate"] == campaign_username(campaign.id)
+    advance(clock, DEFAULT_GATE_BOUNCE_WINDOW)
+    [_, summary] = gateway.alerts.of_type("bounce")
+    assert summary.message == (
+        f"console send {campaign.id} (list news): 2 more recipients bounced in the last 10 minutes"
+    )
+    assert sorted([first.details["recipients"][0], *summary.details["recipients"]]) == sorted(bad)
 
 
 def test_too_many_deferred_holds_the_send(store: SQLiteCampaignStore, clock: Clock) -> None:

@@ -50,6 +50,7 @@ from smtpgw.queue import (
     DEFAULT_PREEMPTION_GRACE,
     DSN_USERNAME,
     EXPIRED_STATUS,
+    MAX_BOUNCE_EXAMPLES,
     RETRY_BASE,
     RETRY_JITTER,
     RETRY_MAX,
@@ -2178,3 +2179,245 @@ class TestGatesAndPreemption:
             with pytest.raises(ValueError, match="preemption_grace"):
                 make_queue(clock, InstantOutbound(clock), preemption_grace=grace)
         assert DEFAULT_PREEMPTION_GRACE == 1.0
+
+
+def gated_message(
+    recipient: str, gate: str = "g7", list: str = "news", priority: int = 3
+) -> Envelope:
+    """
+    A one-recipient message behind C{gate} (as a console send's), from
+    L{SENDER}.
+    """
+    return Envelope(
+        queue_id=f"M{next(_ids):06d}",
+        list=list,
+        username=gate,
+        sender=SENDER,
+        recipients=(recipient,),
+        priority=Priority(priority),
+        accepted_at=0.0,
+    )
+
+
+def bouncing_gated_queue(
+    clock: Clock, window: float = 600.0
+) -> tuple[MessageQueue, RecipientOutbound, MemoryAlertSink, Recorder]:
+    """
+    A running queue whose gate C{g7} ("console send 7") and C{g8} are open,
+    where every address at C{bad.example} bounces.
+    """
+    outbound = RecipientOutbound(clock)
+    queue, _, alerts = bounce_queue(
+        clock, outbound, gate_of=gate_by_username, gate_bounce_window=window
+    )
+    recorder = Recorder()
+    queue.add_observer(recorder)
+    queue.startService()
+    queue.open_gate("g7", 3, label="console send 7")
+    queue.open_gate("g8", 3, label="console send 8")
+    return queue, outbound, alerts, recorder
+
+
+def bounce_behind(
+    queue: MessageQueue, outbound: RecipientOutbound, n: int, gate: str = "g7"
+) -> list[str]:
+    """
+    Submit C{n} messages behind C{gate}, each to a recipient that bounces.
+    """
+    recipients = []
+    for _ in range(n):
+        recipient = f"r{next(_ids)}@bad.example"
+        outbound.plan[recipient] = ["5xx"]
+        queue.submit(gated_message(recipient, gate), ORIGINAL)
+        recipients.append(recipient)
+    return recipients
+
+
+class TestGatedBounces:
+    def test_a_bounce_behind_a_gate_gets_no_dsn_and_plain_mail_still_does(self) -> None:
+        """
+        A message behind a gate (a console send's) that bounces sends no
+        report to its sender: the gate's owner hears of the recipient in
+        the outcome, and one C{bounce} alert names the gate's label, the
+        list, the recipient and the reason. SMTP+ mail that bounces in the
+        same queue still gets its DSN and its alert per message.
+        """
+        clock = Clock()
+        clock.advance(1000.0)
+        queue, outbound, alerts, recorder = bouncing_gated_queue(clock)
+        [recipient] = bounce_behind(queue, outbound, 1)
+        [gated] = [e for e, _, _ in outbound.calls]
+        assert outbound.others(gated.queue_id) == []
+        assert queue.stats().dsns == 0
+        assert queue.stats().recipients_bounced == 1
+        assert queue.get(gated.queue_id) is None
+        [outcome] = recorder.outcomes
+        assert (outcome.state, outcome.gate, outcome.bounced) == (
+            MessageState.BOUNCED,
+            "g7",
+            (recipient,),
+        )
+        [alert] = alerts.of_type("bounce")
+        assert alert.list == "news"
+        assert alert.message == (
+            f"console send 7 (list news): recipient {recipient} bounced:"
+            f" {reply('5xx', recipient)}; its next bounces are summed up every 10 minutes"
+        )
+        assert alert.details["gate"] == "g7"
+        assert alert.details["count"] == 1
+        assert alert.details["recipients"] == [recipient]
+        assert alert.details["reasons"] == [reply("5xx", recipient)]
+        assert alert.details["queue_ids"] == [gated.queue_id]
+        assert alert.details["sender"] == SENDER
+        assert "dsn_queue_id" not in alert.details
+
+        plain = message((A,))
+        outbound.plan[A] = ["5xx"]
+        queue.submit(plain, ORIGINAL)
+        [(dsn, _)] = outbound.others(plain.queue_id)[1:]
+        assert (dsn.sender, dsn.recipients, dsn.username) == ("", (SENDER,), DSN_USERNAME)
+        assert queue.stats().dsns == 1
+        plain_alert = alerts.of_type("bounce")[-1]
+        assert len(alerts.of_type("bounce")) == 2
+        assert plain_alert.details["queue_id"] == plain.queue_id
+        assert plain_alert.details["dsn_queue_id"] == dsn.queue_id
+
+    def test_an_expired_message_behind_a_gate_gets_no_dsn(self) -> None:
+        """
+        A recipient behind a gate still failing once the message is too old
+        bounces without a report either; the alert gives the expiry.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock)
+        queue, _, alerts = bounce_queue(
+            clock, outbound, gate_of=gate_by_username, max_queue_age=100.0
+        )
+        queue.startService()
+        queue.open_gate("g7", 3, label="console send 7")
+        outbound.plan[A] = ["4xx"]
+        env = gated_message(A)
+        queue.submit(env, ORIGINAL)
+        run_timers(clock, until=200.0)
+        assert queue.get(env.queue_id) is None
+        assert outbound.others(env.queue_id) == []
+        assert queue.stats().dsns == 0
+        [alert] = alerts.of_type("bounce")
+        assert alert.details["reasons"][0].startswith(f"{EXPIRED_STATUS} delivery time expired")
+
+    def test_a_burst_of_bounces_gives_one_alert_per_window(self) -> None:
+        """
+        A burst of bounces behind one gate raises one alert at once; those
+        that follow within the window (up to its very end) are summed up in
+        one alert when it ends, which opens the next window: a bounce just
+        past the end is held for that one. A window without bounces ends
+        quietly, and the next bounce is alerted at once again.
+        """
+        clock = Clock()
+        queue, outbound, alerts, _ = bouncing_gated_queue(clock, window=600.0)
+        first = bounce_behind(queue, outbound, 3)
+        assert len(alerts.of_type("bounce")) == 1
+        run_timers(clock, until=599.999)
+        at_the_edge = bounce_behind(queue, outbound, 1)
+        assert len(alerts.of_type("bounce")) == 1
+        run_timers(clock, until=600.0)
+        [_, summary] = alerts.of_type("bounce")
+        assert summary.created_at == 600.0
+        assert summary.message == (
+            "console send 7 (list news): 3 more recipients bounced in the last 10 minutes"
+        )
+        assert summary.details["count"] == 3
+        assert summary.details["recipients"] == [*first[1:], *at_the_edge]
+        assert summary.details["reasons"] == [reply("5xx", r) for r in first[1:] + at_the_edge]
+        assert (summary.details["first_at"], summary.details["last_at"]) == (0.0, 599.999)
+
+        run_timers(clock, until=600.001)
+        one_past = bounce_behind(queue, outbound, 1)
+        assert len(alerts.of_type("bounce")) == 2
+        run_timers(clock, until=1199.999)
+        assert len(alerts.of_type("bounce")) == 2
+        run_timers(clock, until=1200.0)
+        third = alerts.of_type("bounce")[2]
+        assert third.details["recipients"] == one_past
+        assert third.message.endswith(": 1 more recipient bounced in the last 10 minutes")
+
+        run_timers(clock, until=1800.0)
+        assert len(alerts.of_type("bounce")) == 3
+        assert clock.getDelayedCalls() == []
+        later = bounce_behind(queue, outbound, 1)
+        fourth = alerts.of_type("bounce")[3]
+        assert fourth.created_at == 1800.0
+        assert fourth.details["recipients"] == later
+        assert "bounced: " in fourth.message
+
+    def test_summed_up_alerts_name_a_few_examples(self) -> None:
+        """
+        A window with many bounces sums them up with their count and at
+        most L{MAX_BOUNCE_EXAMPLES} example recipients and reasons.
+        """
+        clock = Clock()
+        queue, outbound, alerts, _ = bouncing_gated_queue(clock)
+        bounce_behind(queue, outbound, 1)
+        held = bounce_behind(queue, outbound, MAX_BOUNCE_EXAMPLES + 1)
+        run_timers(clock, until=600.0)
+        summary = alerts.of_type("bounce")[-1]
+        assert summary.details["count"] == MAX_BOUNCE_EXAMPLES + 1
+        assert summary.details["recipients"] == held[:MAX_BOUNCE_EXAMPLES]
+        assert len(summary.details["reasons"]) == MAX_BOUNCE_EXAMPLES
+
+    def test_each_gate_has_its_own_window(self) -> None:
+        """
+        Bounces behind another gate raise their own alert at once.
+        """
+        clock = Clock()
+        queue, outbound, alerts, _ = bouncing_gated_queue(clock)
+        bounce_behind(queue, outbound, 2, gate="g7")
+        bounce_behind(queue, outbound, 2, gate="g8")
+        labels = [a.message.split(" (")[0] for a in alerts.of_type("bounce")]
+        assert labels == ["console send 7", "console send 8"]
+
+    def test_held_back_gate_bounces_are_summed_up_at_stop(self) -> None:
+        """
+        Stopping the queue sums up the bounces held back in open windows
+        and leaves no timer behind.
+        """
+        clock = Clock()
+        queue, outbound, alerts, _ = bouncing_gated_queue(clock)
+        bounce_behind(queue, outbound, 3)
+        clock.advance(60.0)
+        queue.stopService()
+        summary = alerts.of_type("bounce")[-1]
+        assert len(alerts.of_type("bounce")) == 2
+        assert summary.message.endswith(": 2 more recipients bounced in the last 60 seconds")
+        assert clock.getDelayedCalls() == []
+
+    def test_a_window_of_zero_alerts_every_bounce(self) -> None:
+        """
+        With no window, each bounced message behind a gate raises its
+        alert (still without a report to the sender).
+        """
+        clock = Clock()
+        queue, outbound, alerts, _ = bouncing_gated_queue(clock, window=0.0)
+        bounce_behind(queue, outbound, 3)
+        assert len(alerts.of_type("bounce")) == 3
+        assert "summed up" not in alerts.of_type("bounce")[0].message
+        assert queue.stats().dsns == 0
+        assert clock.getDelayedCalls() == []
+
+    def test_a_gate_without_a_label_is_named_by_its_name(self) -> None:
+        """
+        An owner that gave no label has its gate named as it is.
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock)
+        queue, _, alerts = bounce_queue(clock, outbound, gate_of=gate_by_username)
+        queue.startService()
+        queue.open_gate("g9", 3)
+        bounce_behind(queue, outbound, 1, gate="g9")
+        assert alerts.of_type("bounce")[0].message.startswith("g9 (list news): ")
+        assert queue.gate_label("g9") == "g9"
+
+    def test_bad_bounce_window_is_refused(self) -> None:
+        clock = Clock()
+        for window in (-1.0, math.inf, math.nan):
+            with pytest.raises(ValueError, match="gate_bounce_window"):
+                make_queue(clock, InstantOutbound(clock), gate_bounce_window=window)
