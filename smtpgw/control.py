@@ -41,6 +41,7 @@ from smtpgw.queueinfo import (
     DEFAULT_LIST_LIMIT,
     MAX_LIST_LIMIT,
     Conditions,
+    GateWait,
     MessageChange,
     PageCandidates,
     QueueFilter,
@@ -398,7 +399,25 @@ class QueueControl:
         # The lanes are copied in C and only the message's own is searched:
         # milliseconds for a million ready messages, so no slices.
         order = ReadyOrder.of(self._queue.scheduler, [entry])
-        return explain(entry, order, self._conditions(now))
+        return explain(entry, order, self._conditions(now), self._gate_wait(queue_id, {}))
+
+    def _gate_wait(self, queue_id: str, known: dict[str, GateWait]) -> GateWait | None:
+        """
+        The gate a message is behind, as the queue sees it now, or L{None}.
+
+        @param known: the gates asked about already in this answer.
+        """
+        gate = self._queue.scheduler.gate_of(queue_id)
+        if gate is None:
+            return None
+        wait = known.get(gate)
+        if wait is None:
+            wait = known[gate] = GateWait(
+                label=self._queue.gate_label(gate),
+                hold=self._queue.gate_hold(gate),
+                in_line=self._queue.gate_is_open(gate),
+            )
+        return wait
 
     def _conditions(self, now: float) -> Conditions:
         stats = self._queue.stats()
@@ -459,6 +478,7 @@ class QueueControl:
         order = ReadyOrder.of(snapshot, candidates)
         conditions = self._conditions(now)
         status = self.status()
+        gates: dict[str, GateWait] = {}
         rows: list[QueueRow] = []
         scanned = 0
         while scanned < len(candidates) and len(rows) < limit:
@@ -468,7 +488,7 @@ class QueueControl:
                 scanned += 1
                 if by_user and (envelope is None or not queue_filter.matches_envelope(envelope)):
                     continue
-                why = explain(entry, order, conditions)
+                why = explain(entry, order, conditions, self._gate_wait(entry.queue_id, gates))
                 rows.append(queue_row(entry, envelope, why, subject))
                 if len(rows) == limit:
                     break

@@ -33,6 +33,17 @@ nothing of a higher priority arrives:
       is given (it depends on how long deliveries take);
     - a deferred message is not sent before its next attempt time; a held
       message, or any while the queue is stopped, has no estimate.
+
+Console sends
+=============
+
+A console send's messages wait behind the send's gate (see
+L{smtpgw.queue}). While the gate holds them all (the send paused by an
+admin, pre-empted by higher-priority traffic, the queue stopped), that is
+what a message waits for: L{Throttle.CONSOLE_SEND_PAUSED}, with the reason
+("console send 7 is paused: priority-1 SMTP+ traffic"), and no estimate.
+A message behind a closed gate is not in line (the dispatcher does not see
+it), so it has no position either.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ __all__ = [
     "MAX_SUBJECT_LENGTH",
     "QUEUE_STATES",
     "Conditions",
+    "GateWait",
     "LaneSource",
     "MessageChange",
     "PageCandidates",
@@ -154,6 +166,25 @@ class Throttle(enum.Enum):
     CONCURRENCY = "concurrency"
     RATE = "rate"
     NEXT = "next"
+    CONSOLE_SEND_PAUSED = "console_send_paused"
+
+
+@frozen
+class GateWait:
+    """
+    The gate a message is behind (a console send's), as "why" needs it.
+
+    @ivar label: what the gate stands for (C{"console send 7"}).
+    @ivar hold: why none of its messages goes now (C{"paused by an
+        admin"}, C{"priority-1 SMTP+ traffic"}, C{"queue stopped"}), or
+        L{None} when they go in their turn.
+    @ivar in_line: whether the gate is open to the dispatcher, so that its
+        ready messages have a place in the order.
+    """
+
+    label: str
+    hold: str | None
+    in_line: bool
 
 
 @frozen
@@ -466,16 +497,25 @@ def _ready_throttle(position: int, higher: int, conditions: Conditions) -> tuple
     return Throttle.CONCURRENCY, concurrency_text
 
 
-def explain(entry: ScheduledEntry, order: ReadyOrder, conditions: Conditions) -> Why:
+def explain(
+    entry: ScheduledEntry,
+    order: ReadyOrder,
+    conditions: Conditions,
+    gate: GateWait | None = None,
+) -> Why:
     """
     Why C{entry} waits: its position, the throttle that holds it and an
     estimated send time.
 
     The throttle is the first that applies of: being sent now; held; the
     queue stopped by an admin (for a deferred message, the reason also
-    names its next attempt); deferred until a later time; waiting for
+    names its next attempt); deferred until a later time; the console send
+    it belongs to paused (with C{gate}'s reason, including the queue
+    stopped; no position unless its gate is in line); waiting for
     higher-priority messages; the concurrency limit; the rate limit; and
     otherwise it is next to go.
+
+    @param gate: the gate the message is behind, if any.
     """
     now = conditions.now
     higher = order.higher_than(entry.priority)
@@ -494,6 +534,12 @@ def explain(entry: ScheduledEntry, order: ReadyOrder, conditions: Conditions) ->
             throttle, reason = Throttle.STOPPED, f"queue stopped by an admin; {reason}"
         else:
             estimate = deferred_until
+    elif gate is not None and gate.hold is not None:
+        throttle = Throttle.CONSOLE_SEND_PAUSED
+        reason = f"{gate.label} is paused: {gate.hold}"
+        if gate.in_line:
+            same = order.same_priority_ahead(entry.queue_id, entry.priority, entry.list)
+            position = higher + same
     else:
         same = order.same_priority_ahead(entry.queue_id, entry.priority, entry.list)
         position = higher + same

@@ -52,11 +52,13 @@ from smtpgw.campaigns import (
     parse_send_at,
     render_message,
 )
+from smtpgw.control import QueueControl
 from smtpgw.database import database_path
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.memjournal import MemoryJournal
-from smtpgw.model import Envelope, Priority
+from smtpgw.model import Envelope, MessageState, Priority
 from smtpgw.queue import DEFAULT_GATE_BOUNCE_WINDOW, MessageQueue
+from smtpgw.queueinfo import Throttle, Why
 from smtpgw.recipients import (
     Recipient,
     RecipientStatus,
@@ -796,6 +798,54 @@ def test_admin_pause_resume_and_cancel_while_sending(
     assert gateway.campaign(campaign.id).state is CampaignState.CANCELLED
     got = gateway.relay.recipients_of(campaign.id)
     assert len(got) == len(set(got))
+
+
+def test_why_a_send_message_waits_names_the_send_and_its_pause(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    "Why" for a queued message of a send says what the send's page says:
+    paused by an admin, for priority-1 SMTP+ traffic, or the queue
+    stopped, with no position while its gate is closed; and once the send
+    goes on, it is in line again.
+    """
+    add_recipients(store, 50)
+    gateway = Gateway(clock, store, rate=10, window=8)
+    control = QueueControl(gateway.queue, gateway.journal, clock)
+    campaign = create(store)
+    run_until(clock, lambda: len(gateway.relay.campaign_ids()) >= 5)
+    gate = campaign_username(campaign.id)
+
+    def why_of_queued() -> Why:
+        queued = [e for e in gateway.queue.gated(gate) if e.state is MessageState.QUEUED]
+        assert queued, "no queued message of the send"
+        results: list[Why] = []
+        control.why(queued[-1].queue_id).addCallback(results.append)
+        return results[0]
+
+    assert why_of_queued().throttle is Throttle.RATE
+    store.pause(campaign.id)
+    advance(clock, 1.0)
+    paused = why_of_queued()
+    assert (paused.throttle, paused.reason, paused.position) == (
+        Throttle.CONSOLE_SEND_PAUSED,
+        f"console send {campaign.id} is paused: {ADMIN_PAUSE_REASON}",
+        None,
+    )
+    assert gateway.campaign(campaign.id).paused_reason == ADMIN_PAUSE_REASON
+    store.resume(campaign.id)
+    gateway.runner.poke()
+    advance(clock, 0.05)
+    gateway.submit(priority=1)
+    pre_empted = why_of_queued()
+    assert pre_empted.reason == f"console send {campaign.id} is paused: priority-1 SMTP+ traffic"
+    assert pre_empted.position is None
+    advance(clock, 2.0)
+    gateway.queue.pause()
+    stopped = why_of_queued()
+    assert stopped.reason == f"console send {campaign.id} is paused: {QUEUE_STOPPED_REASON}"
+    gateway.queue.resume()
+    run_until(clock, finished(gateway, campaign.id))
 
 
 def test_queue_stopped_is_shown_and_the_send_goes_on_after(

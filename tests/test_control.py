@@ -27,6 +27,13 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpgw.campaigns import (
+    ADMIN_PAUSE_REASON,
+    campaign_gate,
+    campaign_label,
+    campaign_queue_id,
+    campaign_username,
+)
 from smtpgw.control import (
     MAX_QUEUE_ID_LENGTH,
     BadArgument,
@@ -102,6 +109,7 @@ class Harness:
         rate: float = 0.0,
         concurrency: int = 1,
         journal: MemoryJournal | None = None,
+        gate_of: Callable[[Envelope], str | None] | None = None,
         **control_options: Any,
     ) -> None:
         self.clock = Clock()
@@ -109,7 +117,12 @@ class Harness:
         self.journal = journal or MemoryJournal()
         self.outbound = PendingOutbound()
         self.queue = MessageQueue(
-            self.journal, self.outbound, self.clock, rate=rate, concurrency=concurrency
+            self.journal,
+            self.outbound,
+            self.clock,
+            rate=rate,
+            concurrency=concurrency,
+            gate_of=gate_of,
         )
         self.control = QueueControl(self.queue, self.journal, self.clock, **control_options)
         self.queue.startService()
@@ -136,6 +149,24 @@ class Harness:
 
     def records(self, queue_id: str) -> list[tuple[str, int, float]]:
         return [(s, a, t) for q, s, a, t in self.journal.state_records if q == queue_id]
+
+    def submit_to_send(self, campaign_id: int = 7) -> str:
+        """
+        Submit one message of console send C{campaign_id}, as its runner
+        does (behind the send's gate, when the queue has gates).
+        """
+        queue_id = campaign_queue_id(campaign_id, next(_ids))
+        envelope = Envelope(
+            queue_id=queue_id,
+            list="news",
+            username=campaign_username(campaign_id),
+            sender="news@news.example",
+            recipients=("r@example.org",),
+            priority=Priority.NORMAL,
+            accepted_at=NOW,
+        )
+        result(self.queue.submit(envelope, b"Subject: news\r\n\r\nhello\r\n"))
+        return queue_id
 
 
 def result(d: Deferred[T]) -> T:
@@ -369,6 +400,113 @@ class TestWhy:
         h = Harness()
         with pytest.raises(NoSuchMessage):
             why_of(h, "x" * MAX_QUEUE_ID_LENGTH)
+
+
+class TestWhyConsoleSend:
+    """
+    "Why is it waiting" for a console send's message: what holds it is its
+    send's gate, when that holds all of them.
+    """
+
+    def send_harness(self, **options: Any) -> Harness:
+        h = Harness(gate_of=campaign_gate, **options)
+        h.queue.open_gate(campaign_username(7), Priority.NORMAL, label=campaign_label(7))
+        return h
+
+    def test_pre_empted_by_priority_1_traffic(self) -> None:
+        """
+        While priority-1 SMTP+ mail is being sent, and for the grace period
+        after, the send's message waits for it: it is not in line (no
+        position) and has no estimate. Once the grace is over it goes.
+        """
+        h = self.send_harness(concurrency=2)
+        urgent = h.submit(priority=1)
+        waiting = h.submit_to_send()
+        why = why_of(h, waiting)
+        assert (why.state, why.throttle, why.reason) == (
+            MessageState.QUEUED,
+            Throttle.CONSOLE_SEND_PAUSED,
+            "console send 7 is paused: priority-1 SMTP+ traffic",
+        )
+        assert (why.position, why.estimated_send_at) == (None, None)
+        h.outbound.deliver_now(urgent)
+        h.clock.advance(0.999)
+        assert why_of(h, waiting).throttle is Throttle.CONSOLE_SEND_PAUSED
+        h.clock.advance(0.001)
+        assert why_of(h, waiting).throttle is Throttle.SENDING
+
+    def test_paused_by_an_admin(self) -> None:
+        """
+        A send its owner closed says why, even while the queue is stopped.
+        """
+        h = self.send_harness()
+        h.queue.close_gate(campaign_username(7), ADMIN_PAUSE_REASON)
+        waiting = h.submit_to_send()
+        why = why_of(h, waiting)
+        assert (why.throttle, why.reason, why.position) == (
+            Throttle.CONSOLE_SEND_PAUSED,
+            "console send 7 is paused: paused by an admin",
+            None,
+        )
+        result(h.control.stop())
+        assert why_of(h, waiting).reason == "console send 7 is paused: paused by an admin"
+
+    def test_queue_stopped(self) -> None:
+        """
+        With the queue stopped, an open send's message says its send is
+        paused for that; it keeps its place in line, with no estimate.
+        """
+        h = self.send_harness(concurrency=1)
+        h.submit()
+        result(h.control.stop())
+        waiting = h.submit_to_send()
+        why = why_of(h, waiting)
+        assert (why.throttle, why.reason) == (
+            Throttle.CONSOLE_SEND_PAUSED,
+            "console send 7 is paused: queue stopped",
+        )
+        assert (why.position, why.estimated_send_at) == (0, None)
+        result(h.control.start())
+        assert why_of(h, waiting).throttle is Throttle.CONCURRENCY
+
+    def test_an_open_send_waits_in_line(self) -> None:
+        """
+        When nothing holds the send, its message waits like any other,
+        with its position.
+        """
+        h = self.send_harness(concurrency=1)
+        h.submit()
+        h.submit()
+        waiting = h.submit_to_send()
+        why = why_of(h, waiting)
+        assert (why.throttle, why.position) == (Throttle.CONCURRENCY, 1)
+
+    def test_a_gate_nobody_opened_yet(self) -> None:
+        """
+        At a start, before the runner opened the send's gate, its messages
+        wait for it.
+        """
+        h = Harness(gate_of=campaign_gate)
+        waiting = h.submit_to_send(8)
+        why = why_of(h, waiting)
+        assert (why.throttle, why.reason, why.position) == (
+            Throttle.CONSOLE_SEND_PAUSED,
+            "campaign-8 is paused: not resumed yet",
+            None,
+        )
+
+    def test_the_listing_gives_no_estimate_while_paused(self) -> None:
+        """
+        A listing row of a paused send's message has no estimate; one of
+        an SMTP+ message has.
+        """
+        h = self.send_harness(rate=1.0, concurrency=5)
+        h.submit(priority=1)
+        plain = h.submit(priority=2)
+        waiting = h.submit_to_send()
+        rows = {r.queue_id: r for r in result(h.control.listing()).rows}
+        assert rows[waiting].estimated_send_at is None
+        assert rows[plain].estimated_send_at == NOW
 
 
 class TestChanges:
@@ -1025,6 +1163,21 @@ class TestOverAMP:
         assert why == why_of(h, queue_id)
         assert why.throttle is Throttle.HIGHER_PRIORITY
         assert why.position == 1
+
+    @async_test
+    async def test_why_of_a_paused_console_send(self, data_dir: Path) -> None:
+        """
+        A console send's message, paused, says so over the socket too.
+        """
+        h = Harness(gate_of=campaign_gate)
+        h.queue.close_gate(campaign_username(7), ADMIN_PAUSE_REASON, label=campaign_label(7))
+        queue_id = h.submit_to_send()
+        async with served(h, data_dir) as (_, client):
+            why = await off_thread(client.why, queue_id)
+        assert why == why_of(h, queue_id)
+        assert why.throttle is Throttle.CONSOLE_SEND_PAUSED
+        assert why.reason == "console send 7 is paused: paused by an admin"
+        assert why.position is None
 
     @async_test
     async def test_listing_with_filters(self, data_dir: Path) -> None:

@@ -18,6 +18,7 @@ from smtpgw.queueinfo import (
     MAX_LISTED_RECIPIENTS,
     MAX_SUBJECT_LENGTH,
     Conditions,
+    GateWait,
     MessageChange,
     PageCandidates,
     QueueFilter,
@@ -461,6 +462,63 @@ class TestExplain:
         why = explain(entry("c2", list="c"), order, conditions(rate=1))
         assert why.position == 6
         assert why.higher_priority == 1
+
+    def test_a_held_back_console_send_holds_its_message(self) -> None:
+        """
+        A console send's message whose gate holds all of them (here: higher
+        priority traffic) waits for its send: the reason names the send
+        and why it is paused; not in line, it has no position and no
+        estimate. Its JSON keeps the field names, with the new throttle.
+        """
+        send = entry("C7R1")
+        gate = GateWait("console send 7", "priority-1 SMTP+ traffic", in_line=False)
+        why = explain(send, ReadyOrder.from_lanes({}), conditions(rate=5), gate)
+        assert (why.throttle, why.reason) == (
+            Throttle.CONSOLE_SEND_PAUSED,
+            "console send 7 is paused: priority-1 SMTP+ traffic",
+        )
+        assert (why.position, why.estimated_send_at) == (None, None)
+        document = why_document(why)
+        assert document["throttle"] == "console_send_paused"
+        assert document["position"] is None
+        assert set(document) == set(why_document(explain(send, alone(send), conditions())))
+
+    def test_a_console_send_in_line_keeps_its_position(self) -> None:
+        """
+        Held back while its gate is still in line (the queue stopped), the
+        message keeps its position for when it goes on.
+        """
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="p q")})
+        gate = GateWait("console send 7", "queue stopped", in_line=True)
+        why = explain(entry("q"), order, conditions(paused=True), gate)
+        assert (why.throttle, why.reason) == (
+            Throttle.CONSOLE_SEND_PAUSED,
+            "console send 7 is paused: queue stopped",
+        )
+        assert (why.position, why.estimated_send_at) == (1, None)
+
+    def test_an_open_console_send_waits_like_any_message(self) -> None:
+        """
+        When its gate holds nothing back, the usual throttles apply.
+        """
+        order = ReadyOrder.from_lanes({Priority.NORMAL: lanes(news="q1")})
+        gate = GateWait("console send 7", None, in_line=True)
+        why = explain(entry("q1"), order, conditions(), gate)
+        assert (why.throttle, why.position, why.estimated_send_at) == (Throttle.NEXT, 0, NOW)
+
+    def test_held_and_deferred_come_before_the_send(self) -> None:
+        """
+        A held or deferred message of a paused send says it is held or
+        deferred: that holds it longer.
+        """
+        gate = GateWait("console send 7", "paused by an admin", in_line=False)
+        held = explain(
+            entry("h", state=MessageState.HELD), ReadyOrder.from_lanes({}), conditions(), gate
+        )
+        assert held.throttle is Throttle.HELD
+        deferred = entry("d", state=MessageState.DEFERRED, attempts=1, next_attempt_at=NOW + 60)
+        why = explain(deferred, ReadyOrder.from_lanes({}), conditions(), gate)
+        assert why.throttle is Throttle.DEFERRED
 
     def test_document_fields(self) -> None:
         """
