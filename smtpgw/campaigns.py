@@ -61,9 +61,13 @@ counted per send (C{in_doubt}, from
 L{smtpgw.queue.MessageQueue.redelivered_in}).
 
 Counts: C{sent} is the messages handed to the queue (exact, moved with
-the cursor); C{delivered}, C{bounced} (failed for good) and C{deferred}
-(waiting for a retry) are what the queue reported, written every
-L{DEFAULT_POLL_INTERVAL} (a crash can lose the last second of them).
+the cursor, up to a window ahead of the deliveries); C{delivered},
+C{bounced} (failed for good) and C{deferred} (waiting for a retry) are what
+the queue reported, written every L{DEFAULT_POLL_INTERVAL} (a crash can
+lose the last second of them). The progress the pages show and the
+estimated finish use the messages done (L{Campaign.done}: delivered and
+bounced) against C{total}; the rate is that of the attempts that ended
+(delivered, bounced or deferred).
 A recipient refused for good (C{5xx}) is marked bounced and never sent to
 again. No bounce report goes to the send's sender (the queue makes none
 for messages behind a gate), and the admins get one C{bounce} alert per
@@ -236,7 +240,9 @@ class Campaign:
         started; recipients added later do not get it.
     @ivar total: the subscribed recipients up to C{last_recipient_id} when
         the send started.
-    @ivar sent: messages handed to the queue.
+    @ivar sent: messages handed to the queue (exact: moved with the
+        cursor); up to a window (L{DEFAULT_WINDOW}) ahead of the messages
+        done, see L{done}.
     @ivar delivered: recipients that took the message.
     @ivar bounced: recipients that failed for good.
     @ivar deferred: messages waiting for a retry, last time counted.
@@ -272,14 +278,25 @@ class Campaign:
     finished_at: float | None
     updated_at: float | None
 
+    @property
+    def done(self) -> int:
+        """
+        The messages done with: delivered or bounced (deferred ones and
+        those still in the queue are not). What the pages' progress bar
+        shows against L{total}.
+        """
+        return self.delivered + self.bounced
+
     def eta(self, now: float) -> float | None:
         """
-        When the send should be done, at its current rate; L{None} while it
-        is not sending or its rate is not known.
+        When the send should be done, at its current rate (of attempts
+        that ended): the messages not yet done (L{total} less L{done}, so those
+        handed to the queue but not delivered yet count too) at that rate;
+        L{None} while it is not sending or its rate is not known.
         """
         if self.state is not CampaignState.SENDING or not self.rate > 0 or self.total is None:
             return None
-        return now + max(0, self.total - self.sent) / self.rate
+        return now + max(0, self.total - self.done) / self.rate
 
 
 _COLUMNS: Final = (
@@ -988,6 +1005,10 @@ def campaign_document(campaign: Campaign, now: float) -> dict[str, Any]:
     C{delivered}, C{bounced}, C{deferred}, C{in_doubt}, C{rate}, C{eta},
     C{created_at}, C{created_by}, C{started_at}, C{finished_at}; times in
     ISO 8601 UTC or C{null}.
+
+    C{sent} is the messages handed to the queue (exact); C{eta} is
+    reckoned from the messages done (C{delivered} + C{bounced}), which
+    trail C{sent} by up to a window (L{Campaign.eta}).
     """
     return {
         "id": campaign.id,

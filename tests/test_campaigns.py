@@ -491,18 +491,27 @@ def test_progress_and_status_records(store: SQLiteCampaignStore, clock: Clock) -
 
 def test_eta_from_rate(store: SQLiteCampaignStore) -> None:
     """
-    A sending send's estimated finish is what is left at its current rate;
-    a paused one has none.
+    A sending send's estimated finish is what is not done yet (delivered
+    or bounced; the messages handed to the queue but not done count as
+    left) at its current rate; a paused one has none. C{sent} stays the
+    messages handed to the queue.
     """
     add_recipients(store, 100)
     campaign = create(store)
     store.start(campaign.id)
-    store.record_progress(campaign.id, 1, 40)
-    store.record_status([StatusUpdate(campaign.id, CampaignState.SENDING, None, 20.0)])
+    store.record_progress(campaign.id, 1, 60)
+    store.record_status(
+        [StatusUpdate(campaign.id, CampaignState.SENDING, None, 20.0, delivered=30, bounced=10)]
+    )
     got = store.get(campaign.id)
     assert got is not None
+    assert (got.sent, got.done, got.total) == (60, 40, 100)
+    # 60 left at 20 a second (not the 40 not handed to the queue yet).
     assert got.eta(T0) == T0 + 3.0
-    assert campaign_document(got, T0)["eta"] == "2023-11-14T22:13:23Z"
+    document = campaign_document(got, T0)
+    assert document["eta"] == "2023-11-14T22:13:23Z"
+    assert (document["sent"], document["delivered"], document["bounced"]) == (60, 30, 10)
+    assert "done" not in document
     store.record_status([StatusUpdate(campaign.id, CampaignState.PAUSED, "queue stopped", 20.0)])
     paused = store.get(campaign.id)
     assert paused is not None

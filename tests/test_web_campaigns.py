@@ -586,15 +586,21 @@ def test_the_sends_are_listed_with_state_progress_and_reason(
 ) -> None:
     """
     The listing shows each send's list, subject, state with the reason
-    it is paused, progress as sent / total, and filters by list and state.
+    it is paused, progress as done (delivered or bounced) / total with
+    the messages handed to the queue beside, and filters by list and
+    state.
     """
-    sends.add(b"email\na@example.org\nb@example.org\n")
+    sends.add(b"email\na@example.org\nb@example.org\nc@example.org\n")
     first = sends.campaigns.create("news", "First", sender="a@example.com", text="x")
     second = sends.campaigns.create("news", "Second", sender="a@example.com", text="x")
     sends.campaigns.start(second.id)
-    sends.campaigns.record_progress(second.id, 1, 1)
+    sends.campaigns.record_progress(second.id, 2, 2)
     sends.campaigns.record_status(
-        [StatusUpdate(second.id, CampaignState.PAUSED, "priority-1 SMTP+ traffic", 0.0)]
+        [
+            StatusUpdate(
+                second.id, CampaignState.PAUSED, "priority-1 SMTP+ traffic", 0.0, delivered=1
+            )
+        ]
     )
     page = browser.get("/campaigns")
     assert page.code == 200
@@ -602,8 +608,9 @@ def test_the_sends_are_listed_with_state_progress_and_reason(
     assert table.index("Second") < table.index("First")
     assert "paused" in table
     assert "priority-1 SMTP+ traffic" in table
-    assert "1 / 2" in table
-    assert '<progress value="1" max="2"' in page.text
+    assert "1 / 3 done" in table
+    assert "2 handed to the queue" in table
+    assert '<progress value="1" max="3"' in page.text
     assert f'href="/campaigns/{first.id}"' in page.text
     paused = browser.get("/campaigns?state=paused")
     assert "Second" in by_id(paused, "campaigns")
@@ -754,31 +761,38 @@ def test_an_unknown_list_is_refused_beside_the_field(sends: Sends, browser: Brow
 
 def test_a_sending_send_shows_its_progress_and_reloads(sends: Sends, browser: Browser) -> None:
     """
-    While it is sending, the page shows the state, sent / total as a
-    progress bar, the rate and estimated finish, the counts, a pause and
-    a cancel button, and reloads itself every L{REFRESH_SECONDS}.
+    While it is sending, the page shows the state, the messages done
+    (delivered or bounced) / total as a progress bar, the messages handed
+    to the queue beside, the rate and the estimated finish of what is not
+    done yet, the counts, a pause and a cancel button, and reloads itself
+    every L{REFRESH_SECONDS}.
     """
-    sends.add(b"email\n" + b"".join(b"p%d@example.org\n" % n for n in range(4)))
+    sends.add(b"email\n" + b"".join(b"p%d@example.org\n" % n for n in range(6)))
     number = create_send(browser)
     sends.campaigns.start(number)
-    sends.campaigns.record_progress(number, 3, 3)
+    sends.campaigns.record_progress(number, 5, 5)
     sends.campaigns.record_status(
-        [StatusUpdate(number, CampaignState.SENDING, None, 2.0, delivered=2, deferred=1)]
+        [
+            StatusUpdate(
+                number, CampaignState.SENDING, None, 2.0, delivered=2, bounced=1, deferred=1
+            )
+        ]
     )
     page = browser.get(f"/campaigns/{number}")
     assert by_id(page, "campaign-state") == "sending"
     assert 'id="campaign-paused-reason"' not in page.text
-    assert by_id(page, "campaign-sent") == "3"
-    assert by_id(page, "campaign-total") == "4"
+    assert by_id(page, "campaign-done") == "3"
+    assert by_id(page, "campaign-total") == "6"
+    assert by_id(page, "campaign-sent") == "5"
     progress = tag_with_id(page, "campaign-progress")
     assert 'value="3"' in progress
-    assert 'max="4"' in progress
+    assert 'max="6"' in progress
     assert by_id(page, "campaign-rate") == "2.0/s"
-    # One message left at 2 a second.
-    assert by_id(page, "campaign-eta") == format_time(sends.web.clock.seconds() + 0.5)
+    # Three messages not done (two of them in the queue) at 2 a second.
+    assert by_id(page, "campaign-eta") == format_time(sends.web.clock.seconds() + 1.5)
     assert by_id(page, "campaign-delivered") == "2"
     assert by_id(page, "campaign-deferred") == "1"
-    assert by_id(page, "campaign-bounced") == "0"
+    assert by_id(page, "campaign-bounced") == "1"
     assert by_id(page, "campaign-in-doubt") == "0"
     assert f'data-refresh="{REFRESH_SECONDS}"' in tag_with_id(page, "campaign-status")
     assert 'id="campaign-pause"' in page.text
@@ -859,12 +873,41 @@ def test_a_finished_send_does_not_reload(sends: Sends, browser: Browser) -> None
     number = create_send(browser)
     sends.campaigns.start(number)
     sends.campaigns.record_progress(number, 1, 1)
+    sends.campaigns.record_status(
+        [StatusUpdate(number, CampaignState.SENDING, None, 0.0, delivered=1)]
+    )
     sends.campaigns.finish(number)
     page = browser.get(f"/campaigns/{number}")
     assert by_id(page, "campaign-state") == "finished"
     assert by_id(page, "campaign-sent") == "1"
+    assert by_id(page, "campaign-done") == "1"
+    assert 'value="1"' in tag_with_id(page, "campaign-progress")
     assert "data-refresh" not in page.text
     assert "This send is finished." in page.text
+
+
+@pytest.mark.parametrize(("delivered", "bar"), [(2, "2"), (3, "2")])
+def test_the_progress_bar_never_passes_the_total(
+    sends: Sends, browser: Browser, delivered: int, bar: str
+) -> None:
+    """
+    Messages sent again after a crash may count twice: the bar stops at
+    the total (at it, and one past it), while the figure says what was
+    counted.
+    """
+    sends.add(b"email\na@example.org\nb@example.org\n")
+    number = create_send(browser)
+    sends.campaigns.start(number)
+    sends.campaigns.record_progress(number, 2, 2)
+    sends.campaigns.record_status(
+        [StatusUpdate(number, CampaignState.SENDING, None, 1.0, delivered=delivered)]
+    )
+    page = browser.get(f"/campaigns/{number}")
+    progress = tag_with_id(page, "campaign-progress")
+    assert f'value="{bar}"' in progress
+    assert 'max="2"' in progress
+    assert by_id(page, "campaign-done") == str(delivered)
+    assert by_id(page, "campaign-eta") == format_time(sends.web.clock.seconds())
 
 
 @pytest.mark.parametrize("number", ["999", "0", "abc", "1" * 19, "-1"])

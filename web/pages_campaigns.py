@@ -10,6 +10,9 @@ public unsubscribe page their messages link to.
     makes one (the sender must pass the list's sender policy);
     C{/campaigns/<id>} shows its state, progress and counts, with pause,
     resume and cancel, and reloads itself while the send runs or is paused.
+    Progress is the messages done (delivered or bounced) of the total, and
+    the estimated finish follows from it; the messages handed to the queue
+    (C{sent}, up to a window ahead) are shown beside.
   - C{/unsubscribe/<token>}: no login; the signed token is the
     authorization. A GET only asks; a POST (the page's button, or a mail
     client's RFC 8058 one-click POST) unsubscribes.
@@ -319,10 +322,16 @@ def _reason(campaign: Campaign) -> str | None:
 
 
 def _progress(campaign: Campaign, **attributes: str) -> Tag:
+    """
+    The bar of the messages done (delivered or bounced) against the total:
+    C{sent} runs up to a window ahead of the deliveries, so a bar of it
+    would fill long before the send is over.
+    """
     if campaign.total is None:
         # Not started: an indeterminate bar says nothing is counted yet.
         return tags.progress(**attributes)
-    return tags.progress(value=str(campaign.sent), max=str(max(campaign.total, 1)), **attributes)
+    top = max(campaign.total, 1)
+    return tags.progress(value=str(min(campaign.done, top)), max=str(top), **attributes)
 
 
 def _rate(campaign: Campaign) -> str:
@@ -810,7 +819,8 @@ class CampaignPages(PageBase):
             state,
             tags.div(
                 _progress(campaign, **{"aria-label": f"progress of send {campaign.id}"}),
-                tags.div(f"{campaign.sent} / {total}", class_="hint"),
+                tags.div(f"{campaign.done} / {total} done", class_="hint"),
+                tags.div(f"{campaign.sent} handed to the queue", class_="hint"),
             ),
             _rate(campaign),
             format_time(campaign.eta(now)),
@@ -1041,13 +1051,19 @@ class CampaignPages(PageBase):
         progress_card = tags.div(class_="card")(
             tags.div("Progress", class_="muted"),
             tags.div(class_="figure")(
-                tags.span(str(campaign.sent), id="campaign-sent"),
+                tags.span(str(campaign.done), id="campaign-done"),
                 " / ",
                 tags.span(total, id="campaign-total"),
             ),
             _progress(campaign, id="campaign-progress", class_="wide"),
             tags.div(
-                "messages handed to the queue, of the subscribed recipients when it started",
+                "messages done (delivered or bounced), of the subscribed recipients when it "
+                "started",
+                class_="hint",
+            ),
+            tags.div(
+                "handed to the queue ",
+                tags.strong(str(campaign.sent), id="campaign-sent"),
                 class_="hint",
             ),
         )
