@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.delivery_bench
 	$(BIN)/python -m bench.queue_bench
+	$(BIN)/python -m bench.campaign_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info dropin.cache

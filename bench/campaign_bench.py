@@ -91,7 +91,7 @@ IMPORT_CHUNK = 100_000
 #: The reason the send shows while priority-1 mail goes out.
 PAUSED_REASON = "priority-1 SMTP+ traffic"
 #: The default pre-emption grace of the gateway (C{--preemption-grace}).
-DEFAULT_GRACE = 1.0
+DEFAULT_GRACE = 0.05
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -1269,7 +1269,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grace",
         type=float,
         default=DEFAULT_GRACE,
-        help="the gateway's --preemption-grace (1.0)",
+        help="the gateway's --preemption-grace (0.05, its default)",
     )
     parser.add_argument(
         "--gateway-arg", action="append", default=[], help="another gateway option (repeatable)"

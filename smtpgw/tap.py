@@ -143,7 +143,7 @@ class Options(usage.Options):
         [
             "preemption-grace",
             None,
-            "1.0",
+            "0.05",
             "Seconds console sends stay paused after the last higher-priority message.",
         ],
         [

@@ -2178,7 +2178,7 @@ class TestGatesAndPreemption:
         for grace in (-1.0, math.inf, math.nan):
             with pytest.raises(ValueError, match="preemption_grace"):
                 make_queue(clock, InstantOutbound(clock), preemption_grace=grace)
-        assert DEFAULT_PREEMPTION_GRACE == 1.0
+        assert DEFAULT_PREEMPTION_GRACE == 0.05
 
 
 def gated_message(
