@@ -51,7 +51,7 @@ from smtpgw.control import (
 from smtpgw.interfaces import DeliveryResult, IOutbound, JournalLocation, JournalUnavailable
 from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, MessageState, Priority
-from smtpgw.queue import MessageQueue
+from smtpgw.queue import DEFAULT_PREEMPTION_GRACE, MessageQueue
 from smtpgw.queueinfo import (
     MAX_LIST_LIMIT,
     MAX_LISTED_RECIPIENTS,
@@ -110,6 +110,7 @@ class Harness:
         concurrency: int = 1,
         journal: MemoryJournal | None = None,
         gate_of: Callable[[Envelope], str | None] | None = None,
+        preemption_grace: float = DEFAULT_PREEMPTION_GRACE,
         **control_options: Any,
     ) -> None:
         self.clock = Clock()
@@ -123,6 +124,7 @@ class Harness:
             rate=rate,
             concurrency=concurrency,
             gate_of=gate_of,
+            preemption_grace=preemption_grace,
         )
         self.control = QueueControl(self.queue, self.journal, self.clock, **control_options)
         self.queue.startService()
@@ -419,7 +421,7 @@ class TestWhyConsoleSend:
         after, the send's message waits for it: it is not in line (no
         position) and has no estimate. Once the grace is over it goes.
         """
-        h = self.send_harness(concurrency=2)
+        h = self.send_harness(concurrency=2, preemption_grace=1.0)
         urgent = h.submit(priority=1)
         waiting = h.submit_to_send()
         why = why_of(h, waiting)
