@@ -52,7 +52,6 @@ MAX_QUERY_LIMIT: Final = 1000
 DEFAULT_QUERY_LIMIT: Final = 100
 
 MAX_ALERT_KEYS = 10_000
-#: The user name of the bounces the queue submits (their list is that of
 
 
 @frozen
