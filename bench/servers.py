@@ -501,7 +501,9 @@ class Gateway:
         argv += ["--data-dir", str(data_dir)]
         if ports is not None:
             argv += ["--ports", ports]
-        argv += ["--interface", LOOPBACK, "--relay", "capture", *self.extra]
+        argv += ["--interface", LOOPBACK, "--relay", "capture"]
+        # No admin app: the acceptance rows measure SMTP only.
+        argv += ["--admin", "none", "--public-url", "http://bench.test", *self.extra]
         return argv
 
     def create_user(self, data_dir: Path) -> tuple[str, str]:

@@ -205,7 +205,13 @@ class Options(usage.Options):
         if self["admin"].strip().lower() == "none":
             self["admin"] = None
         if self["public-url"] is None:
-            self["public-url"] = _default_public_url(self["admin"], self["hostname"])
+            guessed = _default_public_url(self["admin"], self["hostname"])
+            if guessed is None:
+                raise usage.UsageError(
+                    "--public-url is needed when --admin has no TCP or TLS port: "
+                    "console sends link to the gateway's unsubscribe page"
+                )
+            self["public-url"] = guessed
         try:
             self["preemption-grace"] = float(self["preemption-grace"])
         except ValueError:
@@ -235,15 +241,49 @@ class Options(usage.Options):
             raise usage.UsageError(str(e).replace("_", "-")) from None
 
 
-def _default_public_url(admin: str | None, hostname: str) -> str:
+def _endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
     """
-    The admin app's URL when C{--public-url} is not given: its TCP port on
-    the gateway's name, or nothing when there is no TCP admin port.
+    The positional and keyword fields of a Twisted endpoint description
+    (C{tcp:8080:interface=127.0.0.1}), with C{\\:} escapes honoured.
     """
-    if admin is None or not admin.startswith("tcp:"):
-        return f"http://{hostname}"
-    port = admin.split(":")[1]
-    return f"http://{hostname}:{port}"
+    fields: list[str] = []
+    current = ""
+    escaped = False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    fields.append(current)
+    positional = [f for f in fields if "=" not in f]
+    keywords = dict(f.split("=", 1) for f in fields if "=" in f)
+    return positional, keywords
+
+
+def _default_public_url(admin: str | None, hostname: str) -> str | None:
+    """
+    The admin app's URL when C{--public-url} is not given: its TCP or TLS
+    port on the gateway's name; L{None} when the admin app has no such port
+    (off, or on a UNIX socket behind a proxy), so no link can be guessed.
+    """
+    if admin is None:
+        return None
+    positional, keywords = _endpoint_fields(admin)
+    kind = positional[0].lower() if positional else ""
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port = keywords.get("port") or (positional[1] if len(positional) > 1 else "")
+    if not port.isdigit():
+        return None
+    scheme = "https" if kind == "ssl" else "http"
+    default = {"http": "80", "https": "443"}[scheme]
+    return f"{scheme}://{hostname}" + ("" if port == default else f":{port}")
 
 
 def _reactor() -> Any:

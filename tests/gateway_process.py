@@ -141,6 +141,10 @@ class Gateway:
             self.relay,
             "--admin",
             "none" if self.admin_port is None else f"tcp:{self.admin_port}:interface=127.0.0.1",
+            "--public-url",
+            "http://gateway.test"
+            if self.admin_port is None
+            else f"http://127.0.0.1:{self.admin_port}",
             *self.extra_args,
         ]
 

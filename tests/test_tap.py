@@ -58,6 +58,36 @@ def test_bad_options_are_refused_with_a_clear_reason(argv: list[str], message: s
         parse(*argv)
 
 
+@pytest.mark.parametrize(
+    ("admin", "url"),
+    [
+        ("tcp:8080:interface=127.0.0.1", "http://gw.test:8080"),
+        ("tcp:port=8081:interface=127.0.0.1", "http://gw.test:8081"),
+        ("tcp:80", "http://gw.test"),
+        ("ssl:8443:privateKey=k.pem:certKey=c.pem", "https://gw.test:8443"),
+        ("ssl:port=443:privateKey=k.pem", "https://gw.test"),
+    ],
+)
+def test_the_public_url_follows_the_admin_port(admin: str, url: str) -> None:
+    """
+    Without --public-url, unsubscribe links point at the admin app's own
+    TCP or TLS port on the gateway's name.
+    """
+    assert parse("--admin", admin)["public-url"] == url
+
+
+@pytest.mark.parametrize("admin", ["none", "unix:/run/smtpgw/admin.sock"])
+def test_without_an_admin_port_the_public_url_must_be_given(admin: str) -> None:
+    """
+    With no admin port to guess from, --public-url is required (and taken
+    as given).
+    """
+    with pytest.raises(usage.UsageError, match="--public-url is needed"):
+        parse("--admin", admin)
+    given = parse("--admin", admin, "--public-url", "https://mail.example.com")
+    assert given["public-url"] == "https://mail.example.com"
+
+
 def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
     """
     --relay mx (the default) delivers to MX hosts, smtp:// to a smarthost,
