@@ -118,7 +118,7 @@ class ListExists(StoreError):
 
 class ListNotEmpty(StoreError):
     """
-    The list still has SMTP+ users, so it is not deleted.
+    The list still has SMTP+ users, or console sends, so it is not deleted.
     """
 
 
@@ -254,10 +254,11 @@ class SQLiteUserStore:
 
     def delete_list(self, name: str) -> None:
         """
-        Delete a list that has no users.
+        Delete a list that has no users and no console sends.
 
         @raise NoSuchList: when there is none of that name.
-        @raise ListNotEmpty: when it still has SMTP+ users.
+        @raise ListNotEmpty: when it still has SMTP+ users or has ever had
+            a console send.
         """
         with transaction(self._connection) as db:
             if not self._list_exists(name):
@@ -266,6 +267,15 @@ class SQLiteUserStore:
             if count:
                 raise ListNotEmpty(
                     f"list {name!r} still has {count} SMTP+ user(s): delete them first"
+                )
+            # Console sends keep their list (the schema restricts the delete)
+            # so that their history and counts stay attached to a name.
+            (sends,) = db.execute(
+                "SELECT count(*) FROM campaigns WHERE list = ?", (name,)
+            ).fetchone()
+            if sends:
+                raise ListNotEmpty(
+                    f"list {name!r} has {sends} console send(s): a list with console sends is kept"
                 )
             db.execute("DELETE FROM lists WHERE name = ?", (name,))
 

@@ -180,6 +180,29 @@ def test_delete_list_with_users_is_refused(store: SQLiteUserStore) -> None:
         store.delete_list("news")
 
 
+def test_delete_list_with_console_sends_is_refused(
+    store: SQLiteUserStore, db_path: Path, clock: Clock
+) -> None:
+    """
+    A list that has ever had a console send, even a cancelled one and with
+    no users left, is refused as not empty (not a database error), and is
+    kept with its send.
+    """
+    from smtpgw.campaigns import SQLiteCampaignStore
+
+    store.create_list("news")
+    user, _ = store.create_user("news", domains="example.com")
+    with SQLiteCampaignStore.open(db_path, clock) as sends:
+        send = sends.create("news", "Spring", sender="a@example.com", text="t")
+        sends.cancel(send.id)
+    store.delete_user(user.username)
+    with pytest.raises(ListNotEmpty, match="1 console send"):
+        store.delete_list("news")
+    assert store.get_list("news") is not None
+    with SQLiteCampaignStore.open(db_path, clock) as sends:
+        assert sends.get(send.id) is not None
+
+
 def test_user_counts(store: SQLiteUserStore) -> None:
     """
     The number of users per list, for the list overview.

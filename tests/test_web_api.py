@@ -1440,6 +1440,19 @@ def test_recipient_import_errors(web: WebApp, client: Api, sends: Runner) -> Non
     assert_error(import_csv(client, CSV), 503, "recipients are not available")
 
 
+def test_a_list_with_console_sends_is_not_deleted(web: WebApp, client: Api, sends: Runner) -> None:
+    """
+    DELETE of a list that has had a console send answers 409 saying so
+    (not a 500), even once its users are gone, and the list stays.
+    """
+    created = client.ok("POST", "/campaigns", SEND, 201)
+    client.ok("POST", f"/campaigns/{created['id']}/cancel")
+    for user in web.users.users("news"):
+        web.users.delete_user(user.username)
+    assert_error(client.delete("/lists/news"), 409, "has 1 console send(s)")
+    assert client.ok("GET", "/lists/news")["name"] == "news"
+
+
 SEND = {
     "list": "news",
     "subject": "Spring news",

@@ -357,6 +357,28 @@ def test_a_list_with_users_is_not_deleted(web: WebApp, browser: Browser) -> None
     assert web.users.get_list("news") is not None
 
 
+def test_a_list_with_console_sends_is_not_deleted(
+    web: WebApp, browser: Browser, tmp_path: Path
+) -> None:
+    """
+    When the store refuses because the list has had console sends (and
+    no users are left), the page says that, not "SMTP+ users", and the
+    list stays.
+    """
+    from smtpgw.campaigns import SQLiteCampaignStore
+
+    web.users.create_list("news")
+    user, _ = web.users.create_user("news", domains="example.com", rounds=4)
+    with SQLiteCampaignStore.open(tmp_path / "smtpgw.db", web.clock) as sends:
+        sends.create("news", "Spring", sender="a@example.com", text="t")
+    web.users.delete_user(user.username)
+    response = browser.submit("/lists/news/delete", {}, form_page="/lists/news/delete")
+    assert response.code == 409
+    assert "was not deleted: it has console sends" in response.text
+    assert "SMTP+ user" not in response.text
+    assert web.users.get_list("news") is not None
+
+
 # -- adding a user -----------------------------------------------------------
 
 

@@ -476,12 +476,14 @@ class ListPages(PageBase):
             return await self._no_list(request, visitor)
         except ListNotEmpty:
             counts: dict[str, int] = await self.ctx.users.user_counts()
+            users = counts.get(name, 0)
+            why = (
+                "it still has SMTP+ users."
+                if users
+                else "it has console sends, and a list with console sends is kept."
+            )
             return await self._list_delete_page(
-                request,
-                visitor,
-                name,
-                counts.get(name, 0),
-                refused=f"The list {name} was not deleted: it still has SMTP+ users.",
+                request, visitor, name, users, refused=f"The list {name} was not deleted: {why}"
             )
         except StoreError as e:
             return await self._store_refused(request, visitor, e)
