@@ -36,6 +36,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -134,6 +135,8 @@ T = TypeVar("T")
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+
+_LATEST_SEND_AT: Final = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 
 # Where each field of a ValidationError is entered on the command line.
 _OPTION_OF_FIELD: Final = {
@@ -1032,10 +1035,26 @@ def _campaign_text(campaign: Campaign, now: float) -> str:
     return "\n".join(lines)
 
 
+def _send_at(text: str) -> float:
+    """
+    Read C{--send-at}, refusing a time past the year 9999 in UTC (times are
+    shown in UTC, and such a time cannot be).
+
+    @raise ValidationError: for the field C{send_at}.
+    """
+    when = parse_send_at(text)
+    if when > _LATEST_SEND_AT:
+        raise ValidationError(
+            "send_at",
+            f"{text[:40]!r} is later than 9999-12-31T23:59:59Z, the last time a send can have",
+        )
+    return when
+
+
 def _campaign_add(args: argparse.Namespace, context: Context) -> Output:
     text = args.text if args.text_file is None else _read_text(args.text_file, "--text-file")
     html = args.html if args.html_file is None else _read_text(args.html_file, "--html-file")
-    send_at = None if args.send_at is None else parse_send_at(args.send_at)
+    send_at = None if args.send_at is None else _send_at(args.send_at)
     campaign = context.campaign_store().create(
         args.list,
         args.subject,

@@ -186,6 +186,8 @@ def test_campaign_add_show_list_pause_resume_cancel(admin: Admin, tmp_path: Path
         (("--sender", "x@other.org"), 2, "--sender: x@other.org may not send for list news"),
         (("--priority", "9"), 2, "--priority"),
         (("--send-at", "soon"), 2, "--send-at"),
+        (("--send-at", "9999-12-31T23:59:59-23:59"), 2, "later than 9999-12-31T23:59:59Z"),
+        (("--send-at", "9999-12-31T23:59:59-00:01"), 2, "--send-at"),
         (("--list", "nope"), 1, "no list named 'nope'"),
         (("--no-body",), 2, "--text: a text or an HTML body"),
     ],
@@ -217,6 +219,20 @@ def test_campaign_add_refuses_bad_input(
     assert message in err
     with SQLiteCampaignStore.open(database_path(admin.data_dir), admin.clock) as store:
         assert store.campaigns() == []
+
+
+def test_send_at_is_taken_at_the_last_second_of_9999(admin: Admin) -> None:
+    """
+    C{--send-at} at the last second of the year 9999 in UTC is taken and
+    shown (one second past is refused, above).
+    """
+    created = admin.json(
+        "campaign", "add", "--list", "news", "--subject", "S", "--sender",
+        "news@example.com", "--text", "T", "--send-at", "9999-12-31T23:59:59Z",
+    )  # fmt: skip
+    assert created["send_at"] == "9999-12-31T23:59:59Z"
+    status, out, _ = admin("campaign", "show", str(created["id"]))
+    assert (status, "send_at: 9999-12-31T23:59:59Z" in out) == (0, True)
 
 
 def test_campaign_commands_on_unknown_sends(admin: Admin) -> None:

@@ -1505,6 +1505,8 @@ def test_console_send_defaults_and_schedule(client: Api, sends: Runner) -> None:
     assert now["send_at"] is None
     precise = {**SEND, "send_at": "2030-01-31t09:00:00.123456789z"}
     assert client.ok("POST", "/campaigns", precise, 201)["send_at"] == "2030-01-31T09:00:00Z"
+    last = {**SEND, "send_at": "9999-12-31T23:59:59Z"}
+    assert client.ok("POST", "/campaigns", last, 201)["send_at"] == "9999-12-31T23:59:59Z"
 
 
 def test_console_sends_are_paused_resumed_and_cancelled(client: Api, sends: Runner) -> None:
@@ -1587,6 +1589,13 @@ BAD_SENDS: list[tuple[dict[str, Any], int, str, str | None]] = [
     ({"send_at": "tomorrow"}, 400, "send_at: 'tomorrow' is not a time", "send_at"),
     ({"send_at": "2030-13-01T00:00:00Z"}, 400, "is not a time: use RFC 3339", "send_at"),
     ({"send_at": "2030-01-01"}, 400, "is not a time", "send_at"),
+    (
+        {"send_at": "9999-12-31T23:59:59-23:59"},
+        400,
+        "send_at: '9999-12-31T23:59:59-23:59' is later than 9999-12-31T23:59:59Z",
+        "send_at",
+    ),
+    ({"send_at": "9999-12-31T23:59:59-00:01"}, 400, "later than 9999-12-31T23:59:59Z", "send_at"),
     ({"send_at": 1900000000}, 400, "send_at: 1900000000 is not a time", "send_at"),
     ({"list": "nope"}, 404, "no list named 'nope'", None),
     ({"list": "Bad!"}, 400, "list: 'Bad!' is not a valid list name", "list"),

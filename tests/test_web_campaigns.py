@@ -46,6 +46,7 @@ from web.context import WebContext
 from web.pages_campaigns import (
     CAMPAIGNS_PAGE_SIZE,
     ECHO_LIMIT,
+    LATEST_SEND_AT,
     MAX_ERRORS_SHOWN,
     RECIPIENTS_PAGE_SIZE,
     REFRESH_SECONDS,
@@ -301,7 +302,24 @@ def test_reading_send_at_never_fails_otherwise(text: str) -> None:
     except ValueError as e:
         refused.append(getattr(e, "field", ""))
     assert refused in ([], ["send_at"])
-    assert when is None or when >= 0
+    assert when is None or 0 <= when <= LATEST_SEND_AT
+
+
+def test_send_at_is_refused_past_the_year_9999_in_utc() -> None:
+    """
+    The last second of 9999 in UTC is taken; a time that is in 9999 only
+    in its own offset (one minute later, or a day later, in UTC) is refused
+    for the field, by the reader and beside the field of the form.
+    """
+    assert parse_send_at_field("9999-12-31T23:59:59") == LATEST_SEND_AT
+    assert parse_send_at_field("9999-12-31T23:59:59+00:00") == LATEST_SEND_AT
+    for past in ("9999-12-31T23:59:59-00:01", "9999-12-31T23:59:59-23:59"):
+        with pytest.raises(ValueError, match="later than 9999-12-31T23:59:59Z") as caught:
+            parse_send_at_field(past)
+        assert getattr(caught.value, "field", None) == "send_at"
+        form = CampaignForm(list="news", subject="s", text="x", sender="a@b.c", send_at=past)
+        _, errors = check_campaign_form(form)
+        assert "later than 9999-12-31T23:59:59Z" in errors["send_at"]
 
 
 def test_the_subject_is_taken_at_its_limit_and_refused_one_past() -> None:

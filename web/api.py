@@ -77,6 +77,7 @@ from smtpgw.validation import (
 )
 from web.auth import Auth, api, json_error
 from web.context import WebContext
+from web.pages_campaigns import LATEST_SEND_AT
 from web.security import MAX_BODY_BYTES
 
 __all__ = [
@@ -502,9 +503,18 @@ def _send_at(text: str) -> float:
     """
     if _SEND_AT.fullmatch(text):
         try:
-            return max(0.0, datetime.fromisoformat(text.upper()).timestamp())
+            when = datetime.fromisoformat(text.upper()).timestamp()
         except (ValueError, OverflowError):
             pass
+        else:
+            if when > LATEST_SEND_AT:
+                raise ApiError(
+                    400,
+                    f"send_at: {text[:40]!r} is later than 9999-12-31T23:59:59Z, "
+                    "choose an earlier time",
+                    "send_at",
+                )
+            return max(0.0, when)
     raise ApiError(
         400,
         f"send_at: {text[:40]!r} is not a time: use RFC 3339, as 2030-01-31T09:00:00Z",

@@ -62,6 +62,7 @@ from web.routes import PageBase, pages
 __all__ = [
     "CAMPAIGNS_PAGE_SIZE",
     "ECHO_LIMIT",
+    "LATEST_SEND_AT",
     "MAX_ERRORS_SHOWN",
     "RECIPIENTS_PAGE_SIZE",
     "REFRESH_SECONDS",
@@ -78,6 +79,12 @@ RECIPIENTS_PAGE_SIZE: Final = 50
 """Recipients one page of a list's table shows."""
 
 CAMPAIGNS_PAGE_SIZE: Final = 50
+
+LATEST_SEND_AT: Final = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+"""
+The last time a send may be scheduled for: times are shown in UTC, and a
+later one has no year of four digits (nor a datetime to show it with).
+"""
 """Sends one page of the listing shows."""
 
 MAX_ERRORS_SHOWN: Final = 200
@@ -170,6 +177,11 @@ def parse_send_at_field(text: str) -> float | None:
         when = moment.timestamp()
     except (OverflowError, ValueError):
         raise ValidationError("send_at", f"{text[:40]!r} is out of range") from None
+    if when > LATEST_SEND_AT:
+        raise ValidationError(
+            "send_at",
+            f"{text[:40]!r} is later than 9999-12-31T23:59:59Z, the last time a send can have",
+        )
     return max(0.0, when)
 
 
