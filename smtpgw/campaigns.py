@@ -192,6 +192,8 @@ DEFAULT_POOL_SIZE: Final = 2
 """Threads of L{ThreadedCampaignStore}."""
 
 _CATCH_UP_BATCH: Final = 64
+# Well under SQLite's limit of bound parameters in one statement.
+_IDS_PER_QUERY: Final = 500
 # An unsubscribe link must fit in a header line with room to spare.
 _MAX_BASE_URL: Final = 500
 _QUEUE_ID: Final = re.compile(r"C(\d{1,18})R(\d{1,19})")
@@ -990,6 +992,26 @@ class SQLiteCampaignStore:
         """
         return self.recipients.mark_bounced_ids(list, recipient_ids)
 
+    def not_subscribed(self, recipient_ids: Iterable[int]) -> list[int]:
+        """
+        Those of C{recipient_ids} that are no longer subscribed (they
+        unsubscribed, bounced, or are gone with their list), in one read.
+        """
+        wanted = sorted(set(recipient_ids))
+        subscribed: set[int] = set()
+        for at in range(0, len(wanted), _IDS_PER_QUERY):
+            chunk = wanted[at : at + _IDS_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
+            subscribed.update(
+                row[0]
+                for row in self._connection.execute(
+                    f"SELECT id FROM recipients WHERE status = 'subscribed' "  # noqa: S608
+                    f"AND id IN ({marks})",
+                    chunk,
+                )
+            )
+        return [i for i in wanted if i not in subscribed]
+
     def unsubscribe_key(self) -> bytes:
         """
         See L{SQLiteRecipientStore.unsubscribe_key}.
@@ -1066,6 +1088,8 @@ class CampaignBackend(Protocol):
 
     def mark_bounced_ids(self, list: str, recipient_ids: Iterable[int]) -> Deferred[int]: ...
 
+    def not_subscribed(self, recipient_ids: Iterable[int]) -> Deferred[list[int]]: ...
+
     def unsubscribe_key(self) -> Deferred[bytes]: ...
 
 
@@ -1129,6 +1153,10 @@ class _DeferredStore:
     def mark_bounced_ids(self, list: str, recipient_ids: Iterable[int]) -> Deferred[int]:
         ids = tuple(recipient_ids)
         return self.run(lambda s: s.mark_bounced_ids(list, ids))
+
+    def not_subscribed(self, recipient_ids: Iterable[int]) -> Deferred[list[int]]:
+        ids = tuple(recipient_ids)
+        return self.run(lambda s: s.not_subscribed(ids))
 
     def unsubscribe_key(self) -> Deferred[bytes]:
         return self.run(lambda s: s.unsubscribe_key())
@@ -1378,6 +1406,7 @@ class CampaignRunner(Service):
         self._idle_waiters: list[Deferred[None]] = []
         self._doubts_counted: set[str] = set()
         self._status_lock = DeferredLock()
+        self._late_write = False
 
     # Service
 
@@ -1386,6 +1415,7 @@ class CampaignRunner(Service):
         Start watching the queue and the database.
         """
         super().startService()
+        self._queue.remove_observer(self)
         self._queue.add_observer(self)
         self._timer = self._clock.callLater(0, self._poll)
 
@@ -1393,13 +1423,22 @@ class CampaignRunner(Service):
         """
         Stop polling; fires once the batch under way is done and the counts
         are written.
+
+        It keeps watching the queue: the runner stops before it, and the
+        deliveries under way when the queue stops end after the runner did.
+        Their outcomes are written as they come (hard bounces mark their
+        recipients bounced), while the store still runs (it stops after the
+        queue). After a C{kill -9}, the outcomes of the last
+        L{DEFAULT_POLL_INTERVAL} are lost: the recipients of hard bounces in
+        that second are not marked bounced (the queue's journal has the
+        messages as bounced, so they are not sent again), and the counts
+        miss them.
         """
         super().stopService()
         for call in (self._timer, self._poke_call, self._status_call):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._poke_call = self._status_call = None
-        self._queue.remove_observer(self)
 
         def write(_: object) -> Deferred[None]:
             return Deferred.fromCoroutine(self._write_status())
@@ -1438,6 +1477,27 @@ class CampaignRunner(Service):
         send = self._sends.get(campaign_id)
         return 0 if send is None else len(send.window)
 
+    def forget_recipient(self, list: str, recipient_id: int) -> int:
+        """
+        A recipient of C{list} unsubscribed or was marked bounced: cancel
+        their message of each open send of the list (running, paused or
+        pre-empted) that is still in the queue and not being delivered
+        (one under way goes). The pages and the API call this after an
+        unsubscribe; the runner also finds such recipients by itself, at
+        each poll and before each batch (L{DEFAULT_POLL_INTERVAL}).
+
+        @return: how many messages were cancelled.
+        """
+        cancelled = 0
+        for send in tuple(self._sends.values()):
+            if (
+                send.campaign.list == list
+                and self._cancel_unsent(campaign_queue_id(send.campaign.id, recipient_id))
+                is not None
+            ):
+                cancelled += 1
+        return cancelled
+
     # QueueObserver
 
     def message_settled(self, outcome: MessageOutcome) -> None:
@@ -1464,7 +1524,23 @@ class CampaignRunner(Service):
             found = parse_queue_id(queue_id)
             if found is not None:
                 send.to_mark.append(found[1])
-        self._kick(send)
+        if self.running:
+            self._kick(send)
+        elif outcome.state is not MessageState.CANCELLED and not self._late_write:
+            # A delivery that ended after the runner stopped (the queue
+            # drains after it): no poll writes its outcome.
+            self._late_write = True
+            d = Deferred.fromCoroutine(self._write_late())
+            d.addErrback(lambda f: self._log.failure("could not write the sends' status", f))
+
+    async def _write_late(self) -> None:
+        # Outcomes that come while this write waits for the lock go with it.
+        await self._status_lock.acquire()
+        try:
+            self._late_write = False
+            await self._write_status_now()
+        finally:
+            self._status_lock.release()
 
     def gate_changed(self, gate: str, preemption: Preemption | None) -> None:
         """
@@ -1524,8 +1600,9 @@ class CampaignRunner(Service):
         if self._key is None:
             self._key = await self._store.unsubscribe_key()
         campaigns = await self._store.open_campaigns()
+        fresh: list[_Send] = []
         if not self._adopted_gates:
-            await self._adopt_leftovers({c.id for c in campaigns})
+            fresh += await self._adopt_leftovers({c.id for c in campaigns})
             self._adopted_gates = True
         now = self._clock.seconds()
         seen = set()
@@ -1550,21 +1627,31 @@ class CampaignRunner(Service):
                     campaign = started
                 elif campaign.started_at is None:
                     continue
-                send = self._adopt(campaign)
-            else:
-                send.campaign = campaign
+                fresh.append(self._adopt(campaign, apply=False))
+                continue
+            send.campaign = campaign
             self._apply_gate(send)
         for campaign_id in [i for i in self._sends if i not in seen]:
             await self._over(self._sends[campaign_id])
+        # Before a send's gate opens at a start (its messages replayed from
+        # the journal), and every poll after: recipients who unsubscribed
+        # or bounced since their message was queued do not get it.
+        await self._drop_unsubscribed(tuple(self._sends.values()))
+        for send in fresh:
+            if self._sends.get(send.campaign.id) is send:
+                self._apply_gate(send)
         await self._write_status()
         for send in list(self._sends.values()):
             self._kick(send)
 
-    async def _adopt_leftovers(self, open_ids: set[int]) -> None:
+    async def _adopt_leftovers(self, open_ids: set[int]) -> list[_Send]:
         """
         At the first look: the queue may hold messages of sends that are
         over (finished, or cancelled while the gateway was down).
+
+        @return: the finished sends adopted, their gates to be opened.
         """
+        adopted = []
         for gate in sorted(self._queue.gates()):
             campaign_id = _gate_campaign(gate)
             if campaign_id is None or campaign_id in open_ids:
@@ -1575,12 +1662,13 @@ class CampaignRunner(Service):
                 continue
             # Finished (deferred messages left), or unknown: the mail was
             # accepted, so it goes.
-            priority = Priority.NORMAL if campaign is None else campaign.priority
-            self._queue.open_gate(gate, priority, label=campaign_label(campaign_id))
-            if campaign is not None:
-                self._adopt(campaign, finished=True)
+            if campaign is None:
+                self._queue.open_gate(gate, Priority.NORMAL, label=campaign_label(campaign_id))
+            else:
+                adopted.append(self._adopt(campaign, finished=True, apply=False))
+        return adopted
 
-    def _adopt(self, campaign: Campaign, *, finished: bool = False) -> _Send:
+    def _adopt(self, campaign: Campaign, *, finished: bool = False, apply: bool = True) -> _Send:
         gate = campaign_username(campaign.id)
         send = _Send(
             campaign=campaign,
@@ -1609,7 +1697,8 @@ class CampaignRunner(Service):
             )
         self._sends[campaign.id] = send
         self._by_gate[gate] = send
-        self._apply_gate(send)
+        if apply:
+            self._apply_gate(send)
         return send
 
     def _apply_gate(self, send: _Send) -> None:
@@ -1664,6 +1753,63 @@ class CampaignRunner(Service):
         for entry in self._queue.gated(gate):
             if entry.state is not MessageState.SENDING:
                 self._queue.cancel(entry.queue_id).addErrback(self._not_cancelled, entry.queue_id)
+
+    def _cancel_unsent(self, queue_id: str) -> Deferred[None] | None:
+        """
+        Cancel a message unless it is being delivered (or gone).
+
+        @return: the journal's record of it, or L{None} when not cancelled.
+        """
+        entry = self._queue.get(queue_id)
+        if entry is None or entry.state is MessageState.SENDING:
+            return None
+        d = self._queue.cancel(queue_id)
+        d.addErrback(self._not_cancelled, queue_id)
+        return d
+
+    async def _drop_unsubscribed(self, sends: Iterable[_Send]) -> None:
+        """
+        Cancel the messages of C{sends} still waiting in the queue whose
+        recipients are no longer subscribed: one read for all of them.
+        """
+        waiting: dict[int, list[str]] = {}
+        for send in sends:
+            for entry in self._queue.gated(send.gate):
+                found = parse_queue_id(entry.queue_id)
+                if found is not None and entry.state is not MessageState.SENDING:
+                    waiting.setdefault(found[1], []).append(entry.queue_id)
+        if not waiting:
+            return
+        try:
+            gone = await self._store.not_subscribed(waiting)
+        except Exception as e:
+            self._log.warn(
+                "could not check whether {count} queued recipients are still subscribed: {reason}",
+                count=len(waiting),
+                reason=str(e) or type(e).__name__,
+            )
+            return
+        for recipient_id in gone:
+            for queue_id in waiting[recipient_id]:
+                self._cancel_unsent(queue_id)
+
+    def _cancel_held(self, send: _Send, queue_ids: Iterable[str]) -> list[Deferred[None]]:
+        """
+        Journal as cancelled messages held back (durable but never
+        scheduled) whose recipients are no longer subscribed, so that no
+        restart replays them.
+        """
+        held = [send.held_back.pop(q) for q in queue_ids if q in send.held_back]
+        if not held:
+            return []
+        # Scheduled only to be cancelled at once: behind the closed gate,
+        # none can be handed out in between.
+        self._queue.close_gate(send.gate)
+        for envelope, location in held:
+            self._queue.schedule(envelope, location)
+        cancels = [self._cancel_unsent(envelope.queue_id) for envelope, _ in held]
+        self._apply_gate(send)
+        return [d for d in cancels if d is not None]
 
     def _not_cancelled(self, failure: Failure, queue_id: str) -> None:
         self._log.warn(
@@ -1729,10 +1875,15 @@ class CampaignRunner(Service):
             else:
                 break
             campaign = send.campaign
+            await self._drop_unsubscribed((send,))
             recipients = await self._store.recipients_after(
                 campaign.list, send.cursor, send.last_id, limit
             )
             if not recipients:
+                if not await self._skip_to_end(send):
+                    send.retry_at = self._clock.seconds() + self._retry_interval
+                    self._clock.callLater(self._retry_interval, self._kick, send)
+                    break
                 send.exhausted = True
                 break
             if not await self._submit(send, recipients):
@@ -1741,6 +1892,61 @@ class CampaignRunner(Service):
                 break
         if send.exhausted and not send.window and not send.held_back and not send.finished:
             await self._finish(send)
+
+    def _skipped(self, send: _Send, upto: int, kept: set[int]) -> list[str]:
+        """
+        The send's messages past its cursor, up to C{upto}, not of the
+        recipients C{kept}: those whose recipients the last read skipped
+        (no longer subscribed). Held back or replayed, they were never sent.
+        """
+        found = []
+        for queue_id in [*send.held_back, *(e.queue_id for e in self._queue.gated(send.gate))]:
+            ids = parse_queue_id(queue_id)
+            if ids is not None and send.cursor < ids[1] <= upto and ids[1] not in kept:
+                found.append(queue_id)
+        return found
+
+    async def _drop_skipped(self, send: _Send, upto: int, kept: set[int]) -> None:
+        """
+        Cancel, in the journal, what L{_skipped} finds, before the cursor
+        passes it: once behind the cursor, a replay would send it.
+        """
+        skipped = self._skipped(send, upto, kept)
+        if not skipped:
+            return
+        cancels = self._cancel_held(send, [q for q in skipped if q in send.held_back])
+        for queue_id in skipped:
+            d = self._cancel_unsent(queue_id)
+            if d is not None:
+                cancels.append(d)
+        await DeferredList(cancels, consumeErrors=True)
+
+    async def _skip_to_end(self, send: _Send) -> bool:
+        """
+        No subscribed recipient is left past the cursor: cancel what was
+        queued or held back for those past it, move the cursor to the
+        send's last recipient (so that a send catching up after a restart
+        is caught up) and open its gate.
+
+        @return: whether the cursor could be recorded.
+        """
+        await self._drop_skipped(send, send.last_id, set())
+        if send.cursor < send.last_id:
+            try:
+                await self._store.record_progress(send.campaign.id, send.last_id, 0)
+            except Exception as e:
+                self._log.warn(
+                    "console send {id}: could not record its progress ({reason}); it goes on"
+                    " from there later",
+                    id=send.campaign.id,
+                    reason=str(e) or type(e).__name__,
+                )
+                return False
+            send.cursor = max(send.cursor, send.last_id)
+        if send.catch_up_to:
+            send.catch_up_to = 0
+            self._apply_gate(send)
+        return True
 
     async def _submit(self, send: _Send, recipients: list[Recipient]) -> bool:
         """
@@ -1800,6 +2006,7 @@ class CampaignRunner(Service):
             accepted.append((envelope, location))
             cursor = recipient_id
         if accepted:
+            await self._drop_skipped(send, cursor, {r.id for r in recipients})
             try:
                 await self._store.record_progress(campaign.id, cursor, len(accepted))
             except Exception as e:

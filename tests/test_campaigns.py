@@ -1198,6 +1198,184 @@ def test_poke_looks_at_once(store: SQLiteCampaignStore, clock: Clock) -> None:
     assert gateway.runner.window_of(campaign.id) == 0
 
 
+def _cancelled_in_journal(gateway: Gateway) -> set[str]:
+    return {q for q, state, *_ in gateway.journal.state_records if state == "cancelled"}
+
+
+@pytest.mark.parametrize("paused", [False, True])
+def test_queued_message_of_a_recipient_who_unsubscribes_is_cancelled(
+    store: SQLiteCampaignStore, clock: Clock, paused: bool
+) -> None:
+    """
+    A recipient who unsubscribes while their message waits in the queue
+    (sending or paused by an admin) does not get it: the runner's next poll
+    cancels it in the journal; the others get theirs.
+    """
+    ids = add_recipients(store, 40)
+    gateway = Gateway(clock, store, rate=5, window=16)
+    campaign = create(store)
+    advance(clock, 1.0)
+    queue_id = campaign_queue_id(campaign.id, ids[10])
+    assert gateway.queue.get(queue_id) is not None
+    if paused:
+        store.pause(campaign.id)
+        gateway.runner.poke()
+        advance(clock, 0.1)
+    store.recipients.unsubscribe_id("news", ids[10])
+    advance(clock, 1.0)
+    assert gateway.queue.get(queue_id) is None
+    assert queue_id in _cancelled_in_journal(gateway)
+    if paused:
+        store.resume(campaign.id)
+    run_until(clock, finished(gateway, campaign.id))
+    got = gateway.relay.recipients_of(campaign.id)
+    assert sorted(got) == sorted(f"r{i}@dest{i % 7}.example" for i in range(40) if i != 10)
+
+
+def test_replayed_message_of_a_recipient_who_unsubscribed_while_down_is_not_sent(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    A recipient who unsubscribed while the gateway was down does not get
+    their message the journal replays: it is cancelled before the send's
+    gate opens.
+    """
+    ids = add_recipients(store, 20)
+    gateway = Gateway(clock, store, window=16)
+    gateway.relay.hold = True
+    campaign = create(store)
+    advance(clock, 0.5)
+    queue_id = campaign_queue_id(campaign.id, ids[15])
+    assert gateway.queue.get(queue_id) is not None
+    gateway.crash()
+    store.recipients.unsubscribe_id("news", ids[15])
+    gateway.start()
+    run_until(clock, finished(gateway, campaign.id))
+    assert "r15@dest1.example" not in gateway.relay.recipients_of(campaign.id)
+    assert queue_id in _cancelled_in_journal(gateway)
+
+
+def test_forget_recipient_cancels_at_once_but_not_a_delivery_under_way(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    L{CampaignRunner.forget_recipient} (what the pages call after an
+    unsubscribe) cancels the recipient's queued message of each open send
+    of the list at once; a message being delivered goes; other lists'
+    sends are not touched.
+    """
+    ids = add_recipients(store, 10)
+    gateway = Gateway(clock, store, concurrency=1, window=16)
+    gateway.relay.hold = True
+    campaign = create(store)
+    advance(clock, 0.1)
+    (sending,) = [e.recipients[0] for e, _, _ in gateway.relay.pending]
+    assert sending == "r0@dest0.example"
+    assert gateway.runner.forget_recipient("other", ids[3]) == 0
+    assert gateway.runner.forget_recipient("news", ids[3]) == 1
+    assert gateway.runner.forget_recipient("news", ids[0]) == 0
+    assert gateway.queue.get(campaign_queue_id(campaign.id, ids[3])) is None
+    assert campaign_queue_id(campaign.id, ids[3]) in _cancelled_in_journal(gateway)
+    gateway.relay.hold = False
+    gateway.relay.release()
+    run_until(clock, finished(gateway, campaign.id))
+    got = gateway.relay.recipients_of(campaign.id)
+    assert sorted(got) == sorted(f"r{i}@dest{i % 7}.example" for i in range(10) if i != 3)
+
+
+def test_catching_up_ends_when_the_rest_unsubscribed(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    After a restart, a send whose journal holds messages past its cursor
+    catches up; when their recipients unsubscribed meanwhile, it does not
+    wait forever: the cursor moves to the last recipient, the messages are
+    cancelled, never sent, and the send finishes.
+    """
+    ids = add_recipients(store, 20)
+    backend = FailingProgress(store)
+    gateway = Gateway(clock, store, window=8, backend=backend)
+    backend.failing = True
+    campaign = create(store)
+    advance(clock, 0.5)
+    assert gateway.campaign(campaign.id).cursor == 0
+    replayed = [
+        q for q in (m.envelope.queue_id for m in gateway.journal.replay()) if parse_queue_id(q)
+    ]
+    assert replayed
+    gateway.crash()
+    backend.failing = False
+    for recipient_id in ids:
+        store.recipients.unsubscribe_id("news", recipient_id)
+    gateway.start()
+    run_until(clock, finished(gateway, campaign.id), limit=30)
+    assert gateway.relay.log == []
+    assert set(replayed) <= _cancelled_in_journal(gateway)
+    assert gateway.campaign(campaign.id).cursor == ids[-1]
+    assert gateway.queue.gates() == set()
+
+
+@pytest.mark.parametrize("unsubscribed", ["first", "all"])
+def test_held_back_message_of_a_recipient_who_unsubscribes_is_cancelled(
+    store: SQLiteCampaignStore, clock: Clock, unsubscribed: str
+) -> None:
+    """
+    A message held back (durable, its cursor not recorded) whose recipient
+    unsubscribes before the send goes on is cancelled in the journal when
+    the cursor passes it (or the send runs out of recipients): the send
+    finishes, and a restart does not send it.
+    """
+    ids = add_recipients(store, 20 if unsubscribed == "first" else 8)
+    backend = FailingProgress(store)
+    gateway = Gateway(clock, store, window=8, backend=backend)
+    backend.failing = True
+    campaign = create(store)
+    advance(clock, 0.5)
+    held = set(gateway.runner._sends[campaign.id].held_back)
+    gone = ids[:1] if unsubscribed == "first" else ids
+    assert {campaign_queue_id(campaign.id, i) for i in gone} <= held
+    for recipient_id in gone:
+        store.recipients.unsubscribe_id("news", recipient_id)
+    backend.failing = False
+    run_until(clock, finished(gateway, campaign.id), limit=30)
+    assert {campaign_queue_id(campaign.id, i) for i in gone} <= _cancelled_in_journal(gateway)
+    gateway.restart()
+    advance(clock, 30)
+    got = gateway.relay.recipients_of(campaign.id)
+    expected = [f"r{i}@dest{i % 7}.example" for i, r in enumerate(ids) if r not in gone]
+    assert sorted(got) == sorted(expected)
+
+
+def test_bounces_of_deliveries_ending_after_the_runner_stopped_are_recorded(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    The runner stops before the queue, which lets the deliveries under way
+    finish: their hard bounces still mark the recipients bounced and are
+    counted.
+    """
+    add_recipients(store, 10)
+    gateway = Gateway(clock, store, window=8, concurrency=3)
+    gateway.relay.plan = {f"r{i}@dest{i % 7}.example": "5xx" for i in range(10)}
+    gateway.relay.hold = True
+    campaign = create(store)
+    advance(clock, 0.5)
+    in_flight = [e.recipients[0] for e, _, _ in gateway.relay.pending]
+    assert len(in_flight) == 3
+    stopped: list[object] = []
+    gateway.runner.stopService().addBoth(stopped.append)
+    advance(clock, 0.1)
+    assert stopped == [None]
+    gateway.queue.stopService()
+    gateway.relay.release()
+    advance(clock, 1)
+    for address in in_flight:
+        recipient = store.recipients.get("news", address)
+        assert recipient is not None
+        assert recipient.status is RecipientStatus.BOUNCED
+    assert gateway.campaign(campaign.id).bounced == 3
+
+
 def _reactor() -> Any:
     from twisted.internet import reactor
 
