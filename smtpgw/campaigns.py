@@ -127,6 +127,7 @@ __all__ = [
     "DEFAULT_RETRY_INTERVAL",
     "DEFAULT_WINDOW",
     "MAX_BODY_LENGTH",
+    "MAX_SEND_AT",
     "MAX_SUBJECT_LENGTH",
     "QUEUE_STOPPED_REASON",
     "RATE_WINDOW",
@@ -159,6 +160,10 @@ MAX_SUBJECT_LENGTH: Final = 998
 
 MAX_BODY_LENGTH: Final = 1_000_000
 """The longest text or HTML body, in characters."""
+
+MAX_SEND_AT: Final = 253_402_300_799
+"""The latest schedule time: 9999-12-31T23:59:59Z (later ones cannot be
+shown in ISO 8601)."""
 
 DEFAULT_WINDOW: Final = 256
 """The most messages of one send in the queue (queued or being sent) at
@@ -706,9 +711,13 @@ class SQLiteCampaignStore:
             raise ValidationError("text", "a text or an HTML body (or both) is required")
         number = validate_priority(priority)
         if send_at is not None and not (
-            isinstance(send_at, int | float) and math.isfinite(send_at) and send_at >= 0
+            isinstance(send_at, int | float)
+            and math.isfinite(send_at)
+            and 0 <= send_at <= MAX_SEND_AT
         ):
-            raise ValidationError("send_at", f"{send_at!r} is not a time")
+            raise ValidationError(
+                "send_at", f"{send_at!r} is not a time from 1970 to 9999-12-31T23:59:59Z"
+            )
         address = self.check_sender(list, sender)
         now = self._clock.seconds()
         with transaction(self._connection) as db:

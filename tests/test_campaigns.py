@@ -32,6 +32,7 @@ from smtpgw.alerts import MemoryAlertSink
 from smtpgw.campaigns import (
     ADMIN_PAUSE_REASON,
     DEFAULT_WINDOW,
+    MAX_SEND_AT,
     MAX_SUBJECT_LENGTH,
     QUEUE_STOPPED_REASON,
     Campaign,
@@ -357,6 +358,9 @@ def test_create_with_defaults(store: SQLiteCampaignStore, clock: Clock) -> None:
         ({"sender": "not an address"}, "sender", "local@domain"),
         ({"sender": "x@sub.example.com"}, "sender", "neither the domain sub.example.com"),
         ({"send_at": float("nan")}, "send_at", "not a time"),
+        ({"send_at": -1}, "send_at", "not a time"),
+        ({"send_at": MAX_SEND_AT + 1}, "send_at", "not a time"),
+        ({"send_at": MAX_SEND_AT + 0.5}, "send_at", "not a time"),
     ],
 )
 def test_create_refuses_bad_fields(
@@ -370,6 +374,16 @@ def test_create_refuses_bad_fields(
     assert caught.value.field == field
     assert message in caught.value.message
     assert store.campaigns() == []
+
+
+def test_send_at_at_the_limit_is_listed(store: SQLiteCampaignStore, clock: Clock) -> None:
+    """
+    A send scheduled at the latest time (L{MAX_SEND_AT},
+    9999-12-31T23:59:59Z) is taken and shows in listings.
+    """
+    create(store, send_at=MAX_SEND_AT)
+    (listed,) = store.campaigns()
+    assert campaign_document(listed, clock.seconds())["send_at"] == "9999-12-31T23:59:59Z"
 
 
 def test_subject_length_at_the_limit(store: SQLiteCampaignStore) -> None:
