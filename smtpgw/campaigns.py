@@ -205,6 +205,7 @@ _QUEUE_ID: Final = re.compile(r"C(\d{1,18})R(\d{1,19})")
 _GATE: Final = re.compile(r"campaign-(\d{1,18})")
 _MERGE_FIELD: Final = re.compile(r"\{\{\s*([\w.-]+)\s*\}\}")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_BODY_END: Final = re.compile(r"</body\s*>", re.IGNORECASE)
 # RFC 5322 section 2.1.1, without the CRLF.
 _MAX_HEADER_LINE: Final = 998
 
@@ -446,9 +447,13 @@ def _with_text_footer(text: str, url: str) -> str:
 
 def _with_html_footer(body: str, url: str) -> str:
     link = f'<p><a href="{html.escape(url, quote=True)}">Unsubscribe</a></p>'
-    at = body.lower().rfind("</body>")
-    if at < 0:
+    # Searched in the body itself: lower() may change its length ("İ").
+    found: re.Match[str] | None = None
+    for found in _BODY_END.finditer(body):  # noqa: B007 (the last one)
+        pass
+    if found is None:
         return body + link
+    at = found.start()
     return body[:at] + link + body[at:]
 
 

@@ -645,6 +645,22 @@ def test_placed_unsubscribe_link_is_not_added_again() -> None:
     assert content(message) == f'<a href="{BASE_URL}/unsubscribe/TOKEN">leave</a>\n'
 
 
+@pytest.mark.parametrize(
+    ("before", "end"),
+    [("<p>İİİİ</p>", "</body>"), ("<p>plain</p>", "</BODY >"), ("<p>İ</p>", "</Body\n>")],
+)
+def test_html_footer_goes_before_the_end_of_the_body(before: str, end: str) -> None:
+    """
+    The unsubscribe link is added just before the last C{</body>} (any
+    case, spaces before C{>}), also when the body has characters whose
+    lower case is longer (C{İ}).
+    """
+    campaign = sample(text=None, html=f"<html><body>{before}{end}</html>")
+    got = content(parsed(render(campaign, person())))
+    link = f'<p><a href="{BASE_URL}/unsubscribe/TOKEN">Unsubscribe</a></p>'
+    assert got == f"<html><body>{before}{link}{end}</html>\n"
+
+
 _texts = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=300)
 
 
