@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -319,6 +320,7 @@ def parse_recipients_csv(
             f"the file has {len(data)} bytes, more than the {max_bytes} one import takes: split it"
         )
     text = _decoded(data)
+    _allow_fields_of(len(text))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     names: list[str] = []
@@ -333,7 +335,24 @@ def parse_recipients_csv(
         except StopIteration:
             break
         except csv.Error as e:
-            raise CsvRefused(f"not readable as CSV: {e}", reader.line_num) from None
+            start, line = line, reader.line_num + 1
+            if header is None:
+                raise CsvRefused(f"not readable as CSV: {e}", start) from None
+            if _UNCLOSED_QUOTE in str(e):
+                # The quote took every line after it: there are no rows
+                # left to tell apart, so nothing of the file is usable.
+                raise CsvRefused(
+                    f"not readable as CSV: a quote opened in this row is never closed ({e})",
+                    start,
+                ) from None
+            # The reader starts afresh on the next line: only this row is lost.
+            count += 1
+            if count > max_rows:
+                raise CsvRefused(
+                    f"more than {max_rows} recipients in one file: split it", start
+                ) from None
+            errors.append(RowError(start, f"not readable as CSV: {e}{_QUOTING_HINT}"))
+            continue
         start, line = line, reader.line_num + 1
         if not any(cell.strip() for cell in row):
             continue
@@ -353,6 +372,29 @@ def parse_recipients_csv(
         raise CsvRefused("the file is empty: a header row with an 'email' column is required")
     columns = tuple(name for name in names if name != "email")
     return CsvImport(columns, tuple(rows), tuple(errors))
+
+
+_UNCLOSED_QUOTE: Final = "unexpected end of data"
+"""What the csv module says when a quoted value runs to the end of the file."""
+
+_QUOTING_HINT: Final = ' (a quoted value is quoted whole, as "Ann ""A."" Smith")'
+
+_field_limit_lock = threading.Lock()
+
+
+def _allow_fields_of(size: int) -> None:
+    """
+    Let the csv module read a field of C{size} characters, so that a long
+    value is the error of its row (L{MAX_FIELD_LENGTH}) rather than a
+    reader error that loses the lines after it.
+
+    The limit is process-wide: it is only ever raised, under a lock, since
+    imports in other threads may be reading with it (restoring it after
+    one import could lower it under another).
+    """
+    with _field_limit_lock:
+        if csv.field_size_limit() < size:
+            csv.field_size_limit(size)
 
 
 def _read_row(

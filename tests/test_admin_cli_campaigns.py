@@ -109,6 +109,22 @@ def test_import_with_bad_rows_changes_nothing_unless_valid_only(
     assert [e["line"] for e in document["errors"]] == [3, 4]
 
 
+def test_valid_only_skips_a_row_with_bad_quoting(admin: Admin, tmp_path: Path) -> None:
+    """
+    A row the CSV reader refuses (text after a closing quote) is a bad row
+    like any other: named by its line, and skipped with --valid-only.
+    """
+    csv = write(tmp_path, "r.csv", 'email,name\na@x.org,"Ann" Smith\nb@x.org,Bob\n')
+    status, _, err = admin("recipients", "import", "--list", "news", csv)
+    assert status == 2
+    assert "1 bad row(s), nothing imported" in err
+    assert "line 2: not readable as CSV" in err
+    document = admin.json("recipients", "import", "--list", "news", csv, "--valid-only")
+    assert (document["imported"], [e["line"] for e in document["errors"]]) == (1, [2])
+    listed = admin.json("recipients", "list", "--list", "news")["recipients"]
+    assert [r["email"] for r in listed] == ["b@x.org"]
+
+
 @pytest.mark.parametrize(
     ("args", "status", "message"),
     [

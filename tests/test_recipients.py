@@ -225,6 +225,65 @@ def test_field_length_at_the_limit_and_one_past() -> None:
     assert f"more than the {MAX_FIELD_LENGTH} allowed" in parsed.errors[0].message
 
 
+def test_a_row_the_csv_reader_refuses_is_an_error_of_that_row() -> None:
+    """
+    Text after a closing quote makes its row bad, by the line where the row
+    starts (also when its quoted value spans lines); the rows after it are
+    read, so that an import of the valid rows can skip it.
+    """
+    parsed = parse_recipients_csv(
+        b'email,name\na@x.com,"Ann" Smith\nb@x.com,Bob\nc@x.com,"two\nlines" x\nd@x.com,D\n'
+    )
+    assert [(r.line, r.email) for r in parsed.rows] == [(3, "b@x.com"), (6, "d@x.com")]
+    assert [e.line for e in parsed.errors] == [2, 4]
+    assert all("not readable as CSV" in e.message for e in parsed.errors)
+    assert "quoted whole" in parsed.errors[0].message
+
+
+def test_a_bad_header_row_or_an_unclosed_quote_still_refuses_the_file() -> None:
+    """
+    The header cannot be skipped, and a quote never closed swallows every
+    line after it: both refuse the file, naming the line.
+    """
+    with pytest.raises(CsvRefused, match=r"^line 1: not readable as CSV"):
+        parse_recipients_csv(b'email,"name" x\na@x.com,A\n')
+    with pytest.raises(CsvRefused, match=r"^line 3: not readable as CSV: a quote opened"):
+        parse_recipients_csv(b'email,name\na@x.com,A\nb@x.com,"B\nc@x.com,C\n')
+
+
+def test_bad_csv_rows_count_towards_the_rows_limit() -> None:
+    """
+    A row the reader refuses is one of the C{max_rows}: at the limit the
+    file is read, one past it is refused.
+    """
+    bad = 'z@x.com,"Z" z'
+    at = csv_bytes("email,name", "a@x.com,A", bad)
+    assert len(parse_recipients_csv(at, max_rows=2).errors) == 1
+    with pytest.raises(CsvRefused, match="line 4: more than 2 recipients"):
+        parse_recipients_csv(csv_bytes("email,name", "a@x.com,A", bad, bad), max_rows=2)
+
+
+@pytest.mark.parametrize("quoted", [False, True])
+def test_a_value_past_the_csv_modules_default_limit_is_an_error_of_its_row(
+    quoted: bool,
+) -> None:
+    """
+    A value longer than the csv module's default field limit (131,072) is
+    the row's L{MAX_FIELD_LENGTH} error, not a refusal of the file; the
+    next row is read, and the limit is never lowered by reading.
+    """
+    value = "z" * 200_000 + ("\nmore" if quoted else "")
+    cell = f'"{value}"' if quoted else value
+    parsed = parse_recipients_csv(csv_bytes("email,name", f"a@x.com,{cell}", "b@x.com,Bob"))
+    assert [(r.line, r.email) for r in parsed.rows] == [(4 if quoted else 3, "b@x.com")]
+    (error,) = parsed.errors
+    assert error.line == 2
+    assert f"more than the {MAX_FIELD_LENGTH} allowed" in error.message
+    assert csv.field_size_limit() >= 200_000
+    parse_recipients_csv(csv_bytes("email", "a@x.com"))
+    assert csv.field_size_limit() >= 200_000
+
+
 _cell = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
     max_size=20,
@@ -254,6 +313,25 @@ def test_parser_accounts_for_every_row(rows: list[tuple[str, str]], bom: bool) -
     assert len({r.email for r in parsed.rows}) == len(parsed.rows)
     for row in parsed.rows:
         assert row.fields.keys() == {"name"}
+
+
+@given(
+    st.lists(st.tuples(_address, st.booleans()), max_size=20, unique_by=lambda t: t[0]),
+    st.text(alphabet="abc ", min_size=1, max_size=5),
+)
+def test_bad_quoting_loses_only_its_own_rows(rows: list[tuple[str, bool]], tail: str) -> None:
+    """
+    Among good rows, each row with text after its closing quote is
+    reported by its line, and every other row is read.
+    """
+    lines = ["email,name"] + [
+        f'{address},"N" {tail}' if bad else f'{address},"N"' for address, bad in rows
+    ]
+    parsed = parse_recipients_csv(csv_bytes(*lines))
+    bad_lines = [line for line, (_, bad) in enumerate(rows, start=2) if bad]
+    good = [(line, a) for line, (a, bad) in enumerate(rows, start=2) if not bad]
+    assert [e.line for e in parsed.errors] == bad_lines
+    assert [(r.line, r.email) for r in parsed.rows] == good
 
 
 @given(st.binary(max_size=300))
