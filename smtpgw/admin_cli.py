@@ -32,6 +32,7 @@ L{CommandError}.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -53,6 +54,7 @@ from smtpgw.admins import (
     validate_token_name,
 )
 from smtpgw.campaigns import (
+    MAX_BODY_LENGTH,
     Campaign,
     CampaignState,
     SQLiteCampaignStore,
@@ -901,12 +903,47 @@ def _read_input(path: str, limit: int) -> bytes:
         raise CommandError(f"cannot read {path}: {e.strerror}") from None
 
 
+# A body of MAX_BODY_LENGTH characters is at most this many bytes of UTF-8,
+# with a byte order mark: reading this much never cuts a body that fits.
+_MAX_BODY_BYTES: Final = 4 * MAX_BODY_LENGTH + len(codecs.BOM_UTF8)
+
+
 def _read_text(path: str, option: str) -> str:
-    data = _read_input(path, 2 * 1024 * 1024)
+    """
+    A body from a file (C{-}: standard input), whole or refused.
+
+    @raise UsageError: the file is not UTF-8 text or is longer than
+        L{MAX_BODY_LENGTH} characters.
+    """
+    data = _read_input(path, _MAX_BODY_BYTES)
+    too_long = f"{option}: {path} is longer than the {MAX_BODY_LENGTH} characters allowed"
+    if len(data) > _MAX_BODY_BYTES:
+        raise UsageError(too_long)
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UsageError(f"{option}: {path} is not UTF-8 text") from None
+    if len(text) > MAX_BODY_LENGTH:
+        raise UsageError(f"{too_long} ({len(text)})")
+    return text
+
+
+def _utf8(value: str | None, option: str) -> str | None:
+    """
+    An argument as given, refused when it is not UTF-8: bytes that are
+    not come from the command line as lone surrogates, which can neither
+    be stored nor sent.
+
+    @raise UsageError: naming the option.
+    """
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(
+                f"{option}: not valid UTF-8 text (check the terminal's encoding)"
+            ) from None
+    return value
 
 
 def _recipients_import(args: argparse.Namespace, context: Context) -> Output:
@@ -1052,6 +1089,8 @@ def _send_at(text: str) -> float:
 
 
 def _campaign_add(args: argparse.Namespace, context: Context) -> Output:
+    for option in ("--list", "--subject", "--sender", "--text", "--html", "--send-at"):
+        _utf8(getattr(args, option[2:].replace("-", "_")), option)
     text = args.text if args.text_file is None else _read_text(args.text_file, "--text-file")
     html = args.html if args.html_file is None else _read_text(args.html_file, "--html-file")
     send_at = None if args.send_at is None else _send_at(args.send_at)

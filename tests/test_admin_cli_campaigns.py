@@ -8,6 +8,7 @@ one-line errors that change nothing.
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from smtpgw.admin_cli import main
-from smtpgw.campaigns import SQLiteCampaignStore
+from smtpgw.campaigns import MAX_BODY_LENGTH, SQLiteCampaignStore
 from smtpgw.database import database_path
 from smtpgw.recipients import MAX_PAGE
 from smtpgw.userstore import SQLiteUserStore
@@ -249,6 +250,50 @@ def test_send_at_is_taken_at_the_last_second_of_9999(admin: Admin) -> None:
     assert created["send_at"] == "9999-12-31T23:59:59Z"
     status, out, _ = admin("campaign", "show", str(created["id"]))
     assert (status, "send_at: 9999-12-31T23:59:59Z" in out) == (0, True)
+
+
+ADD = ("campaign", "add", "--list", "news", "--subject", "S", "--sender", "news@example.com")
+
+
+@pytest.mark.parametrize(("option", "character"), [("--text-file", "€"), ("--html-file", "😀")])
+def test_a_body_file_is_taken_whole_at_the_limit_and_refused_one_past(
+    admin: Admin, tmp_path: Path, option: str, character: str
+) -> None:
+    """
+    A body file of L{MAX_BODY_LENGTH} characters (of 3 or 4 bytes each,
+    with a byte order mark) is taken whole; one character more, or far
+    more, fails on one line and creates nothing (it is never cut short).
+    """
+    at = tmp_path / "at.txt"
+    at.write_bytes(codecs.BOM_UTF8 + (character * MAX_BODY_LENGTH).encode("utf-8"))
+    created = admin.json(*ADD, option, str(at))
+    body = created["text" if option == "--text-file" else "html"]
+    assert body == character * MAX_BODY_LENGTH
+    for size in (MAX_BODY_LENGTH + 1, 2 * MAX_BODY_LENGTH):
+        past = tmp_path / "past.txt"
+        past.write_text(character * size, encoding="utf-8")
+        status, _, err = admin(*ADD, option, str(past))
+        assert status == 2
+        assert f"{option}: {past} is longer than the {MAX_BODY_LENGTH} characters" in err
+    with SQLiteCampaignStore.open(database_path(admin.data_dir), admin.clock) as store:
+        assert [c.id for c in store.campaigns()] == [created["id"]]
+
+
+@pytest.mark.parametrize("option", ["--subject", "--text", "--html", "--sender", "--list"])
+def test_arguments_that_are_not_utf8_fail_on_one_line(admin: Admin, option: str) -> None:
+    """
+    Bytes that are not UTF-8 on the command line (lone surrogates in
+    argv) are refused naming the option, not a traceback; nothing is
+    created.
+    """
+    values = {"--list": "news", "--subject": "S", "--sender": "news@example.com", "--text": "T"}
+    values[option] = "news\udcff" if option != "--sender" else "n\udcff@example.com"
+    flat = [item for pair in values.items() for item in pair]
+    status, _, err = admin("campaign", "add", *flat)
+    assert status == 2
+    assert f"{option}: not valid UTF-8 text" in err
+    with SQLiteCampaignStore.open(database_path(admin.data_dir), admin.clock) as store:
+        assert store.campaigns() == []
 
 
 def test_campaign_commands_on_unknown_sends(admin: Admin) -> None:
