@@ -998,6 +998,56 @@ def test_the_unsubscribe_button_unsubscribes_without_a_session(sends: Sends) -> 
     assert 'id="unsubscribe-form"' not in later.text
 
 
+class ForgettingRunner(FakeRunner):
+    """
+    A runner that records which recipients it is told to forget.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forgotten: list[tuple[str, int]] = []
+
+    def forget_recipient(self, list: str, recipient_id: int) -> int:
+        self.forgotten.append((list, recipient_id))
+        return 1
+
+
+def test_an_unsubscribe_has_the_runner_forget_the_recipient(sends: Sends) -> None:
+    """
+    After an unsubscribe by link the runner is told to cancel that
+    recipient's queued messages (by list and id), once per POST; a
+    token that is not valid tells it nothing.
+    """
+    sends.add(b"email\nann@example.org\nbob@example.org\n")
+    runner = ForgettingRunner()
+    sends.web.ctx.runner = runner
+    ann = next(r for r in sends.people.recipients("news") if r.email == "ann@example.org")
+    anonymous = sends.web.browser()
+    path = "/unsubscribe/" + token_for(sends, "ann@example.org")
+    assert anonymous.post(path, {"List-Unsubscribe": "One-Click"}).code == 200
+    assert runner.forgotten == [("news", ann.id)]
+    assert anonymous.post("/unsubscribe/news~1~" + "A" * 22, {}).code == 404
+    assert runner.forgotten == [("news", ann.id)]
+
+
+def test_an_unsubscribe_works_with_a_runner_that_cannot_forget_or_none(
+    sends: Sends,
+) -> None:
+    """
+    A runner without C{forget_recipient}, or no runner, does not stop the
+    unsubscribe.
+    """
+    sends.add(b"email\nann@example.org\nbob@example.org\n")
+    anonymous = sends.web.browser()
+    assert not hasattr(sends.web.ctx.runner, "forget_recipient")
+    path = "/unsubscribe/" + token_for(sends, "ann@example.org")
+    assert anonymous.post(path, {}).code == 200
+    sends.web.ctx.runner = None
+    path = "/unsubscribe/" + token_for(sends, "bob@example.org")
+    assert anonymous.post(path, {}).code == 200
+    assert status_of(sends, "bob@example.org") is RecipientStatus.UNSUBSCRIBED
+
+
 def test_a_one_click_post_unsubscribes(sends: Sends) -> None:
     """
     RFC 8058: a mail client POSTs C{List-Unsubscribe=One-Click} to the

@@ -1336,6 +1336,7 @@ class CampaignPages(PageBase):
             id=recipient.id,
             name=recipient.list,
         )
+        self._forget_recipient(recipient)
         content = tags.div(class_="card login", id="unsubscribe")(
             tags.p(
                 tags.strong(masked_address(recipient.email)),
@@ -1346,6 +1347,35 @@ class CampaignPages(PageBase):
             )
         )
         return await self.show(request, None, "Unsubscribed", content)
+
+    def _forget_recipient(self, recipient: Recipient) -> None:
+        """
+        Have the runner cancel the recipient's messages still queued by
+        open sends, rather than let them go out before its next poll finds
+        the unsubscribe. A runner without C{forget_recipient} (or none)
+        finds it at that poll.
+        """
+        forget = getattr(self.ctx.runner, "forget_recipient", None)
+        if forget is None:
+            return
+        try:
+            cancelled = forget(recipient.list, recipient.id)
+        except Exception:
+            # The unsubscribe is recorded; the runner's poll still finds it.
+            _log.failure(
+                "could not cancel the queued messages of recipient {id} of list {name}",
+                id=recipient.id,
+                name=recipient.list,
+            )
+            return
+        if cancelled:
+            _log.info(
+                "cancelled {count} queued message(s) of unsubscribed recipient {id} "
+                "of list {name}",
+                count=cancelled,
+                id=recipient.id,
+                name=recipient.list,
+            )
 
     async def _unsubscribe_unknown(self, request: IRequest) -> bytes:
         content = tags.div(class_="card login", id="unsubscribe-unknown")(
