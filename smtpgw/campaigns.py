@@ -94,7 +94,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
@@ -258,6 +258,10 @@ class Campaign:
         stopped without finishing them, and were sent again (their
         recipient may have it twice).
     @ivar rate: messages a second lately, while sending.
+    @ivar bodies: whether C{text} and C{html} were read: listings
+        (L{SQLiteCampaignStore.campaigns},
+        L{SQLiteCampaignStore.open_campaigns}) leave them out (L{None}), as
+        they can be a megabyte each; L{SQLiteCampaignStore.get} reads them.
     """
 
     id: int
@@ -285,6 +289,7 @@ class Campaign:
     started_at: float | None
     finished_at: float | None
     updated_at: float | None
+    bodies: bool = field(default=True, repr=False)
 
     @property
     def done(self) -> int:
@@ -312,10 +317,13 @@ _COLUMNS: Final = (
     "state, paused_by_admin, paused_reason, cursor, last_recipient_id, total, sent, "
     "delivered, bounced, deferred, in_doubt, rate, started_at, finished_at, updated_at"
 )
+# The same columns with NULL for the bodies: what listings read.
+_METADATA_COLUMNS: Final = _COLUMNS.replace("text, html,", "NULL, NULL,")
 
 
-def _campaign(row: Sequence[Any]) -> Campaign:
+def _campaign(row: Sequence[Any], *, bodies: bool = True) -> Campaign:
     return Campaign(
+        bodies=bodies,
         id=row[0],
         list=row[1],
         subject=row[2],
@@ -768,11 +776,16 @@ class SQLiteCampaignStore:
         state: CampaignState | None = None,
         limit: int = 100,
         before_id: int | None = None,
+        *,
+        bodies: bool = True,
     ) -> list[Campaign]:
         """
         The sends, newest first.
 
         @param before_id: only those with a smaller id (paging).
+        @param bodies: whether to read the text and HTML bodies (up to a
+            megabyte each); without, they are L{None} (L{Campaign.bodies}).
+            Listings should not.
         @raise ValueError: a limit outside 1..1000.
         """
         if not 1 <= limit <= 1000:
@@ -788,11 +801,15 @@ class SQLiteCampaignStore:
         if before_id is not None:
             where.append("id < ?")
             parameters += (before_id,)
-        query = f"SELECT {_COLUMNS} FROM campaigns"  # noqa: S608
+        columns = _COLUMNS if bodies else _METADATA_COLUMNS
+        query = f"SELECT {columns} FROM campaigns"  # noqa: S608
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY id DESC LIMIT ?"
-        return [_campaign(row) for row in self._connection.execute(query, (*parameters, limit))]
+        return [
+            _campaign(row, bodies=bodies)
+            for row in self._connection.execute(query, (*parameters, limit))
+        ]
 
     def pause(self, campaign_id: int) -> Campaign:
         """
@@ -872,13 +889,23 @@ class SQLiteCampaignStore:
     def open_campaigns(self) -> list[Campaign]:
         """
         The sends that are not over (scheduled, sending, paused), oldest
-        first.
+        first, without their bodies (L{bodies}).
         """
         rows = self._connection.execute(
-            f"SELECT {_COLUMNS} FROM campaigns "  # noqa: S608
+            f"SELECT {_METADATA_COLUMNS} FROM campaigns "  # noqa: S608
             "WHERE state IN ('scheduled', 'sending', 'paused') ORDER BY id"
         )
-        return [_campaign(row) for row in rows]
+        return [_campaign(row, bodies=False) for row in rows]
+
+    def bodies(self, campaign_id: int) -> tuple[str | None, str | None] | None:
+        """
+        The text and HTML bodies of a send, or L{None} when there is no
+        such send.
+        """
+        row = self._connection.execute(
+            "SELECT text, html FROM campaigns WHERE id = ?", (campaign_id,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def start(self, campaign_id: int) -> Campaign | None:
         """
@@ -1086,6 +1113,8 @@ class CampaignBackend(Protocol):
 
     def open_campaigns(self) -> Deferred[list[Campaign]]: ...
 
+    def bodies(self, campaign_id: int) -> Deferred[tuple[str | None, str | None] | None]: ...
+
     def get(self, campaign_id: int) -> Deferred[Campaign | None]: ...
 
     def start(self, campaign_id: int) -> Deferred[Campaign | None]: ...
@@ -1131,8 +1160,10 @@ class _DeferredStore:
         state: CampaignState | None = None,
         limit: int = 100,
         before_id: int | None = None,
+        *,
+        bodies: bool = True,
     ) -> Deferred[list[Campaign]]:
-        return self.run(lambda s: s.campaigns(list, state, limit, before_id))
+        return self.run(lambda s: s.campaigns(list, state, limit, before_id, bodies=bodies))
 
     def pause(self, campaign_id: int) -> Deferred[Campaign]:
         return self.run(lambda s: s.pause(campaign_id))
@@ -1145,6 +1176,9 @@ class _DeferredStore:
 
     def open_campaigns(self) -> Deferred[list[Campaign]]:
         return self.run(lambda s: s.open_campaigns())
+
+    def bodies(self, campaign_id: int) -> Deferred[tuple[str | None, str | None] | None]:
+        return self.run(lambda s: s.bodies(campaign_id))
 
     def start(self, campaign_id: int) -> Deferred[Campaign | None]:
         return self.run(lambda s: s.start(campaign_id))
@@ -1309,6 +1343,8 @@ class _Send:
     @ivar held_back: messages durable in the journal that the cursor does
         not cover yet (a journal or database failure in their batch):
         scheduled once it does.
+    @ivar bodies: the send's text and HTML, read once while it runs (the
+        polls read the sends without them).
     """
 
     campaign: Campaign
@@ -1332,6 +1368,7 @@ class _Send:
     in_doubt: int = 0
     to_mark: list[int] = field(factory=list)
     written: tuple[CampaignState, str | None] | None = None
+    bodies: tuple[str | None, str | None] | None = field(default=None, repr=False)
 
     @property
     def catching_up(self) -> bool:
@@ -1691,6 +1728,8 @@ class CampaignRunner(Service):
             last_id=campaign.last_recipient_id or 0,
             finished=finished,
         )
+        if campaign.bodies:
+            send.bodies = (campaign.text, campaign.html)
         for entry in self._queue.gated(gate):
             if entry.state in (MessageState.QUEUED, MessageState.SENDING):
                 send.window.add(entry.queue_id)
@@ -1889,6 +1928,11 @@ class CampaignRunner(Service):
             else:
                 break
             campaign = send.campaign
+            if send.bodies is None:
+                found = await self._store.bodies(campaign.id)
+                if found is None:
+                    break
+                send.bodies = found
             await self._drop_unsubscribed((send,))
             recipients = await self._store.recipients_after(
                 campaign.list, send.cursor, send.last_id, limit
@@ -1969,7 +2013,8 @@ class CampaignRunner(Service):
         @return: whether the whole batch went.
         """
         assert self._key is not None
-        campaign = send.campaign
+        assert send.bodies is not None
+        campaign = evolve(send.campaign, text=send.bodies[0], html=send.bodies[1], bodies=True)
         now = self._clock.seconds()
         built = []
         for recipient in recipients:

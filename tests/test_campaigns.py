@@ -337,6 +337,7 @@ def test_create_with_defaults(store: SQLiteCampaignStore, clock: Clock) -> None:
     assert (campaign.text, campaign.html) == ("Hello {{name}}", "<p>hi</p>")
     assert campaign.created_at == T0
     assert store.campaigns() == [campaign]
+    assert store.campaigns(bodies=False) == [evolve(campaign, text=None, html=None, bodies=False)]
     document = campaign_document(campaign, T0)
     assert document["state"] == "scheduled"
     assert document["paused_reason"] is None
@@ -374,6 +375,30 @@ def test_create_refuses_bad_fields(
     assert caught.value.field == field
     assert message in caught.value.message
     assert store.campaigns() == []
+
+
+def test_listings_leave_the_bodies_out(store: SQLiteCampaignStore, clock: Clock) -> None:
+    """
+    Listings that ask so and the runner's polls read no bodies (up to a megabyte
+    each); L{SQLiteCampaignStore.get} and L{SQLiteCampaignStore.bodies}
+    do, and the runner builds the messages from them.
+    """
+    add_recipients(store, 3)
+    campaign = create(store, text="Plain {{name}}", html="<p>Rich</p>")
+    for listed in (store.campaigns(bodies=False)[0], store.open_campaigns()[0]):
+        assert (listed.text, listed.html, listed.bodies) == (None, None, False)
+    assert (campaign.text, campaign.html, campaign.bodies) == (
+        "Plain {{name}}",
+        "<p>Rich</p>",
+        True,
+    )
+    assert store.bodies(campaign.id) == ("Plain {{name}}", "<p>Rich</p>")
+    assert store.bodies(campaign.id + 1) is None
+    gateway = Gateway(clock, store)
+    run_until(clock, finished(gateway, campaign.id))
+    bodies = [gateway.relay.bodies[q] for q in gateway.relay.campaign_ids()]
+    assert len(bodies) == 3
+    assert all(b"Plain Name" in body and b"<p>Rich</p>" in body for body in bodies)
 
 
 def test_send_at_at_the_limit_is_listed(store: SQLiteCampaignStore, clock: Clock) -> None:
