@@ -30,8 +30,10 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers, whole files each: the end-to-end files mostly wait (on
+# --rate, on a browser), and another file runs meanwhile.
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider -q
+	$(BIN)/python -m pytest -p no:cacheprovider -q -n 2 --dist loadfile
 
 test: lint types pytest
 

@@ -30,6 +30,7 @@ setup(
             "pytest>=8",
             "pytest-twisted",
             "pytest-timeout",
+            "pytest-xdist",
             "hypothesis",
             "treq",
             "coverage",
