@@ -80,6 +80,7 @@ from __future__ import annotations
 import binascii
 import email.utils
 import enum
+import functools
 import html
 import json
 import math
@@ -98,6 +99,7 @@ from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -120,6 +122,7 @@ from smtpgw.validation import ValidationError, normalize_address, validate_prior
 
 __all__ = [
     "ADMIN_PAUSE_REASON",
+    "BUILD_TURN_BUDGET",
     "CANCELLED_REASON",
     "CATCHING_UP_REASON",
     "DEFAULT_MAX_DEFERRED",
@@ -127,6 +130,7 @@ __all__ = [
     "DEFAULT_RETRY_INTERVAL",
     "DEFAULT_WINDOW",
     "MAX_BODY_LENGTH",
+    "MAX_BUILD_PER_TURN",
     "MAX_SEND_AT",
     "MAX_SUBJECT_LENGTH",
     "QUEUE_STOPPED_REASON",
@@ -164,6 +168,13 @@ MAX_BODY_LENGTH: Final = 1_000_000
 MAX_SEND_AT: Final = 253_402_300_799
 """The latest schedule time: 9999-12-31T23:59:59Z (later ones cannot be
 shown in ISO 8601)."""
+
+MAX_BUILD_PER_TURN: Final = 32
+"""The most messages the runner builds in one turn of the reactor."""
+
+BUILD_TURN_BUDGET: Final = 0.005
+"""Seconds of building messages after which the runner lets the reactor
+turn (a megabyte of HTML costs some 10 ms a message)."""
 
 DEFAULT_WINDOW: Final = 256
 """The most messages of one send in the queue (queued or being sent) at
@@ -551,8 +562,11 @@ def render_message(
     return out + b"--" + boundary + b"--\r\n"
 
 
-def _fields_in(template: str) -> set[str]:
-    return {name.lower() for name in _MERGE_FIELD.findall(template)}
+@functools.lru_cache(maxsize=16)
+def _fields_in(template: str) -> frozenset[str]:
+    # Cached: the same bodies come for every message of a send (a str
+    # keeps its hash, and the same object compares equal at once).
+    return frozenset(name.lower() for name in _MERGE_FIELD.findall(template))
 
 
 # --- the store ----------------------------------------------------------------
@@ -2015,9 +2029,19 @@ class CampaignRunner(Service):
         assert self._key is not None
         assert send.bodies is not None
         campaign = evolve(send.campaign, text=send.bodies[0], html=send.bodies[1], bodies=True)
-        now = self._clock.seconds()
-        built = []
+        now = turn = self._clock.seconds()
+        built: list[tuple[int, Envelope, Deferred[JournalLocation]]] = []
         for recipient in recipients:
+            if built and (
+                len(built) % MAX_BUILD_PER_TURN == 0
+                or self._clock.seconds() - turn >= BUILD_TURN_BUDGET
+            ):
+                # Large bodies cost milliseconds each: let the reactor
+                # serve the rest (SMTP, the pages) between two slices.
+                await deferLater(self._clock, 0)
+                turn = self._clock.seconds()
+                if not self.running or campaign.id not in self._sends:
+                    break
             queue_id = campaign_queue_id(campaign.id, recipient.id)
             token = unsubscribe_token(self._key, campaign.list, recipient.id)
             body = render_message(

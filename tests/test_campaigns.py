@@ -32,6 +32,7 @@ from smtpgw.alerts import MemoryAlertSink
 from smtpgw.campaigns import (
     ADMIN_PAUSE_REASON,
     DEFAULT_WINDOW,
+    MAX_BUILD_PER_TURN,
     MAX_SEND_AT,
     MAX_SUBJECT_LENGTH,
     QUEUE_STOPPED_REASON,
@@ -1399,6 +1400,40 @@ def test_held_back_message_of_a_recipient_who_unsubscribes_is_cancelled(
     got = gateway.relay.recipients_of(campaign.id)
     expected = [f"r{i}@dest{i % 7}.example" for i, r in enumerate(ids) if r not in gone]
     assert sorted(got) == sorted(expected)
+
+
+def test_a_batch_is_built_a_slice_per_reactor_turn(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    The runner builds at most L{MAX_BUILD_PER_TURN} messages in one turn
+    of the reactor (large bodies cost milliseconds each), then goes on at
+    the next turn; the batch still goes whole, each recipient once.
+    """
+    add_recipients(store, 2 * MAX_BUILD_PER_TURN + 1)
+    gateway = Gateway(clock, store, window=256)
+    gateway.relay.hold = True
+    campaign = create(store)
+
+    def built() -> int:
+        return sum(1 for m in gateway.journal.replay() if parse_queue_id(m.envelope.queue_id))
+
+    counts = []
+    # One timer at a time (Clock.advance would also run those the timers
+    # add for now): each is a turn of the reactor.
+    while due := [c for c in clock.calls if c.getTime() <= clock.seconds()]:
+        call = min(due, key=lambda c: c.getTime())
+        clock.calls.remove(call)
+        call.func(*call.args, **call.kw)
+        counts.append(built())
+    steps = [b - a for a, b in itertools.pairwise([0, *counts])]
+    assert max(steps) == MAX_BUILD_PER_TURN
+    assert counts[-1] == 2 * MAX_BUILD_PER_TURN + 1
+    gateway.relay.hold = False
+    gateway.relay.release()
+    run_until(clock, finished(gateway, campaign.id))
+    got = gateway.relay.recipients_of(campaign.id)
+    assert len(got) == len(set(got)) == 2 * MAX_BUILD_PER_TURN + 1
 
 
 def test_bounces_of_deliveries_ending_after_the_runner_stopped_are_recorded(
