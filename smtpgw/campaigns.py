@@ -60,6 +60,19 @@ journal cannot know whether the recipient's server took it. Those are
 counted per send (C{in_doubt}, from
 L{smtpgw.queue.MessageQueue.redelivered_in}).
 
+Unsubscribes and bounces
+========================
+
+A recipient who unsubscribes (or is marked bounced) after their message
+was queued does not get it: at each poll, before each batch, and before
+the gate of a send found in the journal at a start opens, the runner reads
+in one query whether the recipients of its sends' messages still waiting
+(queued, deferred, behind a closed gate) are subscribed, and cancels (in
+the journal) those who are not; L{CampaignRunner.forget_recipient} does it
+at once for one recipient. A message already being delivered goes.
+Messages held back or replayed past the cursor whose recipients the next
+read skips are cancelled before the cursor passes them.
+
 Counts: C{sent} is the messages handed to the queue (exact, moved with
 the cursor, up to a window ahead of the deliveries); C{delivered},
 C{bounced} (failed for good) and C{deferred} (waiting for a retry) are what
