@@ -1116,7 +1116,7 @@ def _campaign_list(args: argparse.Namespace, context: Context) -> Output:
         except ValueError:
             names = ", ".join(s.value for s in CampaignState)
             raise UsageError(f"--state: {args.state!r} is not one of {names}") from None
-    campaigns = context.campaign_store().campaigns(args.list, state, limit=1000)
+    campaigns = context.campaign_store().campaigns(args.list, state, limit=1000, bodies=False)
     now = context.clock.seconds()
     documents = [campaign_document(c, now) for c in campaigns]
     if not documents:

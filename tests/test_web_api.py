@@ -1487,7 +1487,11 @@ def test_a_console_send_is_created_shown_and_listed(
     assert client.ok("GET", f"/campaigns/{created['id']}") == created
     listing = client.ok("GET", "/campaigns")
     assert set(listing) == fields_of("Campaigns")
-    assert listing == {"campaigns": [created], "next_before": None}
+    # A listing leaves the (possibly large) bodies out; the send itself has them.
+    assert listing == {
+        "campaigns": [{**created, "text": None, "html": None}],
+        "next_before": None,
+    }
 
 
 def test_console_send_defaults_and_schedule(client: Api, sends: Runner) -> None:

@@ -790,8 +790,14 @@ class ApiApp:
             raise ApiError(400, f"state: {state_text[:40]!r} is not a state: use {names}", "state")
         limit = _int_param(request, "limit", 1, 1000, 100)
         before = _int_param(request, "before", 1, _MAX_ID, None)
+        # A listing leaves the bodies out (up to 1,000 sends of up to 1 MB
+        # each); GET /campaigns/{id} has them.
         found = await self._campaigns().campaigns(
-            list_name, None if state_text is None else states[state_text], limit, before
+            list_name,
+            None if state_text is None else states[state_text],
+            limit,
+            before,
+            bodies=False,
         )
         now = self.ctx.clock.seconds()
         return dump(

@@ -743,7 +743,7 @@ class CampaignPages(PageBase):
         before = _id(arg(request, "before").strip())
         lists = [item.name for item in await self.ctx.users.lists()]
         found: list[Campaign] = await store.campaigns(
-            chosen_list or None, state, CAMPAIGNS_PAGE_SIZE, before
+            chosen_list or None, state, CAMPAIGNS_PAGE_SIZE, before, bodies=False
         )
         now = self.ctx.clock.seconds()
         filters = tags.form(
