@@ -72,13 +72,15 @@ class QueueWeb:
     The admin app with a started queue (one delivery at a time).
     """
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, **queue_options: Any) -> None:
         self.journal = MemoryJournal()
         self.outbound = PendingOutbound()
         self.queue: MessageQueue | None = None
 
         def attach(ctx: WebContext) -> None:
-            self.queue = MessageQueue(self.journal, self.outbound, ctx.clock, concurrency=1)
+            self.queue = MessageQueue(
+                self.journal, self.outbound, ctx.clock, concurrency=1, **queue_options
+            )
             ctx.control = QueueControl(self.queue, self.journal, ctx.clock)
 
         self.web = make_web_app(tmp_path, extra=attach, stats=FakeStats(7, 11))
@@ -632,3 +634,42 @@ def test_without_statistics_sent_today_is_unknown(tmp_path: Path) -> None:
         assert '<div class="figure" id="queue-sent-today">—</div>' in page.text
     finally:
         web.close()
+
+
+def test_why_page_of_a_message_of_a_paused_console_send(tmp_path: Path) -> None:
+    """
+    A console send's message waits for its send: the page names the send
+    and why it is paused, and says it goes when the send goes on.
+    """
+    from smtpgw.campaigns import (
+        ADMIN_PAUSE_REASON,
+        campaign_gate,
+        campaign_label,
+        campaign_queue_id,
+        campaign_username,
+    )
+
+    harness = QueueWeb(tmp_path, gate_of=campaign_gate)
+    try:
+        gate = campaign_username(7)
+        harness.q.open_gate(gate, Priority.NORMAL, label=campaign_label(7))
+        harness.q.close_gate(gate, ADMIN_PAUSE_REASON)
+        queue_id = campaign_queue_id(7, 1)
+        envelope = Envelope(
+            queue_id=queue_id,
+            list="news",
+            username=gate,
+            sender="news@news.example",
+            recipients=("r@example.org",),
+            priority=Priority.NORMAL,
+            accepted_at=harness.web.clock.seconds(),
+        )
+        done: list[object] = []
+        harness.q.submit(envelope, b"Subject: news\r\n\r\nhello\r\n").addCallback(done.append)
+        assert done
+        page = harness.browser.get(f"/queue/{queue_id}")
+        assert page.code == 200
+        assert "console send 7 is paused: paused by an admin" in page.text
+        assert "when its console send goes on" in page.text
+    finally:
+        harness.web.close()

@@ -207,13 +207,17 @@ def _scheduled(row: QueueRow) -> Tag:
     return cell
 
 
-def _estimate(state: MessageState, estimate: float | None, paused: bool) -> Tag | str:
+def _estimate(
+    state: MessageState, estimate: float | None, paused: bool, *, gated: bool = False
+) -> Tag | str:
     if estimate is not None:
         return _time(estimate)
     if state is MessageState.HELD:
         return "held: not until released"
     if paused:
         return "when the queue restarts"
+    if gated:
+        return "when its console send goes on"
     return "—"
 
 
@@ -552,7 +556,12 @@ class QueuePages(PageBase):
             tags.dd(format_time(why.next_attempt_at)),
             tags.dt("Estimated send"),
             tags.dd(
-                _estimate(why.state, why.estimated_send_at, why.throttle is Throttle.STOPPED),
+                _estimate(
+                    why.state,
+                    why.estimated_send_at,
+                    why.throttle is Throttle.STOPPED,
+                    gated=why.throttle is Throttle.CONSOLE_SEND_PAUSED,
+                ),
                 id="why-estimate",
             ),
         )
