@@ -22,19 +22,17 @@ import os
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from attrs import define, field, frozen
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
 from smtpgw.abuse import address_key
 from smtpgw.database import (
-    PerThreadPool,
+    SQLiteStore,
     StoreError,
+    ThreadedStore,
     open_database,
     transaction,
 )
@@ -283,7 +281,7 @@ def _token_from_row(row: tuple[Any, ...]) -> ApiToken:
 
 
 @define
-class SQLiteAdminStore:
+class SQLiteAdminStore(SQLiteStore):
     """
     The synchronous admin store: one SQLite connection, used by one thread
     at a time.
@@ -314,18 +312,6 @@ class SQLiteAdminStore:
         """
         connection = open_database(path, create=create, check_same_thread=check_same_thread)
         return cls(connection, clock, rounds)
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self._connection.close()
-
-    def __enter__(self) -> SQLiteAdminStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # --- admins -------------------------------------------------------------
 
@@ -646,7 +632,7 @@ class SQLiteAdminStore:
         return cursor.rowcount
 
 
-class ThreadedAdminStore(Service):
+class ThreadedAdminStore(ThreadedStore[SQLiteAdminStore]):
     """
     The admin store as the reactor reaches it: every call runs an
     L{SQLiteAdminStore} on a small pool of threads, each with its own
@@ -671,44 +657,14 @@ class ThreadedAdminStore(Service):
         @param clock: gives times, and decides expiry.
         @param pool_size: how many threads.
         """
-        self._path = Path(path)
         self._clock = clock
         self.rounds = rounds
-        self._threads = PerThreadPool(
-            reactor, self._open_store, size=pool_size, name="smtpgw-adminstore"
-        )
-
-    def startService(self) -> None:
-        """
-        Open the database (so a bad one stops the start with a clear error),
-        then start the threads.
-        """
-        open_database(self._path, create=True).close()
-        self._threads.start()
-        super().startService()
-
-    def stopService(self) -> None:
-        """
-        Let the threads finish what they were given, and close their
-        connections.
-        """
-        super().stopService()
-        self._threads.stop()
+        super().__init__(path, reactor=reactor, size=pool_size, name="smtpgw-adminstore")
 
     def _open_store(self) -> SQLiteAdminStore:
-        # Closed by the pool once its thread is gone, hence not tied to it.
         return SQLiteAdminStore.open(
             self._path, self._clock, rounds=self.rounds, check_same_thread=False
         )
-
-    def run(self, f: Callable[[SQLiteAdminStore], T]) -> Deferred[T]:
-        """
-        Call C{f} with this thread's L{SQLiteAdminStore}, in the pool.
-
-        @return: what C{f} returns, or fails with what it raised, or with
-            L{smtpgw.database.StoreNotRunning}.
-        """
-        return self._threads.run(f)
 
     def ensure_first_admin(self) -> Deferred[str | None]:
         """

@@ -104,7 +104,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.header import Header
-from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -116,7 +115,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpgw.database import PerThreadPool, StoreError, open_database, transaction
+from smtpgw.database import (
+    SQLiteStore,
+    StoreError,
+    ThreadedStore,
+    open_database,
+    transaction,
+)
 from smtpgw.interfaces import JournalLocation, JournalUnavailable
 from smtpgw.journal import QueueIdInUse
 from smtpgw.message import make_message_id
@@ -636,7 +641,7 @@ def _text_field(name: str, value: str | None, limit: int) -> str | None:
     return value
 
 
-class SQLiteCampaignStore:
+class SQLiteCampaignStore(SQLiteStore):
     """
     The synchronous store of console sends: one SQLite connection, used by
     one thread at a time. Its L{recipients} store shares the connection.
@@ -665,18 +670,6 @@ class SQLiteCampaignStore:
         """
         connection = open_database(path, create=create, check_same_thread=check_same_thread)
         return cls(connection, clock)
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self._connection.close()
-
-    def __enter__(self) -> SQLiteCampaignStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # Admins
 
@@ -1254,7 +1247,7 @@ class InlineCampaignStore(_DeferredStore):
             return fail()
 
 
-class ThreadedCampaignStore(_DeferredStore, Service):
+class ThreadedCampaignStore(ThreadedStore[SQLiteCampaignStore], _DeferredStore):
     """
     The store of console sends as the reactor reaches it: each call runs an
     L{SQLiteCampaignStore} on a small pool of threads, each with its own
@@ -1275,36 +1268,11 @@ class ThreadedCampaignStore(_DeferredStore, Service):
         @param reactor: delivers results from the threads.
         @param clock: gives the times of changes.
         """
-        self._path = Path(path)
         self._clock = clock
-        self._threads = PerThreadPool(
-            reactor, self._open_store, size=pool_size, name="smtpgw-campaigns"
-        )
-
-    def startService(self) -> None:
-        """
-        Open the database (so a bad one stops the start with a clear
-        error), then start the threads.
-        """
-        open_database(self._path, create=True).close()
-        self._threads.start()
-        super().startService()
-
-    def stopService(self) -> None:
-        """
-        Stop the threads once their work is done.
-        """
-        super().stopService()
-        self._threads.stop()
+        super().__init__(path, reactor=reactor, size=pool_size, name="smtpgw-campaigns")
 
     def _open_store(self) -> SQLiteCampaignStore:
         return SQLiteCampaignStore.open(self._path, self._clock, check_same_thread=False)
-
-    def run(self, f: Callable[[SQLiteCampaignStore], T]) -> Deferred[T]:
-        """
-        Call C{f} with this thread's L{SQLiteCampaignStore}, in the pool.
-        """
-        return self._threads.run(f)
 
 
 # --- the runner ---------------------------------------------------------------

@@ -18,8 +18,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
@@ -30,9 +31,11 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "PerThreadPool",
+    "SQLiteStore",
     "SchemaTooNew",
     "StoreError",
     "StoreNotRunning",
+    "ThreadedStore",
     "UnusableDatabase",
     "database_path",
     "open_database",
@@ -501,3 +504,86 @@ class PerThreadPool(Generic[C]):
         done: Deferred[T] = Deferred()
         work.put((done, f))
         return done
+
+
+class SQLiteStore:
+    """
+    What every synchronous store of the database shares: one connection,
+    closed by L{close} or at the end of a C{with} block.
+    """
+
+    _connection: sqlite3.Connection
+
+    def close(self) -> None:
+        """
+        Close the connection.
+        """
+        self._connection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ThreadedStore(Service, Generic[C]):
+    """
+    A synchronous store as the reactor reaches it: L{run} calls a function
+    with the store of one of a few threads (each with its own connection)
+    and answers with a L{Deferred}. Subclasses say how a thread's store is
+    opened (L{_open_store}) and add the methods they offer over L{run}.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        reactor: IReactorFromThreads,
+        size: int,
+        name: str,
+    ) -> None:
+        """
+        @param path: the database file; created when missing.
+        @param reactor: delivers results from the threads.
+        @param size: how many threads.
+        @param name: names the threads, for debugging.
+        """
+        self._path = Path(path)
+        self._threads: PerThreadPool[C] = PerThreadPool(
+            reactor, self._open_store, size=size, name=name
+        )
+
+    def _open_store(self) -> C:
+        """
+        Open this thread's store (on that thread; it is closed by the pool
+        once the thread is done, so it must not check the thread).
+        """
+        raise NotImplementedError
+
+    def startService(self) -> None:
+        """
+        Open the database (so a bad one stops the start with a clear
+        error), then start the threads.
+        """
+        open_database(self._path, create=True).close()
+        self._threads.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        """
+        Let the threads finish what they were given, and close their
+        connections.
+        """
+        super().stopService()
+        self._threads.stop()
+        return None
+
+    def run(self, f: Callable[[C], T]) -> Deferred[T]:
+        """
+        Call C{f} with this thread's store, in the pool.
+
+        @return: what C{f} returns, or fails with what it raised, or with
+            L{StoreNotRunning}.
+        """
+        return self._threads.run(f)

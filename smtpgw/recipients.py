@@ -31,16 +31,20 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from attrs import field, frozen
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
-from smtpgw.database import PerThreadPool, StoreError, open_database, transaction
+from smtpgw.database import (
+    SQLiteStore,
+    StoreError,
+    ThreadedStore,
+    open_database,
+    transaction,
+)
 from smtpgw.queueinfo import iso8601
 from smtpgw.userstore import NoSuchList
 from smtpgw.validation import normalize_address
@@ -486,7 +490,7 @@ def _list_exists(connection: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-class SQLiteRecipientStore:
+class SQLiteRecipientStore(SQLiteStore):
     """
     The synchronous recipients store: one SQLite connection, used by one
     thread at a time.
@@ -524,18 +528,6 @@ class SQLiteRecipientStore:
         """
         connection = open_database(path, create=create, check_same_thread=check_same_thread)
         return cls(connection, clock, max_recipients=max_recipients)
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self._connection.close()
-
-    def __enter__(self) -> SQLiteRecipientStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _require_list(self, list: str) -> None:
         if not _list_exists(self._connection, list):
@@ -817,7 +809,7 @@ def import_document(result: ImportResult) -> dict[str, Any]:
 # --- the threaded store -------------------------------------------------------
 
 
-class ThreadedRecipientStore(Service):
+class ThreadedRecipientStore(ThreadedStore[SQLiteRecipientStore]):
     """
     The recipients store as the reactor reaches it: each call runs an
     L{SQLiteRecipientStore} on a small pool of threads, each with its own
@@ -839,29 +831,9 @@ class ThreadedRecipientStore(Service):
         @param reactor: delivers results from the threads.
         @param clock: gives the times of changes.
         """
-        self._path = Path(path)
         self._clock = clock
         self._max_recipients = max_recipients
-        self._threads = PerThreadPool(
-            reactor, self._open_store, size=pool_size, name="smtpgw-recipients"
-        )
-
-    def startService(self) -> None:
-        """
-        Open the database (so a bad one stops the start with a clear
-        error), then start the threads.
-        """
-        open_database(self._path, create=True).close()
-        self._threads.start()
-        super().startService()
-
-    def stopService(self) -> None:
-        """
-        Stop the threads once their work is done, and close their
-        connections.
-        """
-        super().stopService()
-        self._threads.stop()
+        super().__init__(path, reactor=reactor, size=pool_size, name="smtpgw-recipients")
 
     def _open_store(self) -> SQLiteRecipientStore:
         return SQLiteRecipientStore.open(
@@ -870,12 +842,6 @@ class ThreadedRecipientStore(Service):
             check_same_thread=False,
             max_recipients=self._max_recipients,
         )
-
-    def run(self, f: Callable[[SQLiteRecipientStore], T]) -> Deferred[T]:
-        """
-        Call C{f} with this thread's L{SQLiteRecipientStore}, in the pool.
-        """
-        return self._threads.run(f)
 
     def import_recipients(
         self, list: str, parsed: CsvImport, *, valid_only: bool = False

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from smtpgw.database import (
     PerThreadPool,
     SchemaTooNew,
+    SQLiteStore,
     StoreError,
     StoreNotRunning,
     UnusableDatabase,
@@ -161,7 +162,7 @@ def _user_from_row(row: tuple[Any, ...]) -> SmtpUser:
 
 
 @define
-class SQLiteUserStore:
+class SQLiteUserStore(SQLiteStore):
     """
     The synchronous user store: one SQLite connection, used by one thread
     at a time.
@@ -194,18 +195,6 @@ class SQLiteUserStore:
         """
         connection = open_database(path, create=create, check_same_thread=check_same_thread)
         return cls(connection, clock, rounds)
-
-    def close(self) -> None:
-        """
-        Close the connection.
-        """
-        self._connection.close()
-
-    def __enter__(self) -> SQLiteUserStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _list_exists(self, name: str) -> bool:
         row = self._connection.execute("SELECT 1 FROM lists WHERE name = ?", (name,)).fetchone()
