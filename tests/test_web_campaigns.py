@@ -41,7 +41,7 @@ from smtpgw.campaigns import (
 )
 from smtpgw.model import Priority
 from smtpgw.recipients import RecipientStatus, SQLiteRecipientStore, parse_recipients_csv
-from tests.web_support import BASE, Browser, Inline, Response, make_web_app
+from tests.web_support import BASE, Browser, Inline, Response, error_beside, make_web_app
 from web.context import WebContext
 from web.pages_campaigns import (
     CAMPAIGNS_PAGE_SIZE,
@@ -136,21 +136,6 @@ def sends(tmp_path: Path) -> Iterator[Sends]:
 @pytest.fixture
 def browser(sends: Sends) -> Browser:
     return sends.web.logged_in()
-
-
-def error_beside(response: Response, name: str) -> str:
-    """
-    The error shown beside a form field (in the same C{.field} block).
-    """
-    match = re.search(
-        r'<div class="field invalid">(?:(?!<div class="field).)*?'
-        rf'name="{name}"(?:(?!<div class="field).)*?'
-        rf'<div class="error" id="error-{name}" role="alert">([^<]*)</div>',
-        response.text,
-        re.DOTALL,
-    )
-    assert match, f"no error beside the field {name!r}:\n{response.text}"
-    return html.unescape(match.group(1))
 
 
 def errors_shown(response: Response) -> set[str]:

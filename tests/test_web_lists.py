@@ -20,7 +20,7 @@ from smtpgw.model import Enforcement, Priority, SmtpUser
 from smtpgw.passwords import verify_password
 from smtpgw.userstore import SQLiteUserStore
 from smtpgw.validation import MAX_NOTES_LENGTH
-from tests.web_support import Browser, Response, WebApp, make_web_app
+from tests.web_support import Browser, Response, WebApp, error_beside, make_web_app
 from web.context import GatewaySettings
 from web.pages_lists import ports_in_words, priority_label
 
@@ -72,21 +72,6 @@ def create_user(browser: Browser, list_name: str, **changes: str) -> tuple[str, 
     match = NEW_PASSWORD.search(page.text)
     assert match, "no password shown after creating the user"
     return username, html.unescape(match.group(1))
-
-
-def error_beside(response: Response, name: str) -> str:
-    """
-    The error shown beside a form field (in the same C{.field} block).
-    """
-    match = re.search(
-        r'<div class="field invalid">(?:(?!<div class="field).)*?'
-        rf'name="{name}"(?:(?!<div class="field).)*?'
-        rf'<div class="error" id="error-{name}" role="alert">([^<]*)</div>',
-        response.text,
-        re.DOTALL,
-    )
-    assert match, f"no error beside the field {name!r}:\n{response.text}"
-    return html.unescape(match.group(1))
 
 
 def assert_no_secrets(web: WebApp, *pages: Response) -> None:

@@ -74,6 +74,21 @@ class Response:
         return values[0] if values else None
 
 
+def error_beside(response: Response, name: str) -> str:
+    """
+    The error shown beside a form field (in the same C{.field} block).
+    """
+    match = re.search(
+        r'<div class="field invalid">(?:(?!<div class="field).)*?'
+        rf'name="{name}"(?:(?!<div class="field).)*?'
+        rf'<div class="error" id="error-{name}" role="alert">([^<]*)</div>',
+        response.text,
+        re.DOTALL,
+    )
+    assert match, f"no error beside the field {name!r}:\n{response.text}"
+    return html.unescape(match.group(1))
+
+
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 _LOGIN_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')
 
