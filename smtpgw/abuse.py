@@ -13,8 +13,10 @@ whole /64 and could otherwise open connections and guess passwords from
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections import deque
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,7 +25,74 @@ from zope.interface import implementer
 from smtpgw.alerts import AlertThrottle, ThrottleSummary
 from smtpgw.interfaces import Alert, IAlertSink
 
-__all__ = ["AuthFailureTracker", "ConnectionCounter", "RepeatedAlertFilter", "address_key"]
+__all__ = [
+    "Admission",
+    "AuthFailureTracker",
+    "AuthLimiter",
+    "ConnectionCounter",
+    "ConnectionLimiter",
+    "RepeatedAlertFilter",
+    "address_key",
+]
+
+
+class Admission(enum.Enum):
+    """
+    What L{ConnectionCounter.admit} decided about a new connection.
+    """
+
+    #: Counted: release it when the connection ends.
+    ADMITTED = "admitted"
+    #: Refused: all addresses together hold the most connections allowed.
+    FULL = "full"
+    #: Refused: this address holds the most connections one may.
+    ADDRESS_FULL = "address_full"
+
+
+class ConnectionLimiter(Protocol):
+    """
+    What a session asks before it greets: L{ConnectionCounter} in one
+    process; in an acceptor process, a proxy asking the main process, which
+    counts the connections of every acceptor.
+    """
+
+    def admit(self, address: str) -> Admission | Deferred[Admission]:
+        """
+        Count a new connection from C{address}, or refuse it.
+        """
+
+    def release(self, address: str) -> None:
+        """
+        Forget one connection admitted.
+        """
+
+
+class AuthLimiter(Protocol):
+    """
+    What a session asks around each password check: L{AuthFailureTracker}
+    in one process, or a proxy to the main process's tracker.
+    """
+
+    def blocked(self, address: str) -> bool:
+        """
+        Whether C{address} is known to be blocked (a proxy may not know yet:
+        L{begin} still refuses it).
+        """
+
+    def begin(self, address: str) -> bool | Deferred[bool]:
+        """
+        Ask for a turn to check a credential (see L{AuthFailureTracker.begin}).
+        """
+
+    def end(self, address: str, *, failed: bool) -> object:
+        """
+        A turn is over; the session uses this only with C{failed=False}.
+        """
+
+    def fail(self, address: str) -> tuple[bool, int] | Deferred[tuple[bool, int]]:
+        """
+        A turn found a wrong credential (see L{AuthFailureTracker.fail}).
+        """
 
 
 def address_key(ip: str) -> str:
@@ -90,9 +159,17 @@ class ConnectionCounter:
         self.total += 1
         return True
 
+    def admit(self, address: str) -> Admission:
+        """
+        L{acquire}, saying which limit refused the connection, if one did.
+        """
+        if self.acquire(address):
+            return Admission.ADMITTED
+        return Admission.FULL if self.full() else Admission.ADDRESS_FULL
+
     def release(self, address: str) -> None:
         """
-        Forget one connection counted by L{acquire}.
+        Forget one connection counted by L{acquire} or L{admit}.
         """
         current = self._open.get(address, 0)
         if current <= 0:
@@ -226,6 +303,18 @@ class AuthFailureTracker:
         if address in self._waiting:
             self._admit_waiters(address)
         return alert
+
+    def fail(self, address: str) -> tuple[bool, int]:
+        """
+        A check allowed by L{begin} found a wrong credential: L{end} it as
+        failed.
+
+        @return: whether to raise the C{auth_failures} alert (as L{end}
+            says), and the failures of C{address} within the window, this
+            one included.
+        """
+        alert = self.end(address, failed=True)
+        return alert, self.failures(address)
 
     def _first_alert(self, address: str) -> bool:
         now = self._clock.seconds()

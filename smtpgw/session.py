@@ -64,7 +64,15 @@ from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFilter, address_key
+from smtpgw.abuse import (
+    Admission,
+    AuthFailureTracker,
+    AuthLimiter,
+    ConnectionCounter,
+    ConnectionLimiter,
+    RepeatedAlertFilter,
+    address_key,
+)
 from smtpgw.checker import PasswordCheckUnavailable
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, IUserStore, JournalUnavailable
 from smtpgw.limits import Limits
@@ -407,10 +415,32 @@ class GatewaySMTP(smtp.ESMTP):
         self._client_ip = str(getattr(peer, "host", peer))
         self._helo = (None, self._client_ip.encode("ascii", "replace"))
         self._client_key = address_key(self._client_ip)
-        connections = factory.connections
-        if not connections.acquire(self._client_key):
+        now = self._clock.seconds()
+        self._last_activity = now
+        self._session_ends_at = now + limits.max_session_seconds
+        # Running from the start, so that an admission that never comes
+        # (acceptor processes ask the main process) still ends the session.
+        self._schedule(min(now + limits.idle_timeout, self._session_ends_at))
+        admission = factory.connection_limiter.admit(self._client_key)
+        if isinstance(admission, Deferred):
+            admission.addCallback(self._admitted)
+            admission.addErrback(self._internal_error)
+        else:
+            self._admitted(admission)
+
+    def _admitted(self, admission: Admission) -> None:
+        """
+        The connection was counted against its address (or refused): greet
+        (at once, or after the greet delay), or answer C{421} and close.
+        """
+        if self._mode is _CLOSED:
+            # The client left while its admission was being decided.
+            if admission is Admission.ADMITTED:
+                self.factory.connection_limiter.release(self._client_key)
+            return
+        if admission is not Admission.ADMITTED:
             self._mode = _CLOSED
-            if connections.full():
+            if admission is Admission.FULL:
                 log.info(
                     "connection limit reached, refusing {client_ip}", client_ip=self._client_ip
                 )
@@ -425,10 +455,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._producing = True
         self._tls_active = ISSLTransport.providedBy(self._t)
         self.canStartTLS = ITLSTransport.providedBy(self._t) and self.ctx is not None
-        now = self._clock.seconds()
-        self._last_activity = now
-        self._session_ends_at = now + limits.max_session_seconds
-        self._schedule(min(now + limits.idle_timeout, self._session_ends_at))
+        limits = self._limits
         if limits.greet_delay > 0:
             self._delayed = self._clock.callLater(limits.greet_delay, self._greet)
         else:
@@ -463,7 +490,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._logout()
         if self._counted:
             self._counted = False
-            self.factory.connections.release(self._client_key)
+            self.factory.connection_limiter.release(self._client_key)
         if self._metered:
             self._metered = False
             self._metrics.connection_closed()
@@ -955,7 +982,7 @@ class GatewaySMTP(smtp.ESMTP):
             self._metrics.rejected(RejectReason.TLS_REQUIRED)
             self._bad(R_TLS_REQUIRED)
             return
-        if factory.auth_failures.blocked(self._client_key):
+        if factory.auth_limiter.blocked(self._client_key):
             self._auth_blocked()
             return
         mechanism, _, initial = argument.partition(b" ")
@@ -997,7 +1024,7 @@ class GatewaySMTP(smtp.ESMTP):
             self._mode = _AUTH
             self._t.write(b"334 " + base64.b64encode(challenger.getChallenge()) + b"\r\n")
             return
-        admission = self.factory.auth_failures.begin(self._client_key)
+        admission = self.factory.auth_limiter.begin(self._client_key)
         if admission is True:
             self._pause_until(self._check_credentials(challenger))
         elif admission is False:
@@ -1029,7 +1056,7 @@ class GatewaySMTP(smtp.ESMTP):
         return d
 
     def _auth_succeeded(self, result: tuple[Any, Any, Callable[[], None]]) -> None:
-        self.factory.auth_failures.end(self._client_key, failed=False)
+        self.factory.auth_limiter.end(self._client_key, failed=False)
         _interface, avatar, logout = result
         if self._mode is _CLOSED:
             logout()
@@ -1046,7 +1073,7 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _auth_failed(self, failure: Failure) -> Deferred[None] | None:
         factory = self.factory
-        tracker = factory.auth_failures
+        tracker = factory.auth_limiter
         key = self._client_key
         if not failure.check(UnauthorizedLogin):
             tracker.end(key, failed=False)
@@ -1064,9 +1091,16 @@ class GatewaySMTP(smtp.ESMTP):
             return None
         # Counted even when the client has left: hanging up right after
         # AUTH must not make a guess free.
-        alert = tracker.end(key, failed=True)
+        counted = tracker.fail(key)
+        if isinstance(counted, Deferred):
+            return counted.addCallback(self._auth_failure_counted)
+        return self._auth_failure_counted(counted)
+
+    def _auth_failure_counted(self, counted: tuple[bool, int]) -> Deferred[None] | None:
+        factory = self.factory
+        key = self._client_key
+        alert, failures = counted
         limits = self._limits
-        failures = tracker.failures(key)
         log.info(
             "AUTH failed from {client_ip} ({failures} recently)",
             client_ip=self._client_ip,
@@ -1458,6 +1492,8 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         clock: IReactorTime,
         queue_ids: QueueIdGenerator,
         metrics: SessionMetrics | None = None,
+        connection_limiter: ConnectionLimiter | None = None,
+        auth_limiter: AuthLimiter | None = None,
     ) -> None:
         """
         @param portal: checks AUTH credentials; its realm is a
@@ -1475,6 +1511,11 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         @param metrics: told of connections, accepted messages and
             refusals (see L{smtpgw.metrics.GatewayMetrics}); none kept when
             L{None}.
+        @param connection_limiter: counts connections per address instead
+            of this factory's own L{connections} (an acceptor process asks
+            the main process).
+        @param auth_limiter: tracks failed logins instead of this factory's
+            own L{auth_failures}.
         """
         super().__init__(portal)
         try:
@@ -1503,6 +1544,12 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         )
         self.auth_failures = AuthFailureTracker(
             limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=clock
+        )
+        self.connection_limiter: ConnectionLimiter = (
+            self.connections if connection_limiter is None else connection_limiter
+        )
+        self.auth_limiter: AuthLimiter = (
+            self.auth_failures if auth_limiter is None else auth_limiter
         )
         self._ehlo_replies: dict[tuple[bytes, bool, bool], bytes] = {}
 
