@@ -12,8 +12,9 @@ unprivileged gateway.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -34,9 +35,11 @@ from smtpgw.rlimits import raise_open_file_limit
 __all__ = [
     "CONNECTION_HEADROOM",
     "DEFAULT_BACKLOG",
+    "BoundSocket",
     "MultiPortListener",
     "NoPortBound",
     "PortFailure",
+    "bind_only",
 ]
 
 DEFAULT_BACKLOG = 50
@@ -117,6 +120,49 @@ def _check_ports(instance: object, attribute: object, ports: tuple[int, ...]) ->
             raise ValueError(f"{port} is not a TCP port number")
 
 
+class BoundSocket:
+    """
+    A port bound and listening, whose connections this process does not
+    accept: the acceptor processes it is handed to do
+    (L{smtpgw.acceptors}).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def fileno(self) -> int:
+        """
+        The listening socket's file descriptor.
+        """
+        return self.socket.fileno()
+
+    def stopListening(self) -> None:
+        """
+        Close the socket (in this process).
+        """
+        self.socket.close()
+
+
+def bind_only(port: int, factory: object, backlog: int, interface: str) -> BoundSocket:
+    """
+    Bind and listen on C{port} of C{interface} like C{listenTCP}, without
+    accepting.
+
+    @raise CannotListenError: when the port cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise CannotListenError(interface, port, error) from None
+    return BoundSocket(sock)
+
+
 @define(eq=False)
 class MultiPortListener(Service):
     """
@@ -132,6 +178,9 @@ class MultiPortListener(Service):
         top of one per port, when the open-file limit is raised.
     @ivar raise_limit: raises the open-file limit to fit its argument.
     @ivar log: where per-port failures and the summary go.
+    @ivar listen: binds one port (C{port, factory, backlog, interface});
+        the reactor's C{listenTCP} unless given (L{bind_only}: bind for
+        acceptor processes).
     """
 
     reactor: IReactorTCP
@@ -142,6 +191,7 @@ class MultiPortListener(Service):
     connection_headroom: int = CONNECTION_HEADROOM
     raise_limit: Callable[[int], object] = field(default=raise_open_file_limit, repr=False)
     log: Logger = field(default=_log, repr=False)
+    listen: Callable[[int, Any, int, str], Any] | None = field(default=None, repr=False)
     _listening: dict[int, IListeningPort] = field(factory=dict, init=False, repr=False)
     _failures: tuple[PortFailure, ...] = field(default=(), init=False, repr=False)
     _bind_seconds: float = field(default=0.0, init=False, repr=False)
@@ -153,6 +203,12 @@ class MultiPortListener(Service):
         stop.
         """
         return tuple(sorted(self._listening))
+
+    def file_descriptors(self) -> list[int]:
+        """
+        The listening sockets' file descriptors, in port order.
+        """
+        return [self._listening[port].fileno() for port in sorted(self._listening)]  # type: ignore[attr-defined]
 
     @property
     def failures(self) -> tuple[PortFailure, ...]:
@@ -213,9 +269,12 @@ class MultiPortListener(Service):
         failures: list[PortFailure] = []
         for port in self.ports:
             try:
-                listening[port] = self.reactor.listenTCP(
-                    port, factory, backlog=self.backlog, interface=self.interface
-                )
+                if self.listen is not None:
+                    listening[port] = self.listen(port, factory, self.backlog, self.interface)
+                else:
+                    listening[port] = self.reactor.listenTCP(
+                        port, factory, backlog=self.backlog, interface=self.interface
+                    )
             except CannotListenError as error:
                 failure = _failure(port, error)
                 failures.append(failure)

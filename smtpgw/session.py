@@ -1406,13 +1406,15 @@ class GatewaySMTP(smtp.ESMTP):
         self._metrics.accepted()
         self._bad_commands = 0
         self._junk_commands = 0
-        # The one log event of an accepted message (and of its login).
-        log.info(
-            "queued {queue_id} from {username} at {client_ip}",
-            queue_id=queue_id,
-            username=self.delivery.user.username if self.delivery else None,
-            client_ip=self._client_ip,
-        )
+        # The one log event of an accepted message (and of its login); in
+        # an acceptor process the main process logs it.
+        if self.factory.log_accepted:
+            log.info(
+                "queued {queue_id} from {username} at {client_ip}",
+                queue_id=queue_id,
+                username=self.delivery.user.username if self.delivery else None,
+                client_ip=self._client_ip,
+            )
         if self._mode is not _CLOSED:
             self._t.write(b"250 2.0.0 Ok: queued as " + queue_id.encode("ascii") + b"\r\n")
 
@@ -1494,6 +1496,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         metrics: SessionMetrics | None = None,
         connection_limiter: ConnectionLimiter | None = None,
         auth_limiter: AuthLimiter | None = None,
+        log_accepted: bool = True,
     ) -> None:
         """
         @param portal: checks AUTH credentials; its realm is a
@@ -1516,6 +1519,8 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
             the main process).
         @param auth_limiter: tracks failed logins instead of this factory's
             own L{auth_failures}.
+        @param log_accepted: log each accepted message (an acceptor
+            process leaves that to the main process).
         """
         super().__init__(portal)
         try:
@@ -1548,6 +1553,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         self.connection_limiter: ConnectionLimiter = (
             self.connections if connection_limiter is None else connection_limiter
         )
+        self.log_accepted = log_accepted
         self.auth_limiter: AuthLimiter = (
             self.auth_failures if auth_limiter is None else auth_limiter
         )

@@ -152,6 +152,13 @@ class Options(usage.Options):
             None,
             "The admin app's URL as mail recipients reach it (unsubscribe links).",
         ],
+        [
+            "acceptors",
+            None,
+            "0",
+            "Processes answering SMTP beside the main one ('auto': one per core; 0: none,"
+            " the main process answers).",
+        ],
         *[[_option(name), None, None, text] for name, (_, text) in LIMIT_OPTIONS.items()],
     ]
 
@@ -184,6 +191,7 @@ class Options(usage.Options):
         if not self["max-queue-age"] > 0:
             raise usage.UsageError("--max-queue-age must be more than 0 seconds")
         self["limits"] = self._limits()
+        self["acceptors"] = _acceptors(self["acceptors"])
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         relay = self["relay"]
@@ -284,6 +292,21 @@ def _default_public_url(admin: str | None, hostname: str) -> str | None:
     scheme = "https" if kind == "ssl" else "http"
     default = {"http": "80", "https": "443"}[scheme]
     return f"{scheme}://{hostname}" + ("" if port == default else f":{port}")
+
+
+#: The most acceptor processes C{--acceptors} may ask for.
+MAX_ACCEPTORS = 64
+
+
+def _acceptors(text: str) -> int:
+    if text.strip().lower() == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+        return cores if cores > 1 else 0
+    count = _positive_int("acceptors", text, minimum=0)
+    if count > MAX_ACCEPTORS:
+        raise usage.UsageError(f"--acceptors must be at most {MAX_ACCEPTORS}, not {count}")
+    return count
 
 
 def _reactor() -> Any:
@@ -495,27 +518,32 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ControlService(QueueControl(queue, journal, reactor), data_dir.path, reactor).setServiceParent(
         top
     )
-    portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
-    factory = GatewaySMTPFactory(
-        portal=portal,
-        queue=CountingQueue(queue, stats),
-        alerts=alerts,
-        users=users,
-        hostname=options["hostname"],
-        limits=limits,
-        tls=tls.options,
-        require_tls=bool(options["require-tls"]),
-        clock=reactor,
-        queue_ids=queue_ids,
-        metrics=metrics,
-    )
-    listener = MultiPortListener(
-        reactor=reactor,
-        ports=options["ports"],
-        interface=options["interface"],
-        factory=factory,
-    )
-    listener.setServiceParent(top)
+    reloadable: Any = tls
+    if options["acceptors"]:
+        pool = _acceptor_pool(options, data_dir, reactor, queue, stats, alerts, metrics)
+        reloadable = _ReloadAll(tls, pool)
+    else:
+        portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
+        factory = GatewaySMTPFactory(
+            portal=portal,
+            queue=CountingQueue(queue, stats),
+            alerts=alerts,
+            users=users,
+            hostname=options["hostname"],
+            limits=limits,
+            tls=tls.options,
+            require_tls=bool(options["require-tls"]),
+            clock=reactor,
+            queue_ids=queue_ids,
+            metrics=metrics,
+        )
+        listener = MultiPortListener(
+            reactor=reactor,
+            ports=options["ports"],
+            interface=options["interface"],
+            factory=factory,
+        )
+        listener.setServiceParent(top)
     if options["admin"] is not None:
         _admin_service(
             options,
@@ -531,10 +559,82 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             campaigns,
             runner,
         ).setServiceParent(top)
-    _SighupService(reactor, tls, install_sighup_reload).setServiceParent(top)
+    _SighupService(reactor, reloadable, install_sighup_reload).setServiceParent(top)
     if owner is not None:
         _hand_over(data_dir, owner)
     return top
+
+
+def _acceptor_pool(
+    options: Options,
+    data_dir: FilePath[str],
+    reactor: Any,
+    queue: Any,
+    stats: Any,
+    alerts: Any,
+    metrics: Any,
+) -> Any:
+    """
+    The listener that binds the ports without accepting, and the acceptor
+    processes that accept on them (added to the service tree in that order
+    by the caller's parent: here, to the queue's parent).
+    """
+    from twisted.internet.protocol import ServerFactory
+
+    from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFilter
+    from smtpgw.acceptors import AcceptorConfig, AcceptorPool
+    from smtpgw.listening import MultiPortListener, bind_only
+    from smtpgw.stats import CountingQueue
+
+    limits: Limits = options["limits"]
+    top = queue.parent
+    listener = MultiPortListener(
+        reactor=reactor,
+        ports=options["ports"],
+        interface=options["interface"],
+        factory=ServerFactory(),
+        listen=bind_only,
+    )
+    listener.setServiceParent(top)
+    pool = AcceptorPool(
+        reactor=reactor,
+        count=options["acceptors"],
+        config=AcceptorConfig(
+            data_dir=data_dir.path,
+            hostname=options["hostname"],
+            limits=limits,
+            require_tls=bool(options["require-tls"]),
+            tls_cert=options["tls-cert"],
+            tls_key=options["tls-key"],
+        ),
+        sockets=listener.file_descriptors,
+        queue=CountingQueue(queue, stats),
+        connections=ConnectionCounter(
+            limits.max_connections_per_ip, total_limit=limits.max_connections
+        ),
+        auth=AuthFailureTracker(
+            limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=reactor
+        ),
+        alerts=RepeatedAlertFilter(alerts, reactor, window=limits.sender_alert_window),
+        metrics=metrics,
+    )
+    pool.setServiceParent(top)
+    return pool
+
+
+class _ReloadAll:
+    """
+    Reloads the certificate here and in every acceptor process.
+    """
+
+    def __init__(self, tls: Any, pool: Any) -> None:
+        self._tls = tls
+        self._pool = pool
+
+    def reload(self) -> bool:
+        reloaded = bool(self._tls.reload())
+        self._pool.signal_all("HUP")
+        return reloaded
 
 
 def _admin_service(

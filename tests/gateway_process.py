@@ -105,6 +105,16 @@ def add_user(data_dir: Path, mail_list: str, *options: str) -> Credentials:
     return Credentials(document["username"], document["password"])
 
 
+def _acceptors_from_environment() -> list[str]:
+    """
+    C{--acceptors N} when C{SMTPGW_TEST_ACCEPTORS} is set: the whole
+    end-to-end suite can run against either process model (a test's own
+    C{extra_args} still win).
+    """
+    count = os.environ.get("SMTPGW_TEST_ACCEPTORS", "").strip()
+    return ["--acceptors", count] if count else []
+
+
 @define
 class Gateway:
     """
@@ -145,6 +155,7 @@ class Gateway:
             "http://gateway.test"
             if self.admin_port is None
             else f"http://127.0.0.1:{self.admin_port}",
+            *_acceptors_from_environment(),
             *self.extra_args,
         ]
 

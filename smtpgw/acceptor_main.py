@@ -1,0 +1,163 @@
+"""
+An acceptor process (see L{smtpgw.acceptors}): started by the main process
+as C{python -m smtpgw.acceptor_main CONFIG}, never by hand.
+
+It finds the listening sockets at file descriptors 3 and up
+(C{SMTPGW_ACCEPTOR_FDS} of them), its channel to the main process on stdin
+and stdout, and writes its log events to stderr, one JSON object a line,
+for the main process to log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any, TextIO
+
+import attrs
+
+from smtpgw.acceptors import STOP_GRACE, AcceptorConfig, MainLink, parent_death_signal
+
+
+def _observer(stream: TextIO) -> Any:
+    from twisted.logger import eventAsText
+
+    def observe(event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        try:
+            stream.write(
+                json.dumps({"level": getattr(level, "name", "info"), "text": text}) + "\n"
+            )
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    return observe
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Serve SMTP on the inherited sockets until told to stop (C{SIGTERM}) or
+    the main process is gone.
+    """
+    argv = sys.argv if argv is None else argv
+    parent_death_signal(int(os.environ["SMTPGW_ACCEPTOR_PARENT"]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = AcceptorConfig.from_json(argv[1])
+    count = int(os.environ["SMTPGW_ACCEPTOR_FDS"])
+
+    from twisted.cred.portal import Portal
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import Logger, globalLogBeginner
+
+    from smtpgw.checker import BcryptPool, SmtpUserChecker
+    from smtpgw.database import database_path
+    from smtpgw.model import QueueIdGenerator
+    from smtpgw.realm import GatewayRealm
+    from smtpgw.services import OrderedMultiService
+    from smtpgw.session import GatewaySMTPFactory
+    from smtpgw.tls import install_sighup_reload, reloadable_tls
+    from smtpgw.userstore import ThreadedUserStore
+
+    reactor: Any = _reactor
+    globalLogBeginner.beginLoggingTo([_observer(sys.stderr)], redirectStandardIO=False)
+    log = Logger()
+
+    top = OrderedMultiService()
+    users = ThreadedUserStore(database_path(config.data_dir), reactor=reactor, clock=reactor)
+    users.setServiceParent(top)
+    bcrypt = BcryptPool(reactor)
+    bcrypt.setServiceParent(top)
+    tls = reloadable_tls(config.data_dir, config.hostname, config.tls_cert, config.tls_key)
+
+    def lost() -> None:
+        if reactor.running:
+            log.info("the main process is gone; stopping")
+            reactor.stop()
+
+    link = MainLink(config.limits.max_size, lost)
+    StandardIO(link, reactor=reactor)
+    factory = GatewaySMTPFactory(
+        portal=Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)]),
+        queue=link,
+        alerts=link,
+        users=users,
+        hostname=config.hostname,
+        # The main process holds back repeated sender alerts, for all.
+        limits=attrs.evolve(config.limits, sender_alert_window=0.0),
+        tls=tls.options,
+        require_tls=config.require_tls,
+        clock=reactor,
+        queue_ids=QueueIdGenerator(),
+        metrics=link,
+        connection_limiter=link,
+        auth_limiter=link,
+        log_accepted=False,
+    )
+    top.startService()
+    _TakeTurns = _take_turns_class()
+    ports = []
+    for fd in range(3, 3 + count):
+        port = _TakeTurns._fromListeningDescriptor(reactor, fd, _family(fd), factory)
+        port.startListening()
+        ports.append(port)
+        os.close(fd)
+    install_sighup_reload(reactor, tls)
+
+    def drain() -> Deferred[None]:
+        # Stop accepting, then give the messages under way their answers.
+        for port in ports:
+            port.stopListening()
+        done: Deferred[None] = Deferred()
+        deadline = reactor.seconds() + STOP_GRACE
+
+        def check() -> None:
+            if link.in_flight == 0 or reactor.seconds() >= deadline:
+                done.callback(None)
+            else:
+                reactor.callLater(0.02, check)
+
+        check()
+        return done.addCallback(lambda _: top.stopService())
+
+    reactor.addSystemEventTrigger("before", "shutdown", drain)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    reactor.callWhenRunning(link.ready, len(ports))
+    reactor.run(installSignalHandlers=False)
+    return 0
+
+
+def _take_turns_class() -> Any:
+    from twisted.internet import tcp
+
+    class TakeTurns(tcp.Port):
+        """
+        A listening port that accepts one connection each time it is
+        readable, so that the acceptor processes sharing it take turns
+        rather than one taking a whole burst (Twisted's port accepts up to
+        hundreds at once).
+        """
+
+        def doRead(self) -> None:
+            self.numberAccepts = 1
+            super().doRead()
+
+    return TakeTurns
+
+
+def _family(fd: int) -> socket.AddressFamily:
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,869 @@
+"""
+Acceptor processes: several processes answer SMTP on the same ports, and the
+main process journals and sends what they accept.
+
+The main process binds every port (as root when it must, before dropping
+privileges) but never accepts on them; it starts C{--acceptors} child
+processes (L{smtpgw.acceptor_main}) that inherit the listening sockets and
+accept from them, the kernel handing each new connection to whichever
+process asks first. Each child runs the whole ESMTP session (TLS, AUTH with
+its own bcrypt threads and credential cache, sender policy, header
+rewriting) on its own core, and hands each message to the main process over
+its stdin/stdout pipes; the main process journals it (group commit, as
+always), schedules it, and only then answers, so the child sends C{250} only
+for a durable message. The main process alone keeps the state that must
+hold across all acceptors: the connection counts per address and in all,
+the failed logins per address, the alerts, the metrics and the daily
+counts. This is Postfix's shape (many C{smtpd}, one C{qmgr}).
+
+The channel between them is a stream of frames, each a 4-byte length and a
+payload (L{Int32StringReceiver}); a payload is one kind byte, then either
+JSON or, for a message, a binary header, the envelope as JSON and the
+message's bytes. Nothing a client sends is interpreted by the main process
+beyond what the child already checked.
+
+If a child dies, the main process forgets its connections and login turns
+and starts another (after 1 s, doubling to 30 s while it keeps dying); its
+clients' messages that had no C{250} are not queued. If the main process
+dies, the children die with it (C{PR_SET_PDEATHSIG}, and the end of their
+stdin).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import struct
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import asdict
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpgw.abuse import Admission, AuthFailureTracker, ConnectionCounter
+from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, JournalUnavailable
+from smtpgw.limits import Limits
+from smtpgw.metrics import SessionMetrics
+from smtpgw.model import Envelope, Priority
+
+__all__ = [
+    "AcceptorConfig",
+    "AcceptorPool",
+    "MainLink",
+    "decode_submit",
+    "encode_submit",
+]
+
+log = Logger()
+
+# Frame kinds, child to main.
+SUBMIT = b"S"
+CONNECT = b"C"
+DISCONNECT = b"c"
+AUTH_BEGIN = b"B"
+AUTH_CANCEL = b"b"
+AUTH_END = b"E"
+AUTH_FAIL = b"F"
+ALERT = b"A"
+REJECTED = b"R"
+READY = b"Y"
+# Frame kinds, main to child.
+SUBMITTED = b"s"
+ADMISSION = b"k"
+AUTH_TURN = b"t"
+AUTH_COUNTED = b"f"
+ACCEPTING = b"a"
+
+#: Room for a message's envelope and framing beyond its C{--max-size}.
+FRAME_OVERHEAD = 1024 * 1024
+
+_SUBMIT_HEADER = struct.Struct(">QI")
+
+#: Outcomes of a submitted message, in the C{SUBMITTED} frame.
+OK = "ok"
+UNAVAILABLE = "unavailable"
+ERROR = "error"
+
+#: How long a stopping child waits for the answers to its messages.
+STOP_GRACE = 5.0
+#: How long the main process waits for a stopping child before killing it.
+KILL_AFTER = 10.0
+#: First and longest wait before starting a child that died.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 30.0
+#: A child that ran this long resets the wait to L{RESTART_DELAY}.
+HEALTHY_AFTER = 60.0
+#: How often the main process tells the children whether it takes mail.
+ACCEPTING_POLL = 0.25
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def encode_submit(seq: int, envelope: Envelope, body: bytes) -> bytes:
+    """
+    The payload of a C{SUBMIT} frame.
+    """
+    head = _json(
+        [
+            envelope.queue_id,
+            envelope.list,
+            envelope.username,
+            envelope.sender,
+            list(envelope.recipients),
+            int(envelope.priority),
+            envelope.accepted_at,
+            envelope.client_ip,
+            envelope.size,
+        ]
+    )
+    return SUBMIT + _SUBMIT_HEADER.pack(seq, len(head)) + head + body
+
+
+def decode_submit(payload: bytes) -> tuple[int, Envelope, bytes]:
+    """
+    Read the payload of a C{SUBMIT} frame (kind byte included).
+
+    @raise ValueError: when it is not one.
+    """
+    if payload[:1] != SUBMIT or len(payload) < 1 + _SUBMIT_HEADER.size:
+        raise ValueError("not a SUBMIT frame")
+    seq, length = _SUBMIT_HEADER.unpack_from(payload, 1)
+    start = 1 + _SUBMIT_HEADER.size
+    if start + length > len(payload):
+        raise ValueError("SUBMIT envelope runs past the frame")
+    fields = json.loads(payload[start : start + length])
+    queue_id, list_name, username, sender, recipients, priority, at, ip, size = fields
+    envelope = Envelope(
+        queue_id=str(queue_id),
+        list=str(list_name),
+        username=str(username),
+        sender=str(sender),
+        recipients=tuple(str(r) for r in recipients),
+        priority=Priority(int(priority)),
+        accepted_at=float(at),
+        client_ip=str(ip),
+        size=int(size),
+    )
+    return seq, envelope, payload[start + length :]
+
+
+def _alert_to_json(alert: Alert) -> dict[str, Any]:
+    return {
+        "type": alert.type,
+        "message": alert.message,
+        "created_at": alert.created_at,
+        "list": alert.list,
+        "details": dict(alert.details),
+    }
+
+
+def _alert_from_json(data: dict[str, Any]) -> Alert:
+    return Alert(
+        type=str(data["type"]),
+        message=str(data["message"]),
+        created_at=float(data["created_at"]),
+        list=None if data.get("list") is None else str(data["list"]),
+        details=dict(data.get("details") or {}),
+    )
+
+
+# -- the child's side -----------------------------------------------------------
+
+
+@implementer(IMessageQueue, IAlertSink)
+class MainLink(Int32StringReceiver):
+    """
+    The child's end of the channel: it is the sessions' queue, alert sink,
+    metrics, connection limiter and auth limiter, each a request to the
+    main process (or a notice to it).
+
+    @ivar accepting: whether the main process takes mail, as it last said.
+    @ivar on_lost: called once when the main process is gone.
+    """
+
+    def __init__(self, max_size: int, on_lost: Callable[[], object]) -> None:
+        self.MAX_LENGTH = max_size + FRAME_OVERHEAD
+        self.accepting = True
+        self.on_lost = on_lost
+        self._seq = 0
+        self._waiting: dict[int, Deferred[Any]] = {}
+        self._cancelled_turns: dict[int, str] = {}
+        self._lost = False
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, kind: bytes, value: Any) -> None:
+        if not self._lost:
+            self.sendString(kind + _json(value))
+
+    def _ask(self, kind: bytes, value: list[Any], seq: int) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self._lost:
+            d.errback(JournalUnavailable("the main process is gone"))
+            return d
+        self._waiting[seq] = d
+        self.sendString(kind + _json(value))
+        return d
+
+    # IMessageQueue
+
+    def submit(self, envelope: Envelope, body: bytes) -> Deferred[None]:
+        """
+        Hand the message to the main process; fires once it is durable.
+        """
+        seq = self._next()
+        d: Deferred[None] = Deferred()
+        if self._lost:
+            d.errback(JournalUnavailable("the main process is gone"))
+            return d
+        self._waiting[seq] = d
+        self.sendString(encode_submit(seq, envelope, body))
+        return d
+
+    @property
+    def in_flight(self) -> int:
+        """
+        Requests sent and not answered yet.
+        """
+        return len(self._waiting)
+
+    # IAlertSink
+
+    def raise_alert(self, alert: Alert) -> None:
+        """
+        Pass the alert to the main process, which stores it.
+        """
+        self._send(ALERT, _alert_to_json(alert))
+
+    # ConnectionLimiter
+
+    def admit(self, address: str) -> Deferred[Admission]:
+        """
+        Ask the main process to count a new connection from C{address}.
+        """
+        seq = self._next()
+        return self._ask(CONNECT, [seq, address], seq).addCallback(Admission)
+
+    def release(self, address: str) -> None:
+        """
+        A connection admitted has ended.
+        """
+        self._send(DISCONNECT, [address])
+
+    # AuthLimiter
+
+    def blocked(self, address: str) -> bool:
+        """
+        Not known here: L{begin} answers for a blocked address.
+        """
+        return False
+
+    def begin(self, address: str) -> Deferred[bool]:
+        """
+        Ask the main process's tracker for a turn to check a credential.
+        """
+        seq = self._next()
+        d: Deferred[bool] = Deferred(lambda _: self._cancel_turn(seq, address))
+        if self._lost:
+            d.callback(False)
+            return d
+        self._waiting[seq] = d
+        self.sendString(AUTH_BEGIN + _json([seq, address]))
+        return d
+
+    def _cancel_turn(self, seq: int, address: str) -> None:
+        if self._waiting.pop(seq, None) is not None:
+            # The answer may already be on its way: a turn given to a
+            # cancelled request is given back when it arrives.
+            self._cancelled_turns[seq] = address
+            self._send(AUTH_CANCEL, [seq])
+
+    def end(self, address: str, *, failed: bool) -> None:
+        """
+        A turn ended without a wrong credential.
+        """
+        self._send(AUTH_END, [address])
+
+    def fail(self, address: str) -> Deferred[tuple[bool, int]]:
+        """
+        A turn found a wrong credential: the main process counts it.
+
+        @return: fires with whether to raise the alert, and the address's
+            failures within the window.
+        """
+        seq = self._next()
+        return self._ask(AUTH_FAIL, [seq, address], seq).addCallback(
+            lambda answer: (bool(answer[0]), int(answer[1]))
+        )
+
+    # SessionMetrics: the main process counts connections (from CONNECT
+    # and DISCONNECT) and accepted messages (from SUBMIT) itself.
+
+    def connection_opened(self) -> None:
+        """
+        Counted by the main process on C{CONNECT}.
+        """
+
+    def connection_closed(self) -> None:
+        """
+        Counted by the main process on C{DISCONNECT}.
+        """
+
+    def accepted(self) -> None:
+        """
+        Counted by the main process once the message is durable.
+        """
+
+    def rejected(self, reason: str) -> None:
+        """
+        Pass a refusal on to the main process's metrics.
+        """
+        self._send(REJECTED, [str(reason)])
+
+    def ready(self, ports: int) -> None:
+        """
+        Tell the main process this child accepts on C{ports} ports.
+        """
+        self._send(READY, [ports, os.getpid()])
+
+    # the channel
+
+    def stringReceived(self, payload: bytes) -> None:
+        kind = payload[:1]
+        value = json.loads(payload[1:])
+        if kind == ACCEPTING:
+            self.accepting = bool(value[0])
+            return
+        seq = int(value[0])
+        d = self._waiting.pop(seq, None)
+        if d is None:
+            address = self._cancelled_turns.pop(seq, None)
+            if kind == AUTH_TURN and address is not None and value[1]:
+                self._send(AUTH_END, [address])
+            return
+        if kind == SUBMITTED:
+            outcome = value[1]
+            if outcome == OK:
+                d.callback(None)
+            elif outcome == UNAVAILABLE:
+                self.accepting = False
+                d.errback(JournalUnavailable(str(value[2])))
+            else:
+                d.errback(RuntimeError(f"the main process could not queue it: {value[2]}"))
+        elif kind == ADMISSION:
+            d.callback(value[1])
+        elif kind == AUTH_TURN:
+            d.callback(bool(value[1]))
+        elif kind == AUTH_COUNTED:
+            d.callback((value[1], value[2]))
+        else:
+            log.error("unknown frame {kind!r} from the main process", kind=kind)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.error("frame of {length} bytes from the main process", length=length)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        waiting, self._waiting = self._waiting, {}
+        for d in waiting.values():
+            d.errback(JournalUnavailable("the main process is gone"))
+        self.on_lost()
+
+
+# -- the main process's side ------------------------------------------------------
+
+
+class _Frames(Int32StringReceiver):
+    """
+    Splits one child's stdout into frames.
+    """
+
+    def __init__(self, max_length: int, received: Callable[[bytes], None]) -> None:
+        self.MAX_LENGTH = max_length
+        self._received = received
+
+    def stringReceived(self, payload: bytes) -> None:
+        self._received(payload)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.error("acceptor sent a frame of {length} bytes; stopping it", length=length)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _ProcessWriter:
+    """
+    What L{_Frames} writes to and closes: the child's stdin; closing kills
+    the child.
+    """
+
+    def __init__(self, child: _Child) -> None:
+        self._child = child
+
+    def write(self, data: bytes) -> None:
+        transport = self._child.transport
+        if transport is not None and not self._child.ended:
+            transport.write(data)
+
+    def loseConnection(self) -> None:
+        self._child.kill()
+
+
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+class _Child(ProcessProtocol):
+    """
+    One acceptor process, seen from the main process: its requests are
+    answered against the pool's shared state, and what it held is given
+    back when it ends.
+    """
+
+    def __init__(self, pool: AcceptorPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ended = False
+        self.started_at = pool.clock.seconds()
+        self.pid: int | None = None
+        self._frames = _Frames(pool.limits.max_size + FRAME_OVERHEAD, self._received)
+        self._frames.makeConnection(_ProcessWriter(self))
+        self._stderr = b""
+        self._open: Counter[str] = Counter()
+        self._turns: Counter[str] = Counter()
+        self._waiting_turns: dict[int, Deferred[bool]] = {}
+        self.ended_deferred: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.pid = getattr(self.transport, "pid", None)
+        self.send(ACCEPTING + _json([bool(self.pool.queue.accepting)]))
+
+    def send(self, payload: bytes) -> None:
+        self._frames.sendString(payload)
+
+    def kill(self) -> None:
+        if not self.ended and self.transport is not None:
+            # ProcessExitedAlready: it is gone.
+            with contextlib.suppress(ProcessExitedAlready):
+                self.transport.signalProcess("KILL")
+
+    def signal(self, name: str) -> None:
+        if not self.ended and self.transport is not None:
+            # ProcessExitedAlready: it is gone.
+            with contextlib.suppress(ProcessExitedAlready):
+                self.transport.signalProcess(name)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1:
+            self._frames.dataReceived(data)
+        elif childFD == 2:
+            self._stderr += data
+            *lines, self._stderr = self._stderr.split(b"\n")
+            for line in lines:
+                self._log_line(line)
+
+    def _log_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        text = line.decode("utf-8", "replace")
+        try:
+            event = json.loads(text)
+            level = _LEVELS.get(str(event["level"]), LogLevel.info)
+            text = str(event["text"])
+        except (ValueError, KeyError, TypeError):
+            level = LogLevel.warn
+        log.emit(level, "acceptor {index}: {text}", index=self.index, text=text)
+
+    # requests
+
+    def _received(self, payload: bytes) -> None:
+        kind = payload[:1]
+        pool = self.pool
+        try:
+            if kind == SUBMIT:
+                seq, envelope, body = decode_submit(payload)
+                pool.submit(envelope, body).addCallbacks(
+                    self._submitted,
+                    self._not_submitted,
+                    callbackArgs=(seq, envelope),
+                    errbackArgs=(seq,),
+                )
+                return
+            value = json.loads(payload[1:])
+            if kind == CONNECT:
+                seq, address = int(value[0]), str(value[1])
+                admission = pool.connections.admit(address)
+                pool.metrics.connection_opened()
+                if admission is Admission.ADMITTED:
+                    self._open[address] += 1
+                else:
+                    pool.metrics.connection_closed()
+                self.send(ADMISSION + _json([seq, admission.value]))
+            elif kind == DISCONNECT:
+                address = str(value[0])
+                if self._open[address] > 0:
+                    self._open[address] -= 1
+                    if not self._open[address]:
+                        del self._open[address]
+                    pool.connections.release(address)
+                    pool.metrics.connection_closed()
+            elif kind == AUTH_BEGIN:
+                self._auth_begin(int(value[0]), str(value[1]))
+            elif kind == AUTH_CANCEL:
+                waiter = self._waiting_turns.pop(int(value[0]), None)
+                if waiter is not None:
+                    waiter.cancel()
+            elif kind == AUTH_END:
+                self._end_turn(str(value[0]))
+            elif kind == AUTH_FAIL:
+                seq, address = int(value[0]), str(value[1])
+                if self._turns[address] > 0:
+                    self._forget_turn(address)
+                    alert, failures = pool.auth.fail(address)
+                else:
+                    failures = pool.auth.record_failure(address)
+                    alert = False
+                self.send(AUTH_COUNTED + _json([seq, alert, failures]))
+            elif kind == ALERT:
+                pool.alerts.raise_alert(_alert_from_json(value))
+            elif kind == REJECTED:
+                pool.metrics.rejected(str(value[0]))
+            elif kind == READY:
+                log.info(
+                    "acceptor {index} (pid {pid}) accepting on {ports} ports",
+                    index=self.index,
+                    pid=value[1],
+                    ports=value[0],
+                )
+            else:
+                raise ValueError(f"unknown frame kind {kind!r}")
+        except Exception:
+            log.failure("acceptor {index} sent a bad frame; stopping it", index=self.index)
+            self.kill()
+
+    def _submitted(self, result: object, seq: int, envelope: Envelope) -> None:
+        self.pool.metrics.accepted()
+        log.info(
+            "queued {queue_id} from {username} at {client_ip}",
+            queue_id=envelope.queue_id,
+            username=envelope.username,
+            client_ip=envelope.client_ip,
+        )
+        self.send(SUBMITTED + _json([seq, OK]))
+
+    def _not_submitted(self, failure: Failure, seq: int) -> None:
+        if failure.check(JournalUnavailable):
+            self.send(SUBMITTED + _json([seq, UNAVAILABLE, failure.getErrorMessage()]))
+            return
+        log.failure("queueing a message from acceptor {index} failed", failure, index=self.index)
+        self.send(SUBMITTED + _json([seq, ERROR, failure.getErrorMessage()]))
+
+    def _auth_begin(self, seq: int, address: str) -> None:
+        admission = self.pool.auth.begin(address)
+        if isinstance(admission, Deferred):
+            self._waiting_turns[seq] = admission
+            admission.addCallbacks(
+                self._turn_given,
+                self._turn_cancelled,
+                callbackArgs=(seq, address),
+                errbackArgs=(seq,),
+            )
+            return
+        self._turn_given(admission, seq, address)
+
+    def _turn_given(self, admitted: bool, seq: int, address: str) -> None:
+        self._waiting_turns.pop(seq, None)
+        if admitted:
+            self._turns[address] += 1
+        if self.ended:
+            if admitted:
+                self._end_turn(address)
+            return
+        self.send(AUTH_TURN + _json([seq, admitted]))
+
+    def _turn_cancelled(self, failure: Failure, seq: int) -> None:
+        self._waiting_turns.pop(seq, None)
+        failure.trap(Exception)
+
+    def _forget_turn(self, address: str) -> None:
+        self._turns[address] -= 1
+        if self._turns[address] <= 0:
+            del self._turns[address]
+
+    def _end_turn(self, address: str) -> None:
+        if self._turns[address] > 0:
+            self._forget_turn(address)
+            self.pool.auth.end(address, failed=False)
+
+    # the end
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        if self._stderr:
+            self._log_line(self._stderr)
+            self._stderr = b""
+        pool = self.pool
+        for address, count in self._open.items():
+            for _ in range(count):
+                pool.connections.release(address)
+                pool.metrics.connection_closed()
+        self._open.clear()
+        for waiter in list(self._waiting_turns.values()):
+            waiter.cancel()
+        self._waiting_turns.clear()
+        for address, count in list(self._turns.items()):
+            for _ in range(count):
+                pool.auth.end(address, failed=False)
+        self._turns.clear()
+        pool.child_ended(self, reason)
+        self.ended_deferred.callback(None)
+
+
+class AcceptorConfig:
+    """
+    What a child needs to know to serve like the main process would.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str,
+        hostname: str,
+        limits: Limits,
+        require_tls: bool,
+        tls_cert: str | None,
+        tls_key: str | None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.hostname = hostname
+        self.limits = limits
+        self.require_tls = require_tls
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+
+    def to_json(self) -> str:
+        """
+        The configuration as the child reads it from its argument.
+        """
+        return json.dumps(
+            {
+                "data_dir": self.data_dir,
+                "hostname": self.hostname,
+                "limits": asdict(self.limits),
+                "require_tls": self.require_tls,
+                "tls_cert": self.tls_cert,
+                "tls_key": self.tls_key,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> AcceptorConfig:
+        """
+        Read what L{to_json} wrote.
+        """
+        data = json.loads(text)
+        return cls(
+            data_dir=data["data_dir"],
+            hostname=data["hostname"],
+            limits=Limits(**data["limits"]),
+            require_tls=bool(data["require_tls"]),
+            tls_cert=data["tls_cert"],
+            tls_key=data["tls_key"],
+        )
+
+
+class AcceptorPool(Service):
+    """
+    Starts, watches and stops the acceptor processes.
+
+    Start it after the queue (messages go to it) and after the listener
+    that bound the ports (their sockets are handed down); it stops before
+    both.
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        count: int,
+        config: AcceptorConfig,
+        sockets: Callable[[], Sequence[int]],
+        queue: IMessageQueue,
+        connections: ConnectionCounter,
+        auth: AuthFailureTracker,
+        alerts: IAlertSink,
+        metrics: SessionMetrics,
+        argv: Sequence[str] | None = None,
+    ) -> None:
+        """
+        @param count: how many acceptor processes.
+        @param sockets: gives the file descriptors of the listening sockets.
+        @param queue: where the children's messages go.
+        @param connections: the connection counts of every child.
+        @param auth: the failed logins of every child.
+        @param alerts: where the children's alerts go.
+        @param metrics: where connections, messages and refusals are counted.
+        @param argv: the child's command line (tests); by default this
+            Python running L{smtpgw.acceptor_main}.
+        """
+        self.reactor = reactor
+        self.clock = reactor
+        self.count = count
+        self.config = config
+        self.limits = config.limits
+        self._sockets = sockets
+        self.queue = queue
+        self.connections = connections
+        self.auth = auth
+        self.alerts = alerts
+        self.metrics = metrics
+        default = [sys.executable, "-m", "smtpgw.acceptor_main"]
+        self._argv = list(argv) if argv is not None else default
+        self.children: dict[int, _Child] = {}
+        self._delays: dict[int, float] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._accepting = True
+        self._poll: IDelayedCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._accepting = bool(self.queue.accepting)
+        for index in range(self.count):
+            self._spawn(index)
+        self._poll = self.clock.callLater(ACCEPTING_POLL, self._check_accepting)
+
+    def submit(self, envelope: Envelope, body: bytes) -> Deferred[None]:
+        """
+        Queue a child's message.
+        """
+        return self.queue.submit(envelope, body)
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        fds = list(self._sockets())
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for offset, fd in enumerate(fds):
+            child_fds[3 + offset] = fd
+        env = dict(os.environ)
+        env["SMTPGW_ACCEPTOR_PARENT"] = str(os.getpid())
+        env["SMTPGW_ACCEPTOR_INDEX"] = str(index)
+        env["SMTPGW_ACCEPTOR_FDS"] = str(len(fds))
+        child = _Child(self, index)
+        self.children[index] = child
+        self.reactor.spawnProcess(
+            child,
+            self._argv[0],
+            [*self._argv, self.config.to_json()],
+            env=env,
+            childFDs=child_fds,
+        )
+
+    def child_ended(self, child: _Child, reason: Failure) -> None:
+        """
+        A child exited: start another unless stopping.
+        """
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        if not self.running:
+            return
+        lived = self.clock.seconds() - child.started_at
+        delay = self._delays.get(child.index, RESTART_DELAY)
+        if lived >= HEALTHY_AFTER:
+            delay = RESTART_DELAY
+        self._delays[child.index] = min(delay * 2, RESTART_DELAY_MAX)
+        log.warn(
+            "acceptor {index} (pid {pid}) ended: {why}; starting another in {delay:g} s",
+            index=child.index,
+            pid=child.pid,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._restarts[child.index] = self.clock.callLater(delay, self._spawn, child.index)
+
+    def _check_accepting(self) -> None:
+        self._poll = self.clock.callLater(ACCEPTING_POLL, self._check_accepting)
+        accepting = bool(self.queue.accepting)
+        if accepting != self._accepting:
+            self._accepting = accepting
+            for child in self.children.values():
+                child.send(ACCEPTING + _json([accepting]))
+
+    def _flush_alerts(self) -> None:
+        # Store the summaries of repeated sender alerts held back.
+        flush = getattr(self.alerts, "flush", None)
+        if flush is not None:
+            flush()
+
+    def signal_all(self, name: str) -> None:
+        """
+        Send signal C{name} (C{"HUP"}: reload the certificate) to every child.
+        """
+        for child in self.children.values():
+            child.signal(name)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Ask every child to stop (they stop accepting, wait for the answers
+        to their messages, then exit); kill those still there after
+        L{KILL_AFTER}.
+        """
+        super().stopService()
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = None
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        children = list(self.children.values())
+        if not children:
+            self._flush_alerts()
+            return succeed(None)
+        for child in children:
+            child.signal("TERM")
+
+        def kill_all() -> None:
+            for child in children:
+                child.kill()
+
+        killer = self.clock.callLater(KILL_AFTER, kill_all)
+        done = DeferredList([child.ended_deferred for child in children])
+
+        def finished(_: object) -> None:
+            if killer.active():
+                killer.cancel()
+            self._flush_alerts()
+
+        return done.addCallback(finished)
+
+
+def parent_death_signal(parent: int) -> None:
+    """
+    Make the kernel kill this process when the process C{parent} (that
+    started it) ends; exit at once if it already has.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
