@@ -696,8 +696,11 @@ class GatewaySMTP(smtp.ESMTP):
         find = buf.find
         sink = self._sink
         message = self._message
-        if sink is not None and message is not None:
-            pos = self._data_block(buf, pos, message.assembler)
+        assembler = None if sink is None or message is None else message.assembler
+        if assembler is not None:
+            pos = self._data_block(buf, pos, assembler)
+            if assembler.headers_complete:
+                assembler = None
         while True:
             eol = find(b"\r\n", pos)
             if eol < 0:
@@ -718,6 +721,13 @@ class GatewaySMTP(smtp.ESMTP):
                     if self._t.disconnecting:
                         return len(buf)
                     sink = None
+                    assembler = None
+                    continue
+                if assembler is not None and assembler.headers_complete:
+                    # The header section just ended: the body's lines go
+                    # in one block when they can.
+                    assembler = None
+                    pos = self._data_block(buf, pos, message.assembler)  # type: ignore[union-attr]
 
     def _data_block(self, buf: bytes, pos: int, assembler: MessageAssembler) -> int:
         """
