@@ -155,7 +155,7 @@ class Options(usage.Options):
         [
             "acceptors",
             None,
-            "0",
+            "auto",
             "Processes answering SMTP beside the main one ('auto': one per core; 0: none,"
             " the main process answers).",
         ],

@@ -27,6 +27,13 @@ def parse(*argv: str) -> Options:
     return options
 
 
+def parse_public(*argv: str) -> Options:
+    """
+    L{parse}, with the unsubscribe links' base URL given.
+    """
+    return parse("--public-url", "http://gw.test", *argv)
+
+
 def test_defaults_follow_the_product() -> None:
     options = parse()
     assert len(options["ports"]) == 3980
@@ -51,6 +58,9 @@ def test_defaults_follow_the_product() -> None:
         (["--max-command-length", "511"], "max-command-length"),
         (["--idle-timeout", "soon"], "--idle-timeout"),
         (["--tls-cert", "a.pem"], "--tls-cert"),
+        (["--acceptors", "-1"], "--acceptors must be at least 0"),
+        (["--acceptors", "two"], "--acceptors must be a whole number"),
+        (["--acceptors", "65"], "--acceptors must be at most 64"),
     ],
 )
 def test_bad_options_are_refused_with_a_clear_reason(argv: list[str], message: str) -> None:
@@ -86,6 +96,54 @@ def test_without_an_admin_port_the_public_url_must_be_given(admin: str) -> None:
         parse("--admin", admin)
     given = parse("--admin", admin, "--public-url", "https://mail.example.com")
     assert given["public-url"] == "https://mail.example.com"
+
+
+@pytest.mark.parametrize(
+    ("text", "cores", "expected"),
+    [("auto", 2, 2), ("auto", 8, 8), ("auto", 1, 0), ("0", 8, 0), ("64", 2, 64), ("3", 1, 3)],
+)
+def test_acceptors_default_to_one_per_core(
+    monkeypatch: pytest.MonkeyPatch, text: str, cores: int, expected: int
+) -> None:
+    """
+    --acceptors auto (the default) starts one acceptor process per core the
+    gateway may run on, none on a single core (the main process answers
+    there); a number is taken as given, up to 64.
+    """
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert Options()["acceptors"] == "auto"
+    assert parse("--acceptors", text)["acceptors"] == expected
+
+
+def test_acceptors_or_the_main_process_listen(tmp_path: Path) -> None:
+    """
+    With acceptors the main process binds the ports without accepting and
+    an acceptor pool is wired to the queue; without, the main process's
+    own SMTP factory listens.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from smtpgw.acceptors import AcceptorPool
+    from smtpgw.listening import MultiPortListener, bind_only
+    from smtpgw.session import GatewaySMTPFactory
+    from smtpgw.tap import makeService
+
+    def children(acceptors: str) -> list[object]:
+        data = str(tmp_path / acceptors)
+        options = parse_public("--acceptors", acceptors, "--data-dir", data, "--admin", "none")
+        return list(makeService(options, MemoryReactorClock()))  # type: ignore[call-overload, no-any-return]
+
+    with_pool = children("2")
+    [listener] = [c for c in with_pool if isinstance(c, MultiPortListener)]
+    [pool] = [c for c in with_pool if isinstance(c, AcceptorPool)]
+    assert listener.listen is bind_only
+    assert pool.count == 2
+    assert with_pool.index(listener) < with_pool.index(pool)
+    without = children("0")
+    assert not [c for c in without if isinstance(c, AcceptorPool)]
+    [listener] = [c for c in without if isinstance(c, MultiPortListener)]
+    assert listener.listen is None
+    assert isinstance(listener.factory, GatewaySMTPFactory)
 
 
 def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
@@ -261,6 +319,7 @@ def test_twistd_finds_the_plugin_and_lists_every_option() -> None:
         "--max-size",
         "--max-recipients",
         "--max-queue-age",
+        "--acceptors",
         *(f"--{name.replace('_', '-')}=" for name in LIMIT_OPTIONS),
     ):
         assert option in result.stdout, option
