@@ -27,10 +27,7 @@ from zope.interface import implementer
 
 from smtpgw.abuse import Admission, AuthFailureTracker, ConnectionCounter
 from smtpgw.acceptors import (
-    ACCEPTING_POLL,
     FRAME_OVERHEAD,
-    HEALTHY_AFTER,
-    KILL_AFTER,
     AcceptorConfig,
     AcceptorPool,
     MainLink,
@@ -50,6 +47,11 @@ SOCKETS = [7, 9]
 #: The smallest message size Limits allows: frames stay small.
 MAX_SIZE = 1024
 IP = "192.0.2.1"
+# The timings the pool promises, written out rather than imported so that a
+# changed constant fails here.
+ACCEPTING_POLL = 0.25
+KILL_AFTER = 10.0
+HEALTHY_AFTER = 60.0
 OTHER_IP = "192.0.2.2"
 
 
@@ -604,6 +606,26 @@ def test_a_frame_past_the_length_limit_kills_the_child(
     assert g.queue.submitted == []
     [(text, _)] = take_errors(logged_errors)
     assert "stopping it" in text
+
+
+def test_a_frame_from_main_past_the_length_limit_drops_the_channel(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    The child reads a frame from the main process of C{max_size} plus the
+    framing allowance; one octet more makes it drop the channel and log it.
+    """
+    g = make_gateway(count=1)
+    wire = g.wires[0]
+    limit = MAX_SIZE + FRAME_OVERHEAD
+    frame = b"a[false]".ljust(limit, b" ")
+    wire.link.dataReceived(struct.pack(">I", len(frame)) + frame)
+    assert wire.link.accepting is False
+    assert not wire.transport.disconnecting
+    wire.link.dataReceived(struct.pack(">I", limit + 1))
+    assert wire.transport.disconnecting
+    [(text, _)] = take_errors(logged_errors)
+    assert str(limit + 1) in text
 
 
 # -- connections ------------------------------------------------------------------
