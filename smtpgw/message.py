@@ -21,7 +21,6 @@ line counts as its length plus 2 for its CRLF.
 from __future__ import annotations
 
 import email.utils
-import functools
 import re
 import unicodedata
 from datetime import UTC, datetime
@@ -56,14 +55,6 @@ CRLF = b"\r\n"
 # RFC 5322 field-name (printable ASCII except ":"), with the obsolete
 # whitespace before the colon tolerated.
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
-
-
-@functools.lru_cache(maxsize=8)
-def _longer_than(length: int) -> re.Pattern[bytes]:
-    """
-    A pattern that finds a line of more than C{length} octets.
-    """
-    return re.compile(rb"[^\r\n]{%d}" % (length + 1))
 
 
 _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
@@ -260,7 +251,10 @@ class MessageAssembler:
         crlf = block.count(CRLF)
         if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
             return False
-        if _longer_than(self.max_line_length).search(block) is not None:
+        # Every CR and LF is part of a CRLF here, so the lines are what lies
+        # between them. (A regular expression for "a run of more than N
+        # octets without CR or LF" tries every offset: ~0.6 ms for 5 KB.)
+        if max(map(len, block.split(CRLF))) > self.max_line_length:
             return False
         self._size += len(block)
         self._body += block

@@ -562,6 +562,49 @@ class TestProperties:
         assert sum(h.startswith(b"message-id:") for h in header_lines) == expected_ids
         assert out.endswith(b"".join(line + b"\r\n" for line in body))
 
+    @given(
+        st.lists(any_line.filter(lambda line: b"\r\n" not in line), max_size=20),
+        st.integers(min_value=1, max_value=90),
+    )
+    def test_a_block_is_taken_exactly_when_each_line_would_be(
+        self, lines: list[bytes], limit: int
+    ) -> None:
+        """
+        L{MessageAssembler.body_block} takes a block of body lines (as the
+        session cuts them: no line holds a CRLF) exactly when taking them one
+        by one would refuse none of them, and then stores the same bytes.
+        """
+        block = b"".join(line + b"\r\n" for line in lines)
+        by_block = MessageAssembler(100_000, max_line_length=limit)
+        by_line = MessageAssembler(100_000, max_line_length=limit)
+        for assembler in (by_block, by_line):
+            assembler.line(b"")  # the header section ends
+        refused = False
+        for line in lines:
+            try:
+                by_line.line(line)
+            except MessageRejected:
+                refused = True
+                break
+        taken = by_block.body_block(block)
+        assert taken is not refused
+        if taken:
+            assert finish(by_block) == finish(by_line)
+            assert by_block.size == by_line.size
+
+    @pytest.mark.parametrize(("length", "taken"), [(998, True), (999, False)])
+    def test_a_block_with_a_line_at_or_past_the_limit(self, length: int, taken: bool) -> None:
+        """
+        A block whose longest line has 998 octets (the default limit) is
+        taken; one with a 999-octet line is left to the line-by-line path,
+        which refuses it.
+        """
+        assembler = MessageAssembler(100_000)
+        assembler.line(b"")
+        block = b"short\r\n" + b"x" * length + b"\r\nend\r\n"
+        assert assembler.body_block(block) is taken
+        assert assembler.stored_bytes == (len(block) if taken else 0)
+
     @given(st.lists(any_line, max_size=20))
     def test_arbitrary_lines_never_crash(self, lines: list[bytes]) -> None:
         """
