@@ -202,6 +202,7 @@ class MainLink(Int32StringReceiver):
         self._seq = 0
         self._waiting: dict[int, Deferred[Any]] = {}
         self._cancelled_turns: dict[int, str] = {}
+        self._turn_requests: set[int] = set()
         self._lost = False
 
     def _next(self) -> int:
@@ -284,10 +285,12 @@ class MainLink(Int32StringReceiver):
             d.callback(False)
             return d
         self._waiting[seq] = d
+        self._turn_requests.add(seq)
         self.sendString(AUTH_BEGIN + _json([seq, address]))
         return d
 
     def _cancel_turn(self, seq: int, address: str) -> None:
+        self._turn_requests.discard(seq)
         if self._waiting.pop(seq, None) is not None:
             # The answer may already be on its way: a turn given to a
             # cancelled request is given back when it arrives.
@@ -352,6 +355,7 @@ class MainLink(Int32StringReceiver):
             return
         seq = int(value[0])
         d = self._waiting.pop(seq, None)
+        self._turn_requests.discard(seq)
         if d is None:
             address = self._cancelled_turns.pop(seq, None)
             if kind == AUTH_TURN and address is not None and value[1]:
@@ -359,10 +363,12 @@ class MainLink(Int32StringReceiver):
             return
         if kind == SUBMITTED:
             outcome = value[1]
+            # Whether the main process still takes mail, as of this answer
+            # (a refused queue id does not make the journal unavailable).
+            self.accepting = bool(value[3])
             if outcome == OK:
                 d.callback(None)
             elif outcome == UNAVAILABLE:
-                self.accepting = False
                 d.errback(JournalUnavailable(str(value[2])))
             else:
                 d.errback(RuntimeError(f"the main process could not queue it: {value[2]}"))
@@ -383,8 +389,13 @@ class MainLink(Int32StringReceiver):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         waiting, self._waiting = self._waiting, {}
-        for d in waiting.values():
-            d.errback(JournalUnavailable("the main process is gone"))
+        turns, self._turn_requests = self._turn_requests, set()
+        for seq, d in waiting.items():
+            if seq in turns:
+                # No turn will come: the session refuses the login.
+                d.callback(False)
+            else:
+                d.errback(JournalUnavailable("the main process is gone"))
         self.on_lost()
 
 
@@ -527,9 +538,12 @@ class _Child(ProcessProtocol):
             elif kind == AUTH_BEGIN:
                 self._auth_begin(int(value[0]), str(value[1]))
             elif kind == AUTH_CANCEL:
-                waiter = self._waiting_turns.pop(int(value[0]), None)
+                seq = int(value[0])
+                waiter = self._waiting_turns.pop(seq, None)
                 if waiter is not None:
                     waiter.cancel()
+                    # The child keeps the request until it is answered.
+                    self.send(AUTH_TURN + _json([seq, False]))
             elif kind == AUTH_END:
                 self._end_turn(str(value[0]))
             elif kind == AUTH_FAIL:
@@ -566,14 +580,16 @@ class _Child(ProcessProtocol):
             username=envelope.username,
             client_ip=envelope.client_ip,
         )
-        self.send(SUBMITTED + _json([seq, OK]))
+        self.send(SUBMITTED + _json([seq, OK, "", bool(self.pool.queue.accepting)]))
 
     def _not_submitted(self, failure: Failure, seq: int) -> None:
         if failure.check(JournalUnavailable):
-            self.send(SUBMITTED + _json([seq, UNAVAILABLE, failure.getErrorMessage()]))
+            accepting = bool(self.pool.queue.accepting)
+            self.send(SUBMITTED + _json([seq, UNAVAILABLE, failure.getErrorMessage(), accepting]))
             return
         log.failure("queueing a message from acceptor {index} failed", failure, index=self.index)
-        self.send(SUBMITTED + _json([seq, ERROR, failure.getErrorMessage()]))
+        accepting = bool(self.pool.queue.accepting)
+        self.send(SUBMITTED + _json([seq, ERROR, failure.getErrorMessage(), accepting]))
 
     def _auth_begin(self, seq: int, address: str) -> None:
         admission = self.pool.auth.begin(address)

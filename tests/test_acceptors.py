@@ -503,14 +503,16 @@ def test_answers_out_of_order_reach_their_messages() -> None:
 
 def test_submit_fails_with_journal_unavailable_when_main_does() -> None:
     """
-    When the main queue refuses the message with JournalUnavailable, the
-    child's submit fails with it (its text kept), the child stops
-    accepting, and nothing is counted as accepted.
+    When the main queue refuses the message with JournalUnavailable (its
+    journal no longer accepting), the child's submit fails with it (its
+    text kept), the child stops accepting at once, and nothing is counted
+    as accepted.
     """
     g = make_gateway(count=1)
     link = g.wires[0].link
     d = link.submit(envelope(), b"body")
     g.pump()
+    g.queue.accepting = False
     g.queue.submitted[0][2].errback(JournalUnavailable("disk full"))
     g.pump()
     with pytest.raises(JournalUnavailable, match="disk full"):
@@ -519,14 +521,6 @@ def test_submit_fails_with_journal_unavailable_when_main_does() -> None:
     assert g.metrics.accepted_count == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "MainLink latches accepting=False on an UNAVAILABLE answer, but the pool "
-        "pushes ACCEPTING only when its polled queue.accepting changes: a refusal "
-        "while the queue still accepts (QueueIdInUse) leaves the child refusing mail"
-    ),
-)
 def test_child_accepts_again_after_a_refusal_while_main_still_accepts() -> None:
     """
     A refusal that leaves the main queue accepting (a queue id still live
@@ -857,14 +851,6 @@ def test_a_begin_cancelled_while_waiting_is_forgotten() -> None:
     assert result_of(again) is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "MainLink keeps a cancelled begin in _cancelled_turns until an AUTH_TURN "
-        "answer comes, but main sends none for a waiter it cancelled: one entry "
-        "leaks per AUTH given up while waiting"
-    ),
-)
 def test_a_begin_cancelled_while_waiting_leaves_nothing_in_the_child() -> None:
     """
     Once the main process has dropped a cancelled begin, the child keeps
@@ -1000,7 +986,8 @@ def test_child_log_lines_are_logged_at_their_level(events: list[dict[str, Any]])
 def test_losing_main_fails_every_request_and_calls_on_lost_once() -> None:
     """
     When the channel to the main process is lost, every request under way
-    fails with JournalUnavailable, on_lost is called once, and requests
+    fails with JournalUnavailable (a login waiting for its turn is refused
+    instead, as the session expects), on_lost is called once, and requests
     made later fail at once (a turn is refused) without writing anything.
     """
     g = make_gateway(count=1)
@@ -1014,6 +1001,8 @@ def test_losing_main_fails_every_request_and_calls_on_lost_once() -> None:
     ]
     assert link.in_flight == 4
     link.connectionLost(Failure(ConnectionError("gone")))
+    turn = pending.pop(2)
+    assert result_of(turn) is False
     for d in pending:
         with pytest.raises(JournalUnavailable):
             result_of(d)
