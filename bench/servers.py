@@ -7,8 +7,10 @@ directory of its own and stopped afterwards:
   - L{TwistedBare}: L{bench.twisted_server}, Twisted's own ESMTP with AUTH
     and no durability;
   - L{Postfix}: a throwaway Postfix instance with its own configuration and
-    durable queue, delivering to its C{discard} transport;
-  - L{Gateway}: smtpgw under C{twistd}, driven as an operator would.
+    durable queue, delivering to its C{discard} transport (or, with C{hold},
+    keeping every message in its hold queue);
+  - L{Gateway}: smtpgw under C{twistd}, driven as an operator would (with
+    C{hold}, its send queue stopped so that every message is kept).
 
 Each only ever listens on loopback, and each is stopped by the process id it
 started.
@@ -288,6 +290,24 @@ def postfix_version() -> str | None:
     return done.stdout.strip() or None
 
 
+#: The C{header_checks} table that puts every message on hold: C{cleanup}
+#: writes it durably to the hold queue (the same fsync before the C{250})
+#: and C{qmgr} never sees it. Every message the load generator builds has a
+#: C{Subject:} header (L{bench.loadgen.build_message}).
+HOLD_HEADER_CHECKS = "/^Subject:/ HOLD\n"
+
+#: Where L{Postfix.write_config} puts that table, under the instance's base.
+HOLD_CHECKS_FILE = "hold.regexp"
+
+
+def hold_settings(checks: Path) -> tuple[str, ...]:
+    """
+    @param checks: the file holding L{HOLD_HEADER_CHECKS}.
+    @return: the C{main.cf} lines that hold every message on arrival.
+    """
+    return (f"header_checks = regexp:{checks}",)
+
+
 @define
 class Postfix:
     """
@@ -300,12 +320,16 @@ class Postfix:
     less per connection than the gateway's: the comparison favours Postfix.
 
     @ivar settings: more C{main.cf} lines (C{name = value}), appended last.
+    @ivar hold: put every message on hold on arrival (L{HOLD_HEADER_CHECKS}):
+        durable in the hold queue, never delivered.
     """
 
     settings: Sequence[str] = ()
+    hold: bool = False
     name: str = "postfix"
     config: Path | None = None
     master_pid: int | None = None
+    queue: Path | None = None
 
     def unavailable(self) -> str | None:
         """
@@ -322,20 +346,15 @@ class Postfix:
         Configure and start the instance on a free loopback port.
         """
         base = workdir / "postfix"
-        config, queue, data = base / "conf", base / "queue", base / "data"
-        for directory in (config, queue, data):
+        queue, data, maillog = base / "queue", base / "data", base / "maillog"
+        for directory in (queue, data):
             directory.mkdir(parents=True)
         shutil.chown(data, user="postfix")
         files = make_self_signed(base / "tls")
         port = free_port()
-        maillog = base / "maillog"
-        main_cf = self._main_cf(base, queue, data, maillog, files)
-        main_cf += "".join(f"{setting}\n" for setting in self.settings)
-        (config / "main.cf").write_text(main_cf)
-        (config / "master.cf").write_text(
-            f"{LOOPBACK}:{port} inet n - n - - smtpd\n" + _MASTER_SERVICES
-        )
+        config = self.write_config(base, port, files)
         self.config = config
+        self.queue = queue
         done = subprocess.run(
             ["postfix", "-c", str(config), "start"], capture_output=True, text=True, check=False
         )
@@ -359,12 +378,50 @@ class Postfix:
             notes=(
                 f"Postfix {postfix_version()}",
                 "no AUTH: relays for 127.0.0.0/8 (the gateway pays for AUTH)",
-                "durable queue, delivered to the discard transport",
+                "held on arrival (header_checks /^Subject:/ HOLD): durable in the hold "
+                "queue, not delivered"
+                if self.hold
+                else "durable queue, delivered to the discard transport",
                 *(f"main.cf: {setting}" for setting in self.settings),
                 f"TLS key {describe_key(files.cert.read_bytes())}",
             ),
             log=maillog,
         )
+
+    def write_config(self, base: Path, port: int, tls: CertFiles) -> Path:
+        """
+        Write the instance's C{main.cf} and C{master.cf} (and, with C{hold},
+        its header checks) under C{base}.
+
+        @param base: the instance's directory; its queue is C{base/queue}.
+        @param port: the loopback port its C{smtpd} listens on.
+        @param tls: its certificate and key.
+        @return: the configuration directory, for C{postfix -c}.
+        """
+        config = base / "conf"
+        config.mkdir(parents=True, exist_ok=True)
+        main_cf = self._main_cf(base, base / "queue", base / "data", base / "maillog", tls)
+        settings = list(self.settings)
+        if self.hold:
+            checks = base / HOLD_CHECKS_FILE
+            checks.write_text(HOLD_HEADER_CHECKS)
+            settings[:0] = hold_settings(checks)
+        main_cf += "".join(f"{setting}\n" for setting in settings)
+        (config / "main.cf").write_text(main_cf)
+        (config / "master.cf").write_text(
+            f"{LOOPBACK}:{port} inet n - n - - smtpd\n" + _MASTER_SERVICES
+        )
+        return config
+
+    def held_count(self) -> int | None:
+        """
+        @return: how many messages are in the instance's hold queue now, or
+            L{None} when it has not been started.
+        """
+        if self.queue is None:
+            return None
+        hold = self.queue / "hold"
+        return sum(1 for path in hold.rglob("*") if path.is_file()) if hold.is_dir() else 0
 
     @staticmethod
     def _main_cf(base: Path, queue: Path, data: Path, maillog: Path, tls: CertFiles) -> str:
@@ -467,6 +524,26 @@ def _admin(data_dir: Path, *args: str) -> dict[str, Any]:
     return result
 
 
+#: How long the gateway's control socket may take to answer after its SMTP
+#: port opened.
+CONTROL_WAIT = 30.0
+
+
+def option_value(argv: Sequence[str], name: str) -> str | None:
+    """
+    @param argv: command-line options, e.g. C{["--acceptors", "0"]}.
+    @param name: an option that takes a value, e.g. C{"--acceptors"}.
+    @return: its last value (C{--name V} or C{--name=V}), or L{None}.
+    """
+    value = None
+    for index, word in enumerate(argv):
+        if word == name and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif word.startswith(name + "="):
+            value = word[len(name) + 1 :]
+    return value
+
+
 @define
 class Gateway:
     """
@@ -477,11 +554,15 @@ class Gateway:
     @ivar extra: more command-line options (e.g. C{--rate 1000}).
     @ivar twistd: more C{twistd} options, before C{smtpgw} (e.g.
         C{--profile=FILE --profiler=cprofile} to profile it under load).
+    @ivar hold: stop its send queue (C{smtpgw-admin queue stop}) as soon as
+        it is up, so that every message is journaled and kept, none
+        delivered.
     """
 
     ports: str | None = None
     extra: Sequence[str] = ()
     twistd: Sequence[str] = ()
+    hold: bool = False
     name: str = "gateway"
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
@@ -543,7 +624,17 @@ class Gateway:
         process = self.spawn(workdir, str(port))
         assert self.log is not None
         _wait_for_port(port, process, self.log, 60)
-        notes = ["AUTH PLAIN (bcrypt, as configured)", "--relay capture"]
+        acceptors = option_value(self.extra, "--acceptors")
+        notes = [
+            "AUTH PLAIN (bcrypt, as configured)",
+            "--relay capture",
+            "--acceptors auto (the default)" if acceptors is None else f"--acceptors {acceptors}",
+        ]
+        if self.hold:
+            self.stop_queue(data_dir, process)
+            notes.append(
+                "queue stopped (smtpgw-admin queue stop): journaled and kept, not delivered"
+            )
         tls_dir = data_dir / "tls"
         for path in sorted(tls_dir.iterdir()) if tls_dir.is_dir() else []:
             with contextlib.suppress(ValueError, OSError):
@@ -557,6 +648,39 @@ class Gateway:
             notes=tuple(notes),
             log=self.log,
         )
+
+    def stop_queue(self, data_dir: Path, process: subprocess.Popen[bytes]) -> None:
+        """
+        Stop the send queue through the control socket, which may answer a
+        little after the SMTP port opened.
+
+        @raise ServerError: when the gateway exits or its control socket
+            does not answer within L{CONTROL_WAIT} seconds.
+        """
+        deadline = time.monotonic() + CONTROL_WAIT
+        while True:
+            try:
+                status = _admin(data_dir, "queue", "stop")
+            except (ServerError, subprocess.TimeoutExpired):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                continue
+            if not status.get("paused"):
+                raise ServerError(f"queue stop: the queue is not stopped: {status}")
+            return
+
+    def held_count(self) -> int | None:
+        """
+        @return: how many messages the running gateway's queue holds
+            (queued, sending, deferred or held), or L{None} when it is not
+            running.
+        """
+        if self.data_dir is None or self.process is None or self.process.poll() is not None:
+            return None
+        status = _admin(self.data_dir, "queue", "list", "--limit", "1")
+        counts = status.get("counts") or {}
+        return sum(int(count) for count in counts.values())
 
     def stop(self) -> None:
         """
