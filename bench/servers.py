@@ -631,7 +631,12 @@ class Gateway:
             "--acceptors auto (the default)" if acceptors is None else f"--acceptors {acceptors}",
         ]
         if self.hold:
-            self.stop_queue(data_dir, process)
+            try:
+                self.stop_queue(data_dir, process)
+            except ServerError:
+                # The caller only stops what started.
+                self.stop()
+                raise
             notes.append(
                 "queue stopped (smtpgw-admin queue stop): journaled and kept, not delivered"
             )
@@ -661,9 +666,9 @@ class Gateway:
         while True:
             try:
                 status = _admin(data_dir, "queue", "stop")
-            except (ServerError, subprocess.TimeoutExpired):
+            except (ServerError, subprocess.TimeoutExpired) as error:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise
+                    raise ServerError(f"could not stop the queue: {error}") from error
                 time.sleep(0.2)
                 continue
             if not status.get("paused"):
