@@ -32,6 +32,7 @@ __all__ = [
     "CAPTURE_DIR",
     "CAPTURE_INDEX",
     "CaptureOutbound",
+    "DiscardOutbound",
     "all_bounced",
     "all_deferred",
     "default_sync",
@@ -334,3 +335,21 @@ def _index_line(capture: _Capture, path: str) -> str:
         "file": path,
     }
     return json.dumps(fields) + "\n"
+
+
+@implementer(IOutbound)
+class DiscardOutbound(Service):
+    """
+    C{--relay discard}: every recipient counts as delivered at once, and
+    nothing leaves the gateway (Postfix's C{discard} transport).
+
+    The message still goes through all of the queue: journaled, scheduled by
+    priority and rate, marked sending and delivered in the journal, then
+    compacted away. For measuring the gateway alone, and for a dry run.
+    """
+
+    def deliver(self, envelope: Envelope, body: bytes) -> Deferred[DeliveryResult]:
+        """
+        Deliver to nobody: every recipient succeeds.
+        """
+        return succeed(DeliveryResult(delivered=tuple(envelope.recipients)))

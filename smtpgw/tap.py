@@ -124,7 +124,8 @@ class Options(usage.Options):
             "relay",
             None,
             "mx",
-            "Where mail goes: 'mx', 'smtp://host:port' or 'capture' (into the data dir).",
+            "Where mail goes: 'mx', 'smtp://host:port', 'capture' (into the data dir)"
+            " or 'discard' (nowhere: benchmarks, dry runs).",
         ],
         ["rate", None, "0", "Messages per second for the whole gateway (0: unlimited)."],
         ["concurrency", None, "20", "Deliveries at once."],
@@ -195,9 +196,9 @@ class Options(usage.Options):
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         relay = self["relay"]
-        if relay not in ("mx", "capture") and not relay.startswith("smtp://"):
+        if relay not in ("mx", "capture", "discard") and not relay.startswith("smtp://"):
             raise usage.UsageError(
-                f"--relay must be 'mx', 'capture' or 'smtp://host:port', not {relay!r}"
+                f"--relay must be 'mx', 'capture', 'discard' or 'smtp://host:port', not {relay!r}"
             )
         if relay.startswith("smtp://"):
             from smtpgw.relay import RelayURLError, parse_relay_url
@@ -316,12 +317,14 @@ def _reactor() -> Any:
 
 
 def _outbound(options: Options, data_dir: FilePath[str], reactor: Any) -> IService:
-    from smtpgw.outbound import CaptureOutbound
+    from smtpgw.outbound import CaptureOutbound, DiscardOutbound
     from smtpgw.relay import SmarthostOutbound
     from smtpgw.smtpclient import ClientSettings
 
     if options["relay"] == "capture":
         return CaptureOutbound(data_dir.path, reactor)
+    if options["relay"] == "discard":
+        return DiscardOutbound()
     if options["relay"] == "mx":
         from twisted.names.client import createResolver
 

@@ -26,7 +26,7 @@ from zope.interface.verify import verifyObject
 
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.model import Envelope, Priority
-from smtpgw.outbound import CaptureOutbound, default_sync
+from smtpgw.outbound import CaptureOutbound, DiscardOutbound, default_sync
 
 P = ParamSpec("P")
 T0 = 1_700_000_000.0
@@ -369,3 +369,16 @@ def test_default_sync_is_syncfs_of_the_directory(tmp_path: Path) -> None:
         os.close(fd)
     with pytest.raises(OSError, match="Bad file descriptor"):
         sync(1 << 30)
+
+
+def test_discard_delivers_every_recipient_at_once() -> None:
+    """
+    --relay discard: each recipient is delivered at once, nothing deferred
+    or bounced.
+    """
+    discard = DiscardOutbound()
+    verifyObject(IOutbound, discard)
+    results: list[DeliveryResult] = []
+    message = envelope(recipients=("a@example.net", "b@example.org"))
+    discard.deliver(message, b"Subject: x\r\n\r\nbody\r\n").addCallback(results.append)
+    assert results == [DeliveryResult(delivered=("a@example.net", "b@example.org"))]

@@ -149,12 +149,12 @@ def test_acceptors_or_the_main_process_listen(tmp_path: Path) -> None:
 def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
     """
     --relay mx (the default) delivers to MX hosts, smtp:// to a smarthost,
-    capture into the data directory.
+    capture into the data directory, discard nowhere.
     """
     from twisted.internet.testing import MemoryReactorClock
 
     from smtpgw.mxoutbound import MXOutbound
-    from smtpgw.outbound import CaptureOutbound
+    from smtpgw.outbound import CaptureOutbound, DiscardOutbound
     from smtpgw.relay import SmarthostOutbound
     from smtpgw.tap import _outbound
 
@@ -162,6 +162,7 @@ def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
         "mx": MXOutbound,
         "smtp://127.0.0.1:2525": SmarthostOutbound,
         "capture": CaptureOutbound,
+        "discard": DiscardOutbound,
     }
     for relay, kind in expected.items():
         options = Options()
