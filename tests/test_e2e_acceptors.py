@@ -735,6 +735,73 @@ def test_sigterm_stops_the_gateway_and_its_acceptors_cleanly(tmp_path: Path) -> 
         assert f"acceptor {index}: Main loop terminated." in gw.log_text()
 
 
+def written(pid: int) -> int:
+    """
+    The octets process C{pid} has written so far, to any file or socket.
+    """
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no wchar for {pid}")
+
+
+def pending_signals(pid: int) -> int:
+    """
+    The signals pending for process C{pid}, as a bit mask.
+    """
+    mask = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return mask
+
+
+def test_a_message_handed_over_just_before_sigterm_gets_its_250(tmp_path: Path) -> None:
+    """
+    The main process is paused while an acceptor hands it a message, and
+    SIGTERM arrives before it reads the message: while stopping, it still
+    journals it and the acceptor answers 250 before exiting; the message is
+    delivered.
+    """
+    gw = new_gateway(tmp_path, *ACCEPTORS)
+    user = add_user(gw.data_dir, "drain", "--domains", "example.com")
+    pids = two_acceptors(gw)
+    main = main_pid(gw)
+    with only(pids[0], pids):
+        client = smtplib.SMTP("127.0.0.1", gw.port, timeout=30)
+    body = "From: app@example.com\r\nSubject: last\r\n\r\n" + ("y" * 76 + "\r\n") * 400
+    stopper = threading.Thread(target=lambda: results.append(gw.stop()))
+    results: list[bool] = []
+    with client:
+        client.login(user.username, user.password)
+        client.mail("app@example.com")
+        client.rcpt("last@dest.test")
+        assert client.docmd("DATA")[0] == 354
+        before = written(pids[0])
+        os.kill(main, signal.SIGSTOP)
+        try:
+            client.send((body + ".\r\n").encode())
+            # The acceptor wrote the message into its pipe to the main process.
+            wait_until(lambda: written(pids[0]) >= before + len(body), 10, "the hand-over")
+            stopper.start()
+            wait_until(
+                lambda: bool(pending_signals(main) & (1 << (signal.SIGTERM - 1))),
+                10,
+                "SIGTERM to be pending",
+            )
+        finally:
+            os.kill(main, signal.SIGCONT)
+        code, reply = client.getreply()
+        stopper.join(30)
+    assert code == 250, reply
+    assert results == [True], gw.log_tail()
+    assert [pid for pid in pids if is_acceptor(pid)] == []
+    qid = queue_id_of(reply)
+    gw.start()
+    with running(gw):
+        wait_captured(gw, qid)
+
+
 def peer_fingerprint(client: smtplib.SMTP) -> str:
     sock = client.sock
     assert isinstance(sock, ssl.SSLSocket)
