@@ -548,12 +548,16 @@ def option_value(argv: Sequence[str], name: str) -> str | None:
 class Gateway:
     """
     smtpgw under C{twistd -n}, with a fresh data directory, one list and one
-    SMTP+ user allowed to send from example.com, and C{--relay capture}.
+    SMTP+ user allowed to send from example.com, C{--relay discard} (as the
+    Postfix rows deliver to its C{discard} agent) and twistd's log written
+    by L{smtpgw.logs.observer} (one write per reactor turn).
 
     @ivar ports: the C{--ports} value, or L{None} for one free port.
     @ivar extra: more command-line options (e.g. C{--rate 1000}).
     @ivar twistd: more C{twistd} options, before C{smtpgw} (e.g.
         C{--profile=FILE --profiler=cprofile} to profile it under load).
+    @ivar relay: the C{--relay} value.
+    @ivar logger: the C{twistd --logger} value (L{None}: twistd's own).
     @ivar hold: stop its send queue (C{smtpgw-admin queue stop}) as soon as
         it is up, so that every message is journaled and kept, none
         delivered.
@@ -563,6 +567,8 @@ class Gateway:
     extra: Sequence[str] = ()
     twistd: Sequence[str] = ()
     hold: bool = False
+    relay: str = "discard"
+    logger: str | None = "smtpgw.logs.observer"
     name: str = "gateway"
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
@@ -578,11 +584,13 @@ class Gateway:
         """
         @return: the gateway's command line.
         """
-        argv = [str(_venv_tool("twistd")), "-n", "--pidfile=", *self.twistd, "smtpgw"]
-        argv += ["--data-dir", str(data_dir)]
+        argv = [str(_venv_tool("twistd")), "-n", "--pidfile="]
+        if self.logger is not None:
+            argv.append(f"--logger={self.logger}")
+        argv += [*self.twistd, "smtpgw", "--data-dir", str(data_dir)]
         if ports is not None:
             argv += ["--ports", ports]
-        argv += ["--interface", LOOPBACK, "--relay", "capture"]
+        argv += ["--interface", LOOPBACK, "--relay", self.relay]
         # No admin app: the acceptance rows measure SMTP only.
         argv += ["--admin", "none", "--public-url", "http://bench.test", *self.extra]
         return argv
@@ -627,7 +635,8 @@ class Gateway:
         acceptors = option_value(self.extra, "--acceptors")
         notes = [
             "AUTH PLAIN (bcrypt, as configured)",
-            "--relay capture",
+            f"--relay {self.relay}",
+            "twistd's own log" if self.logger is None else f"twistd --logger={self.logger}",
             "--acceptors auto (the default)" if acceptors is None else f"--acceptors {acceptors}",
         ]
         if self.hold:
