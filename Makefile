@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/twistd -n --pidfile= smtpgw --data-dir $(DATA_DIR) --relay $(RELAY) $(RUN_ARGS)
+	$(BIN)/twistd -n --pidfile= --logger=smtpgw.logs.observer smtpgw --data-dir $(DATA_DIR) --relay $(RELAY) $(RUN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check smtpgw web twisted/plugins tests bench
