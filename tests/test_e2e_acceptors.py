@@ -25,6 +25,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,7 @@ import pytest
 from smtpgw.acceptors import KILL_AFTER
 from smtpgw.tls import ensure_self_signed
 from tests.gateway_process import (
+    TWISTD,
     Credentials,
     Gateway,
     add_user,
@@ -465,6 +467,30 @@ def test_acceptors_0_means_the_main_process_answers(main_only: Gateway) -> None:
     wait_captured(main_only, qid)
     assert "accepting on" not in main_only.log_text()
     assert qid in logged_queue_ids(main_only, user)
+
+
+def test_by_default_one_acceptor_per_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Without C{--acceptors} ('auto'), the gateway starts one acceptor per
+    core it may run on, and none on a single core.
+    """
+    monkeypatch.delenv("SMTPGW_TEST_ACCEPTORS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    with running(new_gateway(tmp_path)) as gw:
+        expected = cores if cores > 1 else 0
+        wait_until(
+            lambda: len(logged_acceptors(gw)) == expected, 15, f"{expected} acceptors accepting"
+        )
+        assert len(acceptors_of(gw)) == expected
+
+
+def test_twistd_help_lists_the_acceptors_option() -> None:
+    result = subprocess.run(
+        [TWISTD, "smtpgw", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--acceptors=" in result.stdout
+    assert "'auto': one per core" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize(
