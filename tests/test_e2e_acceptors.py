@@ -201,7 +201,10 @@ def send_one(client: smtplib.SMTP, user: Credentials, subject: str) -> str:
     """
     AUTH PLAIN and one message; its queue id from the 250.
     """
-    client.login(user.username, user.password)
+    client.ehlo_or_helo_if_needed()
+    client.user, client.password = user.username, user.password
+    code, reply = client.auth("PLAIN", client.auth_plain)
+    assert code == 235, reply
     client.mail("app@example.com")
     client.rcpt("someone@dest.test")
     code, reply = client.data(f"From: app@example.com\r\nSubject: {subject}\r\n\r\nhello\r\n")
