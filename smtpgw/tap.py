@@ -302,7 +302,7 @@ MAX_ACCEPTORS = 64
 def _acceptors(text: str) -> int:
     if text.strip().lower() == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 1
+        cores = min(cores or os.cpu_count() or 1, MAX_ACCEPTORS)
         return cores if cores > 1 else 0
     count = _positive_int("acceptors", text, minimum=0)
     if count > MAX_ACCEPTORS:

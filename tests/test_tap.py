@@ -100,7 +100,15 @@ def test_without_an_admin_port_the_public_url_must_be_given(admin: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "cores", "expected"),
-    [("auto", 2, 2), ("auto", 8, 8), ("auto", 1, 0), ("0", 8, 0), ("64", 2, 64), ("3", 1, 3)],
+    [
+        ("auto", 2, 2),
+        ("auto", 8, 8),
+        ("auto", 1, 0),
+        ("auto", 96, 64),
+        ("0", 8, 0),
+        ("64", 2, 64),
+        ("3", 1, 3),
+    ],
 )
 def test_acceptors_default_to_one_per_core(
     monkeypatch: pytest.MonkeyPatch, text: str, cores: int, expected: int
@@ -108,7 +116,7 @@ def test_acceptors_default_to_one_per_core(
     """
     --acceptors auto (the default) starts one acceptor process per core the
     gateway may run on, none on a single core (the main process answers
-    there); a number is taken as given, up to 64.
+    there; at most 64); a number is taken as given, up to 64.
     """
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert Options()["acceptors"] == "auto"
