@@ -92,6 +92,7 @@ __all__ = [
     "DEFAULT_GATE_BOUNCE_WINDOW",
     "DEFAULT_MAX_QUEUE_AGE",
     "DEFAULT_PREEMPTION_GRACE",
+    "DEFAULT_RECENT_BYTES",
     "DEFAULT_STOP_TIMEOUT",
     "DSN_USERNAME",
     "EXPIRED_STATUS",
@@ -145,6 +146,11 @@ DEFAULT_STOP_TIMEOUT = 30.0
 #: for it (docs/benchmarks.md: 1 s of grace after each of 82 injections cost
 #: a send 28 % of its rate, 0.05 s cost it 0.5 %). Raise it for clients far
 #: away, whose messages come further apart.
+#: Bytes of recently submitted messages the queue keeps in memory, so that
+#: their first attempt does not read them back from the journal (a thread
+#: hop, a file read and a checksum per message); the oldest go first.
+DEFAULT_RECENT_BYTES = 32 * 1024 * 1024
+
 DEFAULT_PREEMPTION_GRACE = 0.05
 #: The bounces of the messages behind one gate (a console send's) raise one
 #: C{bounce} alert per this many seconds: the first at once, the others
@@ -611,6 +617,7 @@ class MessageQueue(Service):
         gate_of: Callable[[Envelope], str | None] | None = None,
         preemption_grace: float = DEFAULT_PREEMPTION_GRACE,
         gate_bounce_window: float = DEFAULT_GATE_BOUNCE_WINDOW,
+        recent_bytes: int = DEFAULT_RECENT_BYTES,
     ) -> None:
         """
         @param journal: where messages are made durable.
@@ -644,6 +651,8 @@ class MessageQueue(Service):
         @param preemption_grace: see L{DEFAULT_PREEMPTION_GRACE}.
         @param gate_bounce_window: see L{DEFAULT_GATE_BOUNCE_WINDOW}; 0
             raises one alert per bounced message behind a gate.
+        @param recent_bytes: see L{DEFAULT_RECENT_BYTES}; 0 keeps none (every
+            attempt reads its message from the journal).
         @raise ValueError: for a concurrency below 1, a C{max_queue_age}
             that is not a positive number, a negative grace or bounce
             window, or a host name that cannot be written in a bounce.
@@ -691,6 +700,11 @@ class MessageQueue(Service):
         self._dispatching = False
         self._dispatch_again = False
         self._idle_waiters: list[Deferred[None]] = []
+        # The messages submitted lately, by queue id, oldest first, as
+        # journaled: their first attempt needs no read from the journal.
+        self._recent: dict[str, tuple[Envelope, bytes]] = {}
+        self._recent_size = 0
+        self._recent_bytes = recent_bytes
         self._accepted = 0
         self._unscheduled = 0
         self._refused = 0
@@ -790,8 +804,33 @@ class MessageQueue(Service):
             make the client send the message again: a duplicate.
         """
         return self._journal.accept(envelope, body).addCallbacks(
-            self._accepted_by_journal, self._refused_by_journal, callbackArgs=(envelope,)
+            self._submitted, self._refused_by_journal, callbackArgs=(envelope, body)
         )
+
+    def _submitted(self, location: JournalLocation, envelope: Envelope, body: bytes) -> None:
+        self._remember(envelope, body)
+        self._accepted_by_journal(location, envelope)
+
+    def _remember(self, envelope: Envelope, body: bytes) -> None:
+        """
+        Keep a message just made durable for its first attempt, within
+        L{DEFAULT_RECENT_BYTES} (forgetting the oldest first).
+        """
+        size = len(body)
+        if size > self._recent_bytes:
+            return
+        recent = self._recent
+        while recent and self._recent_size + size > self._recent_bytes:
+            oldest = next(iter(recent))
+            self._recent_size -= len(recent.pop(oldest)[1])
+        recent[envelope.queue_id] = (envelope, body)
+        self._recent_size += size
+
+    def _recall(self, queue_id: str) -> tuple[Envelope, bytes] | None:
+        kept = self._recent.pop(queue_id, None)
+        if kept is not None:
+            self._recent_size -= len(kept[1])
+        return kept
 
     def _accepted_by_journal(self, location: JournalLocation, envelope: Envelope) -> None:
         self._accepted += 1
@@ -1009,6 +1048,7 @@ class MessageQueue(Service):
         d = self._admin(queue_id, self.scheduler.cancel, MessageState.CANCELLED)
         if entry is not None and queue_id not in self.scheduler:
             self._progress.pop(queue_id, None)
+            self._recall(queue_id)
             self._tell(MessageOutcome(queue_id, entry.list, MessageState.CANCELLED, gate))
         return d
 
@@ -1397,8 +1437,9 @@ class MessageQueue(Service):
         self._dispatch()
 
     async def _attempt(self, entry: ScheduledEntry) -> None:
+        kept = self._recall(entry.queue_id)
         try:
-            original, body = await self._journal.read(entry.location)
+            original, body = kept if kept is not None else await self._journal.read(entry.location)
         except Exception:
             self._log.failure("cannot read {queue_id} from the journal", queue_id=entry.queue_id)
             await self._retry_unread(entry)

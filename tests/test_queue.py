@@ -282,6 +282,75 @@ class TestSubmit:
         journal.flush()
         assert outbound.ids == [env.queue_id]
 
+    @staticmethod
+    def _count_reads(journal: MemoryJournal) -> list[str]:
+        reads: list[str] = []
+        read = journal.read
+
+        def counted(found: tuple[Envelope, bytes]) -> tuple[Envelope, bytes]:
+            reads.append(found[0].queue_id)
+            return found
+
+        def counting(location: Any) -> Deferred[tuple[Envelope, bytes]]:
+            return read(location).addCallback(counted)
+
+        journal.read = counting  # type: ignore[method-assign]
+        return reads
+
+    def test_a_first_attempt_does_not_read_the_journal(self) -> None:
+        """
+        A submitted message's first attempt is sent from what was journaled,
+        kept in memory, without reading it back; a later attempt (after a
+        temporary failure) reads it from the journal, and both send the
+        same bytes.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(
+            clock,
+            lambda env, tried: (
+                DeliveryResult(delivered=env.recipients)
+                if tried
+                else DeliveryResult(deferred=tuple((r, "4.4.1 later") for r in env.recipients))
+            ),
+        )
+        queue, journal = make_queue(clock, outbound)
+        reads = self._count_reads(journal)
+        queue.startService()
+        message = envelope()
+        queue.submit(message, b"Subject: x\r\n\r\nbody\r\n")
+        assert outbound.ids == [message.queue_id]
+        assert reads == []
+        run_timers(clock, until=3600)
+        assert outbound.ids == [message.queue_id, message.queue_id]
+        assert reads == [message.queue_id]
+        assert outbound.calls[0][1] == outbound.calls[1][1] == b"Subject: x\r\n\r\nbody\r\n"
+
+    @pytest.mark.parametrize(("budget", "kept"), [(30, 3), (29, 2), (0, 0)])
+    def test_what_is_kept_in_memory_is_bounded(self, budget: int, kept: int) -> None:
+        """
+        Only C{recent_bytes} of messages are kept (the oldest forgotten
+        first): with four 10-byte messages submitted while the queue is
+        stopped, a 30-byte budget keeps the last three, 29 bytes the last
+        two, 0 none; the others are read from the journal, and every message
+        is sent exactly as submitted.
+        """
+        clock = Clock()
+        outbound = InstantOutbound(clock)
+        queue, journal = make_queue(clock, outbound, recent_bytes=budget)
+        reads = self._count_reads(journal)
+        queue.startService()
+        queue.pause()
+        messages = [envelope() for _ in range(4)]
+        bodies = [b"body %04d\n" % n for n in range(4)]
+        for message, body in zip(messages, bodies, strict=True):
+            queue.submit(message, body)
+        queue.resume()
+        run_timers(clock, until=10)
+        assert sorted(reads) == sorted(m.queue_id for m in messages[: 4 - kept])
+        assert {e.queue_id: b for e, b, _ in outbound.calls} == {
+            m.queue_id: b for m, b in zip(messages, bodies, strict=True)
+        }
+
     def test_journal_unavailable_propagates(self) -> None:
         """
         When the journal refuses, submit fails with JournalUnavailable,
