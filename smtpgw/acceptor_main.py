@@ -4,8 +4,12 @@ as C{python -m smtpgw.acceptor_main CONFIG}, never by hand.
 
 It finds the listening sockets at file descriptors 3 and up
 (C{SMTPGW_ACCEPTOR_FDS} of them), its channel to the main process on stdin
-and stdout, and writes its log events to stderr, one JSON object a line,
-for the main process to log.
+and stdout (stdout is moved to a private descriptor at once, and descriptor
+1 pointed at stderr, so that nothing printed can break the channel), and
+writes its log events to stderr, one JSON object a line, for the main
+process to log. It reads no certificate file: the main process sends the
+certificate and key it loaded (as root, if it started as root), and sends
+them again after each reload.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv if argv is None else argv
     parent_death_signal(int(os.environ["SMTPGW_ACCEPTOR_PARENT"]))
+    # Ctrl-C reaches the whole process group: the main process stops us.
+    # Certificates come over the channel: SIGHUP is for the main process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    channel_out = os.dup(1)
+    os.dup2(2, 1)
     config = AcceptorConfig.from_json(argv[1])
     count = int(os.environ["SMTPGW_ACCEPTOR_FDS"])
 
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from smtpgw.realm import GatewayRealm
     from smtpgw.services import OrderedMultiService
     from smtpgw.session import GatewaySMTPFactory
-    from smtpgw.tls import install_sighup_reload, reloadable_tls
+    from smtpgw.tls import TLSConfigError, tls_options_from_pem
     from smtpgw.userstore import ThreadedUserStore
 
     reactor: Any = _reactor
@@ -74,15 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     users.setServiceParent(top)
     bcrypt = BcryptPool(reactor)
     bcrypt.setServiceParent(top)
-    tls = reloadable_tls(config.data_dir, config.hostname, config.tls_cert, config.tls_key)
+    stopping: list[bool] = []
 
-    def lost() -> None:
-        if reactor.running:
-            log.info("the main process is gone; stopping")
+    def stop(why: str) -> None:
+        # SIGTERM, the end of the channel, or both (a whole process group
+        # told to stop): stop once.
+        if not stopping:
+            stopping.append(True)
+            log.info("stopping: {why}", why=why)
             reactor.stop()
 
-    link = MainLink(config.limits.max_size, lost)
-    StandardIO(link, reactor=reactor)
+    tls: list[Any] = []
+    ports: list[Any] = []
+
+    def got_tls(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
+        try:
+            options = tls_options_from_pem(cert, key, cert_path=cert_path, key_path=key_path)
+        except TLSConfigError as error:
+            log.error("TLS certificate refused, keeping the previous one: {why}", why=str(error))
+            return
+        first = not tls
+        tls[:] = [options]
+        if first:
+            listen()
+        else:
+            log.info("TLS certificate reloaded from {path}", path=cert_path)
+
+    link = MainLink(config.limits, lambda: stop("the main process is gone"), got_tls)
+    # (mypy sees the Windows StandardIO, which has no stdout argument.)
+    StandardIO(link, stdout=channel_out, reactor=reactor)  # type: ignore[call-arg]
     factory = GatewaySMTPFactory(
         portal=Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)]),
         queue=link,
@@ -91,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         hostname=config.hostname,
         # The main process holds back repeated sender alerts, for all.
         limits=attrs.evolve(config.limits, sender_alert_window=0.0),
-        tls=tls.options,
+        tls=lambda: tls[0] if tls else None,
         require_tls=config.require_tls,
         clock=reactor,
         queue_ids=QueueIdGenerator(),
@@ -102,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     top.startService()
     _TakeTurns = _take_turns_class()
-    ports = []
-    for fd in range(3, 3 + count):
-        port = _TakeTurns._fromListeningDescriptor(reactor, fd, _family(fd), factory)
-        port.startListening()
-        ports.append(port)
-        os.close(fd)
-    install_sighup_reload(reactor, tls)
+
+    def listen() -> None:
+        # Once the certificate has come: no session without STARTTLS.
+        for fd in range(3, 3 + count):
+            port = _TakeTurns._fromListeningDescriptor(reactor, fd, _family(fd), factory)
+            port.startListening()
+            ports.append(port)
+            os.close(fd)
+        link.ready(len(ports))
 
     def drain() -> Deferred[None]:
         # Stop accepting, then give the messages under way their answers.
@@ -127,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return done.addCallback(lambda _: top.stopService())
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
-    reactor.callWhenRunning(link.ready, len(ports))
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop, "SIGTERM"))
     profile = os.environ.get("SMTPGW_ACCEPTOR_PROFILE")
     if profile:
         # For benchmarks: where this process spends its time (cProfile).

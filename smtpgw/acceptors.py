@@ -23,8 +23,11 @@ message's bytes. Nothing a client sends is interpreted by the main process
 beyond what the child already checked.
 
 If a child dies, the main process forgets its connections and login turns
-and starts another (after 1 s, doubling to 30 s while it keeps dying); its
-clients' messages that had no C{250} are not queued. If the main process
+and starts another (after 1 s, doubling to 30 s while it keeps dying). Its
+clients lose their connections; a message the main process had already
+received is journaled and sent although its client had no C{250} (a client
+that sends it again makes a duplicate, as after any connection lost right
+after the final dot); the others are not queued. If the main process
 dies, the children die with it (C{PR_SET_PDEATHSIG}, and the end of their
 stdin).
 """
@@ -85,8 +88,10 @@ ADMISSION = b"k"
 AUTH_TURN = b"t"
 AUTH_COUNTED = b"f"
 ACCEPTING = b"a"
+TLS = b"T"
 
-#: Room for a message's envelope and framing beyond its C{--max-size}.
+#: Room for the headers the gateway adds and the framing, beyond the
+#: message's C{--max-size} and its envelope (see L{frame_limit}).
 FRAME_OVERHEAD = 1024 * 1024
 
 _SUBMIT_HEADER = struct.Struct(">QI")
@@ -107,6 +112,17 @@ RESTART_DELAY_MAX = 30.0
 HEALTHY_AFTER = 60.0
 #: How often the main process tells the children whether it takes mail.
 ACCEPTING_POLL = 0.25
+
+
+def frame_limit(limits: Limits) -> int:
+    """
+    The largest frame either side accepts: a message of C{--max-size} with
+    the headers the gateway adds, and its envelope with the most recipients
+    of the longest paths, each character escaped by JSON at worst
+    (C{\\uXXXX}, 6 octets).
+    """
+    paths = limits.max_recipients + 2
+    return limits.max_size + paths * (6 * limits.max_path_length + 8) + FRAME_OVERHEAD
 
 
 def _json(value: Any) -> bytes:
@@ -193,12 +209,21 @@ class MainLink(Int32StringReceiver):
 
     @ivar accepting: whether the main process takes mail, as it last said.
     @ivar on_lost: called once when the main process is gone.
+    @ivar on_tls: called with the certificate's and key's PEM bytes and
+        file names each time the main process sends them (at start, and
+        after each reload).
     """
 
-    def __init__(self, max_size: int, on_lost: Callable[[], object]) -> None:
-        self.MAX_LENGTH = max_size + FRAME_OVERHEAD
+    def __init__(
+        self,
+        limits: Limits,
+        on_lost: Callable[[], object],
+        on_tls: Callable[[bytes, bytes, str, str], object] | None = None,
+    ) -> None:
+        self.MAX_LENGTH = frame_limit(limits)
         self.accepting = True
         self.on_lost = on_lost
+        self.on_tls = on_tls
         self._seq = 0
         self._waiting: dict[int, Deferred[Any]] = {}
         self._cancelled_turns: dict[int, str] = {}
@@ -234,7 +259,11 @@ class MainLink(Int32StringReceiver):
             d.errback(JournalUnavailable("the main process is gone"))
             return d
         self._waiting[seq] = d
-        self.sendString(encode_submit(seq, envelope, body))
+        head = encode_submit(seq, envelope, b"")
+        # The body is written as it is, not copied into one frame string.
+        self.transport.writeSequence(  # type: ignore[union-attr]
+            [struct.pack(">I", len(head) + len(body)), head, body]
+        )
         return d
 
     @property
@@ -353,6 +382,13 @@ class MainLink(Int32StringReceiver):
         if kind == ACCEPTING:
             self.accepting = bool(value[0])
             return
+        if kind == TLS:
+            if self.on_tls is not None:
+                cert, key, cert_path, key_path = value
+                self.on_tls(
+                    cert.encode("latin-1"), key.encode("latin-1"), str(cert_path), str(key_path)
+                )
+            return
         seq = int(value[0])
         d = self._waiting.pop(seq, None)
         self._turn_requests.discard(seq)
@@ -402,22 +438,63 @@ class MainLink(Int32StringReceiver):
 # -- the main process's side ------------------------------------------------------
 
 
-class _Frames(Int32StringReceiver):
+class _Frames:
     """
-    Splits one child's stdout into frames.
+    Splits one child's stdout into frames, in time linear in their size.
+
+    (L{Int32StringReceiver} joins what it has buffered with each new read:
+    a 25 MB message arriving in 8 KB reads would be copied thousands of
+    times, on the main process's reactor.)
     """
 
-    def __init__(self, max_length: int, received: Callable[[bytes], None]) -> None:
-        self.MAX_LENGTH = max_length
+    def __init__(
+        self, max_length: int, received: Callable[[bytes], None], too_long: Callable[[int], None]
+    ) -> None:
+        self.max_length = max_length
         self._received = received
+        self._too_long = too_long
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._wanted: int | None = None
+        self._broken = False
 
-    def stringReceived(self, payload: bytes) -> None:
-        self._received(payload)
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Take what the child wrote; hand on each complete frame's payload.
+        """
+        if self._broken:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        while not self._broken:
+            if self._wanted is None:
+                if self._buffered < 4:
+                    return
+                self._join()
+                (length,) = struct.unpack_from(">I", self._chunks[0])
+                if length > self.max_length:
+                    self._broken = True
+                    self._too_long(length)
+                    return
+                self._wanted = 4 + length
+            if self._buffered < self._wanted:
+                return
+            whole = self._join()
+            payload = whole[4 : self._wanted]
+            rest = whole[self._wanted :]
+            self._chunks = [rest] if rest else []
+            self._buffered = len(rest)
+            self._wanted = None
+            self._received(payload)
 
-    def lengthLimitExceeded(self, length: int) -> None:
-        log.error("acceptor sent a frame of {length} bytes; stopping it", length=length)
-        if self.transport is not None:
-            self.transport.loseConnection()
+    def _join(self) -> bytes:
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
 
 
 class _ProcessWriter:
@@ -454,8 +531,8 @@ class _Child(ProcessProtocol):
         self.ended = False
         self.started_at = pool.clock.seconds()
         self.pid: int | None = None
-        self._frames = _Frames(pool.limits.max_size + FRAME_OVERHEAD, self._received)
-        self._frames.makeConnection(_ProcessWriter(self))
+        self._frames = _Frames(frame_limit(pool.limits), self._received, self._frame_too_long)
+        self._writer = _ProcessWriter(self)
         self._stderr = b""
         self._open: Counter[str] = Counter()
         self._turns: Counter[str] = Counter()
@@ -465,9 +542,26 @@ class _Child(ProcessProtocol):
     def connectionMade(self) -> None:
         self.pid = getattr(self.transport, "pid", None)
         self.send(ACCEPTING + _json([bool(self.pool.queue.accepting)]))
+        self.send_tls()
+
+    def send_tls(self) -> None:
+        """
+        Send the certificate and key in use (the child may not be allowed
+        to read their files: the main process read them as root).
+        """
+        tls = self.pool.tls
+        if tls is None:
+            return
+        cert, key = tls.pem
+        files = [tls.cert_path.path, tls.key_path.path]
+        self.send(TLS + _json([cert.decode("latin-1"), key.decode("latin-1"), *files]))
 
     def send(self, payload: bytes) -> None:
-        self._frames.sendString(payload)
+        self._writer.write(_frame(payload))
+
+    def _frame_too_long(self, length: int) -> None:
+        log.error("acceptor sent a frame of {length} bytes; stopping it", length=length)
+        self.kill()
 
     def kill(self) -> None:
         if not self.ended and self.transport is not None:
@@ -664,15 +758,11 @@ class AcceptorConfig:
         hostname: str,
         limits: Limits,
         require_tls: bool,
-        tls_cert: str | None,
-        tls_key: str | None,
     ) -> None:
         self.data_dir = data_dir
         self.hostname = hostname
         self.limits = limits
         self.require_tls = require_tls
-        self.tls_cert = tls_cert
-        self.tls_key = tls_key
 
     def to_json(self) -> str:
         """
@@ -684,8 +774,6 @@ class AcceptorConfig:
                 "hostname": self.hostname,
                 "limits": asdict(self.limits),
                 "require_tls": self.require_tls,
-                "tls_cert": self.tls_cert,
-                "tls_key": self.tls_key,
             }
         )
 
@@ -700,8 +788,6 @@ class AcceptorConfig:
             hostname=data["hostname"],
             limits=Limits(**data["limits"]),
             require_tls=bool(data["require_tls"]),
-            tls_cert=data["tls_cert"],
-            tls_key=data["tls_key"],
         )
 
 
@@ -726,6 +812,7 @@ class AcceptorPool(Service):
         auth: AuthFailureTracker,
         alerts: IAlertSink,
         metrics: SessionMetrics,
+        tls: Any = None,
         argv: Sequence[str] | None = None,
     ) -> None:
         """
@@ -736,6 +823,8 @@ class AcceptorPool(Service):
         @param auth: the failed logins of every child.
         @param alerts: where the children's alerts go.
         @param metrics: where connections, messages and refusals are counted.
+        @param tls: the L{smtpgw.tls.ReloadableTLS} whose certificate and
+            key (C{pem}) the children get; none (no STARTTLS) when L{None}.
         @param argv: the child's command line (tests); by default this
             Python running L{smtpgw.acceptor_main}.
         """
@@ -750,6 +839,7 @@ class AcceptorPool(Service):
         self.auth = auth
         self.alerts = alerts
         self.metrics = metrics
+        self.tls = tls
         default = [sys.executable, "-m", "smtpgw.acceptor_main"]
         self._argv = list(argv) if argv is not None else default
         self.children: dict[int, _Child] = {}
@@ -782,14 +872,21 @@ class AcceptorPool(Service):
         env["SMTPGW_ACCEPTOR_INDEX"] = str(index)
         env["SMTPGW_ACCEPTOR_FDS"] = str(len(fds))
         child = _Child(self, index)
+        try:
+            self.reactor.spawnProcess(
+                child,
+                self._argv[0],
+                [*self._argv, self.config.to_json()],
+                env=env,
+                childFDs=child_fds,
+            )
+        except Exception:
+            # Out of processes, memory or file descriptors: try again later.
+            log.failure("cannot start acceptor {index}", index=index)
+            if self.running:
+                self._restart_later(index, self.clock.seconds())
+            return
         self.children[index] = child
-        self.reactor.spawnProcess(
-            child,
-            self._argv[0],
-            [*self._argv, self.config.to_json()],
-            env=env,
-            childFDs=child_fds,
-        )
 
     def child_ended(self, child: _Child, reason: Failure) -> None:
         """
@@ -799,11 +896,7 @@ class AcceptorPool(Service):
             del self.children[child.index]
         if not self.running:
             return
-        lived = self.clock.seconds() - child.started_at
-        delay = self._delays.get(child.index, RESTART_DELAY)
-        if lived >= HEALTHY_AFTER:
-            delay = RESTART_DELAY
-        self._delays[child.index] = min(delay * 2, RESTART_DELAY_MAX)
+        delay = self._restart_later(child.index, child.started_at)
         log.warn(
             "acceptor {index} (pid {pid}) ended: {why}; starting another in {delay:g} s",
             index=child.index,
@@ -811,7 +904,21 @@ class AcceptorPool(Service):
             why=reason.getErrorMessage(),
             delay=delay,
         )
-        self._restarts[child.index] = self.clock.callLater(delay, self._spawn, child.index)
+
+    def _restart_later(self, index: int, started_at: float) -> float:
+        """
+        Start acceptor C{index} again after its back-off delay.
+
+        @param started_at: when the one that ended (or failed to) started.
+        @return: the delay.
+        """
+        lived = self.clock.seconds() - started_at
+        delay = self._delays.get(index, RESTART_DELAY)
+        if lived >= HEALTHY_AFTER:
+            delay = RESTART_DELAY
+        self._delays[index] = min(delay * 2, RESTART_DELAY_MAX)
+        self._restarts[index] = self.clock.callLater(delay, self._spawn, index)
+        return delay
 
     def _check_accepting(self) -> None:
         self._poll = self.clock.callLater(ACCEPTING_POLL, self._check_accepting)
@@ -826,6 +933,14 @@ class AcceptorPool(Service):
         flush = getattr(self.alerts, "flush", None)
         if flush is not None:
             flush()
+
+    def send_tls(self) -> None:
+        """
+        Send every child the certificate and key now in use (after a
+        reload).
+        """
+        for child in self.children.values():
+            child.send_tls()
 
     def signal_all(self, name: str) -> None:
         """

@@ -523,7 +523,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     reloadable: Any = tls
     if options["acceptors"]:
-        pool = _acceptor_pool(options, data_dir, reactor, queue, stats, alerts, metrics)
+        pool = _acceptor_pool(options, data_dir, reactor, queue, stats, alerts, metrics, tls)
         reloadable = _ReloadAll(tls, pool)
     else:
         portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
@@ -576,6 +576,7 @@ def _acceptor_pool(
     stats: Any,
     alerts: Any,
     metrics: Any,
+    tls: Any,
 ) -> Any:
     """
     The listener that binds the ports without accepting, and the acceptor
@@ -607,8 +608,6 @@ def _acceptor_pool(
             hostname=options["hostname"],
             limits=limits,
             require_tls=bool(options["require-tls"]),
-            tls_cert=options["tls-cert"],
-            tls_key=options["tls-key"],
         ),
         sockets=listener.file_descriptors,
         queue=CountingQueue(queue, stats),
@@ -620,6 +619,7 @@ def _acceptor_pool(
         ),
         alerts=RepeatedAlertFilter(alerts, reactor, window=limits.sender_alert_window),
         metrics=metrics,
+        tls=tls,
     )
     pool.setServiceParent(top)
     return pool
@@ -636,7 +636,10 @@ class _ReloadAll:
 
     def reload(self) -> bool:
         reloaded = bool(self._tls.reload())
-        self._pool.signal_all("HUP")
+        if reloaded:
+            # The acceptors get what the main process read: they may not be
+            # allowed to read the files themselves.
+            self._pool.send_tls()
         return reloaded
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "install_sighup_reload",
     "load_tls_options",
     "reloadable_tls",
+    "tls_options_from_pem",
     "utc_now",
 ]
 
@@ -112,12 +113,13 @@ def _read(path: FilePath[str], what: str) -> bytes:
         ) from None
 
 
-def _parse_certificates(path: FilePath[str]) -> list[x509.Certificate]:
+def _parse_certificates(data: bytes, path: FilePath[str]) -> list[x509.Certificate]:
     """
+    @param data: the PEM file's bytes.
+    @param path: where they were read (for messages).
     @return: every certificate of a PEM file, in file order.
-    @raise TLSConfigError: when there is none or the file cannot be read.
+    @raise TLSConfigError: when there is none.
     """
-    data = _read(path, "certificate")
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -141,12 +143,13 @@ _SIGNING_KEYS = (
 )
 
 
-def _parse_key(path: FilePath[str]) -> SigningKey:
+def _parse_key(data: bytes, path: FilePath[str]) -> SigningKey:
     """
+    @param data: the PEM file's bytes.
+    @param path: where they were read (for messages).
     @return: the private key of a PEM file (which may also hold certificates).
     @raise TLSConfigError: when there is no unencrypted key that can sign.
     """
-    data = _read(path, "key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -257,8 +260,36 @@ def load_tls_options(
         warned about.
     """
     cert_file, key_file = _as_path(cert_path), _as_path(key_path)
-    certificates = _parse_certificates(cert_file)
-    key = _parse_key(key_file)
+    return tls_options_from_pem(
+        _read(cert_file, "certificate"),
+        _read(key_file, "key"),
+        cert_path=cert_file,
+        key_path=key_file,
+        log=log,
+        now=now,
+    )
+
+
+def tls_options_from_pem(
+    cert_pem: bytes,
+    key_pem: bytes,
+    *,
+    cert_path: Pathish,
+    key_path: Pathish,
+    log: Logger = _log,
+    now: datetime | None = None,
+) -> CertificateOptions:
+    """
+    L{load_tls_options} for files already read (an acceptor process gets
+    them from the main process, which could read them).
+
+    @param cert_path: where C{cert_pem} was read, for messages.
+    @param key_path: where C{key_pem} was read, for messages.
+    @raise TLSConfigError: as L{load_tls_options}.
+    """
+    cert_file, key_file = _as_path(cert_path), _as_path(key_path)
+    certificates = _parse_certificates(cert_pem, cert_file)
+    key = _parse_key(key_pem, key_file)
     leaf, chain = _split_chain(certificates, key, cert_file)
     _check_dates(leaf, cert_file, now or utc_now(), log)
     try:
@@ -389,7 +420,8 @@ def _reusable(cert: FilePath[str], key: FilePath[str], now: datetime, log: Logge
     if not (cert.exists() and key.exists()):
         return False
     try:
-        leaf, _ = _split_chain(_parse_certificates(cert), _parse_key(key), cert)
+        certificates = _parse_certificates(_read(cert, "certificate"), cert)
+        leaf, _ = _split_chain(certificates, _parse_key(_read(key, "key"), key), cert)
     except TLSConfigError as error:
         log.warn("replacing unusable self-signed certificate: {reason}", reason=str(error))
         return False
@@ -518,6 +550,7 @@ class ReloadableTLS:
     log: Logger = field(default=_log, repr=False)
     now: Callable[[], datetime] = field(default=utc_now, repr=False)
     _current: CertificateOptions = field(init=False, repr=False)
+    _pem: tuple[bytes, bytes] = field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         """
@@ -530,9 +563,29 @@ class ReloadableTLS:
 
     def _load(self) -> CertificateOptions:
         """
-        @return: options read from the files now.
+        @return: options read from the files now (their bytes are kept in
+            L{pem} once they are in use).
         """
-        return load_tls_options(self.cert_path, self.key_path, log=self.log, now=self.now())
+        cert_pem = _read(self.cert_path, "certificate")
+        key_pem = _read(self.key_path, "key")
+        options = tls_options_from_pem(
+            cert_pem,
+            key_pem,
+            cert_path=self.cert_path,
+            key_path=self.key_path,
+            log=self.log,
+            now=self.now(),
+        )
+        self._pem = (cert_pem, key_pem)
+        return options
+
+    @property
+    def pem(self) -> tuple[bytes, bytes]:
+        """
+        The certificate file's and the key file's bytes in use (for the
+        acceptor processes, which may not be allowed to read the files).
+        """
+        return self._pem
 
     def options(self) -> CertificateOptions:
         """

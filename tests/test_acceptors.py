@@ -7,6 +7,7 @@ fake reactor. No process is started.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterator
@@ -23,17 +24,19 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from smtpgw.abuse import Admission, AuthFailureTracker, ConnectionCounter
 from smtpgw.acceptors import (
-    FRAME_OVERHEAD,
     AcceptorConfig,
     AcceptorPool,
     MainLink,
     _Child,
+    _Frames,
     decode_submit,
     encode_submit,
+    frame_limit,
 )
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, JournalUnavailable
 from smtpgw.journal import QueueIdInUse
@@ -191,7 +194,7 @@ class Wire:
         self.child = child
         self.process = cast(FakeProcess, child.transport)
         self.lost = 0
-        self.link = MainLink(child.pool.limits.max_size, self._on_lost)
+        self.link = MainLink(child.pool.limits, self._on_lost)
         self.transport = StringTransport()
         self.link.makeConnection(self.transport)
 
@@ -314,8 +317,6 @@ def config(limits: Limits) -> AcceptorConfig:
         hostname="gw.example.net",
         limits=limits,
         require_tls=True,
-        tls_cert="/etc/smtpgw/cert.pem",
-        tls_key=None,
     )
 
 
@@ -566,12 +567,12 @@ def test_other_failure_in_main_is_a_runtime_error_in_the_child(
 
 def test_a_frame_at_the_length_limit_is_read() -> None:
     """
-    A SUBMIT frame of exactly C{max_size} plus the framing allowance is
-    read; a message of C{max_size} octets fits in it with room to spare.
+    A SUBMIT frame of exactly the frame limit is read; a message of
+    C{max_size} octets fits in it with room to spare.
     """
     g = make_gateway(count=1)
     wire = g.wires[0]
-    limit = MAX_SIZE + FRAME_OVERHEAD
+    limit = frame_limit(g.pool.limits)
     body = b"x" * (limit - len(encode_submit(1, envelope(), b"")))
     payload = encode_submit(1, envelope(), body)
     assert len(payload) == limit
@@ -595,7 +596,7 @@ def test_a_frame_past_the_length_limit_kills_the_child(
     """
     g = make_gateway(count=1)
     wire = g.wires[0]
-    wire.child.childDataReceived(1, struct.pack(">I", MAX_SIZE + FRAME_OVERHEAD + 1))
+    wire.child.childDataReceived(1, struct.pack(">I", frame_limit(g.pool.limits) + 1))
     assert wire.process.signals == ["KILL"]
     assert g.queue.submitted == []
     [(text, _)] = take_errors(logged_errors)
@@ -606,12 +607,12 @@ def test_a_frame_from_main_past_the_length_limit_drops_the_channel(
     logged_errors: list[dict[str, Any]],
 ) -> None:
     """
-    The child reads a frame from the main process of C{max_size} plus the
-    framing allowance; one octet more makes it drop the channel and log it.
+    The child reads a frame from the main process up to the frame limit;
+    one octet more makes it drop the channel and log it.
     """
     g = make_gateway(count=1)
     wire = g.wires[0]
-    limit = MAX_SIZE + FRAME_OVERHEAD
+    limit = frame_limit(g.pool.limits)
     frame = b"a[false]".ljust(limit, b" ")
     wire.link.dataReceived(struct.pack(">I", len(frame)) + frame)
     assert wire.link.accepting is False
@@ -1265,10 +1266,150 @@ def test_config_round_trip_keeps_every_limit() -> None:
         value = getattr(copy.limits, attribute.name)
         assert value != attribute.default
         assert type(value) is type(attribute.default)
-    assert (copy.data_dir, copy.hostname, copy.require_tls, copy.tls_cert, copy.tls_key) == (
+    assert (copy.data_dir, copy.hostname, copy.require_tls) == (
         "/var/lib/smtpgw",
         "gw.example.net",
         True,
-        "/etc/smtpgw/cert.pem",
-        None,
     )
+
+
+# -- review fixes: frames, limits, TLS, failed starts ------------------------------
+
+
+@given(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=2000), max_size=20),
+)
+def test_frames_come_out_whole_however_the_stream_is_cut(
+    payloads: list[bytes], cuts: list[int]
+) -> None:
+    """
+    The main process's frame reader gives back each payload once and
+    whole, in order, however the child's writes are cut into reads (a
+    length prefix cut in two, several frames in one read).
+    """
+    stream = b"".join(struct.pack(">I", len(p)) + p for p in payloads)
+    points = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
+    received: list[bytes] = []
+    frames = _Frames(10_000, received.append, lambda length: pytest.fail("too long"))
+    for start, end in itertools.pairwise(points):
+        frames.dataReceived(stream[start:end])
+    assert received == payloads
+
+
+def test_a_large_frame_is_joined_once() -> None:
+    """
+    A frame arriving in many small reads is joined once when complete, not
+    at each read (a 25 MB message in 8 KB reads would otherwise be copied
+    thousands of times on the main process's reactor).
+    """
+    joins: list[int] = []
+
+    class Counting(_Frames):
+        def _join(self) -> bytes:
+            if len(self._chunks) != 1:
+                joins.append(len(self._chunks))
+            return super()._join()
+
+    payload = b"m" * (2 * 1024 * 1024)
+    stream = struct.pack(">I", len(payload)) + payload
+    received: list[bytes] = []
+    frames = Counting(len(payload), received.append, lambda length: None)
+    for start in range(0, len(stream), 8192):
+        frames.dataReceived(stream[start : start + 8192])
+    assert received == [payload]
+    assert len(joins) <= 2
+
+
+@given(
+    st.integers(min_value=1, max_value=200),
+    st.integers(min_value=256, max_value=1024),
+    st.sampled_from(["a", "\u00e9", "\u4e2d", "\U0001f600", '"', "\\"]),
+)
+def test_the_largest_envelope_fits_in_a_frame(
+    recipients: int, path_length: int, character: str
+) -> None:
+    """
+    A message of C{--max-size} with the most recipients, each of the
+    longest path of the character JSON escapes worst, and a header section
+    grown by the gateway, still fits in a frame: the main process never
+    kills an acceptor for a message the session accepted.
+    """
+    limits = Limits(max_size=1024, max_recipients=recipients, max_path_length=path_length)
+    path = (character * path_length)[:path_length]
+    big = Envelope(
+        queue_id="Q" * 24,
+        list=path,
+        username=path,
+        sender=path,
+        recipients=(path,) * recipients,
+        priority=Priority(1),
+        accepted_at=1e12,
+        client_ip="ffff:" * 8,
+        size=2**62,
+    )
+    header_growth = 64 * 1024
+    payload = encode_submit(2**63, big, b"x" * (limits.max_size + header_growth))
+    assert len(payload) <= frame_limit(limits)
+
+
+def test_each_child_gets_the_certificate_the_main_process_read() -> None:
+    """
+    A child is sent the certificate and key the main process loaded (it
+    may not be allowed to read the files), when it starts and after each
+    reload; without TLS nothing is sent.
+    """
+
+    class Loaded:
+        cert_path = FilePath("/etc/smtpgw/cert.pem")
+        key_path = FilePath("/etc/smtpgw/key.pem")
+        pem = (b"-----BEGIN CERTIFICATE-----\n", b"-----BEGIN PRIVATE KEY-----\n")
+
+    g = make_gateway(count=2)
+    got: list[tuple[bytes, bytes, str, str]] = []
+    g.pool.tls = Loaded()
+    for wire in g.wires.values():
+        wire.link.on_tls = lambda *args: got.append(args)
+    g.pool.send_tls()
+    g.pump()
+    expected = (Loaded.pem[0], Loaded.pem[1], "/etc/smtpgw/cert.pem", "/etc/smtpgw/key.pem")
+    assert got == [expected, expected]
+    g.pool.tls = None
+    g.pool.send_tls()
+    g.pump()
+    assert len(got) == 2
+
+
+def test_a_child_that_cannot_be_started_is_tried_again_and_stop_still_ends(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    When starting a child fails (no processes, memory or descriptors left),
+    the failure is logged, the start is tried again after the back-off, and
+    stopping the pool still finishes.
+    """
+    g = make_gateway(count=1)
+    reactor = g.reactor
+    original = reactor.spawnProcess
+    failures = [OSError(24, "Too many open files")]
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return original(*args, **kwargs)
+
+    reactor.spawnProcess = failing  # type: ignore[method-assign]
+    g.wires[0].end()
+    reactor.advance(1.0)
+    assert g.pool.children == {}
+    [(text, kind)] = take_errors(logged_errors)
+    assert "cannot start acceptor 0" in text
+    assert kind is OSError
+    reactor.advance(1.9)
+    assert g.pool.children == {}
+    reactor.advance(0.1)
+    assert list(g.pool.children) == [0]
+    child = g.pool.children[0]
+    stopped = g.pool.stopService()
+    child.processEnded(Failure(ProcessDone(0)))
+    assert result_of(stopped) is None

@@ -649,7 +649,7 @@ def test_reload_survives_unexpected_errors(
     def broken(*args: object, **kwargs: object) -> CertificateOptions:
         raise RuntimeError("surprise")
 
-    monkeypatch.setattr(smtpgw.tls, "load_tls_options", broken)
+    monkeypatch.setattr(smtpgw.tls, "tls_options_from_pem", broken)
     assert not reloadable.reload()
     assert reloadable.options() is before
     assert events[-1]["log_failure"].check(RuntimeError)
