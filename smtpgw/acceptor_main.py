@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from typing import Any, TextIO
 
@@ -67,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from smtpgw.checker import BcryptPool, SmtpUserChecker
     from smtpgw.database import database_path
+    from smtpgw.listening import accept_taking_turns
     from smtpgw.model import QueueIdGenerator
     from smtpgw.realm import GatewayRealm
     from smtpgw.services import OrderedMultiService
@@ -130,14 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         log_accepted=False,
     )
     top.startService()
-    _TakeTurns = _take_turns_class()
 
     def listen() -> None:
         # Once the certificate has come: no session without STARTTLS.
         for fd in range(3, 3 + count):
-            port = _TakeTurns._fromListeningDescriptor(reactor, fd, _family(fd), factory)
-            port.startListening()
-            ports.append(port)
+            ports.append(accept_taking_turns(reactor, fd, factory))
             os.close(fd)
         link.ready(len(ports))
 
@@ -170,32 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         reactor.run(installSignalHandlers=False)
     return 0
-
-
-def _take_turns_class() -> Any:
-    from twisted.internet import tcp
-
-    class TakeTurns(tcp.Port):
-        """
-        A listening port that accepts one connection each time it is
-        readable, so that the acceptor processes sharing it take turns
-        rather than one taking a whole burst (Twisted's port accepts up to
-        hundreds at once).
-        """
-
-        def doRead(self) -> None:
-            self.numberAccepts = 1
-            super().doRead()
-
-    return TakeTurns
-
-
-def _family(fd: int) -> socket.AddressFamily:
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
-        return probe.family
-    finally:
-        probe.close()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ unprivileged gateway.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -39,6 +40,7 @@ __all__ = [
     "MultiPortListener",
     "NoPortBound",
     "PortFailure",
+    "accept_taking_turns",
     "bind_only",
 ]
 
@@ -161,6 +163,33 @@ def bind_only(port: int, factory: object, backlog: int, interface: str) -> Bound
         sock.close()
         raise CannotListenError(interface, port, error) from None
     return BoundSocket(sock)
+
+
+def accept_taking_turns(reactor: Any, fd: int, factory: Any) -> Any:
+    """
+    Start accepting connections on the listening socket C{fd} (bound by
+    L{bind_only}, perhaps in another process), one connection each time it
+    is readable, so that the processes sharing it take turns rather than one
+    taking a whole burst (Twisted's port accepts up to hundreds at once).
+    The socket is duplicated: C{fd} stays the caller's.
+
+    @return: the listening port.
+    """
+    from twisted.internet import tcp
+
+    class TakeTurns(tcp.Port):
+        def doRead(self) -> None:
+            self.numberAccepts = 1
+            super().doRead()
+
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        family = probe.family
+    finally:
+        probe.close()
+    port = TakeTurns._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
+    return port
 
 
 @define(eq=False)
