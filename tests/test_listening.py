@@ -625,3 +625,64 @@ def test_twistd_exits_non_zero_when_no_port_can_be_bound(
     assert completed.returncode != 0, output
     assert f"port {busy}: Address already in use" in output
     assert "NoPortBound" in output
+
+
+def test_bind_only_listens_without_accepting_and_reports_a_busy_port() -> None:
+    """
+    bind_only binds and listens (a client's connect completes, queued by
+    the kernel) without accepting in this process; a port already bound
+    fails with CannotListenError naming it.
+    """
+    from smtpgw.listening import bind_only
+
+    bound = bind_only(0, None, 5, "127.0.0.1")
+    try:
+        port = bound.socket.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        with pytest.raises(CannotListenError) as info:
+            bind_only(port, None, 5, "127.0.0.1")
+        assert info.value.port == port
+    finally:
+        bound.stopListening()
+    assert bound.socket.fileno() == -1
+
+
+def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
+    """
+    accept_taking_turns accepts one connection each time the socket is
+    readable (Twisted's own port takes a whole burst), so processes sharing
+    the socket take turns; the socket given stays open for its owner.
+    """
+    from twisted.internet import reactor
+
+    from smtpgw.listening import accept_taking_turns, bind_only
+
+    built: list[Protocol] = []
+
+    class Recording(ServerFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            built.append(Protocol())
+            return built[-1]
+
+    bound = bind_only(0, None, 5, "127.0.0.1")
+    clients = []
+    try:
+        address = bound.socket.getsockname()
+        clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        port = accept_taking_turns(reactor, bound.fileno(), Recording())
+        try:
+            port.doRead()
+            assert len(built) == 1
+            port.doRead()
+            assert len(built) == 2
+        finally:
+            port.stopListening()
+        assert bound.socket.fileno() >= 0
+    finally:
+        for protocol in built:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+        for client in clients:
+            client.close()
+        bound.stopListening()
