@@ -529,6 +529,8 @@ class _Child(ProcessProtocol):
         self.pool = pool
         self.index = index
         self.ended = False
+        #: Whether it said it accepts (and has not ended since).
+        self.ready = False
         self.started_at = pool.clock.seconds()
         self.pid: int | None = None
         self._frames = _Frames(frame_limit(pool.limits), self._received, self._frame_too_long)
@@ -654,6 +656,7 @@ class _Child(ProcessProtocol):
             elif kind == REJECTED:
                 pool.metrics.rejected(str(value[0]))
             elif kind == READY:
+                self.ready = True
                 log.info(
                     "acceptor {index} (pid {pid}) accepting on {ports} ports",
                     index=self.index,
@@ -726,6 +729,7 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
+        self.ready = False
         if self._stderr:
             self._log_line(self._stderr)
             self._stderr = b""
@@ -933,6 +937,13 @@ class AcceptorPool(Service):
         flush = getattr(self.alerts, "flush", None)
         if flush is not None:
             flush()
+
+    @property
+    def ready(self) -> int:
+        """
+        How many children accept connections now (for the health check).
+        """
+        return sum(1 for child in self.children.values() if child.ready)
 
     def send_tls(self) -> None:
         """

@@ -525,9 +525,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         top
     )
     reloadable: Any = tls
+    # Whether anything answers SMTP (for /healthz): acceptors when there
+    # are, else the listener this process bound, which serves while it runs.
+    smtp_up: Any = lambda: True  # noqa: E731
     if options["acceptors"]:
         pool = _acceptor_pool(options, data_dir, reactor, queue, stats, alerts, metrics, tls)
         reloadable = _ReloadAll(tls, pool)
+        smtp_up = lambda: pool.ready > 0  # noqa: E731
     else:
         portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
         factory = GatewaySMTPFactory(
@@ -564,6 +568,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             recipients,
             campaigns,
             runner,
+            smtp_up,
         ).setServiceParent(top)
     _SighupService(reactor, reloadable, install_sighup_reload).setServiceParent(top)
     if owner is not None:
@@ -659,6 +664,7 @@ def _admin_service(
     recipients: Any,
     campaigns: Any,
     runner: Any,
+    smtp_up: Any,
 ) -> IService:
     """
     The admin accounts, the first admin, and the admin app listening on
@@ -701,7 +707,11 @@ def _admin_service(
         recipients=recipients,
         campaigns=campaigns,
         runner=runner,
-        health=lambda: {"journal": bool(journal.accepting), "queue": bool(queue.running)},
+        health=lambda: {
+            "journal": bool(journal.accepting),
+            "queue": bool(queue.running),
+            "smtp": bool(smtp_up()),
+        },
     )
     web = StreamServerEndpointService(endpoint, admin_site(ctx))
     web._raiseSynchronously = True

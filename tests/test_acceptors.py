@@ -1413,3 +1413,18 @@ def test_a_child_that_cannot_be_started_is_tried_again_and_stop_still_ends(
     stopped = g.pool.stopService()
     child.processEnded(Failure(ProcessDone(0)))
     assert result_of(stopped) is None
+
+
+def test_the_pool_counts_the_children_that_accept() -> None:
+    """
+    A child counts as ready from its READY frame until it ends (the health
+    check's C{smtp}).
+    """
+    g = make_gateway(count=2)
+    assert g.pool.ready == 0
+    for wire in g.wires.values():
+        wire.link.ready(3)
+    g.pump()
+    assert g.pool.ready == 2
+    g.wires[0].end()
+    assert g.pool.ready == 1

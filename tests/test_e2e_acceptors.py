@@ -912,3 +912,46 @@ def test_sighup_reloads_the_certificate_in_every_acceptor(tmp_path: Path) -> Non
         for pid in pids:
             index = logged_acceptors(gw)[pid]
             assert f"acceptor {index}: TLS certificate reloaded from {live_cert}" in gw.log_text()
+
+
+def test_healthz_fails_while_no_acceptor_answers_smtp(tmp_path: Path) -> None:
+    """
+    /healthz reports C{"smtp": false} (503) while the only acceptor is gone,
+    and C{true} (200) again once the main process has started another.
+    """
+    import http.client
+    import json
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    gw = Gateway(data_dir, free_port(), extra_args=("--acceptors", "1"), admin_port=free_port())
+    gw.start()
+    with running(gw):
+        gw.wait_admin()
+
+        def health() -> tuple[int, dict[str, bool]]:
+            connection = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
+            try:
+                connection.request("GET", "/healthz")
+                answer = connection.getresponse()
+                return answer.status, json.loads(answer.read())["checks"]
+            finally:
+                connection.close()
+
+        wait_until(
+            lambda: health() == (200, {"journal": True, "queue": True, "smtp": True}),
+            15,
+            "a healthy gateway",
+        )
+        [victim] = acceptors_of(gw)
+        seen: list[tuple[int, dict[str, bool]]] = []
+
+        def failing() -> bool:
+            seen.append(health())
+            return seen[-1] == (503, {"journal": True, "queue": True, "smtp": False})
+
+        os.kill(victim, signal.SIGKILL)
+        wait_until(failing, 10, "/healthz to fail without an acceptor")
+        wait_until(lambda: health()[0] == 200, 15, "/healthz to pass with the new acceptor")
+        assert acceptors_of(gw)
+        assert victim not in acceptors_of(gw)

@@ -67,7 +67,7 @@ def test_pages_and_api_answer_on_the_admin_port(gateway: Gateway) -> None:
     assert [item["name"] for item in json.loads(body)["lists"]] == ["news"]
     code, body = _get(gateway.admin_url + "/healthz")
     assert code == 200
-    assert json.loads(body)["checks"] == {"journal": True, "queue": True}
+    assert json.loads(body)["checks"] == {"journal": True, "queue": True, "smtp": True}
 
 
 def test_a_busy_admin_port_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
