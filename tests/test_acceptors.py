@@ -1324,7 +1324,7 @@ def test_a_large_frame_is_joined_once() -> None:
 @given(
     st.integers(min_value=1, max_value=200),
     st.integers(min_value=256, max_value=1024),
-    st.sampled_from(["a", "\u00e9", "\u4e2d", "\U0001f600", '"', "\\"]),
+    st.sampled_from(["a", "\u00e9", "\u4e2d", "\U0001f600", '"', "\\", "\x01"]),
 )
 def test_the_largest_envelope_fits_in_a_frame(
     recipients: int, path_length: int, character: str
@@ -1336,7 +1336,8 @@ def test_the_largest_envelope_fits_in_a_frame(
     kills an acceptor for a message the session accepted.
     """
     limits = Limits(max_size=1024, max_recipients=recipients, max_path_length=path_length)
-    path = (character * path_length)[:path_length]
+    # The session bounds a path in octets; a character may take up to four.
+    path = character * (path_length // len(character.encode("utf-8")))
     big = Envelope(
         queue_id="Q" * 24,
         list=path,
