@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
+from hypothesis import settings
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+
+# Tests do not time things: no property test fails because a loaded machine
+# ran one example slowly (hypothesis's default deadline is 200 ms).
+settings.register_profile("smtpgw", deadline=None)
+settings.load_profile("smtpgw")
 
 
 @pytest.fixture(autouse=True)
