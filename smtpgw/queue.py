@@ -139,6 +139,8 @@ DSN_USERNAME = "MAILER-DAEMON"
 EXPIRED_STATUS = "5.4.7"
 #: How long stopping waits for deliveries under way, in seconds.
 DEFAULT_STOP_TIMEOUT = 30.0
+
+
 #: Seconds a gate stays closed after the last message of a higher priority
 #: than its own finished: longer than the gap between two messages a client
 #: on the same network sends one after another, so a burst goes out whole
@@ -146,6 +148,14 @@ DEFAULT_STOP_TIMEOUT = 30.0
 #: for it (docs/benchmarks.md: 1 s of grace after each of 82 injections cost
 #: a send 28 % of its rate, 0.05 s cost it 0.5 %). Raise it for clients far
 #: away, whose messages come further apart.
+def _kept_size(envelope: Envelope, body: bytes) -> int:
+    """
+    What keeping a message in memory costs, about: its bytes, its
+    recipients and the objects around them.
+    """
+    return len(body) + sum(len(r) + 64 for r in envelope.recipients) + 512
+
+
 #: Bytes of recently submitted messages the queue keeps in memory, so that
 #: their first attempt does not read them back from the journal (a thread
 #: hop, a file read and a checksum per message); the oldest go first.
@@ -814,22 +824,26 @@ class MessageQueue(Service):
     def _remember(self, envelope: Envelope, body: bytes) -> None:
         """
         Keep a message just made durable for its first attempt, within
-        L{DEFAULT_RECENT_BYTES} (forgetting the oldest first).
+        L{DEFAULT_RECENT_BYTES} of body, recipients and bookkeeping
+        (forgetting the oldest first). Nothing is kept while the queue is
+        paused: no attempt comes soon.
         """
-        size = len(body)
+        if self._paused:
+            return
+        size = _kept_size(envelope, body)
         if size > self._recent_bytes:
             return
         recent = self._recent
         while recent and self._recent_size + size > self._recent_bytes:
             oldest = next(iter(recent))
-            self._recent_size -= len(recent.pop(oldest)[1])
+            self._recent_size -= _kept_size(*recent.pop(oldest))
         recent[envelope.queue_id] = (envelope, body)
         self._recent_size += size
 
     def _recall(self, queue_id: str) -> tuple[Envelope, bytes] | None:
         kept = self._recent.pop(queue_id, None)
         if kept is not None:
-            self._recent_size -= len(kept[1])
+            self._recent_size -= _kept_size(*kept)
         return kept
 
     def _accepted_by_journal(self, location: JournalLocation, envelope: Envelope) -> None:

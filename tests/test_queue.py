@@ -59,6 +59,7 @@ from smtpgw.queue import (
     Preemption,
     RecipientProgress,
     TokenBucket,
+    _kept_size,
     jittered,
     recipient_failure,
     retry_delay,
@@ -325,31 +326,52 @@ class TestSubmit:
         assert reads == [message.queue_id]
         assert outbound.calls[0][1] == outbound.calls[1][1] == b"Subject: x\r\n\r\nbody\r\n"
 
-    @pytest.mark.parametrize(("budget", "kept"), [(30, 3), (29, 2), (0, 0)])
-    def test_what_is_kept_in_memory_is_bounded(self, budget: int, kept: int) -> None:
+    @pytest.mark.parametrize(("room", "kept"), [(3, 3), (2.99, 2), (0, 0)])
+    def test_what_is_kept_in_memory_is_bounded(self, room: float, kept: int) -> None:
         """
-        Only C{recent_bytes} of messages are kept (the oldest forgotten
-        first): with four 10-byte messages submitted while the queue is
-        stopped, a 30-byte budget keeps the last three, 29 bytes the last
-        two, 0 none; the others are read from the journal, and every message
-        is sent exactly as submitted.
+        Only C{recent_bytes} of messages (bodies, recipients, bookkeeping)
+        are kept, the oldest forgotten first: with four messages waiting
+        behind one being sent, room for three keeps the last three, a little
+        less the last two, none none; the others are read from the journal,
+        and every message is sent exactly as submitted.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        first = envelope()
+        messages = [envelope() for _ in range(4)]
+        bodies = [b"body %04d\n" % n for n in range(4)]
+        each = _kept_size(messages[0], bodies[0])
+        queue, journal = make_queue(clock, outbound, concurrency=1, recent_bytes=int(room * each))
+        reads = self._count_reads(journal)
+        queue.startService()
+        queue.submit(first, b"first\n")
+        for message, body in zip(messages, bodies, strict=True):
+            queue.submit(message, body)
+        while outbound.pending:
+            outbound.finish_first()
+            run_timers(clock, until=10)
+        waiting_reads = [q for q in reads if q != first.queue_id]
+        assert sorted(waiting_reads) == sorted(m.queue_id for m in messages[: 4 - kept])
+        assert outbound.started == [first.queue_id] + [m.queue_id for m in messages]
+
+    def test_nothing_is_kept_while_the_queue_is_paused(self) -> None:
+        """
+        Mail accepted while an admin has stopped the queue is not kept in
+        memory (no attempt comes soon): it is read from the journal.
         """
         clock = Clock()
         outbound = InstantOutbound(clock)
-        queue, journal = make_queue(clock, outbound, recent_bytes=budget)
+        queue, journal = make_queue(clock, outbound)
         reads = self._count_reads(journal)
         queue.startService()
         queue.pause()
-        messages = [envelope() for _ in range(4)]
-        bodies = [b"body %04d\n" % n for n in range(4)]
-        for message, body in zip(messages, bodies, strict=True):
-            queue.submit(message, body)
+        messages = [envelope() for _ in range(3)]
+        for message in messages:
+            queue.submit(message, b"body\n")
         queue.resume()
         run_timers(clock, until=10)
-        assert sorted(reads) == sorted(m.queue_id for m in messages[: 4 - kept])
-        assert {e.queue_id: b for e, b, _ in outbound.calls} == {
-            m.queue_id: b for m, b in zip(messages, bodies, strict=True)
-        }
+        assert sorted(reads) == sorted(m.queue_id for m in messages)
+        assert sorted(outbound.ids) == sorted(m.queue_id for m in messages)
 
     def test_journal_unavailable_propagates(self) -> None:
         """
