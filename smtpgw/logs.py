@@ -21,9 +21,17 @@ milliseconds of log, never mail.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogEvent, eventAsText, formatTime
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    eventAsText,
+    formatEventAsClassicLogText,
+    formatTime,
+)
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 __all__ = ["BufferedTextObserver", "observer"]
@@ -50,6 +58,11 @@ class BufferedTextObserver:
         """
         self._stream = stream
         self._reactor = reactor
+        self._watching = False
+        self._stopping = False
+        # Events may come from other threads (warnings, errors in thread
+        # pools): the buffer and the writes are shared.
+        self._lock = threading.Lock()
         self._lines: list[str] = []
         self._size = 0
         self._scheduled = False
@@ -57,21 +70,36 @@ class BufferedTextObserver:
         self._stamp = ""
 
     def __call__(self, event: LogEvent) -> None:
-        text = self._text(event)
-        if text is None:
+        try:
+            line = self._line(event)
+        except Exception:
+            # What twistd itself writes for an event it cannot format.
+            line = formatEventAsClassicLogText(event)
+        if not line:
             return
+        with self._lock:
+            self._lines.append(line)
+            self._size += len(line)
+            full = self._size >= FLUSH_AT
+        reactor = self._the_reactor()
+        if full or self._stopping or not getattr(reactor, "running", False) or not isInIOThread():
+            # Off the reactor thread, or no turn will end: write now.
+            self.flush()
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            reactor.callLater(0, self._flush_scheduled)
+
+    def _line(self, event: LogEvent) -> str | None:
+        text = self._text(event)
+        if not text:
+            return None
         stamp = self._timestamp(event.get("log_time"))
         system = event.get("log_system")
         if system is None:
             level = event.get("log_level")
             system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
-        line = f"{stamp} [{system}] {text}\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= FLUSH_AT:
-            self.flush()
-        elif not self._scheduled:
-            self._schedule()
+        return f"{stamp} [{system}] {text}\n"
 
     def _text(self, event: LogEvent) -> str | None:
         log_format = event.get("log_format")
@@ -80,9 +108,9 @@ class BufferedTextObserver:
             return text.replace("\n", "\n\t") if text else None
         try:
             text = log_format.format_map(event)
-        except (KeyError, AttributeError, IndexError, ValueError, TypeError):
+        except Exception:
             text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        return text.replace("\n", "\n\t")
+        return text.replace("\n", "\n\t") if text else None
 
     def _timestamp(self, when: Any) -> str:
         if when is None:
@@ -93,17 +121,21 @@ class BufferedTextObserver:
             self._stamp = formatTime(when, _TIME_FORMAT)
         return self._stamp
 
-    def _schedule(self) -> None:
+    def _the_reactor(self) -> Any:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor as installed
 
             reactor = self._reactor = installed
-        if not getattr(reactor, "running", False):
-            self.flush()
-            return
-        self._scheduled = True
-        reactor.callLater(0, self._flush_scheduled)
+        if not self._watching and hasattr(reactor, "addSystemEventTrigger"):
+            self._watching = True
+            reactor.addSystemEventTrigger("during", "shutdown", self._shutting_down)
+        return reactor
+
+    def _shutting_down(self) -> None:
+        # From here on no turn may end: each line is written as it comes.
+        self._stopping = True
+        self.flush()
 
     def _flush_scheduled(self) -> None:
         self._scheduled = False
@@ -113,18 +145,19 @@ class BufferedTextObserver:
         """
         Write every waiting line now.
         """
-        if not self._lines:
-            return
-        text = "".join(self._lines)
-        self._lines.clear()
-        self._size = 0
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError):
-            # Nowhere to log to (a closed stdout, a full disk): logging must
-            # not take the gateway down.
-            pass
+        with self._lock:
+            if not self._lines:
+                return
+            text = "".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                # Nowhere to log to (a closed stdout, a full disk): logging
+                # must not take the gateway down.
+                pass
 
 
 def observer() -> BufferedTextObserver:

@@ -171,3 +171,85 @@ def test_a_failing_stream_does_not_raise() -> None:
     observer = BufferedTextObserver(Broken(), FakeReactor(running=False))
     observer(observe(lambda log: log.info("x"))[0])
     observer.flush()
+
+
+def test_lines_from_other_threads_are_each_written_once() -> None:
+    """
+    Events logged from other threads (warnings, thread pools) are written
+    at once, each exactly once and in each thread's order, whatever the
+    reactor thread's own flushes do meanwhile.
+    """
+    import threading
+
+    reactor = FakeReactor()
+    stream = CountingStream()
+    observer = BufferedTextObserver(stream, reactor)
+
+    def log_many(name: str) -> None:
+        log = Logger(namespace=name, observer=cast(ILogObserver, observer))
+        for n in range(2000):
+            log.info("{name} {n}", name=name, n=n)
+
+    threads = [threading.Thread(target=log_many, args=(f"t{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(200):
+        observer.flush()
+    for thread in threads:
+        thread.join()
+    observer.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 8000
+    for i in range(4):
+        mine = [line.rsplit(" ", 1)[1] for line in lines if f" t{i} " in line]
+        assert mine == [str(n) for n in range(2000)]
+
+
+def test_once_shutting_down_each_line_is_written_at_once() -> None:
+    """
+    From the reactor's shutdown on, no turn ends: lines are written as they
+    come (twistd's last lines are not left to the exit).
+    """
+
+    class StoppingReactor(FakeReactor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.triggers: list[Callable[[], None]] = []
+
+        def addSystemEventTrigger(self, phase: str, event: str, f: Callable[[], None]) -> None:
+            assert (phase, event) == ("during", "shutdown")
+            self.triggers.append(f)
+
+    reactor = StoppingReactor()
+    stream = CountingStream()
+    observer = BufferedTextObserver(stream, reactor)
+    [first, second] = observe(lambda log: log.info("one"), lambda log: log.info("two"))
+    observer(first)
+    assert stream.writes == 0
+    [trigger] = reactor.triggers
+    trigger()
+    assert stream.getvalue() == twistd_text([first])
+    observer(second)
+    assert stream.getvalue() == twistd_text([first, second])
+
+
+def test_an_event_that_breaks_formatting_is_written_as_twistd_writes_it() -> None:
+    """
+    A value whose formatting raises anything, or an event whose text is
+    empty, gives what twistd's own observer gives (its "Unable to format"
+    line; nothing), and never raises.
+    """
+
+    class Broken:
+        def __format__(self, spec: str) -> str:
+            raise RuntimeError("no")
+
+    events = observe(
+        lambda log: log.info("broken {b}", b=Broken()),
+        lambda log: log.info("{empty}", empty=""),
+    )
+    for event in events:
+        event["log_time"] = 1_700_000_000.0
+    text = written(events)
+    assert text == twistd_text(events)
+    assert "Unable to format event" in text
