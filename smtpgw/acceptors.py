@@ -82,6 +82,7 @@ AUTH_FAIL = b"F"
 ALERT = b"A"
 REJECTED = b"R"
 READY = b"Y"
+PONG = b"P"
 # Frame kinds, main to child.
 SUBMITTED = b"s"
 ADMISSION = b"k"
@@ -89,6 +90,7 @@ AUTH_TURN = b"t"
 AUTH_COUNTED = b"f"
 ACCEPTING = b"a"
 TLS = b"T"
+PING = b"p"
 
 #: Room for the headers the gateway adds and the framing, beyond the
 #: message's C{--max-size} and its envelope (see L{frame_limit}).
@@ -110,8 +112,14 @@ RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 #: A child that ran this long resets the wait to L{RESTART_DELAY}.
 HEALTHY_AFTER = 60.0
-#: How often the main process tells the children whether it takes mail.
+#: How often the main process tells the children whether it takes mail,
+#: and asks each whether it is still there.
 ACCEPTING_POLL = 0.25
+#: A child not heard from for this long does not count as serving
+#: (stopped, deadlocked): L{AcceptorPool.ready} and so /healthz say so.
+HEARTBEAT_TIMEOUT = 3.0
+#: The longest stderr line of a child that is logged whole.
+MAX_LOG_LINE = 64 * 1024
 
 
 def frame_limit(limits: Limits) -> int:
@@ -382,6 +390,9 @@ class MainLink(Int32StringReceiver):
         if kind == ACCEPTING:
             self.accepting = bool(value[0])
             return
+        if kind == PING:
+            self._send(PONG, value)
+            return
         if kind == TLS:
             if self.on_tls is not None:
                 cert, key, cert_path, key_path = value
@@ -531,11 +542,14 @@ class _Child(ProcessProtocol):
         self.ended = False
         #: Whether it said it accepts (and has not ended since).
         self.ready = False
+        #: When it last sent anything (a frame, an answer to a ping).
+        self.last_heard = pool.clock.seconds()
+        self._stderr_chunks: list[bytes] = []
+        self._stderr_size = 0
         self.started_at = pool.clock.seconds()
         self.pid: int | None = None
         self._frames = _Frames(frame_limit(pool.limits), self._received, self._frame_too_long)
         self._writer = _ProcessWriter(self)
-        self._stderr = b""
         self._open: Counter[str] = Counter()
         self._turns: Counter[str] = Counter()
         self._waiting_turns: dict[int, Deferred[bool]] = {}
@@ -579,12 +593,28 @@ class _Child(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
+            self.last_heard = self.pool.clock.seconds()
             self._frames.dataReceived(data)
         elif childFD == 2:
-            self._stderr += data
-            *lines, self._stderr = self._stderr.split(b"\n")
-            for line in lines:
-                self._log_line(line)
+            self._stderr_received(data)
+
+    def _stderr_received(self, data: bytes) -> None:
+        # In time linear in what arrives, and bounded: a child printing
+        # without end of line cannot make the main process hold it all.
+        lines = data.split(b"\n")
+        for line in lines[:-1]:
+            self._stderr_chunks.append(line)
+            self._log_line(b"".join(self._stderr_chunks))
+            self._stderr_chunks = []
+            self._stderr_size = 0
+        rest = lines[-1]
+        if rest:
+            self._stderr_chunks.append(rest)
+            self._stderr_size += len(rest)
+            if self._stderr_size >= MAX_LOG_LINE:
+                self._log_line(b"".join(self._stderr_chunks))
+                self._stderr_chunks = []
+                self._stderr_size = 0
 
     def _log_line(self, line: bytes) -> None:
         if not line.strip():
@@ -655,6 +685,8 @@ class _Child(ProcessProtocol):
                 pool.alerts.raise_alert(_alert_from_json(value))
             elif kind == REJECTED:
                 pool.metrics.rejected(str(value[0]))
+            elif kind == PONG:
+                pass
             elif kind == READY:
                 self.ready = True
                 log.info(
@@ -730,9 +762,9 @@ class _Child(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.ready = False
-        if self._stderr:
-            self._log_line(self._stderr)
-            self._stderr = b""
+        if self._stderr_chunks:
+            self._log_line(b"".join(self._stderr_chunks))
+            self._stderr_chunks = []
         pool = self.pool
         for address, count in self._open.items():
             for _ in range(count):
@@ -926,6 +958,8 @@ class AcceptorPool(Service):
 
     def _check_accepting(self) -> None:
         self._poll = self.clock.callLater(ACCEPTING_POLL, self._check_accepting)
+        for child in self.children.values():
+            child.send(PING + _json([0]))
         accepting = bool(self.queue.accepting)
         if accepting != self._accepting:
             self._accepting = accepting
@@ -941,9 +975,13 @@ class AcceptorPool(Service):
     @property
     def ready(self) -> int:
         """
-        How many children accept connections now (for the health check).
+        How many children accept connections now (for the health check):
+        they said they accept, and were heard from lately.
         """
-        return sum(1 for child in self.children.values() if child.ready)
+        since = self.clock.seconds() - HEARTBEAT_TIMEOUT
+        return sum(
+            1 for child in self.children.values() if child.ready and child.last_heard >= since
+        )
 
     def send_tls(self) -> None:
         """

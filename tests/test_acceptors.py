@@ -1201,10 +1201,23 @@ def test_stop_with_no_child_left_fires_at_once() -> None:
     assert len(g.reactor.spawned) == 1
 
 
+def frame_kinds(stream: bytes) -> list[bytes]:
+    """
+    The kind byte of each frame in C{stream}.
+    """
+    kinds = []
+    while stream:
+        (length,) = struct.unpack_from(">I", stream)
+        kinds.append(stream[4:5])
+        stream = stream[4 + length :]
+    return kinds
+
+
 def test_children_learn_when_main_stops_and_resumes_taking_mail() -> None:
     """
     A change of the main queue's accepting reaches every child within a
-    poll (0.25 s); no frame is sent while it does not change.
+    poll (0.25 s); no ACCEPTING frame is sent while it does not change (only
+    the poll's PING).
     """
     g = make_gateway(count=2)
     links = [g.wires[0].link, g.wires[1].link]
@@ -1214,8 +1227,8 @@ def test_children_learn_when_main_stops_and_resumes_taking_mail() -> None:
     g.pump()
     assert [link.accepting for link in links] == [False, False]
     g.reactor.advance(ACCEPTING_POLL)
-    assert g.wires[0].process.data == b""
-    assert g.wires[1].process.data == b""
+    for wire in (g.wires[0], g.wires[1]):
+        assert frame_kinds(wire.process.take()) == [b"p"]
     g.queue.accepting = True
     g.reactor.advance(ACCEPTING_POLL / 2)
     g.pump()
@@ -1429,3 +1442,59 @@ def test_the_pool_counts_the_children_that_accept() -> None:
     assert g.pool.ready == 2
     g.wires[0].end()
     assert g.pool.ready == 1
+
+
+def test_a_child_not_heard_from_does_not_count_as_ready() -> None:
+    """
+    The main process asks each child every poll whether it is there; one
+    that has not answered anything for 3 s (stopped, deadlocked) stops
+    counting as ready, and counts again once it answers.
+    """
+    g = make_gateway(count=1)
+    wire = g.wires[0]
+    wire.link.ready(1)
+    g.pump()
+    assert g.pool.ready == 1
+    for _ in range(11):
+        g.reactor.advance(ACCEPTING_POLL)
+        g.pump()
+    assert g.pool.ready == 1
+    for _ in range(12):
+        g.reactor.advance(ACCEPTING_POLL)
+        wire.process.take()
+    assert g.pool.ready == 1
+    g.reactor.advance(ACCEPTING_POLL)
+    assert g.pool.ready == 0
+    g.pump()
+    assert g.pool.ready == 1
+
+
+def test_a_childs_stderr_is_logged_by_line_and_bounded(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    A child's stderr is logged a line at a time however it is cut into
+    reads, and a line without end is logged in 64 KiB pieces rather than
+    held.
+    """
+    from twisted.logger import globalLogPublisher
+
+    seen: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_format") == "acceptor {index}: {text}":
+            seen.append(event["text"])
+
+    globalLogPublisher.addObserver(cast(ILogObserver, observer))
+    try:
+        g = make_gateway(count=1)
+        child = g.wires[0].child
+        for piece in (b"first li", b"ne\nsecond line\nthi", b"rd\n"):
+            child.childDataReceived(2, piece)
+        assert seen == ["first line", "second line", "third"]
+        seen.clear()
+        for _ in range(9):
+            child.childDataReceived(2, b"x" * 8192)
+        assert seen == ["x" * (8 * 8192)]
+    finally:
+        globalLogPublisher.removeObserver(cast(ILogObserver, observer))
