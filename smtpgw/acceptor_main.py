@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ports: list[Any] = []
 
     def got_tls(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
+        if not cert:
+            # The main process offers no STARTTLS.
+            if not ports:
+                listen()
+            return
         try:
             options = tls_options_from_pem(cert, key, cert_path=cert_path, key_path=key_path)
         except TLSConfigError as error:

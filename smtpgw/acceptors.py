@@ -567,6 +567,8 @@ class _Child(ProcessProtocol):
         """
         tls = self.pool.tls
         if tls is None:
+            # No STARTTLS: the child starts serving without a certificate.
+            self.send(TLS + _json(["", "", "", ""]))
             return
         cert, key = tls.pem
         files = [tls.cert_path.path, tls.key_path.path]
