@@ -17,10 +17,11 @@ the failed logins per address, the alerts, the metrics and the daily
 counts. This is Postfix's shape (many C{smtpd}, one C{qmgr}).
 
 The channel between them is a stream of frames, each a 4-byte length and a
-payload (L{Int32StringReceiver}); a payload is one kind byte, then either
-JSON or, for a message, a binary header, the envelope as JSON and the
-message's bytes. Nothing a client sends is interpreted by the main process
-beyond what the child already checked.
+payload; a payload is one kind byte, then either JSON or, for a message, a
+binary header, the envelope as the journal records it
+(L{smtpgw.journal_codec.encode_envelope}) and the message's bytes. Nothing
+a client sends is interpreted by the main process beyond what the child
+already checked.
 
 If a child dies, the main process forgets its connections and login turns
 and starts another (after 1 s, doubling to 30 s while it keeps dying). Its
@@ -57,9 +58,10 @@ from zope.interface import implementer
 
 from smtpgw.abuse import Admission, AuthFailureTracker, ConnectionCounter
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, JournalUnavailable
+from smtpgw.journal_codec import JournalRecordError, decode_envelope, encode_envelope
 from smtpgw.limits import Limits
 from smtpgw.metrics import SessionMetrics
-from smtpgw.model import Envelope, Priority
+from smtpgw.model import Envelope
 
 __all__ = [
     "AcceptorConfig",
@@ -139,21 +141,12 @@ def _json(value: Any) -> bytes:
 
 def encode_submit(seq: int, envelope: Envelope, body: bytes) -> bytes:
     """
-    The payload of a C{SUBMIT} frame.
+    The payload of a C{SUBMIT} frame: the envelope as the journal records
+    it (L{encode_envelope}), then the message.
+
+    @raise ValueError: for an envelope the journal could not record.
     """
-    head = _json(
-        [
-            envelope.queue_id,
-            envelope.list,
-            envelope.username,
-            envelope.sender,
-            list(envelope.recipients),
-            int(envelope.priority),
-            envelope.accepted_at,
-            envelope.client_ip,
-            envelope.size,
-        ]
-    )
+    head = encode_envelope(envelope)
     return SUBMIT + _SUBMIT_HEADER.pack(seq, len(head)) + head + body
 
 
@@ -169,19 +162,10 @@ def decode_submit(payload: bytes) -> tuple[int, Envelope, bytes]:
     start = 1 + _SUBMIT_HEADER.size
     if start + length > len(payload):
         raise ValueError("SUBMIT envelope runs past the frame")
-    fields = json.loads(payload[start : start + length])
-    queue_id, list_name, username, sender, recipients, priority, at, ip, size = fields
-    envelope = Envelope(
-        queue_id=str(queue_id),
-        list=str(list_name),
-        username=str(username),
-        sender=str(sender),
-        recipients=tuple(str(r) for r in recipients),
-        priority=Priority(int(priority)),
-        accepted_at=float(at),
-        client_ip=str(ip),
-        size=int(size),
-    )
+    try:
+        envelope = decode_envelope(payload[start : start + length])
+    except JournalRecordError as error:
+        raise ValueError(f"SUBMIT envelope: {error}") from None
     return seq, envelope, payload[start + length :]
 
 
@@ -508,24 +492,6 @@ def _frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
-class _ProcessWriter:
-    """
-    What L{_Frames} writes to and closes: the child's stdin; closing kills
-    the child.
-    """
-
-    def __init__(self, child: _Child) -> None:
-        self._child = child
-
-    def write(self, data: bytes) -> None:
-        transport = self._child.transport
-        if transport is not None and not self._child.ended:
-            transport.write(data)
-
-    def loseConnection(self) -> None:
-        self._child.kill()
-
-
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
 
@@ -549,7 +515,6 @@ class _Child(ProcessProtocol):
         self.started_at = pool.clock.seconds()
         self.pid: int | None = None
         self._frames = _Frames(frame_limit(pool.limits), self._received, self._frame_too_long)
-        self._writer = _ProcessWriter(self)
         self._open: Counter[str] = Counter()
         self._turns: Counter[str] = Counter()
         self._waiting_turns: dict[int, Deferred[bool]] = {}
@@ -575,7 +540,8 @@ class _Child(ProcessProtocol):
         self.send(TLS + _json([cert.decode("latin-1"), key.decode("latin-1"), *files]))
 
     def send(self, payload: bytes) -> None:
-        self._writer.write(_frame(payload))
+        if self.transport is not None and not self.ended:
+            self.transport.write(_frame(payload))
 
     def _frame_too_long(self, length: int) -> None:
         log.error("acceptor sent a frame of {length} bytes; stopping it", length=length)
@@ -992,13 +958,6 @@ class AcceptorPool(Service):
         """
         for child in self.children.values():
             child.send_tls()
-
-    def signal_all(self, name: str) -> None:
-        """
-        Send signal C{name} (C{"HUP"}: reload the certificate) to every child.
-        """
-        for child in self.children.values():
-            child.signal(name)
 
     def stopService(self) -> Deferred[None]:
         """

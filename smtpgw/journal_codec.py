@@ -107,6 +107,7 @@ __all__ = [
     "decode_segment_header",
     "decode_state",
     "encode_accept",
+    "encode_envelope",
     "encode_noop",
     "encode_priority",
     "encode_queue_state",
@@ -369,6 +370,17 @@ def encode_accept(envelope: Envelope, body: bytes, copy: bool = False) -> Payloa
     @raise ValueError: if the envelope cannot be recorded (a queue id that is
         not short ASCII, a time that is not a finite number).
     """
+    rtype = RecordType.COPY if copy else RecordType.ACCEPT
+    return Payload(rtype, encode_envelope(envelope), body)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    """
+    @return: an envelope as the metadata of an ACCEPT record (which
+        L{decode_envelope} reads; the acceptor processes send envelopes to
+        the main process in this form too).
+    @raise ValueError: as L{encode_accept}.
+    """
     if not math.isfinite(envelope.accepted_at):
         raise ValueError(f"accepted_at must be finite: {envelope.accepted_at}")
     fields = [
@@ -381,9 +393,7 @@ def encode_accept(envelope: Envelope, body: bytes, copy: bool = False) -> Payloa
         envelope.client_ip,
         envelope.size,
     ]
-    meta = _short_ascii(envelope.queue_id, "queue id") + _dump_json(fields)
-    rtype = RecordType.COPY if copy else RecordType.ACCEPT
-    return Payload(rtype, _check_meta(meta), body)
+    return _check_meta(_short_ascii(envelope.queue_id, "queue id") + _dump_json(fields))
 
 
 def encode_state(

@@ -380,7 +380,8 @@ def events() -> Iterator[list[dict[str, Any]]]:
 
 envelopes = st.builds(
     Envelope,
-    queue_id=st.text(),
+    # What the journal records: 1 to 255 ASCII characters.
+    queue_id=st.text(st.characters(max_codepoint=127), min_size=1, max_size=255),
     list=st.text(),
     username=st.text(),
     sender=st.text(),
@@ -402,6 +403,17 @@ def test_submit_round_trip(seq: int, env: Envelope, body: bytes) -> None:
     """
     payload = encode_submit(seq, env, body)
     assert decode_submit(payload) == (seq, env, body)
+
+
+@pytest.mark.parametrize("queue_id", ["", "é" * 3, "Q" * 256])
+def test_an_envelope_the_journal_cannot_record_is_not_sent(queue_id: str) -> None:
+    """
+    The envelope goes in the journal's own form, so a queue id the journal
+    would refuse (empty, not ASCII, over 255 octets) is refused before it
+    is sent.
+    """
+    with pytest.raises(ValueError, match="queue id"):
+        encode_submit(1, attrs.evolve(envelope(), queue_id=queue_id), b"")
 
 
 def test_submit_round_trip_of_awkward_bytes() -> None:
@@ -797,13 +809,13 @@ def test_one_failure_short_of_the_limit_is_not_blocked() -> None:
     assert result_of(next_turn) is True
 
 
-def test_a_cancelled_begin_given_its_turn_gives_it_back() -> None:
+def one_turn_held(g: Gateway) -> tuple[Wire, Wire, Deferred[bool]]:
     """
-    A begin cancelled in the child while the main process was already
-    giving it the turn (the frames cross) hands the turn back: the main
-    tracker ends up with no check pending.
+    With a limit of one check at a time: the first child holds the turn,
+    the second child's begin waits (delivered to main, not answered).
+
+    @return: the two wires and the waiting begin.
     """
-    g = make_gateway(auth_limit=1)
     a, b = g.wires[0], g.wires[1]
     held = a.link.begin(IP)
     g.pump()
@@ -811,6 +823,17 @@ def test_a_cancelled_begin_given_its_turn_gives_it_back() -> None:
     wanted = b.link.begin(IP)
     g.pump()
     assert not wanted.called
+    return a, b, wanted
+
+
+def test_a_cancelled_begin_given_its_turn_gives_it_back() -> None:
+    """
+    A begin cancelled in the child while the main process was already
+    giving it the turn (the frames cross) hands the turn back: the main
+    tracker ends up with no check pending.
+    """
+    g = make_gateway(auth_limit=1)
+    a, b, wanted = one_turn_held(g)
     # The turn is given in main, its answer not yet in the child...
     a.link.end(IP, failed=False)
     a.to_main()
@@ -834,12 +857,8 @@ def test_a_begin_cancelled_while_waiting_is_forgotten() -> None:
     queue: the next turn ended gives no turn to it.
     """
     g = make_gateway(auth_limit=1)
-    a, b = g.wires[0].link, g.wires[1].link
-    held = a.begin(IP)
-    g.pump()
-    assert result_of(held) is True
-    wanted = b.begin(IP)
-    g.pump()
+    a_wire, b_wire, wanted = one_turn_held(g)
+    a, b = a_wire.link, b_wire.link
     wanted.cancel()
     with pytest.raises(CancelledError):
         result_of(wanted)
@@ -859,12 +878,8 @@ def test_a_begin_cancelled_while_waiting_leaves_nothing_in_the_child() -> None:
     memory for the life of the child).
     """
     g = make_gateway(auth_limit=1)
-    a, b = g.wires[0].link, g.wires[1].link
-    held = a.begin(IP)
-    g.pump()
-    assert result_of(held) is True
-    wanted = b.begin(IP)
-    g.pump()
+    a_wire, b_wire, wanted = one_turn_held(g)
+    a, b = a_wire.link, b_wire.link
     wanted.cancel()
     with pytest.raises(CancelledError):
         result_of(wanted)
@@ -903,12 +918,9 @@ def test_a_child_that_ends_while_waiting_leaves_the_queue() -> None:
     the turn it waited for is not given to it (and so not lost).
     """
     g = make_gateway(auth_limit=1)
-    a, b = g.wires[0].link, g.wires[1].link
-    held = a.begin(IP)
-    g.pump()
-    assert result_of(held) is True
-    b.begin(IP).addErrback(lambda f: f.trap(CancelledError))
-    g.pump()
+    a_wire, _, waiting = one_turn_held(g)
+    a = a_wire.link
+    waiting.addErrback(lambda f: f.trap(CancelledError))
     g.wires[1].end()
     a.end(IP, failed=False)
     g.pump()
@@ -1246,16 +1258,16 @@ def test_a_child_started_while_main_refuses_mail_is_told_at_once() -> None:
     assert g.wires[0].link.accepting is False
 
 
-def test_signal_all_signals_every_child() -> None:
+def test_stop_signals_every_child_even_one_that_just_exited() -> None:
     """
-    signal_all("HUP") signals each running child; one that has just
-    exited (its end not yet seen) does not make it fail.
+    Stopping sends TERM to each running child; one that has just exited
+    (its end not yet seen) does not make it fail.
     """
     g = make_gateway(count=3)
     g.wires[2].process.exited = True
-    g.pool.signal_all("HUP")
-    assert g.wires[0].process.signals == ["HUP"]
-    assert g.wires[1].process.signals == ["HUP"]
+    g.pool.stopService()
+    assert g.wires[0].process.signals == ["TERM"]
+    assert g.wires[1].process.signals == ["TERM"]
     assert g.wires[2].process.signals == []
 
 
