@@ -9,10 +9,12 @@ protocol logic is tested elsewhere with a Clock.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import re
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -352,3 +354,35 @@ class RelayTargetProcess:
                     found.append(line.split(":", 1)[1].strip())
                     break
         return found
+
+
+# TLS, as the end-to-end tests look at it.
+
+
+def peer_fingerprint(client: smtplib.SMTP) -> str:
+    """
+    The SHA-256 of the certificate the server showed on C{client}'s TLS
+    connection.
+    """
+    sock = client.sock
+    assert isinstance(sock, ssl.SSLSocket)
+    der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+def fingerprint_of(cert: Path) -> str:
+    """
+    The SHA-256 of the (first) certificate in a PEM file.
+    """
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+
+
+def unverified() -> ssl.SSLContext:
+    """
+    A client context that checks nothing (to look at what the server shows).
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context

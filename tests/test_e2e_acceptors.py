@@ -40,7 +40,10 @@ from tests.gateway_process import (
     Credentials,
     Gateway,
     add_user,
+    fingerprint_of,
     free_port,
+    peer_fingerprint,
+    unverified,
     wait_until,
 )
 
@@ -832,25 +835,6 @@ def test_a_message_handed_over_just_before_sigterm_gets_its_250(tmp_path: Path) 
     gw.start()
     with running(gw):
         wait_captured(gw, qid)
-
-
-def peer_fingerprint(client: smtplib.SMTP) -> str:
-    sock = client.sock
-    assert isinstance(sock, ssl.SSLSocket)
-    der = sock.getpeercert(binary_form=True)
-    assert der is not None
-    return hashlib.sha256(der).hexdigest()
-
-
-def fingerprint_of(cert: Path) -> str:
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
-
-
-def unverified() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def test_sighup_reloads_the_certificate_in_every_acceptor(tmp_path: Path) -> None:

@@ -6,17 +6,23 @@ with --require-tls.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import signal
 import smtplib
-import ssl
 from pathlib import Path
 
 import pytest
 
 from smtpgw.tls import ensure_self_signed
-from tests.gateway_process import Gateway, add_user, free_port, wait_until
+from tests.gateway_process import (
+    Gateway,
+    add_user,
+    fingerprint_of,
+    free_port,
+    peer_fingerprint,
+    unverified,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -24,26 +30,6 @@ pytestmark = pytest.mark.e2e
 def make_pair(where: Path, hostname: str) -> tuple[Path, Path]:
     cert, key = ensure_self_signed(str(where), hostname)
     return Path(cert.path), Path(key.path)
-
-
-def peer_fingerprint(client: smtplib.SMTP) -> str:
-    sock = client.sock
-    assert isinstance(sock, ssl.SSLSocket)
-    der = sock.getpeercert(binary_form=True)
-    assert der is not None
-    return hashlib.sha256(der).hexdigest()
-
-
-def fingerprint_of(cert: Path) -> str:
-    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
-    return hashlib.sha256(der).hexdigest()
-
-
-def unverified() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_path: Path) -> None:
