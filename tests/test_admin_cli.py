@@ -10,13 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from smtpgw.admin_cli import (
@@ -30,6 +29,7 @@ from smtpgw.admins import MAX_ADMIN_NAME_LENGTH, SQLiteAdminStore, ThreadedAdmin
 from smtpgw.database import database_path
 from smtpgw.passwords import DEFAULT_ROUNDS, verify_password
 from smtpgw.userstore import SQLiteUserStore, ThreadedUserStore
+from tests.twisted_support import async_test
 
 T0 = 1_700_000_000.0
 P = ParamSpec("P")
@@ -46,14 +46,6 @@ USER_FIELDS = {
     "last_used_at",
     "last_used_ip",
 }
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 class Admin:

@@ -10,15 +10,14 @@ import hashlib
 import sqlite3
 import string
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
 import pytest
-import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
 from smtpgw import admins
@@ -47,6 +46,7 @@ from smtpgw.admins import (
 from smtpgw.database import StoreError, StoreNotRunning, UnusableDatabase, database_path
 from smtpgw.passwords import MAX_PASSWORD_BYTES, hash_password, verify_password
 from smtpgw.validation import ValidationError
+from tests.twisted_support import async_test, global_reactor
 
 ROUNDS = 4
 T0 = 1_700_000_000.0
@@ -66,20 +66,6 @@ JUNK_SECRETS: list[Any] = [
     b"smtpgw_abc",
     42,
 ]
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @pytest.fixture
@@ -736,7 +722,7 @@ def test_reprs_show_no_secret(store: SQLiteAdminStore) -> None:
 
 @pytest.fixture
 def threaded(db_path: Path, clock: Clock) -> Iterator[ThreadedAdminStore]:
-    s = ThreadedAdminStore(db_path, reactor=_reactor(), clock=clock, rounds=ROUNDS)
+    s = ThreadedAdminStore(db_path, reactor=global_reactor(), clock=clock, rounds=ROUNDS)
     s.startService()
     yield s
     if s.running:
@@ -822,7 +808,9 @@ async def test_two_processes_racing_make_one_first_admin(db_path: Path, clock: C
     asking at once make exactly one first admin between them.
     """
     stores = [
-        ThreadedAdminStore(db_path, reactor=_reactor(), clock=clock, pool_size=2, rounds=ROUNDS)
+        ThreadedAdminStore(
+            db_path, reactor=global_reactor(), clock=clock, pool_size=2, rounds=ROUNDS
+        )
         for _ in range(2)
     ]
     for s in stores:
@@ -864,7 +852,7 @@ async def test_not_running_store_fails_calls(db_path: Path, clock: Clock) -> Non
     Before start and after stop, calls fail at once with
     L{StoreNotRunning} instead of hanging.
     """
-    s = ThreadedAdminStore(db_path, reactor=_reactor(), clock=clock, rounds=ROUNDS)
+    s = ThreadedAdminStore(db_path, reactor=global_reactor(), clock=clock, rounds=ROUNDS)
     with pytest.raises(StoreNotRunning):
         await s.check_admin("a", "b")
     s.startService()
@@ -879,7 +867,7 @@ def test_start_refuses_an_unusable_database(db_path: Path, clock: Clock) -> None
     A corrupt database stops the start with the clear error.
     """
     db_path.write_bytes(b"garbage" * 1000)
-    s = ThreadedAdminStore(db_path, reactor=_reactor(), clock=clock)
+    s = ThreadedAdminStore(db_path, reactor=global_reactor(), clock=clock)
     with pytest.raises(UnusableDatabase):
         s.startService()
     assert not s.running

@@ -6,13 +6,12 @@ the running gateway, and the in-memory sink.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
 
 from smtpgw.alerts import (
@@ -26,23 +25,10 @@ from smtpgw.alerts import (
 from smtpgw.database import StoreNotRunning, database_path
 from smtpgw.interfaces import Alert, IAlertSink
 from smtpgw.validation import ValidationError
+from tests.twisted_support import async_test, global_reactor
 
 T0 = 1_700_000_000.0
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 def alert(n: int = 0, type: str = "sender_domain", list: str | None = "news") -> Alert:
@@ -68,7 +54,7 @@ def db(db_path: Path) -> Iterator[AlertDatabase]:
 
 @pytest.fixture
 def sink(db_path: Path) -> Iterator[SQLiteAlertStore]:
-    s = SQLiteAlertStore(db_path, reactor=_reactor())
+    s = SQLiteAlertStore(db_path, reactor=global_reactor())
     s.startService()
     yield s
     if s.running:
@@ -193,7 +179,7 @@ def test_sinks_provide_ialertsink(db_path: Path) -> None:
     """
     Both sinks are L{IAlertSink}s.
     """
-    assert verifyObject(IAlertSink, SQLiteAlertStore(db_path, reactor=_reactor()))
+    assert verifyObject(IAlertSink, SQLiteAlertStore(db_path, reactor=global_reactor()))
     assert verifyObject(IAlertSink, MemoryAlertSink())
 
 
@@ -236,7 +222,7 @@ async def test_alerts_raised_before_start_are_stored_at_start(db_path: Path) -> 
     """
     The sink can be used as soon as it exists; the alerts wait for the writer.
     """
-    s = SQLiteAlertStore(db_path, reactor=_reactor())
+    s = SQLiteAlertStore(db_path, reactor=global_reactor())
     s.raise_alert(alert(1))
     assert s.pending == 1
     s.startService()
@@ -251,7 +237,7 @@ async def test_stop_stores_pending_alerts(db_path: Path) -> None:
     """
     Alerts raised just before stopping are stored before the writer stops.
     """
-    s = SQLiteAlertStore(db_path, reactor=_reactor())
+    s = SQLiteAlertStore(db_path, reactor=global_reactor())
     s.startService()
     for n in range(10):
         s.raise_alert(alert(n))
@@ -265,7 +251,7 @@ def test_pending_alerts_are_bounded(db_path: Path) -> None:
     With the writer not running, alerts are kept up to the bound; past it
     they are dropped and counted, and raising still does not fail.
     """
-    s = SQLiteAlertStore(db_path, reactor=_reactor(), max_pending=3)
+    s = SQLiteAlertStore(db_path, reactor=global_reactor(), max_pending=3)
     for n in range(3):
         s.raise_alert(alert(n))
     assert (s.pending, s.dropped) == (3, 0)
@@ -279,7 +265,7 @@ async def test_queries_fail_when_not_running(db_path: Path) -> None:
     """
     A query to a stopped store fails rather than hanging.
     """
-    s = SQLiteAlertStore(db_path, reactor=_reactor())
+    s = SQLiteAlertStore(db_path, reactor=global_reactor())
     with pytest.raises(StoreNotRunning):
         await s.alerts()
 

@@ -14,13 +14,12 @@ import email
 import email.policy
 import itertools
 import re
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import pytest
-import pytest_twisted
 from attrs import evolve
 from hypothesis import given
 from hypothesis import strategies as st
@@ -69,6 +68,7 @@ from smtpgw.recipients import (
 )
 from smtpgw.userstore import NoSuchList, SQLiteUserStore
 from smtpgw.validation import ValidationError
+from tests.twisted_support import async_test, global_reactor
 
 T0 = 1_700_000_000.0
 BASE_URL = "https://gw.example.net"
@@ -1466,21 +1466,7 @@ def test_bounces_of_deliveries_ending_after_the_runner_stopped_are_recorded(
     assert gateway.campaign(campaign.id).bounced == 3
 
 
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 @async_test
@@ -1488,7 +1474,7 @@ async def test_threaded_store_answers_with_deferreds(db: Path) -> None:
     """
     The threaded store runs the store's methods on its threads.
     """
-    reactor = _reactor()
+    reactor = global_reactor()
     threaded = ThreadedCampaignStore(db, reactor=reactor, clock=reactor)
     threaded.startService()
     try:
@@ -1515,7 +1501,7 @@ async def test_on_the_reactor_with_the_file_journal_and_threaded_store(db: Path)
 
     from smtpgw.journal import FileJournal
 
-    reactor = _reactor()
+    reactor = global_reactor()
     with SQLiteCampaignStore.open(db, reactor) as sync_store:
         add_recipients(sync_store, 200)
     threaded = ThreadedCampaignStore(db, reactor=reactor, clock=reactor)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -48,19 +48,12 @@ from smtpgw.userstore import (
     ThreadedUserStore,
     database_path,
 )
+from tests.twisted_support import async_test
 
 ROUNDS = 4
 T0 = 1_700_000_000.0
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 class CountingVerify:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import ParamSpec
 
 import pytest
-import pytest_twisted
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 
 from smtpgw import database
 from smtpgw.database import (
@@ -27,22 +26,9 @@ from smtpgw.database import (
     open_database,
     transaction,
 )
+from tests.twisted_support import async_test, global_reactor
 
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @pytest.fixture
@@ -245,7 +231,7 @@ async def test_pool_gives_each_thread_its_own_resource_and_closes_them() -> None
         made.append(Resource())
         return made[-1]
 
-    pool = PerThreadPool(_reactor(), factory, size=2, name="test-pool")
+    pool = PerThreadPool(global_reactor(), factory, size=2, name="test-pool")
     assert not pool.running
     pool.start()
     barrier = threading.Barrier(2, timeout=10)
@@ -291,7 +277,7 @@ async def test_pool_errors_arrive_as_failures_and_a_failed_factory_is_retried() 
     def boom(resource: Resource) -> None:
         raise KeyError("nothing")
 
-    pool = PerThreadPool(_reactor(), factory, size=1, name="test-pool")
+    pool = PerThreadPool(global_reactor(), factory, size=1, name="test-pool")
     pool.start()
     try:
         with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
@@ -326,7 +312,7 @@ async def test_pool_stop_finishes_the_work_given_before_it() -> None:
         assert not resource.closed
         ran.append("queued")
 
-    pool = PerThreadPool(_reactor(), Resource, size=1, name="test-pool")
+    pool = PerThreadPool(global_reactor(), Resource, size=1, name="test-pool")
     pool.start()
     first = pool.run(held)
     second = pool.run(queued)

@@ -18,17 +18,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import attrs
 import pytest
-import pytest_twisted
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -59,18 +58,11 @@ from smtpgw.journal_codec import (
     walk_records,
 )
 from smtpgw.model import Envelope, Priority
+from tests.twisted_support import async_test
 
 WRITER_THREAD = "smtpgw-journal-writer"
 
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def idle_reactor() -> IReactorThreads:

@@ -49,7 +49,6 @@ from tests.test_journal import (
     FaultyDisk,
     SplitReactor,
     _no_writer_thread_left,
-    async_test,
     body,
     envelope,
     reactor,
@@ -59,6 +58,7 @@ from tests.test_journal import (
     summary,
     warnings,
 )
+from tests.twisted_support import async_test
 
 __all__ = ["_no_writer_thread_left", "reactor", "warnings"]
 

@@ -16,12 +16,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import pytest
-import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -40,18 +39,11 @@ from smtpgw.listening import (
     PortFailure,
 )
 from smtpgw.ports import DEFAULT_PORTS, parse_ports
+from tests.twisted_support import async_test
 
 ROOT = Path(__file__).resolve().parent.parent
 
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def capturing_logger(events: list[dict[str, Any]]) -> Logger:

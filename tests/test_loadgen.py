@@ -7,33 +7,25 @@ failures are counted as failures. Nothing here is timed.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import pytest
-import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThread
 
 from bench.loadgen import LoadResult, LoadSpec, build_message, dot_stuff, run_here, run_load, split
 from bench.tls import CertFiles, make_self_signed
 from bench.twisted_server import build_factory
+from tests.twisted_support import async_test
 
 USERS = {"bench": "secret"}
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 async def _load(port: IListeningPort, spec: LoadSpec, workers: int = 0) -> LoadResult:

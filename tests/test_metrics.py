@@ -8,17 +8,15 @@ fsync observer on a real L{FileJournal}.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import pytest
-import pytest_twisted
 from attrs import define, field
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 from smtpgw.interfaces import DeliveryResult
@@ -37,16 +35,9 @@ from tests.session_fakes import (
     message,
     plain,
 )
+from tests.twisted_support import async_test
 
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec
 
 import pytest
-import pytest_twisted
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -35,6 +34,7 @@ from smtpgw.mx import HostFailurePolicy, MailHost, MXResolver
 from smtpgw.mxoutbound import MAX_PER_DOMAIN, MXOutbound, recipient_domain
 from smtpgw.smtpclient import ClientSettings
 from tests.relay_target import OpenCounter, RelayTarget, Script, make_tls, running_target
+from tests.twisted_support import async_test
 
 P = ParamSpec("P")
 
@@ -44,14 +44,6 @@ TLS = make_tls()
 HOLD = 300.0
 
 Answer = Sequence[dns.RRHeader] | BaseException | Deferred[Any]
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def reactor() -> Any:

@@ -13,13 +13,13 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
@@ -27,23 +27,10 @@ from zope.interface.verify import verifyObject
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.model import Envelope, Priority
 from smtpgw.outbound import CaptureOutbound, DiscardOutbound, default_sync
+from tests.twisted_support import async_test, global_reactor
 
 P = ParamSpec("P")
 T0 = 1_700_000_000.0
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 def envelope(queue_id: str = "0018BCFE5680ABCD00001", **changes: Any) -> Envelope:
@@ -69,7 +56,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def capture(tmp_path: Path, clock: Clock) -> Iterator[CaptureOutbound]:
-    outbound = CaptureOutbound(tmp_path, _reactor(), clock=clock)
+    outbound = CaptureOutbound(tmp_path, global_reactor(), clock=clock)
     outbound.startService()
     yield outbound
     if outbound.running:
@@ -85,7 +72,7 @@ def test_provides_ioutbound(tmp_path: Path) -> None:
     """
     CaptureOutbound provides IOutbound.
     """
-    assert verifyObject(IOutbound, CaptureOutbound(tmp_path, _reactor()))
+    assert verifyObject(IOutbound, CaptureOutbound(tmp_path, global_reactor()))
 
 
 @async_test
@@ -174,7 +161,7 @@ async def test_disk_error_defers_every_recipient(tmp_path: Path) -> None:
     way), every recipient is deferred with the reason, and nothing fails.
     """
     (tmp_path / "captured").write_bytes(b"in the way")
-    outbound = CaptureOutbound(tmp_path, _reactor())
+    outbound = CaptureOutbound(tmp_path, global_reactor())
     outbound.startService()
     try:
         env = envelope()
@@ -193,7 +180,7 @@ async def test_not_running_defers(tmp_path: Path) -> None:
     Before start and after stop, deliveries are deferred and nothing is
     written.
     """
-    outbound = CaptureOutbound(tmp_path, _reactor())
+    outbound = CaptureOutbound(tmp_path, global_reactor())
     before = await outbound.deliver(envelope(), b"x\r\n")
     outbound.startService()
     await outbound.stopService()
@@ -274,7 +261,7 @@ class RecordingSync:
 @pytest.fixture
 def recorded(tmp_path: Path, clock: Clock) -> Iterator[tuple[CaptureOutbound, RecordingSync]]:
     sync = RecordingSync(str(tmp_path / "captured"))
-    outbound = CaptureOutbound(tmp_path, _reactor(), clock=clock, sync=sync)
+    outbound = CaptureOutbound(tmp_path, global_reactor(), clock=clock, sync=sync)
     outbound.startService()
     yield outbound, sync
     if outbound.running:
@@ -333,7 +320,7 @@ async def test_failed_sync_defers_the_delivery(tmp_path: Path, clock: Clock, fai
     is left, and the next delivery is captured.
     """
     sync = RecordingSync(str(tmp_path / "captured"), fail_on=frozenset({failing}))
-    capture = CaptureOutbound(tmp_path, _reactor(), clock=clock, sync=sync)
+    capture = CaptureOutbound(tmp_path, global_reactor(), clock=clock, sync=sync)
     capture.startService()
     try:
         failed = await capture.deliver(envelope("ID1"), b"first\r\n")

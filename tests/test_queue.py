@@ -12,13 +12,12 @@ import email.policy
 import itertools
 import math
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import pytest
-import pytest_twisted
 from attrs import evolve
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -66,6 +65,7 @@ from smtpgw.queue import (
     sort_outcomes,
 )
 from smtpgw.scheduler import InvalidTransition, ScheduledEntry, UnknownMessage
+from tests.twisted_support import async_test
 
 _ids = itertools.count(1)
 
@@ -1871,14 +1871,6 @@ class TestJournaledPause:
 # The same on the file journal, across real restarts.
 
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def real_reactor() -> IReactorThreads:

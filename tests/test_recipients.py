@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import ParamSpec
 
 import pytest
-import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from smtpgw.database import database_path
@@ -42,23 +40,10 @@ from smtpgw.recipients import (
     unsubscribe_token,
 )
 from smtpgw.userstore import NoSuchList, SQLiteUserStore
+from tests.twisted_support import async_test, global_reactor
 
 KEY = b"k" * 32
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 def csv_bytes(*lines: str, bom: bool = False) -> bytes:
@@ -576,7 +561,7 @@ async def test_threaded_store_answers_with_deferreds(db: Path) -> None:
     """
     The threaded store runs the same operations on its threads.
     """
-    reactor = _reactor()
+    reactor = global_reactor()
     store = ThreadedRecipientStore(db, reactor=reactor, clock=reactor)
     store.startService()
     try:

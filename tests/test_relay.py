@@ -10,12 +10,11 @@ limits and idle closing counted on the server's side.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import pytest
-import pytest_twisted
 from attrs import Factory, define
 from hypothesis import given
 from hypothesis import strategies as st
@@ -49,6 +48,7 @@ from smtpgw.smtpclient import (
     TLSPolicy,
 )
 from tests.relay_target import OpenCounter, RelayTarget, Script, make_tls, running_target
+from tests.twisted_support import async_test
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -56,14 +56,6 @@ T = TypeVar("T")
 SETTINGS = ClientSettings(helo_name="gw.test")
 BODY = b"From: alice@example.com\r\nSubject: hello\r\n\r\nHello.\r\n"
 TLS = make_tls()
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def envelope(*recipients: str, queue_id: str = "0000000000000001") -> Envelope:

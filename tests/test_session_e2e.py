@@ -11,18 +11,16 @@ import select
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import pytest
-import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
 
@@ -39,17 +37,10 @@ from tests.session_fakes import (
     LookupRunner,
     make_user,
 )
+from tests.twisted_support import async_test
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def _self_signed_options() -> CertificateOptions:

@@ -8,7 +8,7 @@ the queue's submissions and the outbound's results.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
@@ -35,6 +35,7 @@ from smtpgw.stats import (
     utc_day,
 )
 from tests.session_fakes import FakeQueue
+from tests.twisted_support import async_test, global_reactor
 
 P = ParamSpec("P")
 
@@ -43,20 +44,6 @@ T0 = 1_700_000_000.0
 #: 2023-11-15 00:00:00 UTC, the midnight after T0.
 MIDNIGHT = 1_700_006_400.0
 INTERVAL = 5.0
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @pytest.fixture
@@ -73,7 +60,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daily(db_path: Path, clock: Clock) -> Iterator[DailyStats]:
-    s = DailyStats(db_path, reactor=_reactor(), clock=clock, flush_interval=INTERVAL)
+    s = DailyStats(db_path, reactor=global_reactor(), clock=clock, flush_interval=INTERVAL)
     s.startService()
     yield s
     if s.running:
@@ -130,8 +117,8 @@ def test_bad_arguments_are_refused(db_path: Path, clock: Clock) -> None:
     of days outside 1..MAX_DAYS raise L{ValueError}.
     """
     with pytest.raises(ValueError, match="flush_interval"):
-        DailyStats(db_path, reactor=_reactor(), clock=clock, flush_interval=0)
-    s = DailyStats(db_path, reactor=_reactor(), clock=clock)
+        DailyStats(db_path, reactor=global_reactor(), clock=clock, flush_interval=0)
+    s = DailyStats(db_path, reactor=global_reactor(), clock=clock)
     with pytest.raises(ValueError, match="negative"):
         s.count("news", accepted=-1)
     for count in (0, MAX_DAYS + 1):
@@ -294,7 +281,7 @@ async def test_counts_made_before_start_are_written_after_it(db_path: Path, cloc
     Counting before the service runs schedules nothing; the start
     schedules the write.
     """
-    s = DailyStats(db_path, reactor=_reactor(), clock=clock, flush_interval=INTERVAL)
+    s = DailyStats(db_path, reactor=global_reactor(), clock=clock, flush_interval=INTERVAL)
     s.count("news", accepted=1)
     assert clock.getDelayedCalls() == []
     s.startService()

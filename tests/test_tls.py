@@ -16,19 +16,18 @@ import socket
 import ssl
 import stat
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
 import pytest
-import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLContextFactory,
@@ -57,17 +56,10 @@ from smtpgw.tls import (
     reloadable_tls,
     utc_now,
 )
+from tests.twisted_support import async_test
 
 P = ParamSpec("P")
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=utc_now().tzinfo)
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
 
 
 def capturing_logger(events: list[dict[str, Any]]) -> Logger:

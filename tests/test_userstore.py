@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ParamSpec
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -37,24 +37,11 @@ from smtpgw.userstore import (
     open_database,
     user_document,
 )
+from tests.twisted_support import async_test, global_reactor
 
 ROUNDS = 4
 T0 = 1_700_000_000.0
 P = ParamSpec("P")
-
-
-def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Deferred[None]]:
-    """
-    L{pytest_twisted.ensureDeferred}, typed.
-    """
-    wrapped: Callable[P, Deferred[None]] = pytest_twisted.ensureDeferred(test)
-    return wrapped
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @pytest.fixture
@@ -507,7 +494,9 @@ def test_user_repr_has_no_hash(store: SQLiteUserStore) -> None:
 
 @pytest.fixture
 def threaded(db_path: Path, clock: Clock) -> Iterator[ThreadedUserStore]:
-    s = ThreadedUserStore(db_path, reactor=_reactor(), clock=clock, pool_size=2, rounds=ROUNDS)
+    s = ThreadedUserStore(
+        db_path, reactor=global_reactor(), clock=clock, pool_size=2, rounds=ROUNDS
+    )
     s.startService()
     yield s
     if s.running:
@@ -582,7 +571,7 @@ async def test_not_running_store_fails_calls(db_path: Path, clock: Clock) -> Non
     """
     Before start and after stop, calls fail at once instead of hanging.
     """
-    s = ThreadedUserStore(db_path, reactor=_reactor(), clock=clock, rounds=ROUNDS)
+    s = ThreadedUserStore(db_path, reactor=global_reactor(), clock=clock, rounds=ROUNDS)
     failures: list[Any] = []
     s.get_user("u").addErrback(failures.append)
     s.startService()
@@ -596,7 +585,7 @@ def test_start_refuses_unusable_database(db_path: Path, clock: Clock) -> None:
     A corrupt database stops the start with the clear error.
     """
     db_path.write_bytes(b"garbage" * 1000)
-    s = ThreadedUserStore(db_path, reactor=_reactor(), clock=clock)
+    s = ThreadedUserStore(db_path, reactor=global_reactor(), clock=clock)
     with pytest.raises(UnusableDatabase):
         s.startService()
     assert not s.running
@@ -722,7 +711,7 @@ async def test_logins_recorded_while_stopped_are_written_after_start(
     A login reported before the store runs waits, without an error, and is
     written one interval after the start.
     """
-    s = ThreadedUserStore(db_path, reactor=_reactor(), clock=clock, rounds=ROUNDS)
+    s = ThreadedUserStore(db_path, reactor=global_reactor(), clock=clock, rounds=ROUNDS)
     with SQLiteUserStore.open(db_path, clock, rounds=ROUNDS) as setup:
         setup.create_list("news")
         user, _ = setup.create_user("news")
