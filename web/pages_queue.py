@@ -522,13 +522,9 @@ class QueuePages(PageBase):
     @pages.route("/queue/<string:queue_id>", methods=["GET", "HEAD"])
     @page
     async def queue_why(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
-        control = self.ctx.control
-        if control is None:
-            return await self._queue_unavailable(request, visitor)
-        try:
-            why: Why = await control.why(queue_id)
-        except ControlError as e:
-            return await self._queue_control_error(request, visitor, e)
+        why = await self._why_or_page(request, visitor, queue_id)
+        if isinstance(why, bytes):
+            return why
         here = f"/queue/{queue_id}"
         details = tags.dl(class_="settings", id="why")(
             tags.dt("Message"),
@@ -619,13 +615,9 @@ class QueuePages(PageBase):
     @pages.route("/queue/<string:queue_id>/cancel", methods=["GET", "HEAD"])
     @page
     async def queue_cancel_form(self, request: IRequest, visitor: Visitor, queue_id: str) -> bytes:
-        control = self.ctx.control
-        if control is None:
-            return await self._queue_unavailable(request, visitor)
-        try:
-            why: Why = await control.why(queue_id)
-        except ControlError as e:
-            return await self._queue_control_error(request, visitor, e)
+        why = await self._why_or_page(request, visitor, queue_id)
+        if isinstance(why, bytes):
+            return why
         back = _back(request)
         form = tags.form(
             method="post", action=f"/queue/{queue_id}/cancel", class_="card", id="cancel-confirm"
@@ -711,6 +703,22 @@ class QueuePages(PageBase):
         return await self.show(
             request, visitor, titles.get(status, "Error"), content, active="queue", status=status
         )
+
+    async def _why_or_page(
+        self, request: IRequest, visitor: Visitor, queue_id: str
+    ) -> Why | bytes:
+        """
+        What the queue says of one message, or the page that says why it
+        cannot be asked (no queue control, no such message, an error).
+        """
+        control = self.ctx.control
+        if control is None:
+            return await self._queue_unavailable(request, visitor)
+        try:
+            why: Why = await control.why(queue_id)
+        except ControlError as e:
+            return await self._queue_control_error(request, visitor, e)
+        return why
 
     async def _queue_unavailable(self, request: IRequest, visitor: Visitor) -> bytes:
         content = tags.div(class_="card", id="queue-unavailable")(tags.p(_UNAVAILABLE))
