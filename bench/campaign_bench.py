@@ -71,7 +71,13 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import LineOnlyReceiver
 
 from bench.procstat import MachineCpu, cpu_count, tree_cpu_seconds
-from bench.servers import LOOPBACK, ServerError, can_connect, free_port, log_problems, tail
+from bench.servers import (
+    LOOPBACK,
+    ServerError,
+    free_port,
+    log_problems,
+    wait_for_port,
+)
 from smtpgw.queue import TokenBucket
 
 #: The issue's target for priority-1 mail: p99 of C{250} to delivery at most
@@ -515,17 +521,6 @@ def _admin(data_dir: Path, *args: str, timeout: float = 300) -> dict[str, Any]:
     return result
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerError(f"exited with status {process.returncode}:\n{tail(log)}")
-        if can_connect(port):
-            return
-        time.sleep(0.02)
-    raise ServerError(f"port {port} not open after {limit:.0f}s:\n{tail(log)}")
-
-
 def _terminate(process: subprocess.Popen[bytes] | None, grace: float) -> None:
     if process is None or process.poll() is not None:
         return
@@ -794,7 +789,7 @@ def run(settings: Settings, workdir: Path, say: Any) -> dict[str, Any]:
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parent.parent,
             )
-        _wait_for_port(sink_port, sink, sink_log, 30)
+        wait_for_port(sink_port, sink, sink_log, 30)
 
         began = time.monotonic()
         _admin(data_dir, "list", "add", "bench")
@@ -830,7 +825,7 @@ def run(settings: Settings, workdir: Path, say: Any) -> dict[str, Any]:
         argv += ["--admin", f"tcp:{admin_port}:interface={LOOPBACK}", *settings.gateway_args]
         with gateway_log.open("ab") as output:
             gateway = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, cwd=workdir)
-        _wait_for_port(port, gateway, gateway_log, 60)
+        wait_for_port(port, gateway, gateway_log, 60)
         say(f"gateway up: {' '.join(argv[3:])}")
 
         text = (

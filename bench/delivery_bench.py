@@ -40,11 +40,10 @@ from bench.servers import (
     LOOPBACK,
     Postfix,
     ServerError,
-    can_connect,
     free_port,
     gateway_unavailable,
     log_problems,
-    tail,
+    wait_for_port,
 )
 
 #: The issue's target: gateway delivery rate / Postfix delivery rate.
@@ -60,17 +59,6 @@ _SINK_SESSIONS = re.compile(rb"sess=(\d+)")
 
 #: How much of the end of the sink's output holds its latest counters.
 _SINK_TAIL = 256
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerError(f"exited with status {process.returncode}:\n{tail(log)}")
-        if can_connect(port):
-            return
-        time.sleep(POLL_SECONDS)
-    raise ServerError(f"port {port} not open after {limit:.0f}s:\n{tail(log)}")
 
 
 def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
@@ -114,7 +102,7 @@ class CountingSink:
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        _wait_for_port(self.port, self.process, self.output, 10)
+        wait_for_port(self.port, self.process, self.output, 10, poll=POLL_SECONDS)
 
     def _latest(self, pattern: re.Pattern[bytes]) -> int:
         try:
@@ -373,7 +361,7 @@ def run_gateway(settings: Settings, workdir: Path) -> Delivery:
         argv += ["--relay", f"smtp://{LOOPBACK}:{sink.port}"]
         with log.open("ab") as output:
             process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, cwd=base)
-        _wait_for_port(port, process, log, 60)
+        wait_for_port(port, process, log, 60, poll=POLL_SECONDS)
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -121,14 +121,24 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, limit: float) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, limit: float, poll: float = 0.02
+) -> None:
+    """
+    Wait until C{port} on 127.0.0.1 takes connections.
+
+    @param log: the process's log, whose tail the error shows.
+    @param poll: seconds between tries.
+    @raise ServerError: when the process exits first, or C{limit} seconds
+        pass.
+    """
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerError(f"exited with status {process.returncode}:\n{tail(log)}")
         if can_connect(port):
             return
-        time.sleep(0.02)
+        time.sleep(poll)
     raise ServerError(f"port {port} not open after {limit:.0f}s:\n{tail(log)}")
 
 
@@ -173,7 +183,7 @@ class SmtpSink:
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        _wait_for_port(port, self.process, log, 10)
+        wait_for_port(port, self.process, log, 10)
         return Started(
             port=port,
             root_pid=self.process.pid,
@@ -223,7 +233,7 @@ class TwistedBare:
             argv.append("--pipelining")
         with log.open("ab") as output:
             self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
-        _wait_for_port(port, self.process, log, 30)
+        wait_for_port(port, self.process, log, 30)
         notes = [
             "AUTH against an in-memory table, messages discarded, no durability",
             f"TLS key {describe_key(files.cert.read_bytes())}",
@@ -631,7 +641,7 @@ class Gateway:
         port = free_port()
         process = self.spawn(workdir, str(port))
         assert self.log is not None
-        _wait_for_port(port, process, self.log, 60)
+        wait_for_port(port, process, self.log, 60)
         acceptors = option_value(self.extra, "--acceptors")
         notes = [
             "AUTH PLAIN (bcrypt, as configured)",
