@@ -52,3 +52,24 @@ def logged_errors() -> Iterator[list[dict[str, Any]]]:
                 text += "\n" + failure.getTraceback()
             texts.append(text)
         pytest.fail("logged errors:\n" + "\n".join(texts))
+
+
+@pytest.fixture
+def web(tmp_path: Any) -> Iterator[Any]:
+    """
+    The admin web app over a fresh data directory (L{tests.web_support});
+    a module may define its own.
+    """
+    from tests.web_support import make_web_app
+
+    app = make_web_app(tmp_path)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def browser(web: Any) -> Any:
+    """
+    A browser logged in to L{web}.
+    """
+    return web.logged_in()

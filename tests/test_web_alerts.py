@@ -5,8 +5,7 @@ The alert center, in memory, over real rows of the C{alerts} table.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -14,7 +13,7 @@ import pytest
 
 from smtpgw.alerts import MAX_QUERY_LIMIT
 from smtpgw.interfaces import Alert
-from tests.web_support import Browser, WebApp, make_web_app
+from tests.web_support import Browser, WebApp
 from web.app import AdminApp
 from web.pages_alerts import (
     ALERT_PAGE_SIZE,
@@ -26,18 +25,6 @@ from web.pages_alerts import (
 )
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture
-def web(tmp_path: Path) -> Iterator[WebApp]:
-    app = make_web_app(tmp_path)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def browser(web: WebApp) -> Browser:
-    return web.logged_in()
 
 
 def add(

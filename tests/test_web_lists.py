@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -25,18 +25,6 @@ from web.context import GatewaySettings
 from web.pages_lists import ports_in_words, priority_label
 
 NEW_PASSWORD = re.compile(r'<code id="new-password">([^<]+)</code>')
-
-
-@pytest.fixture
-def web(tmp_path: Path) -> Iterator[WebApp]:
-    app = make_web_app(tmp_path)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def browser(web: WebApp) -> Browser:
-    return web.logged_in()
 
 
 def user_fields(**changes: str) -> dict[str, str]:

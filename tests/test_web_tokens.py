@@ -7,27 +7,13 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from smtpgw.admins import MAX_TOKEN_NAME_LENGTH, TOKEN_PREFIX
-from tests.web_support import Browser, WebApp, make_web_app
+from tests.web_support import Browser, WebApp
 from web.app import AdminApp
 from web.pages_tokens import TokenPages
-
-
-@pytest.fixture
-def web(tmp_path: Path) -> Iterator[WebApp]:
-    app = make_web_app(tmp_path)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def browser(web: WebApp) -> Browser:
-    return web.logged_in()
 
 
 def create(browser: Browser, name: str) -> str:
