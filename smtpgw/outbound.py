@@ -344,8 +344,9 @@ class DiscardOutbound(Service):
     nothing leaves the gateway (Postfix's C{discard} transport).
 
     The message still goes through all of the queue: journaled, scheduled by
-    priority and rate, marked sending and delivered in the journal, then
-    compacted away. For measuring the gateway alone, and for a dry run.
+    priority and rate, marked delivered in the journal, then compacted away
+    (with no C{sending} record before the attempt: nothing can leave twice).
+    For measuring the gateway alone, and for a dry run.
     """
 
     def deliver(self, envelope: Envelope, body: bytes) -> Deferred[DeliveryResult]:

@@ -628,6 +628,7 @@ class MessageQueue(Service):
         preemption_grace: float = DEFAULT_PREEMPTION_GRACE,
         gate_bounce_window: float = DEFAULT_GATE_BOUNCE_WINDOW,
         recent_bytes: int = DEFAULT_RECENT_BYTES,
+        mark_sending: bool = True,
     ) -> None:
         """
         @param journal: where messages are made durable.
@@ -663,6 +664,12 @@ class MessageQueue(Service):
             raises one alert per bounced message behind a gate.
         @param recent_bytes: see L{DEFAULT_RECENT_BYTES}; 0 keeps none (every
             attempt reads its message from the journal).
+        @param mark_sending: journal each attempt as C{sending} before it
+            starts, so that after a crash the messages that may have left
+            are known and counted as redelivered. L{False} only for an
+            outbound from which nothing leaves (C{--relay discard}): there a
+            repeated attempt after a crash is no second delivery, and the
+            record would be a journal write per message for nothing.
         @raise ValueError: for a concurrency below 1, a C{max_queue_age}
             that is not a positive number, a negative grace or bounce
             window, or a host name that cannot be written in a bounce.
@@ -715,6 +722,7 @@ class MessageQueue(Service):
         self._recent: dict[str, tuple[Envelope, bytes]] = {}
         self._recent_size = 0
         self._recent_bytes = recent_bytes
+        self._mark_sending = mark_sending
         self._accepted = 0
         self._unscheduled = 0
         self._refused = 0
@@ -743,6 +751,13 @@ class MessageQueue(Service):
         Messages a second for the whole gateway; 0 is no limit.
         """
         return self._rate
+
+    @property
+    def mark_sending(self) -> bool:
+        """
+        Whether each attempt is journaled as C{sending} before it starts.
+        """
+        return self._mark_sending
 
     @property
     def concurrency(self) -> int:
@@ -1466,7 +1481,8 @@ class MessageQueue(Service):
             envelope = evolve(original, recipients=progress.remaining)
         # Journaled before the attempt, so that after a crash the messages
         # that may have gone out already are known and counted.
-        await self._record(entry.queue_id, MessageState.SENDING, entry.attempts)
+        if self._mark_sending:
+            await self._record(entry.queue_id, MessageState.SENDING, entry.attempts)
         result = DeliveryResult()
         if envelope.recipients:
             try:

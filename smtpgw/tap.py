@@ -505,6 +505,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         queue_ids=queue_ids,
         gate_of=campaign_gate,
         preemption_grace=options["preemption-grace"],
+        mark_sending=options["relay"] != "discard",
     )
     queue.setServiceParent(top)
     metrics.track_queue(queue)

@@ -855,6 +855,43 @@ class TestLifecycle:
         assert second.stats().redelivered == 1
         assert first.stats().redelivered == 0
 
+    def test_without_mark_sending_only_the_outcome_is_journaled(self) -> None:
+        """
+        With C{mark_sending=False} (C{--relay discard}) an attempt starts at
+        once, with no "sending" record before it, and its outcome is still
+        journaled, so the message is compacted away as usual.
+        """
+        clock = Clock()
+        outbound = PendingOutbound()
+        queue, journal = make_queue(clock, outbound, mark_sending=False)
+        queue.startService()
+        env = envelope()
+        queue.submit(env, b"x\r\n")
+        assert len(outbound.pending) == 1
+        assert states(journal, env.queue_id) == []
+        outbound.finish_first()
+        assert states(journal, env.queue_id) == [("delivered", 1, 0.0)]
+        assert list(journal.replay()) == []
+
+    def test_without_mark_sending_an_unfinished_attempt_is_retried_uncounted(self) -> None:
+        """
+        Without "sending" records, a message whose attempt was under way at a
+        crash is queued again at the restart, as one never tried, and not
+        counted as a possible duplicate: nothing left through that outbound.
+        """
+        clock = Clock()
+        journal = MemoryJournal()
+        first, _ = make_queue(clock, PendingOutbound(), journal, mark_sending=False)
+        first.startService()
+        env = envelope(queue_id="Q-UNMARKED")
+        first.submit(env, b"x\r\n")
+        outbound = InstantOutbound(clock)
+        second, _ = make_queue(clock, outbound, journal, mark_sending=False)
+        second.startService()
+        assert outbound.ids == ["Q-UNMARKED"]
+        assert second.stats().redelivered == 0
+        assert states(journal, "Q-UNMARKED") == [("delivered", 1, 0.0)]
+
     def test_stop_gives_up_after_timeout(self) -> None:
         """
         stopService fires after stop_timeout even when a delivery hangs, and

@@ -181,6 +181,29 @@ def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
     assert Options()["relay"] == "mx"
 
 
+def test_only_discard_skips_the_sending_record(tmp_path: Path) -> None:
+    """
+    The queue journals each attempt as "sending" first for every relay from
+    which mail leaves; with --relay discard, from which nothing leaves, it
+    does not.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from smtpgw.queue import MessageQueue
+    from smtpgw.tap import makeService
+
+    def queue_for(relay: str) -> MessageQueue:
+        data = str(tmp_path / relay.replace("/", "_").replace(":", "_"))
+        options = parse_public("--relay", relay, "--data-dir", data, "--admin", "none")
+        service = makeService(options, MemoryReactorClock())
+        [queue] = [c for c in service if isinstance(c, MessageQueue)]  # type: ignore[attr-defined]
+        return queue
+
+    assert not queue_for("discard").mark_sending
+    for relay in ("mx", "capture", "smtp://127.0.0.1:2525"):
+        assert queue_for(relay).mark_sending, relay
+
+
 def test_a_smarthost_url_is_parsed_and_a_bad_one_refused_without_its_password() -> None:
     options = Options()
     options.parseOptions(["--relay", "smtp://user:s3cret@relay.example:2525?starttls=require"])
