@@ -141,6 +141,7 @@ class IJournal(Interface):
         *,
         remaining: Sequence[str] | None = None,
         bounced: Sequence[str] = (),
+        urgent: bool = True,
     ) -> Deferred[None]:
         """
         Append a state change (delivered, deferred, bounced, held, ...)
@@ -151,6 +152,9 @@ class IJournal(Interface):
             later changes recorded without them keep them.
         @param bounced: with C{remaining}, the recipients that failed for
             good so far (L{JournaledMessage.bounced}).
+        @param urgent: L{False} when nothing waits for the change to be
+            durable: the journal may make it durable later, together with
+            other records, instead of at once.
         """
 
     def record_queue_state(paused: bool) -> Deferred[None]:

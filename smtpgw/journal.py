@@ -132,6 +132,11 @@ DEFAULT_RETRY_INTERVAL = 5.0
 """Seconds between attempts to write again after a write failed, and the
 first wait before a failed housekeeping step is tried again."""
 
+DEFAULT_UNHURRIED_DELAY = 0.1
+"""A record nothing waits on (C{urgent=False}) goes to disk with the next
+urgent record's group commit, or at the latest this many seconds after it
+was submitted."""
+
 HOUSEKEEPING_RETRY_MAX = 300.0
 """The longest wait, in seconds, before a housekeeping step that keeps
 failing is tried again (the wait doubles from the retry interval)."""
@@ -1416,12 +1421,31 @@ class _Writer:
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._stopping = False
+        # Whether the queue holds a record that may not wait (the others
+        # ride along with it, or go when woken).
+        self._urgent = False
+        self._woken = False
         self.thread = threading.Thread(target=self._run, name="smtpgw-journal-writer", daemon=True)
 
-    def submit(self, pending: _Pending) -> None:
+    def submit(self, pending: _Pending, *, urgent: bool = True) -> None:
+        """
+        Queue a record; an urgent one wakes the thread, another waits for
+        the next urgent one or L{wake}.
+        """
         with self._cond:
             self._queue.append(pending)
-            self._cond.notify()
+            if urgent and not self._urgent:
+                self._urgent = True
+                self._cond.notify()
+
+    def wake(self) -> None:
+        """
+        Write whatever is queued now, urgent or not.
+        """
+        with self._cond:
+            if self._queue:
+                self._woken = True
+                self._cond.notify()
 
     def stop(self) -> None:
         """
@@ -1442,10 +1466,13 @@ class _Writer:
 
     def _next_batch(self) -> tuple[list[_Pending], bool]:
         with self._cond:
-            while not (self._queue or self._stopping or self._store.compaction_due()):
+            while not (
+                self._urgent or self._woken or self._stopping or self._store.compaction_due()
+            ):
                 self._cond.wait()
             batch = list(self._queue)
             self._queue.clear()
+            self._urgent = self._woken = False
             return batch, self._stopping
 
     def _run(self) -> None:
@@ -1522,6 +1549,7 @@ class FileJournal:
         file_ops: FileOps | None = None,
         read_pool: ThreadPool | None = None,
         fsync_observer: Callable[[float], None] | None = None,
+        unhurried_delay: float = DEFAULT_UNHURRIED_DELAY,
     ) -> None:
         """
         @param directory: where the segment files are; created if missing.
@@ -1536,6 +1564,7 @@ class FileJournal:
             each group commit's fdatasync took (for a latency histogram);
             it must be thread-safe and quick, and what it raises is logged
             as a warning, never failing the commit.
+        @param unhurried_delay: see L{DEFAULT_UNHURRIED_DELAY}.
         """
         self.directory = os.fspath(directory)
         self._reactor = reactor
@@ -1557,6 +1586,8 @@ class FileJournal:
         self._writer: _Writer | None = None
         self._retry: IDelayedCall | None = None
         self._housekeeping_retry: IDelayedCall | None = None
+        self._unhurried_delay = unhurried_delay
+        self._unhurried: IDelayedCall | None = None
         self._housekeeping_streak = 0
         self._stopped: list[Deferred[None]] = []
         self.accepting = True
@@ -1647,6 +1678,7 @@ class FileJournal:
         *,
         remaining: Sequence[str] | None = None,
         bounced: Sequence[str] = (),
+        urgent: bool = True,
     ) -> Deferred[None]:
         """
         Append a change of state. Final states (delivered, bounced,
@@ -1658,6 +1690,10 @@ class FileJournal:
             changes without them keep them. L{None} changes nothing.
         @param bounced: with C{remaining}, the recipients that failed for
             good so far.
+        @param urgent: L{False} when nothing waits for the change to be
+            durable (a final outcome, which a crash at worst makes happen
+            again): it costs no group commit of its own, and goes with the
+            next urgent record's or after L{DEFAULT_UNHURRIED_DELAY}.
         @return: fires once durable, or fails with L{JournalUnavailable}.
         """
         return self._submit(
@@ -1669,7 +1705,8 @@ class FileJournal:
                 details,
                 remaining=remaining,
                 bounced=bounced,
-            )
+            ),
+            urgent=urgent,
         )
 
     def record_queue_state(self, paused: bool) -> Deferred[None]:
@@ -1754,19 +1791,31 @@ class FileJournal:
         raise JournalReadError(f"{requested} is no longer in the journal")
 
     def _submit(
-        self, payload: Payload | None, gives_location: bool = False, compact: bool = False
+        self,
+        payload: Payload | None,
+        gives_location: bool = False,
+        compact: bool = False,
+        *,
+        urgent: bool = True,
     ) -> Deferred[Any]:
         if self._phase is not _Phase.RUNNING or self._writer is None:
             return fail(JournalUnavailable(f"the journal is {self._phase.value}"))
         deferred: Deferred[Any] = Deferred()
-        self._writer.submit(_Pending(payload, deferred, gives_location, compact))
+        self._writer.submit(_Pending(payload, deferred, gives_location, compact), urgent=urgent)
+        if not urgent and self._unhurried is None:
+            self._unhurried = self._clock.callLater(self._unhurried_delay, self._write_unhurried)
         return deferred
 
+    def _write_unhurried(self) -> None:
+        self._unhurried = None
+        if self._writer is not None:
+            self._writer.wake()
+
     def _cancel_timers(self) -> None:
-        for timer in (self._retry, self._housekeeping_retry):
+        for timer in (self._retry, self._housekeeping_retry, self._unhurried):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._retry = self._housekeeping_retry = None
+        self._retry = self._housekeeping_retry = self._unhurried = None
 
     # Calls from the writer thread, each hopping to the reactor thread.
 

@@ -45,6 +45,8 @@ class MemoryJournal:
         recipients remain, in order, as C{(queue_id, remaining, bounced)}.
     @ivar queue_records: every durable queue state, in order (paused or not).
     @ivar queue_paused: what the latest durable queue state says.
+    @ivar unhurried: the queue ids of the state changes submitted with
+        C{urgent=False}, in order.
     """
 
     def __init__(self, *, manual: bool = False) -> None:
@@ -55,6 +57,7 @@ class MemoryJournal:
         self.state_records: list[tuple[str, str, int, float]] = []
         self.progress_records: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         self.queue_records: list[bool] = []
+        self.unhurried: list[str] = []
         self._bodies: list[tuple[Envelope, bytes]] = []
         self._messages: dict[str, JournaledMessage] = {}
         self._accepting: set[str] = set()
@@ -104,10 +107,12 @@ class MemoryJournal:
         *,
         remaining: Sequence[str] | None = None,
         bounced: Sequence[str] = (),
+        urgent: bool = True,
     ) -> Deferred[None]:
         """
         Record a state change, and which recipients remain when given;
-        fires once durable.
+        fires once durable. A change that is not C{urgent} is written like
+        any other, and its queue id noted in L{unhurried}.
         """
         if not self.available:
             return fail(JournalUnavailable("the memory journal is unavailable"))
@@ -115,6 +120,8 @@ class MemoryJournal:
             return fail(ValueError("bounced recipients are recorded with the remaining ones"))
         left = None if remaining is None else tuple(remaining)
         failed = tuple(bounced)
+        if not urgent:
+            self.unhurried.append(queue_id)
 
         def durable() -> None:
             self.state_records.append((queue_id, state, attempts, next_attempt_at))

@@ -1574,7 +1574,10 @@ class MessageQueue(Service):
         else:
             state = MessageState.BOUNCED if bounced else MessageState.DELIVERED
             self._log.info("{state} {queue_id}", state=state.value, **fields)
-            await self._record(queue_id, state, attempts)
+            # Nothing waits for the outcome to be durable: lost in a crash,
+            # it is an attempt made again (counted when "sending" was
+            # recorded), so it costs no group commit of its own.
+            self._record_unhurried(queue_id, state, attempts)
             self.scheduler.complete(queue_id)
             self._progress.pop(queue_id, None)
             if bounced:
@@ -1930,14 +1933,35 @@ class MessageQueue(Service):
                     bounced=progress.bounced,
                 )
         except JournalUnavailable as error:
-            # The outcome stands in memory; after a restart the journal's
-            # older state is what counts (at worst, a second delivery).
-            self._log.warn(
-                "could not journal {queue_id} as {state}: {reason}",
+            self._not_journaled(error, queue_id, state)
+
+    def _record_unhurried(self, queue_id: str, state: MessageState, attempts: int) -> None:
+        """
+        Journal a state without waiting for it (C{urgent=False}).
+        """
+        d = self._journal.record_state(queue_id, state.value, attempts, urgent=False)
+        d.addErrback(self._unhurried_failed, queue_id, state)
+
+    def _unhurried_failed(self, failure: Failure, queue_id: str, state: MessageState) -> None:
+        if isinstance(failure.value, JournalUnavailable):
+            self._not_journaled(failure.value, queue_id, state)
+        else:
+            self._log.failure(
+                "could not journal {queue_id} as {state}",
+                failure,
                 queue_id=queue_id,
                 state=state.value,
-                reason=str(error),
             )
+
+    def _not_journaled(self, error: BaseException, queue_id: str, state: MessageState) -> None:
+        # The outcome stands in memory; after a restart the journal's
+        # older state is what counts (at worst, a second delivery).
+        self._log.warn(
+            "could not journal {queue_id} as {state}: {reason}",
+            queue_id=queue_id,
+            state=state.value,
+            reason=str(error),
+        )
 
 
 _PROBE = Envelope("PROBE", "", "", "probe@example.invalid", ("r@example.invalid",), Priority(3), 0)

@@ -37,6 +37,7 @@ from zope.interface.verify import verifyObject
 
 from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
 from smtpgw.journal import (
+    DEFAULT_UNHURRIED_DELAY,
     FileJournal,
     FileOps,
     JournalFormatError,
@@ -404,6 +405,82 @@ async def test_records_waiting_during_a_sync_share_the_next_one(
     assert stats.records_per_fsync == 5.5
     assert split.from_thread_calls == 2
     await journal.stop()
+
+
+@async_test
+async def test_an_unhurried_record_rides_with_the_next_urgent_one(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    A state change submitted with C{urgent=False} costs no group commit of
+    its own: it is written and acknowledged with the next urgent record,
+    in one write and one sync.
+    """
+    disk = FaultyDisk()
+    split = SplitReactor(reactor, Clock())
+    journal = started(tmp_path, split, file_ops=disk.ops())
+    await journal.accept(envelope(1), body(1))
+    syncs = disk.syncs
+    unhurried = journal.record_state("Q00000001", "delivered", 1, urgent=False)
+    # Thread round trips: had the record woken the writer, it would be on
+    # disk by now (the test fails then, as it must).
+    for _ in range(3):
+        await deferToThread(lambda: None)
+    assert not unhurried.called
+    assert disk.syncs == syncs
+    await journal.accept(envelope(2), body(2))
+    await unhurried
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == 2
+    await journal.stop()
+    assert [m.envelope.queue_id for m in replayed(tmp_path)] == ["Q00000002"]
+
+
+@async_test
+async def test_an_unhurried_record_alone_is_written_after_its_delay(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    With no urgent record after it, an unhurried one is written
+    L{DEFAULT_UNHURRIED_DELAY} seconds after it came (not before), with
+    one timer for all the unhurried records waiting.
+    """
+    disk = FaultyDisk()
+    split = SplitReactor(reactor, Clock())
+    journal = started(tmp_path, split, file_ops=disk.ops())
+    await gatherResults([journal.accept(envelope(n), body(n)) for n in range(3)])
+    syncs = disk.syncs
+    unhurried = [journal.record_state(f"Q{n:08d}", "delivered", 1, urgent=False) for n in range(3)]
+    assert len(split.clock.getDelayedCalls()) == 1
+    split.clock.advance(DEFAULT_UNHURRIED_DELAY * 0.99)
+    for _ in range(3):
+        await deferToThread(lambda: None)
+    assert not any(d.called for d in unhurried)
+    split.clock.advance(DEFAULT_UNHURRIED_DELAY * 0.01)
+    await gatherResults(unhurried)
+    assert disk.syncs == syncs + 1
+    assert split.clock.getDelayedCalls() == []
+    await journal.stop()
+    assert replayed(tmp_path) == []
+
+
+@async_test
+async def test_stop_writes_the_unhurried_records_and_cancels_their_timer(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    Stopping writes the unhurried records still waiting, and leaves no
+    timer behind.
+    """
+    split = SplitReactor(reactor, Clock())
+    journal = started(tmp_path, split)
+    await journal.accept(envelope(1), body(1))
+    unhurried = journal.record_state("Q00000001", "delivered", 1, urgent=False)
+    await journal.stop()
+    assert unhurried.called
+    await unhurried
+    assert split.clock.getDelayedCalls() == []
+    assert replayed(tmp_path) == []
 
 
 @async_test

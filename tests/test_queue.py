@@ -25,6 +25,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -655,6 +656,25 @@ class TestOutcomes:
         assert states(journal, env.queue_id) == [("sending", 0, 0.0), ("delivered", 1, 0.0)]
         assert env.queue_id not in queue.scheduler
         assert list(journal.replay()) == []
+        # Nothing waits for the outcome to be durable; "sending" had to be.
+        assert journal.unhurried == [env.queue_id]
+
+    def test_a_deferral_is_journaled_urgently(self) -> None:
+        """
+        A deferral is journaled before the retry is scheduled, as an urgent
+        record: only final outcomes are unhurried.
+        """
+        clock = Clock()
+
+        def outcome(env: Envelope, tried: int) -> DeliveryResult:
+            return DeliveryResult(deferred=tuple((r, "4.2.0 busy") for r in env.recipients))
+
+        queue, journal = make_queue(clock, InstantOutbound(clock, outcome))
+        queue.startService()
+        env = envelope()
+        queue.submit(env, b"x\r\n")
+        assert states(journal, env.queue_id)[-1][0] == "deferred"
+        assert journal.unhurried == []
 
     def test_failing_outbound_defers_and_retries(self) -> None:
         """
@@ -727,11 +747,23 @@ class TestOutcomes:
             journal.available = False
             return DeliveryResult(delivered=env.recipients)
 
+        warned: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_level") is LogLevel.warn:
+                warned.append(formatEvent(event))
+
         queue, _ = make_queue(clock, InstantOutbound(clock, outcome), journal)
         queue.startService()
-        queue.submit(envelope(), b"x\r\n")
+        observer = cast(ILogObserver, observe)
+        globalLogPublisher.addObserver(observer)
+        try:
+            queue.submit(envelope(), b"x\r\n")
+        finally:
+            globalLogPublisher.removeObserver(observer)
         assert len(queue.scheduler) == 0
         assert queue.stats().delivered == 1
+        assert [w for w in warned if "could not journal" in w and "delivered" in w]
 
     def test_outbound_sees_current_priority(self) -> None:
         """
