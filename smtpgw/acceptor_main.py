@@ -22,7 +22,13 @@ from typing import Any, TextIO
 
 import attrs
 
-from smtpgw.acceptors import STOP_GRACE, AcceptorConfig, MainLink, parent_death_signal
+from smtpgw.acceptors import (
+    STOP_GRACE,
+    AcceptorConfig,
+    MainLink,
+    PipeWriter,
+    parent_death_signal,
+)
 
 
 def _observer(stream: TextIO) -> Any:
@@ -114,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("TLS certificate reloaded from {path}", path=cert_path)
 
-    link = MainLink(config.limits, lambda: stop("the main process is gone"), got_tls)
+    # Frames go out through a writer of their own, at once; StandardIO
+    # reads the channel and notices when the main process closes it.
+    out = PipeWriter(reactor, os.dup(channel_out))
+    link = MainLink(config.limits, lambda: stop("the main process is gone"), got_tls, out=out)
     # (mypy sees the Windows StandardIO, which has no stdout argument.)
     StandardIO(link, stdout=channel_out, reactor=reactor)  # type: ignore[call-arg]
     factory = GatewaySMTPFactory(
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     def listen() -> None:
         # Once the certificate has come: no session without STARTTLS.
         for fd in range(3, 3 + count):
-            ports.append(accept_taking_turns(reactor, fd, factory))
+            ports.append(accept_taking_turns(reactor, fd, factory, alone=config.acceptors == 1))
             os.close(fd)
         link.ready(len(ports))
 

@@ -49,7 +49,7 @@ from attrs import asdict
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IWriteDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import Int32StringReceiver
@@ -67,6 +67,7 @@ __all__ = [
     "AcceptorConfig",
     "AcceptorPool",
     "MainLink",
+    "PipeWriter",
     "decode_submit",
     "encode_submit",
 ]
@@ -192,6 +193,107 @@ def _alert_from_json(data: dict[str, Any]) -> Alert:
 # -- the child's side -----------------------------------------------------------
 
 
+@implementer(IWriteDescriptor)
+class PipeWriter:
+    """
+    Writes to a pipe at once when it has room, and keeps the rest until it
+    is writable again, in order.
+
+    Twisted's descriptors write on the reactor's next turn; under load a
+    turn takes a while, and each request to the main process (a connection,
+    a login turn, a message) waited for one before it left. This writes it
+    in the turn that made it.
+    """
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        """
+        @param reactor: watches the pipe while something waits to be written.
+        @param fd: the pipe's write end, made non-blocking; closed with
+            L{close}.
+        """
+        os.set_blocking(fd, False)
+        self._reactor = reactor
+        self._fd = fd
+        self._pending = bytearray()
+        self._closed = False
+        #: Whether writes are ignored (the pipe broke, or was closed).
+        self.broken = False
+
+    def write(self, data: bytes) -> None:
+        """
+        Write C{data} after whatever waits to be written.
+        """
+        self.write_sequence([data])
+
+    def write_sequence(self, chunks: Sequence[bytes]) -> None:
+        """
+        Write C{chunks} one after the other, without joining them first
+        when the pipe takes them at once.
+        """
+        if self.broken:
+            return
+        if self._pending:
+            for chunk in chunks:
+                self._pending += chunk
+            return
+        try:
+            written = os.writev(self._fd, chunks)
+        except BlockingIOError:
+            written = 0
+        except OSError as error:
+            self._break(error)
+            return
+        for chunk in chunks:
+            if written >= len(chunk):
+                written -= len(chunk)
+                continue
+            self._pending += memoryview(chunk)[written:]
+            written = 0
+        if self._pending:
+            self._reactor.addWriter(self)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doWrite(self) -> None:
+        try:
+            written = os.write(self._fd, self._pending)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._break(error)
+            return
+        del self._pending[:written]
+        if not self._pending:
+            self._reactor.removeWriter(self)
+
+    def _break(self, error: OSError) -> None:
+        # The main process is gone; the end of stdin stops this process.
+        log.warn("cannot write to the main process: {error}", error=str(error))
+        self.broken = True
+        if self._pending:
+            self._pending.clear()
+            self._reactor.removeWriter(self)
+
+    def close(self) -> None:
+        """
+        Stop writing, and close the pipe.
+        """
+        if self._pending:
+            self._reactor.removeWriter(self)
+            self._pending.clear()
+        self.broken = True
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def logPrefix(self) -> str:
+        return "main-process channel"
+
+
 @implementer(IMessageQueue, IAlertSink)
 class MainLink(Int32StringReceiver):
     """
@@ -211,8 +313,14 @@ class MainLink(Int32StringReceiver):
         limits: Limits,
         on_lost: Callable[[], object],
         on_tls: Callable[[bytes, bytes, str, str], object] | None = None,
+        out: PipeWriter | None = None,
     ) -> None:
+        """
+        @param out: where frames to the main process go at once; without it,
+            through the transport (on the reactor's next turn).
+        """
         self.MAX_LENGTH = frame_limit(limits)
+        self.out = out
         self.accepting = True
         self.on_lost = on_lost
         self.on_tls = on_tls
@@ -253,10 +361,18 @@ class MainLink(Int32StringReceiver):
         self._waiting[seq] = d
         head = encode_submit(seq, envelope, b"")
         # The body is written as it is, not copied into one frame string.
-        self.transport.writeSequence(  # type: ignore[union-attr]
-            [struct.pack(">I", len(head) + len(body)), head, body]
-        )
+        chunks = [struct.pack(">I", len(head) + len(body)), head, body]
+        if self.out is not None:
+            self.out.write_sequence(chunks)
+        else:
+            self.transport.writeSequence(chunks)  # type: ignore[union-attr]
         return d
+
+    def sendString(self, string: bytes) -> None:
+        if self.out is None:
+            super().sendString(string)
+        else:
+            self.out.write_sequence([struct.pack(">I", len(string)), string])
 
     @property
     def in_flight(self) -> int:
@@ -762,11 +878,16 @@ class AcceptorConfig:
         hostname: str,
         limits: Limits,
         require_tls: bool,
+        acceptors: int = 1,
     ) -> None:
+        """
+        @param acceptors: how many acceptor processes share the sockets.
+        """
         self.data_dir = data_dir
         self.hostname = hostname
         self.limits = limits
         self.require_tls = require_tls
+        self.acceptors = acceptors
 
     def to_json(self) -> str:
         """
@@ -778,6 +899,7 @@ class AcceptorConfig:
                 "hostname": self.hostname,
                 "limits": asdict(self.limits),
                 "require_tls": self.require_tls,
+                "acceptors": self.acceptors,
             }
         )
 
@@ -792,6 +914,7 @@ class AcceptorConfig:
             hostname=data["hostname"],
             limits=Limits(**data["limits"]),
             require_tls=bool(data["require_tls"]),
+            acceptors=int(data["acceptors"]),
         )
 
 

@@ -165,7 +165,7 @@ def bind_only(port: int, factory: object, backlog: int, interface: str) -> Bound
     return BoundSocket(sock)
 
 
-def accept_taking_turns(reactor: Any, fd: int, factory: Any) -> Any:
+def accept_taking_turns(reactor: Any, fd: int, factory: Any, *, alone: bool = False) -> Any:
     """
     Start accepting connections on the listening socket C{fd} (bound by
     L{bind_only}, perhaps in another process), one connection each time it
@@ -173,6 +173,10 @@ def accept_taking_turns(reactor: Any, fd: int, factory: Any) -> Any:
     taking a whole burst (Twisted's port accepts up to hundreds at once).
     The socket is duplicated: C{fd} stays the caller's.
 
+    @param alone: this process is the only one accepting on the socket:
+        with no one to take turns with, it takes whatever is waiting at each
+        wake-up, as Twisted's port does (under load, a connection left in
+        the queue would wait a whole turn of the reactor for its greeting).
     @return: the listening port.
     """
     from twisted.internet import tcp
@@ -182,12 +186,13 @@ def accept_taking_turns(reactor: Any, fd: int, factory: Any) -> Any:
             self.numberAccepts = 1
             super().doRead()
 
+    kind = tcp.Port if alone else TakeTurns
     probe = socket.socket(fileno=os.dup(fd))
     try:
         family = probe.family
     finally:
         probe.close()
-    port = TakeTurns._fromListeningDescriptor(reactor, fd, family, factory)
+    port = kind._fromListeningDescriptor(reactor, fd, family, factory)
     port.startListening()
     return port
 

@@ -617,6 +617,7 @@ def _acceptor_pool(
             hostname=options["hostname"],
             limits=limits,
             require_tls=bool(options["require-tls"]),
+            acceptors=options["acceptors"],
         ),
         sockets=listener.file_descriptors,
         queue=CountingQueue(queue, stats),

@@ -7,6 +7,7 @@ fake reactor. No process is started.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import struct
@@ -29,9 +30,12 @@ from zope.interface import implementer
 
 from smtpgw.abuse import Admission, AuthFailureTracker, ConnectionCounter
 from smtpgw.acceptors import (
+    READY,
+    SUBMIT,
     AcceptorConfig,
     AcceptorPool,
     MainLink,
+    PipeWriter,
     _Child,
     _Frames,
     decode_submit,
@@ -317,6 +321,7 @@ def config(limits: Limits) -> AcceptorConfig:
         hostname="gw.example.net",
         limits=limits,
         require_tls=True,
+        acceptors=3,
     )
 
 
@@ -1291,10 +1296,11 @@ def test_config_round_trip_keeps_every_limit() -> None:
         value = getattr(copy.limits, attribute.name)
         assert value != attribute.default
         assert type(value) is type(attribute.default)
-    assert (copy.data_dir, copy.hostname, copy.require_tls) == (
+    assert (copy.data_dir, copy.hostname, copy.require_tls, copy.acceptors) == (
         "/var/lib/smtpgw",
         "gw.example.net",
         True,
+        3,
     )
 
 
@@ -1511,3 +1517,137 @@ def test_a_childs_stderr_is_logged_by_line_and_bounded(
         assert seen == ["x" * (8 * 8192)]
     finally:
         globalLogPublisher.removeObserver(cast(ILogObserver, observer))
+
+
+# -- the child's pipe writer ----------------------------------------------------------
+
+
+class WatchingReactor:
+    """
+    Records which descriptors the writer asks the reactor to watch.
+    """
+
+    def __init__(self) -> None:
+        self.writers: list[Any] = []
+        self.added = 0
+
+    def addWriter(self, writer: Any) -> None:
+        self.added += 1
+        self.writers.append(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.remove(writer)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """
+    A pipe: its read end (non-blocking; closed after the test unless the
+    test closed it) and its write end, for a L{PipeWriter} to own.
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    yield read_end, write_end
+    with contextlib.suppress(OSError):
+        os.fstat(read_end)
+        os.close(read_end)
+
+
+def drain(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_pipe_writer_writes_at_once_when_the_pipe_has_room(pipe: tuple[int, int]) -> None:
+    """
+    What fits in the pipe is written within the call, without waiting for
+    the reactor (which is asked to watch nothing).
+    """
+    read_end, write_end = pipe
+    reactor = WatchingReactor()
+    writer = PipeWriter(reactor, write_end)
+    writer.write(b"one")
+    writer.write_sequence([b"two", b"", b"three"])
+    assert drain(read_end) == b"onetwothree"
+    assert reactor.added == 0
+    writer.close()
+
+
+def test_pipe_writer_keeps_the_rest_in_order_until_writable(pipe: tuple[int, int]) -> None:
+    """
+    When the pipe is full, the rest waits (the reactor watching the pipe)
+    with whatever is written after it, and goes out in order as the pipe
+    drains; then the reactor stops watching.
+    """
+    read_end, write_end = pipe
+    reactor = WatchingReactor()
+    writer = PipeWriter(reactor, write_end)
+    big = bytes(range(256)) * 4096  # 1 MiB: more than a pipe holds
+    writer.write_sequence([b"head", big, b"tail"])
+    writer.write(b"after")
+    assert reactor.writers == [writer]
+    received = drain(read_end)
+    while reactor.writers:
+        writer.doWrite()
+        received += drain(read_end)
+    assert received == b"head" + big + b"tail" + b"after"
+    assert reactor.added == 1
+    writer.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(write_end)
+
+
+def test_pipe_writer_stops_quietly_when_the_main_process_is_gone(
+    pipe: tuple[int, int], events: list[dict[str, Any]]
+) -> None:
+    """
+    Once the pipe's reader is gone, the writer logs a warning, drops what
+    it held and ignores later writes (the end of stdin stops the process).
+    """
+    read_end, write_end = pipe
+    reactor = WatchingReactor()
+    writer = PipeWriter(reactor, write_end)
+    writer.write(b"x" * (1 << 20))
+    assert reactor.writers == [writer]
+    os.close(read_end)
+    writer.doWrite()
+    writer.write(b"more")
+    assert writer.broken
+    assert reactor.writers == []
+    warned = [formatEvent(e) for e in events if e.get("log_level") is LogLevel.warn]
+    assert [w for w in warned if "cannot write to the main process" in w]
+    writer.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(write_end)
+
+
+def test_main_link_sends_its_frames_through_the_pipe_writer(pipe: tuple[int, int]) -> None:
+    """
+    With a pipe writer, the link's frames (a notice, and a message with its
+    body) reach the pipe within the call, each a length and a payload.
+    """
+    read_end, write_end = pipe
+    writer = PipeWriter(WatchingReactor(), write_end)
+    link = MainLink(Limits(), lambda: None, out=writer)
+    link.makeConnection(StringTransport())
+    link.ready(2)
+    link.submit(envelope("0042"), b"Subject: x\r\n\r\nbody\r\n")
+    data = drain(read_end)
+    frames = []
+    while data:
+        (length,) = struct.unpack_from(">I", data)
+        frames.append(data[4 : 4 + length])
+        data = data[4 + length :]
+    assert [frame[:1] for frame in frames] == [READY, SUBMIT]
+    _seq, sent, body = decode_submit(frames[1])
+    assert sent == envelope("0042")
+    assert body == b"Subject: x\r\n\r\nbody\r\n"
+    assert cast(StringTransport, link.transport).value() == b""
+    writer.close()

@@ -640,6 +640,44 @@ def test_bind_only_listens_without_accepting_and_reports_a_busy_port() -> None:
     assert bound.socket.fileno() == -1
 
 
+def test_a_sole_acceptor_takes_every_waiting_connection_at_once() -> None:
+    """
+    With C{alone=True} (one acceptor process) there is no one to take turns
+    with: one wake-up accepts every connection waiting, as Twisted's own
+    port does.
+    """
+    from twisted.internet import reactor
+
+    from smtpgw.listening import accept_taking_turns, bind_only
+
+    built: list[Protocol] = []
+
+    class Recording(ServerFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            built.append(Protocol())
+            return built[-1]
+
+    bound = bind_only(0, None, 5, "127.0.0.1")
+    clients = []
+    try:
+        address = bound.socket.getsockname()
+        clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        port = accept_taking_turns(reactor, bound.fileno(), Recording(), alone=True)
+        try:
+            port.doRead()
+            assert len(built) == 3
+        finally:
+            port.stopListening()
+        assert bound.socket.fileno() >= 0
+    finally:
+        for protocol in built:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+        for client in clients:
+            client.close()
+        bound.stopListening()
+
+
 def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
     """
     accept_taking_turns accepts one connection each time the socket is
