@@ -201,19 +201,25 @@ class PipeWriter:
 
     Twisted's descriptors write on the reactor's next turn; under load a
     turn takes a while, and each request to the main process (a connection,
-    a login turn, a message) waited for one before it left. This writes it
-    in the turn that made it.
+    a login turn, a message), and each answer, waited for one before it
+    left. This writes it in the turn that made it. Both ends of the channel
+    write with it.
     """
 
-    def __init__(self, reactor: Any, fd: int) -> None:
+    def __init__(
+        self, reactor: Any, fd: int, on_broken: Callable[[OSError], object] | None = None
+    ) -> None:
         """
         @param reactor: watches the pipe while something waits to be written.
         @param fd: the pipe's write end, made non-blocking; closed with
             L{close}.
+        @param on_broken: called once if the pipe breaks (its reader is
+            gone); by default a warning is logged.
         """
         os.set_blocking(fd, False)
         self._reactor = reactor
         self._fd = fd
+        self._on_broken = on_broken
         self._pending = bytearray()
         self._closed = False
         #: Whether writes are ignored (the pipe broke, or was closed).
@@ -268,8 +274,11 @@ class PipeWriter:
             self._reactor.removeWriter(self)
 
     def _break(self, error: OSError) -> None:
-        # The main process is gone; the end of stdin stops this process.
-        log.warn("cannot write to the main process: {error}", error=str(error))
+        if self._on_broken is not None:
+            self._on_broken(error)
+        else:
+            # The main process is gone; the end of stdin stops this process.
+            log.warn("cannot write to the main process: {error}", error=str(error))
         self.broken = True
         if self._pending:
             self._pending.clear()
@@ -635,6 +644,8 @@ class _Child(ProcessProtocol):
         self._turns: Counter[str] = Counter()
         self._waiting_turns: dict[int, Deferred[bool]] = {}
         self.ended_deferred: Deferred[None] = Deferred()
+        #: Where frames to the child go (its stdin), once spawned.
+        self.channel: PipeWriter | None = None
 
     def connectionMade(self) -> None:
         self.pid = getattr(self.transport, "pid", None)
@@ -656,7 +667,11 @@ class _Child(ProcessProtocol):
         self.send(TLS + _json([cert.decode("latin-1"), key.decode("latin-1"), *files]))
 
     def send(self, payload: bytes) -> None:
-        if self.transport is not None and not self.ended:
+        if self.ended:
+            return
+        if self.channel is not None:
+            self.channel.write_sequence([struct.pack(">I", len(payload)), payload])
+        elif self.transport is not None:
             self.transport.write(_frame(payload))
 
     def _frame_too_long(self, length: int) -> None:
@@ -846,6 +861,8 @@ class _Child(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.ready = False
+        if self.channel is not None:
+            self.channel.close()
         if self._stderr_chunks:
             self._log_line(b"".join(self._stderr_chunks))
             self._stderr_chunks = []
@@ -991,14 +1008,24 @@ class AcceptorPool(Service):
     def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
         fds = list(self._sockets())
-        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
-        for offset, fd in enumerate(fds):
-            child_fds[3 + offset] = fd
         env = dict(os.environ)
         env["SMTPGW_ACCEPTOR_PARENT"] = str(os.getpid())
         env["SMTPGW_ACCEPTOR_INDEX"] = str(index)
         env["SMTPGW_ACCEPTOR_FDS"] = str(len(fds))
         child = _Child(self, index)
+        try:
+            # The child's stdin is a pipe made here, written with a
+            # PipeWriter (answers leave in the turn that made them).
+            stdin, channel = os.pipe()
+        except OSError:
+            log.failure("cannot start acceptor {index}", index=index)
+            if self.running:
+                self._restart_later(index, self.clock.seconds())
+            return
+        child.channel = PipeWriter(self.reactor, channel, on_broken=lambda error: None)
+        child_fds: dict[int, int | str] = {0: stdin, 1: "r", 2: "r"}
+        for offset, fd in enumerate(fds):
+            child_fds[3 + offset] = fd
         try:
             self.reactor.spawnProcess(
                 child,
@@ -1010,9 +1037,12 @@ class AcceptorPool(Service):
         except Exception:
             # Out of processes, memory or file descriptors: try again later.
             log.failure("cannot start acceptor {index}", index=index)
+            child.channel.close()
             if self.running:
                 self._restart_later(index, self.clock.seconds())
             return
+        finally:
+            os.close(stdin)
         self.children[index] = child
 
     def child_ended(self, child: _Child, reason: Failure) -> None:

@@ -124,24 +124,42 @@ class FakeMetrics:
         self.rejections.append(reason)
 
 
+#: The stdin pipes of the fake children, closed after each test.
+_STDINS: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_fake_stdins() -> Iterator[None]:
+    yield
+    while _STDINS:
+        os.close(_STDINS.pop())
+
+
 class FakeProcess:
     """
-    The process transport of one spawned child: records what the main
-    process writes to its stdin and the signals it sends.
+    The process transport of one spawned child: holds the read end of its
+    stdin (as the child would), and records the signals it is sent.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, stdin: int | str) -> None:
         self.pid = pid
-        self.data = b""
+        self.stdin: int | None = None
+        if isinstance(stdin, int):
+            self.stdin = os.dup(stdin)
+            os.set_blocking(self.stdin, False)
+            _STDINS.append(self.stdin)
         self.signals: list[str] = []
         self.exited = False
 
     def write(self, data: bytes) -> None:
-        self.data += data
+        raise AssertionError("the main process writes to the child's stdin pipe")
 
     def take(self) -> bytes:
-        data, self.data = self.data, b""
-        return data
+        """
+        What the main process wrote to the child's stdin since last taken.
+        """
+        assert self.stdin is not None
+        return drain(self.stdin)
 
     def signalProcess(self, name: str) -> None:
         if self.exited:
@@ -181,7 +199,7 @@ class FakeReactor(Clock):
         env: dict[str, str],
         childFDs: dict[int, int | str],
     ) -> FakeProcess:
-        process = FakeProcess(pid=1000 + len(self.spawned))
+        process = FakeProcess(pid=1000 + len(self.spawned), stdin=childFDs[0])
         self.spawned.append(Spawned(protocol, executable, args, env, childFDs, process))
         protocol.makeConnection(cast(Any, process))
         return process
@@ -1084,7 +1102,9 @@ def test_start_spawns_each_child_with_the_sockets() -> None:
         assert spawned.executable == ARGV[0]
         assert spawned.args[:-1] == ARGV
         assert AcceptorConfig.from_json(spawned.args[-1]).limits == g.pool.limits
-        assert spawned.child_fds == {0: "w", 1: "r", 2: "r", 3: 7, 4: 9}
+        stdin = spawned.child_fds.pop(0)
+        assert isinstance(stdin, int)
+        assert spawned.child_fds == {1: "r", 2: "r", 3: 7, 4: 9}
         assert spawned.env["SMTPGW_ACCEPTOR_FDS"] == "2"
         assert spawned.env["SMTPGW_ACCEPTOR_INDEX"] == str(index)
         assert spawned.env["SMTPGW_ACCEPTOR_PARENT"] == str(os.getpid())
@@ -1651,3 +1671,20 @@ def test_main_link_sends_its_frames_through_the_pipe_writer(pipe: tuple[int, int
     assert body == b"Subject: x\r\n\r\nbody\r\n"
     assert cast(StringTransport, link.transport).value() == b""
     writer.close()
+
+
+def test_answers_reach_the_child_at_once_and_its_stdin_closes_when_it_ends() -> None:
+    """
+    The main process writes to each child's stdin pipe within the call
+    that answers (no reactor turn runs here), and closes the pipe once the
+    child has ended.
+    """
+    g = make_gateway(count=1)
+    wire = g.wire(0)
+    wire.link.admit("192.0.2.1")
+    wire.to_main()
+    assert frame_kinds(wire.process.take())[-1:] == [b"k"]
+    stdin = wire.process.stdin
+    assert stdin is not None
+    wire.end()
+    assert os.read(stdin, 1) == b""
