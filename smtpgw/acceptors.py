@@ -47,7 +47,7 @@ from typing import Any
 
 from attrs import asdict
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IWriteDescriptor
 from twisted.internet.protocol import ProcessProtocol
@@ -67,6 +67,7 @@ __all__ = [
     "AcceptorConfig",
     "AcceptorPool",
     "MainLink",
+    "MainProcessAcceptor",
     "PipeWriter",
     "decode_submit",
     "encode_submit",
@@ -115,6 +116,9 @@ RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 #: A child that ran this long resets the wait to L{RESTART_DELAY}.
 HEALTHY_AFTER = 60.0
+#: After this many starts in a row that never came to accept (the child
+#: could not even be run, say), the main process accepts SMTP itself.
+FALLBACK_AFTER = 3
 #: How often the main process tells the children whether it takes mail,
 #: and asks each whether it is still there.
 ACCEPTING_POLL = 0.25
@@ -633,6 +637,8 @@ class _Child(ProcessProtocol):
         self.ended = False
         #: Whether it said it accepts (and has not ended since).
         self.ready = False
+        #: Whether it ever said so.
+        self.was_ready = False
         #: When it last sent anything (a frame, an answer to a ping).
         self.last_heard = pool.clock.seconds()
         self._stderr_chunks: list[bytes] = []
@@ -788,6 +794,8 @@ class _Child(ProcessProtocol):
                 pass
             elif kind == READY:
                 self.ready = True
+                self.was_ready = True
+                pool.child_ready()
                 log.info(
                     "acceptor {index} (pid {pid}) accepting on {ports} ports",
                     index=self.index,
@@ -883,6 +891,54 @@ class _Child(ProcessProtocol):
         self.ended_deferred.callback(None)
 
 
+class MainProcessAcceptor(Service):
+    """
+    The main process accepting SMTP connections itself, on the sockets it
+    bound for the acceptors: the L{AcceptorPool}'s fallback when no child
+    can start. Stop it before the queue (its sessions submit to it).
+    """
+
+    def __init__(
+        self, reactor: Any, sockets: Callable[[], Sequence[int]], factory: Callable[[], Any]
+    ) -> None:
+        """
+        @param sockets: gives the file descriptors of the listening sockets.
+        @param factory: builds the SMTP factory, once, when needed.
+        """
+        self._reactor = reactor
+        self._sockets = sockets
+        self._factory = factory
+        self.ports: list[Any] = []
+
+    @property
+    def serving(self) -> bool:
+        """
+        Whether this process accepts connections.
+        """
+        return bool(self.ports)
+
+    def start(self) -> None:
+        """
+        Accept on every socket (taking turns with any child that comes up
+        later), while the service runs.
+        """
+        from smtpgw.listening import accept_taking_turns
+
+        if self.ports or not self.running:
+            return
+        factory = self._factory()
+        self.ports = [accept_taking_turns(self._reactor, fd, factory) for fd in self._sockets()]
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        if not ports:
+            return None
+        return gatherResults([maybeDeferred(port.stopListening) for port in ports]).addCallback(
+            lambda _: None
+        )
+
+
 class AcceptorConfig:
     """
     What a child needs to know to serve like the main process would.
@@ -958,6 +1014,7 @@ class AcceptorPool(Service):
         metrics: SessionMetrics,
         tls: Any = None,
         argv: Sequence[str] | None = None,
+        fallback: Callable[[], object] | None = None,
     ) -> None:
         """
         @param count: how many acceptor processes.
@@ -969,8 +1026,14 @@ class AcceptorPool(Service):
         @param metrics: where connections, messages and refusals are counted.
         @param tls: the L{smtpgw.tls.ReloadableTLS} whose certificate and
             key (C{pem}) the children get; none (no STARTTLS) when L{None}.
-        @param argv: the child's command line (tests); by default this
-            Python running L{smtpgw.acceptor_main}.
+        @param argv: the child's command line (tests); by default the
+            Python named by C{SMTPGW_ACCEPTOR_PYTHON}, or else this one,
+            running L{smtpgw.acceptor_main}.
+        @param fallback: called once if L{FALLBACK_AFTER} starts in a row
+            fail before their child accepts, with none accepting: it makes
+            the main process accept SMTP connections itself, so that the
+            gateway serves (slower) rather than not at all. The children
+            are still started again, with their back-off.
         """
         self.reactor = reactor
         self.clock = reactor
@@ -984,9 +1047,14 @@ class AcceptorPool(Service):
         self.alerts = alerts
         self.metrics = metrics
         self.tls = tls
-        default = [sys.executable, "-m", "smtpgw.acceptor_main"]
+        python = os.environ.get("SMTPGW_ACCEPTOR_PYTHON") or sys.executable
+        default = [python, "-m", "smtpgw.acceptor_main"]
         self._argv = list(argv) if argv is not None else default
         self.children: dict[int, _Child] = {}
+        self._fallback = fallback
+        #: Whether the fallback was called.
+        self.fell_back = False
+        self._failed_starts = 0
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._accepting = True
@@ -1040,6 +1108,7 @@ class AcceptorPool(Service):
             child.channel.close()
             if self.running:
                 self._restart_later(index, self.clock.seconds())
+                self._start_failed()
             return
         finally:
             os.close(stdin)
@@ -1061,6 +1130,32 @@ class AcceptorPool(Service):
             why=reason.getErrorMessage(),
             delay=delay,
         )
+        if not child.was_ready:
+            self._start_failed()
+
+    def child_ready(self) -> None:
+        """
+        A child accepts connections: the starts that failed before it no
+        longer count.
+        """
+        self._failed_starts = 0
+
+    def _start_failed(self) -> None:
+        self._failed_starts += 1
+        if (
+            self._fallback is None
+            or self.fell_back
+            or self._failed_starts < FALLBACK_AFTER
+            or self.ready
+        ):
+            return
+        self.fell_back = True
+        log.warn(
+            "no acceptor process could start ({failed} tries in a row, see above):"
+            " the main process accepts SMTP connections itself",
+            failed=self._failed_starts,
+        )
+        self._fallback()
 
     def _restart_later(self, index: int, started_at: float) -> float:
         """

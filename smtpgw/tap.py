@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, Service
@@ -529,13 +530,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Whether anything answers SMTP (for /healthz): acceptors when there
     # are, else the listener this process bound, which serves while it runs.
     smtp_up: Any = lambda: True  # noqa: E731
-    if options["acceptors"]:
-        pool = _acceptor_pool(options, data_dir, reactor, queue, stats, alerts, metrics, tls)
-        reloadable = _ReloadAll(tls, pool)
-        smtp_up = lambda: pool.ready > 0  # noqa: E731
-    else:
+
+    def smtp_factory(**shared_limiters: Any) -> GatewaySMTPFactory:
+        # The sessions of this process (all of them without acceptors).
         portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
-        factory = GatewaySMTPFactory(
+        return GatewaySMTPFactory(
             portal=portal,
             queue=CountingQueue(queue, stats),
             alerts=alerts,
@@ -547,7 +546,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             clock=reactor,
             queue_ids=queue_ids,
             metrics=metrics,
+            **shared_limiters,
         )
+
+    if options["acceptors"]:
+        pool, here = _acceptor_pool(
+            options, data_dir, reactor, queue, stats, alerts, metrics, tls, smtp_factory
+        )
+        reloadable = _ReloadAll(tls, pool)
+        smtp_up = lambda: pool.ready > 0 or here.serving  # noqa: E731
+    else:
+        factory = smtp_factory()
         listener = MultiPortListener(
             reactor=reactor,
             ports=options["ports"],
@@ -586,16 +595,22 @@ def _acceptor_pool(
     alerts: Any,
     metrics: Any,
     tls: Any,
-) -> Any:
+    smtp_factory: Callable[..., Any],
+) -> tuple[Any, Any]:
     """
-    The listener that binds the ports without accepting, and the acceptor
-    processes that accept on them (added to the service tree in that order
-    by the caller's parent: here, to the queue's parent).
+    The listener that binds the ports without accepting, the acceptor
+    processes that accept on them, and this process's own accepting should
+    no acceptor start (added to the service tree in that order by the
+    caller's parent: here, to the queue's parent).
+
+    @param smtp_factory: builds this process's SMTP factory, given the
+        connection and auth limiters to share with the acceptors.
+    @return: the pool and the fallback (L{MainProcessAcceptor}).
     """
     from twisted.internet.protocol import ServerFactory
 
     from smtpgw.abuse import AuthFailureTracker, ConnectionCounter, RepeatedAlertFilter
-    from smtpgw.acceptors import AcceptorConfig, AcceptorPool
+    from smtpgw.acceptors import AcceptorConfig, AcceptorPool, MainProcessAcceptor
     from smtpgw.listening import MultiPortListener, bind_only
     from smtpgw.stats import CountingQueue
 
@@ -609,6 +624,17 @@ def _acceptor_pool(
         listen=bind_only,
     )
     listener.setServiceParent(top)
+    connections = ConnectionCounter(
+        limits.max_connections_per_ip, total_limit=limits.max_connections
+    )
+    auth = AuthFailureTracker(
+        limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=reactor
+    )
+    here = MainProcessAcceptor(
+        reactor,
+        listener.file_descriptors,
+        lambda: smtp_factory(connection_limiter=connections, auth_limiter=auth),
+    )
     pool = AcceptorPool(
         reactor=reactor,
         count=options["acceptors"],
@@ -621,18 +647,17 @@ def _acceptor_pool(
         ),
         sockets=listener.file_descriptors,
         queue=CountingQueue(queue, stats),
-        connections=ConnectionCounter(
-            limits.max_connections_per_ip, total_limit=limits.max_connections
-        ),
-        auth=AuthFailureTracker(
-            limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=reactor
-        ),
+        connections=connections,
+        auth=auth,
         alerts=RepeatedAlertFilter(alerts, reactor, window=limits.sender_alert_window),
         metrics=metrics,
         tls=tls,
+        fallback=here.start,
     )
     pool.setServiceParent(top)
-    return pool
+    # Stops first: its sessions hand messages to the queue.
+    here.setServiceParent(top)
+    return pool, here
 
 
 class _ReloadAll:

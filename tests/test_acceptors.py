@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -30,11 +31,14 @@ from zope.interface import implementer
 
 from smtpgw.abuse import Admission, AuthFailureTracker, ConnectionCounter
 from smtpgw.acceptors import (
+    FALLBACK_AFTER,
     READY,
+    RESTART_DELAY_MAX,
     SUBMIT,
     AcceptorConfig,
     AcceptorPool,
     MainLink,
+    MainProcessAcceptor,
     PipeWriter,
     _Child,
     _Frames,
@@ -46,6 +50,7 @@ from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, JournalUnavailab
 from smtpgw.journal import QueueIdInUse
 from smtpgw.limits import Limits
 from smtpgw.model import Envelope, Priority
+from tests.twisted_support import async_test
 
 T = TypeVar("T")
 
@@ -296,6 +301,7 @@ def make_gateway(
     total: int = 100,
     auth_limit: int = 3,
     accepting: bool = True,
+    fallback: Callable[[], object] | None = None,
 ) -> Gateway:
     """
     Start a pool of C{count} children on a fake reactor, with a link joined
@@ -324,6 +330,7 @@ def make_gateway(
         alerts=alerts,
         metrics=metrics,
         argv=ARGV,
+        fallback=fallback,
     )
     pool.startService()
     gateway = Gateway(reactor, pool, queue, connections, auth, alerts, metrics)
@@ -1688,3 +1695,141 @@ def test_answers_reach_the_child_at_once_and_its_stdin_closes_when_it_ends() -> 
     assert stdin is not None
     wire.end()
     assert os.read(stdin, 1) == b""
+
+
+# -- the fallback: the main process accepts when no child can start ------------------
+
+
+def fail_starts(g: Gateway, index: int, times: int, alive: Wire | None = None) -> None:
+    """
+    The child C{index} ends C{times} times in a row before it accepts, each
+    started again after its back-off; the child of C{alive} answers the
+    pings meanwhile.
+    """
+    for _ in range(times):
+        child = g.pool.children[index]
+        child.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        for _ in range(int(RESTART_DELAY_MAX / ACCEPTING_POLL)):
+            g.reactor.advance(ACCEPTING_POLL)
+            if alive is not None:
+                alive.to_child()
+                alive.to_main()
+
+
+def test_the_main_process_accepts_after_starts_fail_in_a_row(
+    events: list[dict[str, Any]],
+) -> None:
+    """
+    When L{FALLBACK_AFTER} starts in a row end before their child accepts,
+    the fallback runs, once, with a warning; children are still started.
+    """
+    calls: list[None] = []
+    g = make_gateway(count=1, fallback=lambda: calls.append(None))
+    fail_starts(g, 0, FALLBACK_AFTER - 1)
+    assert calls == []
+    fail_starts(g, 0, 1)
+    assert calls == [None]
+    assert g.pool.fell_back
+    warned = [formatEvent(e) for e in events if e.get("log_level") is LogLevel.warn]
+    assert [w for w in warned if "the main process accepts SMTP connections itself" in w]
+    fail_starts(g, 0, FALLBACK_AFTER)
+    assert calls == [None]
+    assert list(g.pool.children) == [0]
+
+
+def test_a_child_that_accepted_resets_the_count_of_failed_starts() -> None:
+    """
+    A child that once said it accepts is no failed start when it ends, and
+    the failed starts before it no longer count.
+    """
+    calls: list[None] = []
+    g = make_gateway(count=1, fallback=lambda: calls.append(None))
+    fail_starts(g, 0, FALLBACK_AFTER - 1)
+    wire = g.wire(0)
+    wire.link.ready(1)
+    wire.to_main()
+    wire.end()
+    g.reactor.advance(RESTART_DELAY_MAX)
+    fail_starts(g, 0, FALLBACK_AFTER - 1)
+    assert calls == []
+    fail_starts(g, 0, 1)
+    assert calls == [None]
+
+
+def test_no_fallback_while_another_child_accepts() -> None:
+    """
+    With one child accepting, another that cannot start does not make the
+    main process accept.
+    """
+    calls: list[None] = []
+    g = make_gateway(count=2, fallback=lambda: calls.append(None))
+    wire = g.wire(0)
+    wire.link.ready(1)
+    wire.to_main()
+    fail_starts(g, 1, FALLBACK_AFTER + 1, alive=wire)
+    assert g.pool.ready == 1
+    assert calls == []
+
+
+def test_spawn_failures_count_as_failed_starts(logged_errors: list[dict[str, Any]]) -> None:
+    """
+    A start whose spawn raises counts like a child that ended at once.
+    """
+    calls: list[None] = []
+    g = make_gateway(count=1, fallback=lambda: calls.append(None))
+    reactor = g.reactor
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    reactor.spawnProcess = failing  # type: ignore[method-assign]
+    g.wires[0].end()
+    for _ in range(FALLBACK_AFTER):
+        reactor.advance(RESTART_DELAY_MAX)
+    assert calls == [None]
+    assert len(take_errors(logged_errors)) == FALLBACK_AFTER - 1 + 1
+
+
+@async_test
+async def test_the_main_process_acceptor_serves_until_stopped() -> None:
+    """
+    L{MainProcessAcceptor.start} accepts on the sockets given (only while
+    the service runs), and stopping closes its ports but not the sockets.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Protocol, ServerFactory
+
+    from smtpgw.listening import bind_only
+
+    built: list[Protocol] = []
+
+    class Recording(ServerFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            built.append(Protocol())
+            return built[-1]
+
+    bound = bind_only(0, None, 5, "127.0.0.1")
+    here = MainProcessAcceptor(reactor, lambda: [bound.fileno()], Recording)
+    try:
+        here.start()
+        assert not here.serving
+        here.startService()
+        here.start()
+        assert here.serving
+        client = socket.create_connection(bound.socket.getsockname(), timeout=5)
+        try:
+            [port] = here.ports
+            port.doRead()
+            assert len(built) == 1
+        finally:
+            client.close()
+            for protocol in built:
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+        stopped = here.stopService()
+        assert not here.serving
+        assert stopped is not None
+        await stopped
+        assert bound.socket.fileno() >= 0
+    finally:
+        bound.stopListening()

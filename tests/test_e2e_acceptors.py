@@ -475,6 +475,26 @@ def test_acceptors_0_means_the_main_process_answers(main_only: Gateway) -> None:
     assert qid in logged_queue_ids(main_only, user)
 
 
+def test_when_no_acceptor_can_start_the_main_process_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    When the acceptors' Python cannot even be run (here a missing file; in
+    production, a virtualenv the gateway's user cannot read), the main
+    process accepts SMTP itself after three failed starts in a row, and
+    says so: the gateway serves rather than staying silent.
+    """
+    monkeypatch.setenv("SMTPGW_ACCEPTOR_PYTHON", str(tmp_path / "no-such-python"))
+    with running(new_gateway(tmp_path, "--acceptors", "1")) as gw:
+        user = add_user(gw.data_dir, "fallback", "--domains", "example.com")
+        with connect(gw) as client:
+            qid = send_one(client, user, "fallback")
+        wait_captured(gw, qid)
+        assert acceptors_of(gw) == set()
+        assert "the main process accepts SMTP connections itself" in gw.log_text()
+        assert "accepting on" not in gw.log_text()
+
+
 def test_by_default_one_acceptor_per_core_but_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
