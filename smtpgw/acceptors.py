@@ -278,12 +278,12 @@ class PipeWriter:
             self._reactor.removeWriter(self)
 
     def _break(self, error: OSError) -> None:
+        self.broken = True
         if self._on_broken is not None:
             self._on_broken(error)
         else:
             # The main process is gone; the end of stdin stops this process.
             log.warn("cannot write to the main process: {error}", error=str(error))
-        self.broken = True
         if self._pending:
             self._pending.clear()
             self._reactor.removeWriter(self)
@@ -908,6 +908,7 @@ class MainProcessAcceptor(Service):
         self._reactor = reactor
         self._sockets = sockets
         self._factory = factory
+        self._wanted = False
         self.ports: list[Any] = []
 
     @property
@@ -920,17 +921,36 @@ class MainProcessAcceptor(Service):
     def start(self) -> None:
         """
         Accept on every socket (taking turns with any child that comes up
-        later), while the service runs.
+        later): now if the service runs, else once it starts (the pool may
+        give up on its children while it starts, before this service).
         """
+        self._wanted = True
+        if self.running:
+            self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self._wanted:
+            self._listen()
+
+    def _listen(self) -> None:
         from smtpgw.listening import accept_taking_turns
 
-        if self.ports or not self.running:
+        if self.ports:
             return
         factory = self._factory()
-        self.ports = [accept_taking_turns(self._reactor, fd, factory) for fd in self._sockets()]
+        try:
+            for fd in self._sockets():
+                self.ports.append(accept_taking_turns(self._reactor, fd, factory))
+        except Exception:
+            log.failure("the main process cannot accept SMTP connections")
+            for port in self.ports:
+                port.stopListening()
+            self.ports = []
 
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()
+        self._wanted = False
         ports, self.ports = self.ports, []
         if not ports:
             return None
@@ -987,7 +1007,7 @@ class AcceptorConfig:
             hostname=data["hostname"],
             limits=Limits(**data["limits"]),
             require_tls=bool(data["require_tls"]),
-            acceptors=int(data["acceptors"]),
+            acceptors=int(data.get("acceptors", 1)),
         )
 
 
@@ -1089,6 +1109,7 @@ class AcceptorPool(Service):
             log.failure("cannot start acceptor {index}", index=index)
             if self.running:
                 self._restart_later(index, self.clock.seconds())
+                self._start_failed()
             return
         child.channel = PipeWriter(self.reactor, channel, on_broken=lambda error: None)
         child_fds: dict[int, int | str] = {0: stdin, 1: "r", 2: "r"}
@@ -1155,7 +1176,10 @@ class AcceptorPool(Service):
             " the main process accepts SMTP connections itself",
             failed=self._failed_starts,
         )
-        self._fallback()
+        try:
+            self._fallback()
+        except Exception:
+            log.failure("the fallback for the acceptors failed")
 
     def _restart_later(self, index: int, started_at: float) -> float:
         """

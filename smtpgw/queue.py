@@ -1526,6 +1526,8 @@ class MessageQueue(Service):
         failed = outcomes.failed
         deferred = outcomes.deferred
         dsn: str | None = None
+        # Fires once an unhurried outcome is durable (or could not be).
+        durable: Deferred[None] | None = None
         # Behind a gate, the gate's owner hears of the failures (the
         # outcome) and keeps them: a console send marks its recipients
         # bounced, and no report goes to its From address.
@@ -1574,10 +1576,15 @@ class MessageQueue(Service):
         else:
             state = MessageState.BOUNCED if bounced else MessageState.DELIVERED
             self._log.info("{state} {queue_id}", state=state.value, **fields)
-            # Nothing waits for the outcome to be durable: lost in a crash,
-            # it is an attempt made again (counted when "sending" was
-            # recorded), so it costs no group commit of its own.
-            self._record_unhurried(queue_id, state, attempts)
+            if bounced:
+                # Lost in a crash, a bounce would be reported again.
+                await self._record(queue_id, state, attempts)
+            else:
+                # Nothing waits for a delivery to be durable: lost in a
+                # crash, it is an attempt made again (counted when
+                # "sending" was recorded), so it costs no group commit of
+                # its own. Observers hear of it once it is durable.
+                durable = self._record_unhurried(queue_id, state, attempts)
             self.scheduler.complete(queue_id)
             self._progress.pop(queue_id, None)
             if bounced:
@@ -1589,17 +1596,19 @@ class MessageQueue(Service):
         elif failed:
             self._bounce_alert(original, outcomes, failed, dsn, now)
         failed_now = {r for r, _ in failed}
-        self._tell(
-            MessageOutcome(
-                queue_id,
-                entry.list,
-                state,
-                gate,
-                outcomes.delivered,
-                tuple(r for r, _ in outcomes.bounced if r in failed_now),
-                tuple(r for r, _ in outcomes.expired if r in failed_now),
-            )
+        outcome = MessageOutcome(
+            queue_id,
+            entry.list,
+            state,
+            gate,
+            outcomes.delivered,
+            tuple(r for r, _ in outcomes.bounced if r in failed_now),
+            tuple(r for r, _ in outcomes.expired if r in failed_now),
         )
+        if durable is None:
+            self._tell(outcome)
+        else:
+            durable.addCallback(lambda _: self._tell(outcome))
 
     async def _report(
         self, original: Envelope, body: bytes, outcomes: RecipientOutcomes, now: float
@@ -1935,12 +1944,17 @@ class MessageQueue(Service):
         except JournalUnavailable as error:
             self._not_journaled(error, queue_id, state)
 
-    def _record_unhurried(self, queue_id: str, state: MessageState, attempts: int) -> None:
+    def _record_unhurried(
+        self, queue_id: str, state: MessageState, attempts: int
+    ) -> Deferred[None]:
         """
         Journal a state without waiting for it (C{urgent=False}).
+
+        @return: fires with L{None} once it is durable, or could not be
+            journaled (then with a warning, as L{_record}).
         """
         d = self._journal.record_state(queue_id, state.value, attempts, urgent=False)
-        d.addErrback(self._unhurried_failed, queue_id, state)
+        return d.addErrback(self._unhurried_failed, queue_id, state)
 
     def _unhurried_failed(self, failure: Failure, queue_id: str, state: MessageState) -> None:
         if isinstance(failure.value, JournalUnavailable):

@@ -1833,3 +1833,57 @@ async def test_the_main_process_acceptor_serves_until_stopped() -> None:
         assert bound.socket.fileno() >= 0
     finally:
         bound.stopListening()
+
+
+@async_test
+async def test_a_pool_giving_up_while_it_starts_still_makes_the_main_process_accept(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    With three or more acceptors whose every start fails at once, the pool
+    gives up while it starts, before the fallback's service has started:
+    the fallback then accepts as soon as its service starts.
+    """
+    from twisted.internet import reactor as real
+    from twisted.internet.protocol import Protocol, ServerFactory
+
+    from smtpgw.listening import bind_only
+    from smtpgw.services import OrderedMultiService
+
+    fake = FakeReactor()
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    fake.spawnProcess = failing  # type: ignore[method-assign]
+    bound = bind_only(0, None, 5, "127.0.0.1")
+    here = MainProcessAcceptor(
+        real, lambda: [bound.fileno()], lambda: ServerFactory.forProtocol(Protocol)
+    )
+    limits = Limits(max_size=MAX_SIZE)
+    pool = AcceptorPool(
+        reactor=fake,
+        count=FALLBACK_AFTER,
+        config=config(limits),
+        sockets=lambda: SOCKETS,
+        queue=FakeQueue(),
+        connections=ConnectionCounter(10, total_limit=100),
+        auth=AuthFailureTracker(limit=3, window=300.0, clock=fake),
+        alerts=FlushingSink(),
+        metrics=FakeMetrics(),
+        argv=ARGV,
+        fallback=here.start,
+    )
+    top = OrderedMultiService()
+    pool.setServiceParent(top)
+    here.setServiceParent(top)
+    top.startService()
+    try:
+        assert pool.fell_back
+        assert here.serving
+    finally:
+        await top.stopService()
+        bound.stopListening()
+    assert not here.serving
+    errors = take_errors(logged_errors)
+    assert [kind for _, kind in errors] == [FileNotFoundError] * FALLBACK_AFTER

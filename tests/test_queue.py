@@ -2279,6 +2279,37 @@ class TestGatesAndPreemption:
             (cancelled.queue_id, MessageState.CANCELLED, "g", (), ()),
         }
 
+    def test_observers_hear_of_a_delivery_once_it_is_durable(self) -> None:
+        """
+        A delivery is journaled unhurried, and its observers (a campaign's
+        counts) hear of it only once that record is durable: a crash before
+        then makes the attempt again, and they must not count it twice. A
+        bounce is journaled urgently (lost, it would be reported again).
+        """
+        clock = Clock()
+        outbound = RecipientOutbound(clock, {C: ["5xx"]})
+        journal = MemoryJournal(manual=True)
+        queue, _, recorder = gated_queue(clock, outbound, journal, hostname=HOST)
+        queue.startService()
+        queue.open_gate("g", 3)
+        delivered = evolve(gated_envelope(), recipients=(A,))
+        bounced = evolve(gated_envelope(), recipients=(C,), sender="")
+        for env in (delivered, bounced):
+            queue.submit(env, ORIGINAL)
+        journal.flush()  # the accepts; the attempts start
+        journal.flush()  # "sending"; both attempts run
+        assert states(journal, delivered.queue_id) == [("sending", 0, 0.0)]
+        assert recorder.outcomes == []
+        journal.flush()  # the outcomes
+        assert states(journal, delivered.queue_id)[-1] == ("delivered", 1, 0.0)
+        assert states(journal, bounced.queue_id)[-1] == ("bounced", 1, 0.0)
+        got = {(o.queue_id, o.state) for o in recorder.outcomes}
+        assert got == {
+            (delivered.queue_id, MessageState.DELIVERED),
+            (bounced.queue_id, MessageState.BOUNCED),
+        }
+        assert journal.unhurried == [delivered.queue_id]
+
     def test_replay_puts_messages_behind_their_gates_and_counts_redeliveries(self) -> None:
         """
         After a restart, journaled messages are behind their gates again
