@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import socket
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
@@ -50,7 +49,7 @@ from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, JournalUnavailab
 from smtpgw.journal import QueueIdInUse
 from smtpgw.limits import Limits
 from smtpgw.model import Envelope, Priority
-from tests.twisted_support import async_test
+from tests.twisted_support import async_test, waiting_connections
 
 T = TypeVar("T")
 
@@ -1793,46 +1792,26 @@ def test_spawn_failures_count_as_failed_starts(logged_errors: list[dict[str, Any
 @async_test
 async def test_the_main_process_acceptor_serves_until_stopped() -> None:
     """
-    L{MainProcessAcceptor.start} accepts on the sockets given (only while
-    the service runs), and stopping closes its ports but not the sockets.
+    L{MainProcessAcceptor.start} accepts on the sockets given once its
+    service runs (asked before, it waits for the start), and stopping
+    closes its ports but not the sockets.
     """
     from twisted.internet import reactor
-    from twisted.internet.protocol import Protocol, ServerFactory
 
-    from smtpgw.listening import bind_only
-
-    built: list[Protocol] = []
-
-    class Recording(ServerFactory):
-        def buildProtocol(self, addr: Any) -> Protocol:
-            built.append(Protocol())
-            return built[-1]
-
-    bound = bind_only(0, None, 5, "127.0.0.1")
-    here = MainProcessAcceptor(reactor, lambda: [bound.fileno()], Recording)
-    try:
+    with waiting_connections(1) as (bound, factory, built):
+        here = MainProcessAcceptor(reactor, lambda: [bound.fileno()], lambda: factory)
         here.start()
         assert not here.serving
         here.startService()
-        here.start()
         assert here.serving
-        client = socket.create_connection(bound.socket.getsockname(), timeout=5)
-        try:
-            [port] = here.ports
-            port.doRead()
-            assert len(built) == 1
-        finally:
-            client.close()
-            for protocol in built:
-                if protocol.transport is not None:
-                    protocol.transport.abortConnection()
+        [port] = here.ports
+        port.doRead()
+        assert len(built) == 1
         stopped = here.stopService()
         assert not here.serving
         assert stopped is not None
         await stopped
         assert bound.socket.fileno() >= 0
-    finally:
-        bound.stopListening()
 
 
 @async_test

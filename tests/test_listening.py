@@ -39,7 +39,7 @@ from smtpgw.listening import (
     PortFailure,
 )
 from smtpgw.ports import DEFAULT_PORTS, parse_ports
-from tests.twisted_support import async_test
+from tests.twisted_support import async_test, waiting_connections
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -648,34 +648,16 @@ def test_a_sole_acceptor_takes_every_waiting_connection_at_once() -> None:
     """
     from twisted.internet import reactor
 
-    from smtpgw.listening import accept_taking_turns, bind_only
+    from smtpgw.listening import accept_taking_turns
 
-    built: list[Protocol] = []
-
-    class Recording(ServerFactory):
-        def buildProtocol(self, addr: Any) -> Protocol:
-            built.append(Protocol())
-            return built[-1]
-
-    bound = bind_only(0, None, 5, "127.0.0.1")
-    clients = []
-    try:
-        address = bound.socket.getsockname()
-        clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
-        port = accept_taking_turns(reactor, bound.fileno(), Recording(), alone=True)
+    with waiting_connections(3) as (bound, factory, built):
+        port = accept_taking_turns(reactor, bound.fileno(), factory, alone=True)
         try:
             port.doRead()
             assert len(built) == 3
         finally:
             port.stopListening()
         assert bound.socket.fileno() >= 0
-    finally:
-        for protocol in built:
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()  # type: ignore[attr-defined]
-        for client in clients:
-            client.close()
-        bound.stopListening()
 
 
 def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
@@ -686,21 +668,10 @@ def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
     """
     from twisted.internet import reactor
 
-    from smtpgw.listening import accept_taking_turns, bind_only
+    from smtpgw.listening import accept_taking_turns
 
-    built: list[Protocol] = []
-
-    class Recording(ServerFactory):
-        def buildProtocol(self, addr: Any) -> Protocol:
-            built.append(Protocol())
-            return built[-1]
-
-    bound = bind_only(0, None, 5, "127.0.0.1")
-    clients = []
-    try:
-        address = bound.socket.getsockname()
-        clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
-        port = accept_taking_turns(reactor, bound.fileno(), Recording())
+    with waiting_connections(3) as (bound, factory, built):
+        port = accept_taking_turns(reactor, bound.fileno(), factory)
         try:
             port.doRead()
             assert len(built) == 1
@@ -709,10 +680,3 @@ def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
         finally:
             port.stopListening()
         assert bound.socket.fileno() >= 0
-    finally:
-        for protocol in built:
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()  # type: ignore[attr-defined]
-        for client in clients:
-            client.close()
-        bound.stopListening()

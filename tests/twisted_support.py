@@ -1,11 +1,13 @@
 """
 What many test modules need to run Twisted code: coroutine tests on the
-real reactor, and that reactor.
+real reactor, that reactor, and connections waiting on a listening socket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+import contextlib
+import socket
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec
 
 import pytest_twisted
@@ -29,3 +31,39 @@ def global_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+@contextlib.contextmanager
+def waiting_connections(count: int) -> Iterator[tuple[Any, Any, list[Any]]]:
+    """
+    A listening socket bound on 127.0.0.1 without accepting
+    (L{smtpgw.listening.bind_only}) with C{count} clients connected and
+    waiting to be accepted, and a factory that records the protocols it
+    builds. Everything is closed after the block.
+
+    @return: (the bound port, the factory, the protocols built so far).
+    """
+    from twisted.internet.protocol import Protocol, ServerFactory
+
+    from smtpgw.listening import bind_only
+
+    built: list[Protocol] = []
+
+    class Recording(ServerFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            built.append(Protocol())
+            return built[-1]
+
+    bound = bind_only(0, None, 5, "127.0.0.1")
+    clients: list[socket.socket] = []
+    try:
+        address = bound.socket.getsockname()
+        clients = [socket.create_connection(address, timeout=5) for _ in range(count)]
+        yield bound, Recording(), built
+    finally:
+        for protocol in built:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+        for client in clients:
+            client.close()
+        bound.stopListening()
