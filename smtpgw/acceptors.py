@@ -116,8 +116,9 @@ RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
 #: A child that ran this long resets the wait to L{RESTART_DELAY}.
 HEALTHY_AFTER = 60.0
-#: After this many starts in a row that never came to accept (the child
-#: could not even be run, say), the main process accepts SMTP itself.
+#: After this many starts in a row of one acceptor that never came to
+#: accept (the child could not even be run, say), the main process accepts
+#: SMTP itself (unless another acceptor accepts).
 FALLBACK_AFTER = 3
 #: How often the main process tells the children whether it takes mail,
 #: and asks each whether it is still there.
@@ -1074,7 +1075,8 @@ class AcceptorPool(Service):
         self._fallback = fallback
         #: Whether the fallback was called.
         self.fell_back = False
-        self._failed_starts = 0
+        # Per acceptor index, its starts in a row that failed.
+        self._failed_starts: Counter[int] = Counter()
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._accepting = True
@@ -1109,7 +1111,7 @@ class AcceptorPool(Service):
             log.failure("cannot start acceptor {index}", index=index)
             if self.running:
                 self._restart_later(index, self.clock.seconds())
-                self._start_failed()
+                self._start_failed(index)
             return
         child.channel = PipeWriter(self.reactor, channel, on_broken=lambda error: None)
         child_fds: dict[int, int | str] = {0: stdin, 1: "r", 2: "r"}
@@ -1129,7 +1131,7 @@ class AcceptorPool(Service):
             child.channel.close()
             if self.running:
                 self._restart_later(index, self.clock.seconds())
-                self._start_failed()
+                self._start_failed(index)
             return
         finally:
             os.close(stdin)
@@ -1152,29 +1154,26 @@ class AcceptorPool(Service):
             delay=delay,
         )
         if not child.was_ready:
-            self._start_failed()
+            self._start_failed(child.index)
 
     def child_ready(self) -> None:
         """
         A child accepts connections: the starts that failed before it no
-        longer count.
+        longer count, for any acceptor (what failed them is over).
         """
-        self._failed_starts = 0
+        self._failed_starts.clear()
 
-    def _start_failed(self) -> None:
-        self._failed_starts += 1
-        if (
-            self._fallback is None
-            or self.fell_back
-            or self._failed_starts < FALLBACK_AFTER
-            or self.ready
-        ):
+    def _start_failed(self, index: int) -> None:
+        self._failed_starts[index] += 1
+        failed = self._failed_starts[index]
+        if self._fallback is None or self.fell_back or failed < FALLBACK_AFTER or self.ready:
             return
         self.fell_back = True
         log.warn(
-            "no acceptor process could start ({failed} tries in a row, see above):"
-            " the main process accepts SMTP connections itself",
-            failed=self._failed_starts,
+            "no acceptor process could start (acceptor {index}: {failed} tries in a row,"
+            " see above): the main process accepts SMTP connections itself",
+            index=index,
+            failed=failed,
         )
         try:
             self._fallback()
