@@ -64,9 +64,14 @@ def generate_password() -> str:
     Make a new password for an SMTP+ user.
 
     @return: 32 url-safe characters (192 bits from L{secrets}), well under
-        L{MAX_PASSWORD_BYTES}.
+        L{MAX_PASSWORD_BYTES}, never starting with C{-}: command-line
+        clients (swaks among them) take such a value for an option, whatever
+        the quoting. (Drawing again costs 1/64 of the space: 0.02 bits.)
     """
-    return secrets.token_urlsafe(PASSWORD_ENTROPY_BYTES)
+    password = secrets.token_urlsafe(PASSWORD_ENTROPY_BYTES)
+    while password.startswith("-"):
+        password = secrets.token_urlsafe(PASSWORD_ENTROPY_BYTES)
+    return password
 
 
 def generate_username(list_name: str) -> str:

@@ -41,6 +41,18 @@ def test_generated_password_is_long_url_safe_and_fresh() -> None:
         assert len(password.encode()) <= MAX_PASSWORD_BYTES
 
 
+def test_a_generated_password_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A password drawn with a leading C{-} (which swaks, say, would take for
+    an option) is drawn again.
+    """
+    import secrets
+
+    draws = iter(["-" + "a" * 31, "-" + "b" * 31, "c" * 32])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
+    assert generate_password() == "c" * 32
+
+
 def test_generated_username_names_the_list_and_has_random_suffix() -> None:
     """
     A username is C{smtp-<list>-<8 lower-case alphanumerics>}.
