@@ -908,7 +908,8 @@ class MainProcessAcceptor(Service):
         """
         self._reactor = reactor
         self._sockets = sockets
-        self._factory = factory
+        #: Builds the SMTP factory (called once, when accepting starts).
+        self.make_factory = factory
         self._wanted = False
         self.ports: list[Any] = []
 
@@ -939,7 +940,7 @@ class MainProcessAcceptor(Service):
 
         if self.ports:
             return
-        factory = self._factory()
+        factory = self.make_factory()
         try:
             for fd in self._sockets():
                 self.ports.append(accept_taking_turns(self._reactor, fd, factory))

@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application.service import IService, Service
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
@@ -531,23 +532,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # are, else the listener this process bound, which serves while it runs.
     smtp_up: Any = lambda: True  # noqa: E731
 
-    def smtp_factory(**shared_limiters: Any) -> GatewaySMTPFactory:
-        # The sessions of this process (all of them without acceptors).
+    def smtp_factory(**shared: Any) -> GatewaySMTPFactory:
+        # The sessions of this process (all of them without acceptors);
+        # beside acceptors, with their limiters and alert filter.
         portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
-        return GatewaySMTPFactory(
-            portal=portal,
-            queue=CountingQueue(queue, stats),
-            alerts=alerts,
-            users=users,
-            hostname=options["hostname"],
-            limits=limits,
-            tls=tls.options,
-            require_tls=bool(options["require-tls"]),
-            clock=reactor,
-            queue_ids=queue_ids,
-            metrics=metrics,
-            **shared_limiters,
-        )
+        arguments: dict[str, Any] = {
+            "portal": portal,
+            "queue": CountingQueue(queue, stats),
+            "alerts": alerts,
+            "users": users,
+            "hostname": options["hostname"],
+            "limits": limits,
+            "tls": tls.options,
+            "require_tls": bool(options["require-tls"]),
+            "clock": reactor,
+            "queue_ids": queue_ids,
+            "metrics": metrics,
+        }
+        arguments.update(shared)
+        return GatewaySMTPFactory(**arguments)
 
     if options["acceptors"]:
         pool, here = _acceptor_pool(
@@ -630,10 +633,17 @@ def _acceptor_pool(
     auth = AuthFailureTracker(
         limit=limits.auth_failure_limit, window=limits.auth_failure_window, clock=reactor
     )
+    sender_alerts = RepeatedAlertFilter(alerts, reactor, window=limits.sender_alert_window)
     here = MainProcessAcceptor(
         reactor,
         listener.file_descriptors,
-        lambda: smtp_factory(connection_limiter=connections, auth_limiter=auth),
+        lambda: smtp_factory(
+            connection_limiter=connections,
+            auth_limiter=auth,
+            # Repeated sender alerts are held back once, for all.
+            alerts=sender_alerts,
+            limits=attrs.evolve(limits, sender_alert_window=0.0),
+        ),
     )
     pool = AcceptorPool(
         reactor=reactor,
@@ -649,7 +659,7 @@ def _acceptor_pool(
         queue=CountingQueue(queue, stats),
         connections=connections,
         auth=auth,
-        alerts=RepeatedAlertFilter(alerts, reactor, window=limits.sender_alert_window),
+        alerts=sender_alerts,
         metrics=metrics,
         tls=tls,
         fallback=here.start,

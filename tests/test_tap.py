@@ -181,6 +181,33 @@ def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
     assert Options()["relay"] == "mx"
 
 
+def test_the_main_process_fallback_shares_the_acceptors_limits_and_alert_filter(
+    tmp_path: Path,
+) -> None:
+    """
+    Should the main process accept beside (or instead of) the acceptors,
+    its sessions count connections and failed logins in the pool's own
+    counters and hold back repeated sender alerts in the pool's filter, so
+    every limit and summary is the same across all of them.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from smtpgw.acceptors import AcceptorPool, MainProcessAcceptor
+    from smtpgw.tap import makeService
+
+    options = parse_public("--acceptors", "2", "--data-dir", str(tmp_path), "--admin", "none")
+    services = list(makeService(options, MemoryReactorClock()))  # type: ignore[call-overload]
+    [pool] = [c for c in services if isinstance(c, AcceptorPool)]
+    [here] = [c for c in services if isinstance(c, MainProcessAcceptor)]
+    assert services.index(pool) < services.index(here)
+    factory = here.make_factory()
+    assert factory.connection_limiter is pool.connections
+    assert factory.auth_limiter is pool.auth
+    assert factory.alerts is pool.alerts
+    assert factory.limits.sender_alert_window == 0.0
+    assert pool.limits.sender_alert_window > 0.0
+
+
 def test_only_discard_skips_the_sending_record(tmp_path: Path) -> None:
     """
     The queue journals each attempt as "sending" first for every relay from
