@@ -279,12 +279,16 @@ class PipeWriter:
             self._reactor.removeWriter(self)
 
     def _break(self, error: OSError) -> None:
-        self.broken = True
+        self._stop_writing()
         if self._on_broken is not None:
             self._on_broken(error)
         else:
             # The main process is gone; the end of stdin stops this process.
             log.warn("cannot write to the main process: {error}", error=str(error))
+
+    def _stop_writing(self) -> None:
+        # Drop what waits, and ignore later writes.
+        self.broken = True
         if self._pending:
             self._pending.clear()
             self._reactor.removeWriter(self)
@@ -293,10 +297,7 @@ class PipeWriter:
         """
         Stop writing, and close the pipe.
         """
-        if self._pending:
-            self._reactor.removeWriter(self)
-            self._pending.clear()
-        self.broken = True
+        self._stop_writing()
         if not self._closed:
             self._closed = True
             os.close(self._fd)
@@ -386,7 +387,7 @@ class MainLink(Int32StringReceiver):
         if self.out is None:
             super().sendString(string)
         else:
-            self.out.write_sequence([struct.pack(">I", len(string)), string])
+            self.out.write(_frame(string))
 
     @property
     def in_flight(self) -> int:
@@ -632,7 +633,10 @@ class _Child(ProcessProtocol):
     back when it ends.
     """
 
-    def __init__(self, pool: AcceptorPool, index: int) -> None:
+    def __init__(self, pool: AcceptorPool, index: int, channel: PipeWriter) -> None:
+        """
+        @param channel: writes to the child's stdin.
+        """
         self.pool = pool
         self.index = index
         self.ended = False
@@ -651,8 +655,8 @@ class _Child(ProcessProtocol):
         self._turns: Counter[str] = Counter()
         self._waiting_turns: dict[int, Deferred[bool]] = {}
         self.ended_deferred: Deferred[None] = Deferred()
-        #: Where frames to the child go (its stdin), once spawned.
-        self.channel: PipeWriter | None = None
+        #: Where frames to the child go (its stdin).
+        self.channel = channel
 
     def connectionMade(self) -> None:
         self.pid = getattr(self.transport, "pid", None)
@@ -674,12 +678,8 @@ class _Child(ProcessProtocol):
         self.send(TLS + _json([cert.decode("latin-1"), key.decode("latin-1"), *files]))
 
     def send(self, payload: bytes) -> None:
-        if self.ended:
-            return
-        if self.channel is not None:
-            self.channel.write_sequence([struct.pack(">I", len(payload)), payload])
-        elif self.transport is not None:
-            self.transport.write(_frame(payload))
+        if not self.ended:
+            self.channel.write(_frame(payload))
 
     def _frame_too_long(self, length: int) -> None:
         log.error("acceptor sent a frame of {length} bytes; stopping it", length=length)
@@ -870,8 +870,7 @@ class _Child(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.ready = False
-        if self.channel is not None:
-            self.channel.close()
+        self.channel.close()
         if self._stderr_chunks:
             self._log_line(b"".join(self._stderr_chunks))
             self._stderr_chunks = []
@@ -1103,22 +1102,18 @@ class AcceptorPool(Service):
         env["SMTPGW_ACCEPTOR_PARENT"] = str(os.getpid())
         env["SMTPGW_ACCEPTOR_INDEX"] = str(index)
         env["SMTPGW_ACCEPTOR_FDS"] = str(len(fds))
-        child = _Child(self, index)
+        stdin: int | None = None
+        child: _Child | None = None
         try:
             # The child's stdin is a pipe made here, written with a
             # PipeWriter (answers leave in the turn that made them).
             stdin, channel = os.pipe()
-        except OSError:
-            log.failure("cannot start acceptor {index}", index=index)
-            if self.running:
-                self._restart_later(index, self.clock.seconds())
-                self._start_failed(index)
-            return
-        child.channel = PipeWriter(self.reactor, channel, on_broken=lambda error: None)
-        child_fds: dict[int, int | str] = {0: stdin, 1: "r", 2: "r"}
-        for offset, fd in enumerate(fds):
-            child_fds[3 + offset] = fd
-        try:
+            child = _Child(
+                self, index, PipeWriter(self.reactor, channel, on_broken=lambda error: None)
+            )
+            child_fds: dict[int, int | str] = {0: stdin, 1: "r", 2: "r"}
+            for offset, fd in enumerate(fds):
+                child_fds[3 + offset] = fd
             self.reactor.spawnProcess(
                 child,
                 self._argv[0],
@@ -1129,13 +1124,15 @@ class AcceptorPool(Service):
         except Exception:
             # Out of processes, memory or file descriptors: try again later.
             log.failure("cannot start acceptor {index}", index=index)
-            child.channel.close()
+            if child is not None:
+                child.channel.close()
             if self.running:
                 self._restart_later(index, self.clock.seconds())
                 self._start_failed(index)
             return
         finally:
-            os.close(stdin)
+            if stdin is not None:
+                os.close(stdin)
         self.children[index] = child
 
     def child_ended(self, child: _Child, reason: Failure) -> None:

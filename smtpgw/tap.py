@@ -606,8 +606,9 @@ def _acceptor_pool(
     no acceptor start (added to the service tree in that order by the
     caller's parent: here, to the queue's parent).
 
-    @param smtp_factory: builds this process's SMTP factory, given the
-        connection and auth limiters to share with the acceptors.
+    @param smtp_factory: builds this process's SMTP factory, given what it
+        shares with the acceptors (connection and auth limiters, the filter
+        of repeated sender alerts) and its limits.
     @return: the pool and the fallback (L{MainProcessAcceptor}).
     """
     from twisted.internet.protocol import ServerFactory
