@@ -7,7 +7,6 @@ fake reactor. No process is started.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import struct
@@ -1569,15 +1568,13 @@ class WatchingReactor:
 @pytest.fixture
 def pipe() -> Iterator[tuple[int, int]]:
     """
-    A pipe: its read end (non-blocking; closed after the test unless the
-    test closed it) and its write end, for a L{PipeWriter} to own.
+    A pipe: its read end (non-blocking; closed after the test) and its
+    write end, for a L{PipeWriter} to own.
     """
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     yield read_end, write_end
-    with contextlib.suppress(OSError):
-        os.fstat(read_end)
-        os.close(read_end)
+    os.close(read_end)
 
 
 def drain(fd: int) -> bytes:
@@ -1632,13 +1629,13 @@ def test_pipe_writer_keeps_the_rest_in_order_until_writable(pipe: tuple[int, int
 
 
 def test_pipe_writer_stops_quietly_when_the_main_process_is_gone(
-    pipe: tuple[int, int], events: list[dict[str, Any]]
+    events: list[dict[str, Any]],
 ) -> None:
     """
     Once the pipe's reader is gone, the writer logs a warning, drops what
     it held and ignores later writes (the end of stdin stops the process).
     """
-    read_end, write_end = pipe
+    read_end, write_end = os.pipe()
     reactor = WatchingReactor()
     writer = PipeWriter(reactor, write_end)
     writer.write(b"x" * (1 << 20))
