@@ -914,7 +914,8 @@ def _assembled(lines: list[bytes], block: bool, max_size: int = 10_000) -> bytes
 
 @given(
     st.lists(
-        st.binary(max_size=40)
+        # A line never holds a CRLF: the session splits the stream there.
+        st.binary(max_size=40).filter(lambda line: b"\r\n" not in line)
         | st.sampled_from([b"x" * 998, b"x" * 999, b"a\rb", b"a\nb", b"\0", b"", b"."]),
         max_size=30,
     ),
@@ -927,6 +928,7 @@ def test_a_block_of_body_lines_gives_what_the_lines_one_by_one_give(
     Whatever the lines (bare CR or LF, NUL, a line at the limit or one past
     it, the size limit), taking them as a block either does exactly what
     taking them one by one does, or takes nothing and leaves it to lines.
+    (Lines as the session makes them: split at each CRLF, so none holds one.)
     """
     assert _assembled(lines, block=True, max_size=max_size) == _assembled(
         lines, block=False, max_size=max_size
