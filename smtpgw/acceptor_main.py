@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         clock=reactor,
         queue_ids=QueueIdGenerator(),
         metrics=link,
-        connection_limiter=link,
-        auth_limiter=link,
+        # A sole acceptor counts connections and failed logins itself:
+        # no round trip to the main process before each greeting and login.
+        connection_limiter=None if config.alone else link,
+        auth_limiter=None if config.alone else link,
         log_accepted=False,
     )
     top.startService()
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     def listen() -> None:
         # Once the certificate has come: no session without STARTTLS.
         for fd in range(3, 3 + count):
-            ports.append(accept_taking_turns(reactor, fd, factory, alone=config.acceptors == 1))
+            ports.append(accept_taking_turns(reactor, fd, factory, alone=config.alone))
             os.close(fd)
         link.ready(len(ports))
 

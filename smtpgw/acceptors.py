@@ -12,9 +12,13 @@ rewriting) on its own core, and hands each message to the main process over
 its stdin/stdout pipes; the main process journals it (group commit, as
 always), schedules it, and only then answers, so the child sends C{250} only
 for a durable message. The main process alone keeps the state that must
-hold across all acceptors: the connection counts per address and in all,
-the failed logins per address, the alerts, the metrics and the daily
-counts. This is Postfix's shape (many C{smtpd}, one C{qmgr}).
+hold across all acceptors: the alerts, the metrics and the daily counts,
+and, when there are several acceptors, the connection counts per address
+and in all and the failed logins per address. A sole acceptor keeps those
+two itself, as the main process would (no round trip to the main process
+before its greeting and each login), and reports its connections to the
+main process's metrics with each heartbeat. This is Postfix's shape (many
+C{smtpd}, one C{qmgr}).
 
 The channel between them is a stream of frames, each a 4-byte length and a
 payload; a payload is one kind byte, then either JSON or, for a message, a
@@ -335,6 +339,10 @@ class MainLink(Int32StringReceiver):
             through the transport (on the reactor's next turn).
         """
         self.MAX_LENGTH = frame_limit(limits)
+        #: Connections opened and closed since the last heartbeat, for the
+        #: main process's metrics (see L{connection_opened}).
+        self.opened = 0
+        self.closed = 0
         self.out = out
         self.accepting = True
         self.on_lost = on_lost
@@ -467,18 +475,21 @@ class MainLink(Int32StringReceiver):
             lambda answer: (bool(answer[0]), int(answer[1]))
         )
 
-    # SessionMetrics: the main process counts connections (from CONNECT
-    # and DISCONNECT) and accepted messages (from SUBMIT) itself.
+    # SessionMetrics: the main process counts accepted messages (from
+    # SUBMIT) itself; connections are told with each heartbeat, in a few
+    # numbers instead of a frame each.
 
     def connection_opened(self) -> None:
         """
-        Counted by the main process on C{CONNECT}.
+        Count a connection for the next heartbeat's answer.
         """
+        self.opened += 1
 
     def connection_closed(self) -> None:
         """
-        Counted by the main process on C{DISCONNECT}.
+        Count a connection closed for the next heartbeat's answer.
         """
+        self.closed += 1
 
     def accepted(self) -> None:
         """
@@ -506,7 +517,8 @@ class MainLink(Int32StringReceiver):
             self.accepting = bool(value[0])
             return
         if kind == PING:
-            self._send(PONG, value)
+            self._send(PONG, [self.opened, self.closed])
+            self.opened = self.closed = 0
             return
         if kind == TLS:
             if self.on_tls is not None:
@@ -652,6 +664,8 @@ class _Child(ProcessProtocol):
         self.pid: int | None = None
         self._frames = _Frames(frame_limit(pool.limits), self._received, self._frame_too_long)
         self._open: Counter[str] = Counter()
+        #: Its connections open, as its heartbeats told the metrics.
+        self.connections_open = 0
         self._turns: Counter[str] = Counter()
         self._waiting_turns: dict[int, Deferred[bool]] = {}
         self.ended_deferred: Deferred[None] = Deferred()
@@ -753,11 +767,8 @@ class _Child(ProcessProtocol):
             if kind == CONNECT:
                 seq, address = int(value[0]), str(value[1])
                 admission = pool.connections.admit(address)
-                pool.metrics.connection_opened()
                 if admission is Admission.ADMITTED:
                     self._open[address] += 1
-                else:
-                    pool.metrics.connection_closed()
                 self.send(ADMISSION + _json([seq, admission.value]))
             elif kind == DISCONNECT:
                 address = str(value[0])
@@ -766,7 +777,6 @@ class _Child(ProcessProtocol):
                     if not self._open[address]:
                         del self._open[address]
                     pool.connections.release(address)
-                    pool.metrics.connection_closed()
             elif kind == AUTH_BEGIN:
                 self._auth_begin(int(value[0]), str(value[1]))
             elif kind == AUTH_CANCEL:
@@ -792,7 +802,15 @@ class _Child(ProcessProtocol):
             elif kind == REJECTED:
                 pool.metrics.rejected(str(value[0]))
             elif kind == PONG:
-                pass
+                opened, closed = int(value[0]), int(value[1])
+                if opened < 0 or closed < 0:
+                    raise ValueError(f"negative connection counts {value!r}")
+                metrics = pool.metrics
+                for _ in range(opened):
+                    metrics.connection_opened()
+                for _ in range(closed):
+                    metrics.connection_closed()
+                self.connections_open += opened - closed
             elif kind == READY:
                 self.ready = True
                 self.was_ready = True
@@ -878,8 +896,11 @@ class _Child(ProcessProtocol):
         for address, count in self._open.items():
             for _ in range(count):
                 pool.connections.release(address)
-                pool.metrics.connection_closed()
         self._open.clear()
+        # Its connections ended with it.
+        for _ in range(self.connections_open):
+            pool.metrics.connection_closed()
+        self.connections_open = 0
         for waiter in list(self._waiting_turns.values()):
             waiter.cancel()
         self._waiting_turns.clear()
@@ -996,6 +1017,14 @@ class AcceptorConfig:
                 "acceptors": self.acceptors,
             }
         )
+
+    @property
+    def alone(self) -> bool:
+        """
+        Whether one acceptor accepts every connection: it keeps the
+        connection and login limits itself.
+        """
+        return self.acceptors == 1
 
     @classmethod
     def from_json(cls, text: str) -> AcceptorConfig:

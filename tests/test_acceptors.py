@@ -684,7 +684,6 @@ def test_per_address_limit_holds_across_children() -> None:
     assert result_of(refused) is Admission.ADDRESS_FULL
     assert result_of(other) is Admission.ADMITTED
     assert g.connections.count(IP) == 3
-    assert (g.metrics.opened, g.metrics.closed) == (5, 1)
 
 
 def test_total_limit_holds_across_children() -> None:
@@ -721,7 +720,6 @@ def test_release_frees_a_slot_for_any_child() -> None:
     g.pump()
     assert result_of(again) is Admission.ADMITTED
     assert g.connections.count(IP) == 1
-    assert (g.metrics.opened, g.metrics.closed) == (3, 2)
 
 
 def test_a_child_cannot_release_another_childs_connection() -> None:
@@ -744,20 +742,85 @@ def test_a_child_cannot_release_another_childs_connection() -> None:
 
 def test_a_child_that_ends_releases_its_connections() -> None:
     """
-    When a child's process ends, its admitted connections are released
-    (and counted closed), the other child's stay counted.
+    When a child's process ends, its admitted connections are released,
+    the other child's stay counted.
     """
     g = make_gateway(per_ip=3)
     a, b = g.wires[0].link, g.wires[1].link
     answers = [a.admit(IP), a.admit(IP), a.admit(OTHER_IP), b.admit(IP)]
     g.pump()
     assert [result_of(d) for d in answers] == [Admission.ADMITTED] * 4
-    assert g.metrics.closed == 0
     g.wires[0].end()
     assert g.connections.count(IP) == 1
     assert g.connections.count(OTHER_IP) == 0
     assert g.connections.total == 1
-    assert (g.metrics.opened, g.metrics.closed) == (4, 3)
+
+
+def open_and_close(link: MainLink, opened: int, closed: int) -> None:
+    """
+    What the sessions of a child tell its link's metrics.
+    """
+    for _ in range(opened):
+        link.connection_opened()
+    for _ in range(closed):
+        link.connection_closed()
+
+
+def test_connections_reach_the_main_metrics_with_each_heartbeat() -> None:
+    """
+    A child's connections opened and closed are counted in the main
+    process's metrics when it answers the next heartbeat, each once, and
+    added up across children; no frame is sent for each connection.
+    """
+    g = make_gateway(count=2)
+    a, b = g.wires[0].link, g.wires[1].link
+    open_and_close(a, 3, 1)
+    open_and_close(b, 2, 2)
+    assert g.wires[0].transport.value() == b""
+    g.pump()
+    assert (g.metrics.opened, g.metrics.closed) == (0, 0)
+    g.reactor.advance(ACCEPTING_POLL)
+    g.pump()
+    assert (g.metrics.opened, g.metrics.closed) == (5, 3)
+    g.reactor.advance(ACCEPTING_POLL)
+    g.pump()
+    assert (g.metrics.opened, g.metrics.closed) == (5, 3)
+    open_and_close(a, 1, 0)
+    g.reactor.advance(ACCEPTING_POLL)
+    g.pump()
+    assert (g.metrics.opened, g.metrics.closed) == (6, 3)
+    assert [child.connections_open for child in g.pool.children.values()] == [3, 0]
+
+
+def test_the_connections_of_a_child_that_ends_are_counted_closed() -> None:
+    """
+    When a child ends, the connections its heartbeats counted open are
+    counted closed (they ended with it); the other child's stay open.
+    """
+    g = make_gateway(count=2)
+    open_and_close(g.wires[0].link, 4, 1)
+    open_and_close(g.wires[1].link, 2, 0)
+    g.reactor.advance(ACCEPTING_POLL)
+    g.pump()
+    assert (g.metrics.opened, g.metrics.closed) == (6, 1)
+    g.wires[0].end()
+    assert (g.metrics.opened, g.metrics.closed) == (6, 4)
+
+
+def test_only_a_sole_acceptor_keeps_the_limits_itself() -> None:
+    """
+    The configuration says a child keeps the connection and login limits
+    itself only when it is the only acceptor, and says so across its JSON.
+    """
+    limits = Limits(max_size=MAX_SIZE)
+    alone = AcceptorConfig(
+        data_dir="/d", hostname="h", limits=limits, require_tls=False, acceptors=1
+    )
+    shared = AcceptorConfig(
+        data_dir="/d", hostname="h", limits=limits, require_tls=False, acceptors=2
+    )
+    assert AcceptorConfig.from_json(alone.to_json()).alone
+    assert not AcceptorConfig.from_json(shared.to_json()).alone
 
 
 # -- auth turns -----------------------------------------------------------------------
@@ -1075,8 +1138,20 @@ def test_losing_main_fails_every_request_and_calls_on_lost_once() -> None:
         b"C[1]",
         b"A{}",
         b"S" + b"\x00" * 8 + b"\x00\x00\x01\x00" + b"[]",
+        b"P[0]",
+        b"P[-1,0]",
+        b"P[0,-1]",
     ],
-    ids=["unknown kind", "bad JSON", "missing field", "bad alert", "bad SUBMIT"],
+    ids=[
+        "unknown kind",
+        "bad JSON",
+        "missing field",
+        "bad alert",
+        "bad SUBMIT",
+        "heartbeat without counts",
+        "negative opened",
+        "negative closed",
+    ],
 )
 def test_a_bad_frame_kills_the_child(logged_errors: list[dict[str, Any]], payload: bytes) -> None:
     """
@@ -1088,6 +1163,7 @@ def test_a_bad_frame_kills_the_child(logged_errors: list[dict[str, Any]], payloa
     bad.child.childDataReceived(1, struct.pack(">I", len(payload)) + payload)
     assert bad.process.signals == ["KILL"]
     assert good.process.signals == []
+    assert (g.metrics.opened, g.metrics.closed) == (0, 0)
     [(text, _)] = take_errors(logged_errors)
     assert "acceptor 0 sent a bad frame" in text
 

@@ -40,6 +40,7 @@ from tests.gateway_process import (
     Credentials,
     Gateway,
     add_user,
+    admin,
     fingerprint_of,
     free_port,
     peer_fingerprint,
@@ -681,6 +682,100 @@ def test_the_connections_of_a_killed_acceptor_no_longer_count(tmp_path: Path) ->
                     return greeted[-1].startswith(b"220 ")
 
             wait_until(greeted_again, 10, "a connection to be greeted after the kill")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def metrics_of(gw: Gateway, token: str) -> dict[str, float]:
+    """
+    The unlabelled series of the admin app's /metrics, by name.
+    """
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
+    try:
+        connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+        answer = connection.getresponse()
+        assert answer.status == 200
+        text = answer.read().decode()
+    finally:
+        connection.close()
+    series = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            series[name] = float(value)
+    return series
+
+
+def test_a_sole_acceptor_keeps_the_connection_limit_and_reports_its_connections(
+    tmp_path: Path,
+) -> None:
+    """
+    With one acceptor, which counts connections itself: at the per-address
+    limit the next connection gets 421 4.7.0, one closed makes room again,
+    and /metrics counts the connections open and in all (within a
+    heartbeat); once the acceptor is killed, its connections count as
+    closed.
+    """
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    gw = Gateway(
+        data_dir,
+        free_port(),
+        extra_args=("--acceptors", "1", "--max-connections-per-ip", "2"),
+        admin_port=free_port(),
+    )
+    gw.start()
+    with running(gw):
+        gw.wait_admin()
+        token = admin(gw.data_dir, "token", "add", "scraper")["token"]
+        [victim] = acceptors_of(gw)
+        settled(gw)
+        wait_until(
+            lambda: metrics_of(gw, token)["smtpgw_connections_open"] == 0,
+            10,
+            "no connection open",
+        )
+        before = metrics_of(gw, token)["smtpgw_connections_total"]
+        held = [open_raw(gw), open_raw(gw)]
+        try:
+            for sock in held:
+                assert greeting(sock).startswith(b"220 ")
+            with open_raw(gw) as refused:
+                line = greeting(refused)
+                assert line == (
+                    b"421 4.7.0 gateway.test Too many connections from your address\r\n"
+                ), line
+                assert closed_by_peer(refused)
+            wait_until(
+                lambda: metrics_of(gw, token)["smtpgw_connections_open"] == 2,
+                10,
+                "two connections open in /metrics",
+            )
+            assert metrics_of(gw, token)["smtpgw_connections_total"] == before + 3
+            held.pop().close()
+            greeted: list[bytes] = []
+
+            def one_more_is_greeted() -> bool:
+                sock = open_raw(gw)
+                greeted.append(greeting(sock))
+                if greeted[-1].startswith(b"220 "):
+                    held.append(sock)
+                    return True
+                sock.close()
+                return False
+
+            wait_until(one_more_is_greeted, 10, "a connection greeted after one closed")
+            os.kill(victim, signal.SIGKILL)
+            for sock in held:
+                assert closed_by_peer(sock)
+            wait_until(
+                lambda: metrics_of(gw, token)["smtpgw_connections_open"] == 0,
+                10,
+                "the killed acceptor's connections counted closed",
+            )
         finally:
             for sock in held:
                 sock.close()
