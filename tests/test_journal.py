@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -38,6 +38,8 @@ from zope.interface.verify import verifyObject
 from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
 from smtpgw.journal import (
     DEFAULT_UNHURRIED_DELAY,
+    GATHER_RECORDS,
+    GATHER_WHEN_BUSY_WITHIN,
     FileJournal,
     FileOps,
     JournalFormatError,
@@ -404,6 +406,131 @@ async def test_records_waiting_during_a_sync_share_the_next_one(
     assert (stats.fsyncs, stats.records, stats.last_batch_records) == (2, 11, 10)
     assert stats.records_per_fsync == 5.5
     assert split.from_thread_calls == 2
+    await journal.stop()
+
+
+class WriterClock:
+    """
+    The writer thread's clock, set by the test (it only moves when told).
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def not_written_yet(accepted: Deferred[Any], disk: FaultyDisk, syncs: int) -> None:
+    """
+    Give the writer thread time (thread round trips) and check that
+    C{accepted} is still not durable: had the writer written it, it would
+    have fired by now (the check fails then, as it must).
+    """
+    for _ in range(3):
+        await deferToThread(lambda: None)
+    assert not accepted.called
+    assert disk.syncs == syncs
+
+
+@async_test
+async def test_while_busy_the_writer_gathers_records_for_one_sync(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    Right after a group commit (the journal is busy), a record alone is
+    not written at once: the writer waits for more, and writes as soon as
+    GATHER_RECORDS wait, with one sync (here the wait could last a minute,
+    so only the count can end it).
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(tmp_path, reactor, file_ops=disk.ops(), gather=60.0, writer_clock=clock)
+    await journal.accept(envelope(1), body(1))
+    syncs = disk.syncs
+    gathered = [journal.accept(envelope(2), body(2))]
+    await not_written_yet(gathered[0], disk, syncs)
+    gathered += [journal.accept(envelope(n), body(n)) for n in range(3, 2 + GATHER_RECORDS)]
+    await gatherResults(gathered)
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == GATHER_RECORDS
+    await journal.stop()
+
+
+@async_test
+async def test_a_record_after_a_quiet_spell_is_written_at_once(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    When the last group commit ended longer than GATHER_WHEN_BUSY_WITHIN
+    ago, a record alone is written at once (with a gather of a minute, a
+    wait would time the test out).
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(tmp_path, reactor, file_ops=disk.ops(), gather=60.0, writer_clock=clock)
+    await journal.accept(envelope(1), body(1))
+    clock.now += GATHER_WHEN_BUSY_WITHIN
+    await journal.accept(envelope(2), body(2))
+    assert journal.stats().last_batch_records == 1
+    await journal.stop()
+
+
+@async_test
+async def test_gathering_ends_at_its_deadline(tmp_path: Path, reactor: Any) -> None:
+    """
+    A record the writer gathers for is written once the gather time has
+    passed on the writer's clock, alone when nothing else came, and not
+    before.
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(tmp_path, reactor, file_ops=disk.ops(), gather=0.01, writer_clock=clock)
+    await journal.accept(envelope(1), body(1))
+    syncs = disk.syncs
+    clock.now += GATHER_WHEN_BUSY_WITHIN / 2
+    accepted = journal.accept(envelope(2), body(2))
+    await not_written_yet(accepted, disk, syncs)
+    clock.now += 0.01
+    await accepted
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == 1
+    await journal.stop()
+
+
+@async_test
+async def test_stop_ends_gathering_and_writes_at_once(tmp_path: Path, reactor: Any) -> None:
+    """
+    Stopping the journal while the writer gathers writes what waits
+    without waiting any longer.
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(tmp_path, reactor, file_ops=disk.ops(), gather=60.0, writer_clock=clock)
+    await journal.accept(envelope(1), body(1))
+    syncs = disk.syncs
+    accepted = journal.accept(envelope(2), body(2))
+    await not_written_yet(accepted, disk, syncs)
+    await journal.stop()
+    assert accepted.called
+    await accepted
+    assert [m.envelope.queue_id for m in replayed(tmp_path)] == ["Q00000001", "Q00000002"]
+
+
+@async_test
+async def test_gather_zero_never_waits(tmp_path: Path, reactor: Any) -> None:
+    """
+    With C{gather=0}, records are written as they come even right after a
+    group commit (the writer's clock never moves here: a wait could not
+    end by time).
+    """
+    disk = FaultyDisk()
+    journal = started(
+        tmp_path, reactor, file_ops=disk.ops(), gather=0.0, writer_clock=WriterClock()
+    )
+    for n in range(1, 4):
+        await journal.accept(envelope(n), body(n))
+        assert journal.stats().last_batch_records == 1
     await journal.stop()
 
 
