@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     config = AcceptorConfig.from_json(argv[1])
     count = int(os.environ["SMTPGW_ACCEPTOR_FDS"])
 
+    # Before anything imports the default reactor: replies go out before
+    # the reactor next waits (see smtpgw.promptwrites).
+    from smtpgw.promptwrites import install
+
+    install()
+
     from twisted.cred.portal import Portal
     from twisted.internet import reactor as _reactor
     from twisted.internet.defer import Deferred

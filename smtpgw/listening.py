@@ -173,6 +173,10 @@ def accept_taking_turns(reactor: Any, fd: int, factory: Any, *, alone: bool = Fa
     taking a whole burst (Twisted's port accepts up to hundreds at once).
     The socket is duplicated: C{fd} stays the caller's.
 
+    The connections are L{smtpgw.promptwrites.PromptServer}s: with a
+    L{smtpgw.promptwrites.PromptWritesReactor} (the acceptor processes'),
+    what they write goes out before the reactor next waits.
+
     @param alone: this process is the only one accepting on the socket:
         with no one to take turns with, it takes whatever is waiting at each
         wake-up, as Twisted's port does (under load, a connection left in
@@ -181,12 +185,17 @@ def accept_taking_turns(reactor: Any, fd: int, factory: Any, *, alone: bool = Fa
     """
     from twisted.internet import tcp
 
-    class TakeTurns(tcp.Port):
+    from smtpgw.promptwrites import PromptServer
+
+    class Accept(tcp.Port):
+        transport = PromptServer
+
+    class TakeTurns(Accept):
         def doRead(self) -> None:
             self.numberAccepts = 1
             super().doRead()
 
-    kind = tcp.Port if alone else TakeTurns
+    kind = Accept if alone else TakeTurns
     probe = socket.socket(fileno=os.dup(fd))
     try:
         family = probe.family

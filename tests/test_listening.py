@@ -649,12 +649,14 @@ def test_a_sole_acceptor_takes_every_waiting_connection_at_once() -> None:
     from twisted.internet import reactor
 
     from smtpgw.listening import accept_taking_turns
+    from smtpgw.promptwrites import PromptServer
 
     with waiting_connections(3) as (bound, factory, built):
         port = accept_taking_turns(reactor, bound.fileno(), factory, alone=True)
         try:
             port.doRead()
             assert len(built) == 3
+            assert all(isinstance(p.transport, PromptServer) for p in built)
         finally:
             port.stopListening()
         assert bound.socket.fileno() >= 0
@@ -669,6 +671,7 @@ def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
     from twisted.internet import reactor
 
     from smtpgw.listening import accept_taking_turns
+    from smtpgw.promptwrites import PromptServer
 
     with waiting_connections(3) as (bound, factory, built):
         port = accept_taking_turns(reactor, bound.fileno(), factory)
@@ -677,6 +680,7 @@ def test_a_shared_port_accepts_one_connection_per_wake_up() -> None:
             assert len(built) == 1
             port.doRead()
             assert len(built) == 2
+            assert all(isinstance(p.transport, PromptServer) for p in built)
         finally:
             port.stopListening()
         assert bound.socket.fileno() >= 0
