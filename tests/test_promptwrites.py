@@ -188,7 +188,7 @@ def test_replies_of_one_turn_go_out_in_one_send_without_watching_the_socket(
     assert received(served, client, 12) == b"ok a\r\nok b\r\n"
     assert sends == [12]
     assert served.added_writers == []
-    assert transport not in served.reactor._writes
+    assert transport not in served.reactor.getWriters()
     client.close()
 
 
@@ -265,8 +265,45 @@ def test_what_the_socket_cannot_take_waits_for_writability_in_order(served: Serv
     transport.write(b"end")  # type: ignore[union-attr]
     served.reactor.doIteration(0)
     assert served.added_writers == [transport]
+    assert transport in served.reactor.getWriters()
     assert received(served, client, len(data) + 3) == data + b"end"
-    served.turn(lambda: transport not in served.reactor._writes)
+    served.turn(lambda: transport not in served.reactor.getWriters())
+    # Drained: the next reply goes out before the next wait again.
+    transport.write(b"again")  # type: ignore[union-attr]
+    served.reactor.doIteration(0)
+    assert received(served, client, 5) == b"again"
+    assert served.added_writers == [transport]
+    client.close()
+
+
+def test_a_backed_up_connection_is_not_sent_to_before_it_is_writable(served: Served) -> None:
+    """
+    While the socket is watched for writability (the kernel's buffer was
+    full), more writes are left to the reactor, which sends when the socket
+    is writable, instead of being sent again at the end of each turn;
+    everything goes out in order once the client reads.
+    """
+    client, protocol = served.connect()
+    transport = protocol.transport
+    data = bytes(range(256)) * (16 * 1024 * 4)
+    transport.write(data)  # type: ignore[union-attr]
+    served.reactor.doIteration(0)
+    assert transport in served.reactor.getWriters()
+    queued: list[Any] = []
+    write_soon = served.reactor.write_soon
+
+    def recording(connection: Any) -> None:
+        queued.append(connection)
+        write_soon(connection)
+
+    served.reactor.write_soon = recording  # type: ignore[method-assign]
+    for n in range(3):
+        transport.write(b"more %d" % n)  # type: ignore[union-attr]
+        served.reactor.runUntilCurrent()
+        served.reactor.doIteration(0)
+    assert queued == []
+    expected = data + b"more 0more 1more 2"
+    assert received(served, client, len(expected)) == expected
     client.close()
 
 
