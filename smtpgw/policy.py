@@ -13,6 +13,7 @@ This module only decides; whether a refusal is enforced or merely alerted on
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 
 import idna
@@ -215,10 +216,26 @@ def header_from_addresses(value: str) -> list[str]:
     @return: the addr-specs in order, without empty ones; C{[]} when none.
     """
     unfolded = value.replace("\r", "").replace("\n", "")
+    if len(unfolded) <= MAX_CACHED_FROM:
+        return list(_cached_addresses(unfolded))
+    return list(_addresses(unfolded))
+
+
+#: The longest C{From:} value whose addresses are remembered: an
+#: application sends the same one in every message, and parsing it is a
+#: good part of checking a message; longer ones (rare, and attacker input)
+#: are parsed each time, so the cache holds at most 4096 short strings.
+MAX_CACHED_FROM = 256
+
+
+def _addresses(unfolded: str) -> tuple[str, ...]:
     try:
         pairs = email.utils.getaddresses([unfolded])
     except Exception:
         # The stdlib parser is not documented to raise, but a header is
         # attacker input: an unreadable one has no usable address.
-        return []
-    return [addr for _name, addr in pairs if addr.strip()]
+        return ()
+    return tuple(addr for _name, addr in pairs if addr.strip())
+
+
+_cached_addresses = functools.lru_cache(maxsize=4096)(_addresses)

@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 
 from smtpgw.model import SmtpUser
 from smtpgw.policy import (
+    MAX_CACHED_FROM,
     MAX_SHOWN_ADDRESS,
     SenderDecision,
+    _addresses,
+    _cached_addresses,
     check_sender,
     header_from_addresses,
     normalize_domain,
@@ -349,6 +352,47 @@ class TestHeaderFromAddresses:
         user = make_user(domains=("example.com",))
         assert found
         assert not any(check_sender(user, a).allowed for a in found)
+
+    def test_a_repeated_value_is_parsed_once_and_answered_alike(self) -> None:
+        """
+        The addresses of a short value are remembered: the same value again
+        gives an equal list (a new one: the caller may change it) without
+        parsing again.
+        """
+        value = "Cache Test <cache-test@example.com>"
+        first = header_from_addresses(value)
+        hits = _cached_addresses.cache_info().hits
+        first.append("changed by the caller")
+        assert header_from_addresses(value) == ["cache-test@example.com"]
+        assert _cached_addresses.cache_info().hits == hits + 1
+
+    def test_a_long_value_is_not_remembered(self) -> None:
+        """
+        A value of MAX_CACHED_FROM characters is remembered, one more is
+        parsed each time and never kept (header text is attacker input).
+        """
+        local = "a" * (MAX_CACHED_FROM - len("<@example.com>"))
+        at_limit = f"<{local}@example.com>"
+        past = f"<{local}a@example.com>"
+        assert len(at_limit) == MAX_CACHED_FROM
+        assert header_from_addresses(at_limit) == [f"{local}@example.com"]
+        size = _cached_addresses.cache_info().currsize
+        hits = _cached_addresses.cache_info().hits
+        assert header_from_addresses(at_limit) == [f"{local}@example.com"]
+        assert _cached_addresses.cache_info().hits == hits + 1
+        assert header_from_addresses(past) == [f"{local}a@example.com"]
+        assert header_from_addresses(past) == [f"{local}a@example.com"]
+        info = _cached_addresses.cache_info()
+        assert (info.currsize, info.hits) == (size, hits + 1)
+
+    @given(st.text(max_size=500))
+    def test_cached_or_not_the_addresses_are_the_same(self, value: str) -> None:
+        """
+        Remembering changes no answer: the addresses are those the parser
+        gives for the unfolded value.
+        """
+        unfolded = value.replace("\r", "").replace("\n", "")
+        assert header_from_addresses(value) == list(_addresses(unfolded))
 
     @given(st.text(max_size=500))
     def test_never_raises(self, value: str) -> None:
