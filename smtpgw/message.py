@@ -21,6 +21,7 @@ line counts as its length plus 2 for its CRLF.
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import unicodedata
 from datetime import UTC, datetime
@@ -399,7 +400,7 @@ def received_header(
     by = _host_shown(by_host, "localhost")
     qid = _ID_UNSAFE.sub("", queue_id) or "unknown"
     protocol = "ESMTPSA" if tls else "ESMTPA"
-    date = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
+    date = _received_date(when)
     first = f"Received: from {helo} ({_address_literal(client_ip)})"
     if include_username:
         first += f" (authenticated as {_HOST_UNSAFE.sub('?', username)[:64]})"
@@ -411,6 +412,25 @@ def received_header(
         lines[-1] += ";"
     lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _received_date(when: float) -> str:
+    """
+    The RFC 5322 date of C{when}, to the second (as the field shows it),
+    formatted once per second however many messages come in it.
+    """
+    second = math.floor(when)
+    cached = _dates[0]
+    if cached[0] != second:
+        cached = _dates[0] = (
+            second,
+            email.utils.format_datetime(datetime.fromtimestamp(second, UTC)),
+        )
+    return cached[1]
+
+
+#: The last second L{_received_date} formatted, and its text.
+_dates: list[tuple[int, str]] = [(-1, "")]
 
 
 def make_message_id(queue_id: str, hostname: str) -> bytes:

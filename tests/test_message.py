@@ -9,6 +9,7 @@ import email
 import email.policy
 import email.utils
 import re
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -652,6 +653,17 @@ class TestReceivedHeader:
             b"\tfor <rcpt@example.org>;\r\n"
             b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n"
         )
+
+    def test_the_date_is_the_second_of_when_whichever_came_before(self) -> None:
+        """
+        The date is formatted once per second: within a second every
+        message shows it, the next second shows the next, and a message of
+        an earlier second (a clock stepped back) shows its own.
+        """
+        date = email.utils.format_datetime
+        for when in (self.WHEN, self.WHEN + 0.999, self.WHEN + 1, self.WHEN - 3601.5, self.WHEN):
+            expected = date(datetime.fromtimestamp(when, UTC)).encode()
+            assert self.make(when=when).endswith(b"\t" + expected + b"\r\n"), when
 
     def test_tls_is_esmtpsa(self) -> None:
         """
