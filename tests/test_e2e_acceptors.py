@@ -259,10 +259,15 @@ def stored_alerts(gw: Gateway, kind: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-def new_gateway(tmp_path: Path, *extra: str) -> Gateway:
+def new_gateway(tmp_path: Path, *extra: str, admin: bool = False) -> Gateway:
+    """
+    A gateway started with C{extra} options (and its admin app on a port of
+    its own when C{admin}).
+    """
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    gw = Gateway(data_dir, free_port(), extra_args=extra)
+    admin_port = free_port() if admin else None
+    gw = Gateway(data_dir, free_port(), extra_args=extra, admin_port=admin_port)
     gw.start()
     return gw
 
@@ -719,15 +724,7 @@ def test_a_sole_acceptor_keeps_the_connection_limit_and_reports_its_connections(
     heartbeat); once the acceptor is killed, its connections count as
     closed.
     """
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    gw = Gateway(
-        data_dir,
-        free_port(),
-        extra_args=("--acceptors", "1", "--max-connections-per-ip", "2"),
-        admin_port=free_port(),
-    )
-    gw.start()
+    gw = new_gateway(tmp_path, "--acceptors", "1", "--max-connections-per-ip", "2", admin=True)
     with running(gw):
         gw.wait_admin()
         token = admin(gw.data_dir, "token", "add", "scraper")["token"]
@@ -1027,10 +1024,7 @@ def test_healthz_fails_while_no_acceptor_answers_smtp(tmp_path: Path) -> None:
     import http.client
     import json
 
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    gw = Gateway(data_dir, free_port(), extra_args=("--acceptors", "1"), admin_port=free_port())
-    gw.start()
+    gw = new_gateway(tmp_path, "--acceptors", "1", admin=True)
     with running(gw):
         gw.wait_admin()
 
