@@ -128,6 +128,8 @@ class Gateway:
     extra_args: Sequence[str] = ()
     relay: str = "capture"
     admin_port: int | None = None
+    #: Where SMTP listens (and the tests connect): 127.0.0.1, or ::1.
+    interface: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     starts: int = 0
@@ -146,7 +148,7 @@ class Gateway:
             "--ports",
             str(self.port),
             "--interface",
-            "127.0.0.1",
+            self.interface,
             "--hostname",
             "gateway.test",
             "--relay",
@@ -218,7 +220,7 @@ class Gateway:
                 f"gateway exited with {self.process.returncode}:\n{self.log_tail()}"
             )
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            with socket.create_connection((self.interface, self.port), timeout=5) as s:
                 return s.recv(512).startswith(b"220 ")
         except OSError:
             return False

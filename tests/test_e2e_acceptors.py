@@ -784,6 +784,58 @@ def test_a_sole_acceptor_keeps_the_connection_limit_and_reports_its_connections(
                 sock.close()
 
 
+@pytest.mark.parametrize("acceptors", ["1", "2"])
+def test_the_acceptors_serve_ipv6(tmp_path: Path, acceptors: str) -> None:
+    """
+    With C{--interface ::1}, one acceptor or two serve IPv6: STARTTLS,
+    AUTH and a message captured with the client's IPv6 address in its
+    Received field; and the per-address limit counts ::1 (its /64): at the
+    limit the next connection gets 421 4.7.0.
+    """
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    limit = ("--max-connections-per-ip", "2")
+    gw = Gateway(
+        data_dir, free_port(), extra_args=("--acceptors", acceptors, *limit), interface="::1"
+    )
+    gw.start()
+    with running(gw):
+        wait_until(
+            lambda: len(logged_acceptors(gw)) == int(acceptors), 15, "the acceptors accepting"
+        )
+        user = add_user(data_dir, "six", "--domains", "example.com")
+        client = smtplib.SMTP("::1", gw.port, timeout=30)
+        try:
+            client.ehlo("client.test")
+            client.starttls(context=gw.tls_context())
+            client.ehlo("client.test")
+            qid = send_one(client, user, "over IPv6")
+        finally:
+            client.quit()
+        wait_captured(gw, qid)
+        captured = (gw.captured / f"{qid}.eml").read_bytes()
+        assert b"([IPv6:::1])" in captured.split(b"\r\n\r\n", 1)[0]
+        held: list[socket.socket] = []
+
+        def two_greeted() -> bool:
+            # Earlier connections may still count for a moment.
+            for sock in held:
+                sock.close()
+            held[:] = [socket.create_connection(("::1", gw.port), timeout=10) for _ in range(2)]
+            return all(greeting(sock).startswith(b"220 ") for sock in held)
+
+        try:
+            wait_until(two_greeted, 10, "two connections over IPv6 greeted")
+            with socket.create_connection(("::1", gw.port), timeout=10) as refused:
+                line = greeting(refused)
+                assert line == (
+                    b"421 4.7.0 gateway.test Too many connections from your address\r\n"
+                ), line
+        finally:
+            for sock in held:
+                sock.close()
+
+
 class Sender(threading.Thread):
     """
     Sends one message per connection until told to stop, remembering the
