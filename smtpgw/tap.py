@@ -456,6 +456,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise usage.UsageError(f"--data-dir {data_dir.path}: {e.strerror}") from None
     limits: Limits = options["limits"]
     owner = _run_as(options)
+    key_reader = None
+    if owner is not None and options["tls-cert"] and options["tls-key"]:
+        # After the drop, the gateway's user may not read the files: a
+        # helper started now, as root, reads them for each reload.
+        from smtpgw.keyreader import PrivilegedReader
+
+        key_reader = PrivilegedReader(
+            [FilePath(options[name]) for name in ("tls-cert", "tls-key")]
+        )
     try:
         tls = reloadable_tls(
             data_dir.path,
@@ -463,11 +472,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             options["tls-cert"],
             options["tls-key"],
             owner=owner,
+            reader=None if key_reader is None else key_reader.read,
         )
     except TLSConfigError as e:
+        if key_reader is not None:
+            key_reader.stop()
         raise usage.UsageError(str(e)) from None
 
     top = OrderedMultiService()
+    if key_reader is not None:
+        _KeyReaderService(key_reader).setServiceParent(top)
     db = database_path(data_dir.path)
     users = ThreadedUserStore(db, reactor=reactor, clock=reactor)
     users.setServiceParent(top)
@@ -791,6 +805,19 @@ class _FirstAdmin(Service):
         self._admins.ensure_first_admin().addCallbacks(
             made, lambda f: log.failure("Could not make the first admin account", f)
         )
+
+
+class _KeyReaderService(Service):
+    """
+    Ends the privileged reader of the TLS files when the gateway stops.
+    """
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.reader.stop()
 
 
 class _SighupService(Service):

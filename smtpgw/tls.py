@@ -543,12 +543,16 @@ class ReloadableTLS:
     @ivar key_path: the PEM private key file.
     @ivar log: where loads and failed reloads are reported.
     @ivar now: the clock used for validity warnings.
+    @ivar reader: reads a file's bytes (the path, and what it should hold,
+        for messages), raising L{TLSConfigError}; after privileges were
+        dropped, L{smtpgw.keyreader.PrivilegedReader.read}.
     """
 
     cert_path: FilePath[str] = field(converter=_as_path)
     key_path: FilePath[str] = field(converter=_as_path)
     log: Logger = field(default=_log, repr=False)
     now: Callable[[], datetime] = field(default=utc_now, repr=False)
+    reader: Callable[[FilePath[str], str], bytes] = field(default=_read, repr=False)
     _current: CertificateOptions = field(init=False, repr=False)
     _pem: tuple[bytes, bytes] = field(init=False, repr=False)
 
@@ -566,8 +570,8 @@ class ReloadableTLS:
         @return: options read from the files now (their bytes are kept in
             L{pem} once they are in use).
         """
-        cert_pem = _read(self.cert_path, "certificate")
-        key_pem = _read(self.key_path, "key")
+        cert_pem = self.reader(self.cert_path, "certificate")
+        key_pem = self.reader(self.key_path, "key")
         options = tls_options_from_pem(
             cert_pem,
             key_pem,
@@ -639,12 +643,15 @@ def reloadable_tls(
     *,
     owner: tuple[int, int] | None = None,
     log: Logger = _log,
+    reader: Callable[[FilePath[str], str], bytes] | None = None,
 ) -> ReloadableTLS:
     """
     The TLS options for C{--tls-cert/--tls-key}, or for the self-signed
     pair in the data directory when neither is given.
 
     @param owner: see L{ensure_self_signed}; given files are left alone.
+    @param reader: see L{ReloadableTLS.reader}; used for given files only
+        (the self-signed pair belongs to C{owner}).
 
     @raise TLSConfigError: when only one of the two files is given, or the
         files cannot be used.
@@ -653,7 +660,8 @@ def reloadable_tls(
         raise TLSConfigError("--tls-cert and --tls-key must be given together")
     if cert_path is None or key_path is None:
         cert_path, key_path = ensure_self_signed(data_dir, hostname, owner=owner, log=log)
-    return ReloadableTLS(cert_path, key_path, log=log)
+        return ReloadableTLS(cert_path, key_path, log=log)
+    return ReloadableTLS(cert_path, key_path, log=log, reader=reader or _read)
 
 
 class Reloadable(Protocol):

@@ -130,6 +130,8 @@ class Gateway:
     admin_port: int | None = None
     #: Where SMTP listens (and the tests connect): 127.0.0.1, or ::1.
     interface: str = "127.0.0.1"
+    #: twistd's own options (before C{smtpgw}), such as C{--uid}.
+    twistd_args: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     starts: int = 0
@@ -142,6 +144,7 @@ class Gateway:
             TWISTD,
             "-n",
             "--pidfile=",
+            *self.twistd_args,
             "smtpgw",
             "--data-dir",
             str(self.data_dir),

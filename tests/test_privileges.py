@@ -14,6 +14,7 @@ import pwd
 import selectors
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -277,3 +278,79 @@ def test_control_binding_after_the_drop_is_refused(
     assert f"cannot listen on port {port} of 127.0.0.1: Permission denied" in output
     assert "NoPortBound" in output
     assert not (data_dir / "written-after-drop").exists()
+
+
+def _uid_of(pid: int) -> int:
+    return proc_ids(pid, "Uid")[0]
+
+
+def test_the_gateway_run_as_nobody_reloads_a_root_only_key_on_sighup(
+    data_dir: Path, nobody: tuple[int, int]
+) -> None:
+    """
+    The real gateway, started as root with C{--uid/--gid} and a certificate
+    and key only root can read (0600 in a 0700 directory), serves STARTTLS
+    with them as the dropped user; after the files are replaced and SIGHUP
+    sent, new connections get the new certificate (read by the helper that
+    kept root's rights), with no failed reload; the helper ends with the
+    gateway.
+    """
+    from smtpgw.tls import ensure_self_signed
+    from tests.gateway_process import (
+        Gateway,
+        fingerprint_of,
+        free_port,
+        peer_fingerprint,
+        unverified,
+        wait_until,
+    )
+
+    secrets = Path(tempfile.mkdtemp(prefix="smtpgw-keys-"))
+    try:
+        first = ensure_self_signed(str(secrets / "a"), "first.test")
+        second = ensure_self_signed(str(secrets / "b"), "second.test")
+        live_cert, live_key = secrets / "live.crt", secrets / "live.key"
+        for source, target in zip(first, (live_cert, live_key), strict=True):
+            target.write_bytes(source.getContent())
+            target.chmod(0o600)
+        assert secrets.stat().st_mode & 0o777 == 0o700
+        gw = Gateway(
+            data_dir,
+            free_port(),
+            extra_args=("--tls-cert", str(live_cert), "--tls-key", str(live_key)),
+            twistd_args=(f"--uid={nobody[0]}", f"--gid={nobody[1]}"),
+        )
+        gw.start()
+        helper: list[int] = []
+        try:
+            assert gw.process is not None
+            main = gw.process.pid
+            assert _uid_of(main) == nobody[0]
+            children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+            helper = [
+                int(pid)
+                for pid in children
+                if b"smtpgw.keyreader" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+            assert len(helper) == 1
+            assert _uid_of(helper[0]) == 0
+
+            def served() -> str:
+                with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
+                    client.starttls(context=unverified())
+                    return peer_fingerprint(client)
+
+            assert served() == fingerprint_of(live_cert)
+            for source, target in zip(second, (live_cert, live_key), strict=True):
+                target.write_bytes(source.getContent())
+            os.kill(main, signal.SIGHUP)
+            wanted = fingerprint_of(live_cert)
+            wait_until(lambda: served() == wanted, 15, "the new certificate")
+            assert "TLS reload failed" not in gw.log_text()
+            assert "TLS certificate reloaded" in gw.log_text()
+        finally:
+            assert gw.stop(), gw.log_tail()
+        helper_proc = Path(f"/proc/{helper[0]}")
+        wait_until(lambda: not helper_proc.exists(), 10, "the helper to end")
+    finally:
+        shutil.rmtree(secrets)
