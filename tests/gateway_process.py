@@ -338,7 +338,10 @@ class RelayTargetProcess:
         if not self.output.exists():
             return []
         taken: list[dict[str, Any]] = []
-        for line in self.output.read_text().splitlines():
+        text = self.output.read_text()
+        # The target may be writing a line right now: only whole lines,
+        # each ended by its newline, are read.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if not line.strip():
                 continue
             entry = json.loads(line)
