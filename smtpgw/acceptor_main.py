@@ -27,8 +27,8 @@ from smtpgw.acceptors import (
     AcceptorConfig,
     MainLink,
     PipeWriter,
-    parent_death_signal,
 )
+from smtpgw.processes import parent_death_signal
 
 
 def _observer(stream: TextIO) -> Any:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import struct
 import sys
 from collections import Counter
@@ -1291,18 +1290,3 @@ class AcceptorPool(Service):
             self._flush_alerts()
 
         return done.addCallback(finished)
-
-
-def parent_death_signal(parent: int) -> None:
-    """
-    Make the kernel kill this process when the process C{parent} (that
-    started it) ends; exit at once if it already has.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
