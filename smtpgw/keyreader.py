@@ -4,16 +4,28 @@ Reading the TLS certificate and key again after privileges were dropped.
 A gateway started as root with C{--uid/--gid} reads C{--tls-cert} and
 C{--tls-key} as root, then runs as the gateway's user, who may not read
 them (a key is commonly C{0600 root}). To reload them on C{SIGHUP} it asks
-a helper it started while still root (C{python -m smtpgw.keyreader CERT
-KEY}), which keeps root's rights and does one thing: on request, it reads
-one of the two files it was given at start, and writes its bytes back. It
-reads nothing else, listens on nothing, and ends with the gateway (the end
-of its standard input, and C{PR_SET_PDEATHSIG}).
+a helper it started while still root (C{python -I -m smtpgw.keyreader CERT
+KEY}, from C{/}, with an empty environment), which keeps root's rights and
+does one thing: on request, it reads one of the two files it was given at
+start, and writes its bytes back. It reads nothing else, listens on
+nothing, and ends with the gateway (the end of its standard input, and
+C{PR_SET_PDEATHSIG}).
+
+The gateway's user holds the helper's input, so the helper trusts nothing
+it could change: it reads a file only when the file and every directory on
+its resolved path belong to root and cannot be written by others (a
+directory with the sticky bit, such as C{/tmp}, is fine: no one can
+replace root's entries in it), and only a regular file, without following
+a symbolic link at the last step. A symbolic link placed by the gateway's
+user in the way cannot make it read C{/etc/shadow}; a named pipe cannot
+make it wait.
 
 The protocol, on the helper's standard input and output: a request is the
 index of the file (C{0} or C{1}) and a newline; the answer is C{+} or C{-}
 (read, or refused), a 4-byte big-endian length, and the file's bytes or
 the reason it could not be read.
+
+The helper imports only the standard library (and L{smtpgw.processes}).
 """
 
 from __future__ import annotations
@@ -22,22 +34,22 @@ import contextlib
 import os
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
-from twisted.python.filepath import FilePath
-
-from smtpgw.tls import TLSConfigError
-
-__all__ = ["ANSWER_TIMEOUT", "MAX_FILE", "PrivilegedReader", "main"]
+__all__ = ["ANSWER_TIMEOUT", "MAX_FILE", "PrivilegedReader", "main", "safe_to_read"]
 
 #: The largest file the helper sends (a certificate chain is a few KiB).
 MAX_FILE = 1024 * 1024
 #: How long the gateway waits for an answer before giving up on a reload.
 ANSWER_TIMEOUT = 5.0
+#: How long it waits for a helper it killed to end.
+KILL_WAIT = 0.5
 
 _LENGTH = struct.Struct(">I")
 
@@ -47,12 +59,45 @@ def _answer(out: BinaryIO, ok: bool, payload: bytes) -> None:
     out.flush()
 
 
-def _read_file(path: str) -> tuple[bool, bytes]:
+def _trusted(info: os.stat_result, directory: bool) -> bool:
+    if info.st_uid != 0:
+        return False
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) == 0:
+        return True
+    # Others may add entries to a sticky directory, never replace root's.
+    return directory and bool(info.st_mode & stat.S_ISVTX)
+
+
+def safe_to_read(path: str) -> tuple[bool, bytes]:
+    """
+    Read C{path} as the helper does: only a regular file that root owns
+    and nobody else can write, in directories only root can change.
+
+    @return: whether it was read, and its bytes or why not.
+    """
+    resolved = os.path.realpath(path)
+    parent = os.path.dirname(resolved)
+    while True:
+        try:
+            info = os.stat(parent)
+        except OSError as error:
+            return False, (error.strerror or str(error)).encode("utf-8", "replace")
+        if not _trusted(info, directory=True):
+            return False, f"{parent} may be changed by a user other than root".encode()
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_FILE + 1)
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         return False, (error.strerror or str(error)).encode("utf-8", "replace")
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return False, b"not a regular file"
+        if not _trusted(info, directory=False):
+            return False, b"the file may be changed by a user other than root"
+        data = stream.read(MAX_FILE + 1)
     if len(data) > MAX_FILE:
         return False, f"larger than {MAX_FILE} bytes".encode()
     return True, data
@@ -70,18 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parent = os.environ.get("SMTPGW_KEYREADER_PARENT")
     if parent is not None:
-        from smtpgw.acceptors import parent_death_signal
+        from smtpgw.processes import parent_death_signal
 
         parent_death_signal(int(parent))
     requests, out = sys.stdin.buffer, sys.stdout.buffer
     while line := requests.readline(16):
-        try:
-            index = int(line.strip())
-            path = paths[index]
-        except (ValueError, IndexError):
+        text = line.strip()
+        if not text.isdigit() or int(text) >= len(paths):
             _answer(out, False, b"no such file")
             continue
-        _answer(out, *_read_file(path))
+        _answer(out, *safe_to_read(paths[int(text)]))
     return 0
 
 
@@ -91,21 +134,34 @@ class PrivilegedReader:
     for the files' bytes; a reader for L{smtpgw.tls.ReloadableTLS}.
     """
 
-    def __init__(self, paths: Sequence[FilePath[str]], *, timeout: float = ANSWER_TIMEOUT) -> None:
+    def __init__(self, paths: Sequence[Any], *, timeout: float = ANSWER_TIMEOUT) -> None:
         """
-        Start the helper, with this process's privileges.
-
-        @param paths: the files it may read.
+        @param paths: the files the helper may read (L{FilePath}s).
         @param timeout: see L{ANSWER_TIMEOUT}.
         """
-        self._paths = [path.path for path in paths]
+        self._paths: list[str] = [path.path for path in paths]
         self._timeout = timeout
-        environment = dict(os.environ, SMTPGW_KEYREADER_PARENT=str(os.getpid()))
-        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, "-m", "smtpgw.keyreader", *self._paths],
+        self._process: subprocess.Popen[bytes] | None = None
+        # Killed helpers that had not ended yet.
+        self._dying: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        """
+        Start the helper, with this process's privileges: call it while
+        still root, in the process that goes on running (after twistd has
+        daemonized: the helper ends with the process that started it).
+        """
+        if self._process is not None:
+            return
+        self._process = subprocess.Popen(
+            # Isolated (-I): no PYTHON* variables, no user site, and not
+            # the current directory first on the path, from /: nothing the
+            # gateway's user may write decides what code root runs.
+            [sys.executable, "-I", "-m", "smtpgw.keyreader", *self._paths],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=environment,
+            cwd="/",
+            env={"SMTPGW_KEYREADER_PARENT": str(os.getpid())},
             close_fds=True,
         )
 
@@ -116,30 +172,38 @@ class PrivilegedReader:
         """
         return None if self._process is None else self._process.pid
 
-    def read(self, path: FilePath[str], what: str) -> bytes:
+    def read(self, path: Any, what: str) -> bytes:
         """
-        The bytes of C{path}, read by the helper.
+        The bytes of C{path} (a L{FilePath}), read by the helper.
 
         @param what: what the file should hold, for the message.
-        @raise TLSConfigError: when the file cannot be read, or the helper
-            does not answer within the timeout (it is then stopped).
+        @raise smtpgw.tls.TLSConfigError: when the file cannot be read, or
+            the helper does not answer within the timeout (it is then
+            killed).
         """
+        from smtpgw.tls import TLSConfigError
+
         process = self._process
-        if path.path not in self._paths or process is None:
+        if path.path not in self._paths:
             raise TLSConfigError(f"cannot read TLS {what} file {path.path}: not given at start")
+        if process is None:
+            raise TLSConfigError(
+                f"cannot read TLS {what} file {path.path}: the privileged reader is not running"
+            )
         assert process.stdin is not None
         assert process.stdout is not None
+        deadline = time.monotonic() + self._timeout
         try:
             process.stdin.write(b"%d\n" % self._paths.index(path.path))
             process.stdin.flush()
-            ok = self._exactly(process.stdout, 1) == b"+"
-            (length,) = _LENGTH.unpack(self._exactly(process.stdout, _LENGTH.size))
+            ok = self._exactly(process.stdout, 1, deadline) == b"+"
+            (length,) = _LENGTH.unpack(self._exactly(process.stdout, _LENGTH.size, deadline))
             if length > MAX_FILE:
                 raise OSError(f"an answer of {length} bytes")
-            payload = self._exactly(process.stdout, length)
+            payload = self._exactly(process.stdout, length, deadline)
         except OSError as error:
             # Its answers can no longer be matched to requests.
-            self.stop()
+            self._kill()
             raise TLSConfigError(
                 f"cannot read TLS {what} file {path.path}: the privileged reader failed ({error})"
             ) from None
@@ -148,10 +212,11 @@ class PrivilegedReader:
             raise TLSConfigError(f"cannot read TLS {what} file {path.path}: {reason}")
         return payload
 
-    def _exactly(self, stream: IO[bytes], size: int) -> bytes:
+    def _exactly(self, stream: IO[bytes], size: int, deadline: float) -> bytes:
         data = b""
         while len(data) < size:
-            ready, _, _ = select.select([stream], [], [], self._timeout)
+            left = deadline - time.monotonic()
+            ready = select.select([stream], [], [], left)[0] if left > 0 else []
             if not ready:
                 raise OSError(f"no answer within {self._timeout:g} s")
             chunk = os.read(stream.fileno(), size - len(data))
@@ -160,23 +225,46 @@ class PrivilegedReader:
             data += chunk
         return data
 
-    def stop(self) -> None:
-        """
-        End the helper (the end of its input, then SIGKILL if it lingers).
-        """
+    def _kill(self) -> None:
+        # Waits half a second at most: a helper stuck in the kernel must
+        # not hold the reactor (stop() reaps it if it ended by then).
         process, self._process = self._process, None
         if process is None:
             return
-        assert process.stdin is not None
-        assert process.stdout is not None
         with contextlib.suppress(OSError):
-            process.stdin.close()
+            process.kill()
+        self._close(process)
         try:
-            process.wait(self._timeout)
+            process.wait(KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            self._dying.append(process)
+
+    def stop(self) -> None:
+        """
+        End the helper: the end of its input, then SIGKILL if it has not
+        ended within a second.
+        """
+        dying, self._dying = self._dying, []
+        for killed in dying:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                killed.wait(KILL_WAIT)
+        process, self._process = self._process, None
+        if process is None:
+            return
+        self._close(process)
+        try:
+            process.wait(1.0)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
-        process.stdout.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(1.0)
+
+    @staticmethod
+    def _close(process: subprocess.Popen[bytes]) -> None:
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 if __name__ == "__main__":

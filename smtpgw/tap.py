@@ -459,7 +459,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     key_reader = None
     if owner is not None and options["tls-cert"] and options["tls-key"]:
         # After the drop, the gateway's user may not read the files: a
-        # helper started now, as root, reads them for each reload.
+        # helper started as root (in privilegedStartService, after twistd
+        # daemonized) reads them for each reload.
         from smtpgw.keyreader import PrivilegedReader
 
         key_reader = PrivilegedReader(
@@ -475,8 +476,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             reader=None if key_reader is None else key_reader.read,
         )
     except TLSConfigError as e:
-        if key_reader is not None:
-            key_reader.stop()
         raise usage.UsageError(str(e)) from None
 
     top = OrderedMultiService()
@@ -809,11 +808,16 @@ class _FirstAdmin(Service):
 
 class _KeyReaderService(Service):
     """
-    Ends the privileged reader of the TLS files when the gateway stops.
+    Starts the privileged reader of the TLS files while the gateway is
+    still root, and ends it when the gateway stops.
     """
 
     def __init__(self, reader: Any) -> None:
         self.reader = reader
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.reader.start()
 
     def stopService(self) -> None:
         super().stopService()

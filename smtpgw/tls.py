@@ -543,9 +543,10 @@ class ReloadableTLS:
     @ivar key_path: the PEM private key file.
     @ivar log: where loads and failed reloads are reported.
     @ivar now: the clock used for validity warnings.
-    @ivar reader: reads a file's bytes (the path, and what it should hold,
-        for messages), raising L{TLSConfigError}; after privileges were
-        dropped, L{smtpgw.keyreader.PrivilegedReader.read}.
+    @ivar reader: reads a file's bytes for a reload (the path, and what it
+        should hold, for messages), raising L{TLSConfigError}; after
+        privileges were dropped, L{smtpgw.keyreader.PrivilegedReader.read}.
+        The first load, at start, reads the files itself.
     """
 
     cert_path: FilePath[str] = field(converter=_as_path)
@@ -563,15 +564,15 @@ class ReloadableTLS:
         @raise TLSConfigError: when they cannot be used, so a misconfigured
             gateway does not start.
         """
-        self._current = self._load()
+        self._current = self._load(_read)
 
-    def _load(self) -> CertificateOptions:
+    def _load(self, reader: Callable[[FilePath[str], str], bytes]) -> CertificateOptions:
         """
-        @return: options read from the files now (their bytes are kept in
-            L{pem} once they are in use).
+        @return: options read from the files now with C{reader} (their
+            bytes are kept in L{pem} once they are in use).
         """
-        cert_pem = self.reader(self.cert_path, "certificate")
-        key_pem = self.reader(self.key_path, "key")
+        cert_pem = reader(self.cert_path, "certificate")
+        key_pem = reader(self.key_path, "key")
         options = tls_options_from_pem(
             cert_pem,
             key_pem,
@@ -606,7 +607,7 @@ class ReloadableTLS:
         @return: whether the new files are now in use.
         """
         try:
-            self._current = self._load()
+            self._current = self._load(self.reader)
         except TLSConfigError as error:
             self.log.error(
                 "TLS reload failed, still using the previous certificate: {reason}",

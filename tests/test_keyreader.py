@@ -19,8 +19,22 @@ from pathlib import Path
 import pytest
 from twisted.python.filepath import FilePath
 
-from smtpgw.keyreader import MAX_FILE, PrivilegedReader
+from smtpgw.keyreader import MAX_FILE, PrivilegedReader, safe_to_read
 from smtpgw.tls import ReloadableTLS, TLSConfigError, ensure_self_signed
+
+
+@pytest.fixture
+def as_root() -> None:
+    """
+    The helper reads only files root owns: tests that read through it need
+    root. They skip without it, except when C{CI=true}.
+    """
+    if os.geteuid() == 0:
+        return
+    reason = "the key reader reads only root's files: this test needs root"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI=true requires this test to run")
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -29,8 +43,11 @@ def files(tmp_path: Path) -> tuple[FilePath[str], FilePath[str]]:
 
 
 @pytest.fixture
-def reader(files: tuple[FilePath[str], FilePath[str]]) -> Iterator[PrivilegedReader]:
+def reader(
+    files: tuple[FilePath[str], FilePath[str]], as_root: None
+) -> Iterator[PrivilegedReader]:
     made = PrivilegedReader(files, timeout=10)
+    made.start()
     try:
         yield made
     finally:
@@ -108,18 +125,31 @@ def test_a_dead_helper_is_an_error_not_a_hang(
     with pytest.raises(TLSConfigError, match="privileged reader failed"):
         reader.read(cert, "certificate")
     assert reader.pid is None
-    with pytest.raises(TLSConfigError, match="not given at start"):
+    with pytest.raises(TLSConfigError, match="the privileged reader is not running"):
         reader.read(cert, "certificate")
 
 
+def test_nothing_runs_before_start(files: tuple[FilePath[str], FilePath[str]]) -> None:
+    """
+    Made, the reader starts no process until start() (called as root after
+    twistd daemonized); a read before that is a clear error.
+    """
+    made = PrivilegedReader(files)
+    assert made.pid is None
+    with pytest.raises(TLSConfigError, match="the privileged reader is not running"):
+        made.read(files[0], "certificate")
+    made.stop()
+
+
 def test_a_silent_helper_times_out(
-    files: tuple[FilePath[str], FilePath[str]],
+    files: tuple[FilePath[str], FilePath[str]], as_root: None
 ) -> None:
     """
     A helper that does not answer (stopped) fails the read after the
     timeout, and is ended.
     """
     made = PrivilegedReader(files, timeout=0.2)
+    made.start()
     pid = made.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
@@ -134,19 +164,84 @@ def test_a_silent_helper_times_out(
             os.kill(pid, 0)
 
 
-def test_the_helper_ends_with_its_input(files: tuple[FilePath[str], FilePath[str]]) -> None:
+def test_the_helper_ends_with_its_input(
+    files: tuple[FilePath[str], FilePath[str]], as_root: None
+) -> None:
     """
-    Stopping closes the helper's input: it exits by itself, with status 0.
+    The helper answers each request in order, refuses an index that names
+    no file given (past the end, negative, not a number), and exits by
+    itself, with status 0, at the end of its input.
     """
     process = subprocess.Popen(
         [sys.executable, "-m", "smtpgw.keyreader", files[0].path, files[1].path],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    out, _ = process.communicate(b"0\n7\nx\n", timeout=30)
+    out, _ = process.communicate(b"1\n2\n-1\nx\n", timeout=30)
     assert process.returncode == 0
-    assert out.startswith(b"+")
-    assert out.endswith(b"-\x00\x00\x00\x0cno such file-\x00\x00\x00\x0cno such file")
+    key = files[1].getContent()
+    refused = b"-\x00\x00\x00\x0cno such file"
+    assert out == b"+" + len(key).to_bytes(4, "big") + key + refused * 3
+
+
+def test_a_file_through_a_link_in_root_directories_is_read(tmp_path: Path, as_root: None) -> None:
+    """
+    A certificate reached through a symbolic link (certbot's live/ links
+    into archive/) is read when every directory on the resolved path and
+    the file are root's alone.
+    """
+    archive = tmp_path / "archive"
+    archive.mkdir(mode=0o700)
+    target = archive / "cert1.pem"
+    target.write_bytes(b"chain")
+    target.chmod(0o644)
+    link = tmp_path / "live.pem"
+    link.symlink_to(target)
+    assert safe_to_read(str(link)) == (True, b"chain")
+
+
+def test_a_directory_others_may_write_is_refused(tmp_path: Path, as_root: None) -> None:
+    """
+    A file in a directory writable by others (not sticky) is refused: who
+    can write there could put a link to any file in its place. The same
+    directory with the sticky bit (as /tmp) is accepted.
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "key.pem").write_bytes(b"key")
+    (shared / "key.pem").chmod(0o600)
+    shared.chmod(0o777)
+    ok, why = safe_to_read(str(shared / "key.pem"))
+    assert not ok
+    assert b"may be changed by a user other than root" in why
+    shared.chmod(0o1777)
+    assert safe_to_read(str(shared / "key.pem")) == (True, b"key")
+
+
+def test_a_file_others_may_write_or_own_is_refused(tmp_path: Path, as_root: None) -> None:
+    """
+    A file group- or world-writable, or owned by another user, is refused.
+    """
+    path = tmp_path / "key.pem"
+    path.write_bytes(b"key")
+    path.chmod(0o620)
+    assert safe_to_read(str(path))[0] is False
+    path.chmod(0o600)
+    assert safe_to_read(str(path)) == (True, b"key")
+    os.chown(path, 65534, -1)
+    ok, why = safe_to_read(str(path))
+    assert not ok
+    assert b"other than root" in why
+
+
+def test_a_named_pipe_is_refused_without_waiting(tmp_path: Path, as_root: None) -> None:
+    """
+    A named pipe in place of a file is refused at once (opening it for
+    reading would wait for a writer).
+    """
+    fifo = tmp_path / "key.pem"
+    os.mkfifo(fifo, 0o600)
+    assert safe_to_read(str(fifo)) == (False, b"not a regular file")
 
 
 def test_reloadable_tls_reloads_through_its_reader(
@@ -154,7 +249,8 @@ def test_reloadable_tls_reloads_through_its_reader(
 ) -> None:
     """
     A reload reads the files with the reader given (here, one that serves
-    another pair): what it returns is what new connections get.
+    another pair): what it returns is what new connections get. The first
+    load, at start (as root), reads the files itself.
     """
     cert, key = files
     other_cert, other_key = ensure_self_signed(str(tmp_path / "other"), "other.example")
@@ -166,8 +262,9 @@ def test_reloadable_tls_reloads_through_its_reader(
         return served[path.path]
 
     tls = ReloadableTLS(cert, key, reader=reader)
-    assert asked == ["certificate", "key"]
+    assert asked == []
+    assert tls.pem == (cert.getContent(), key.getContent())
     served = {cert.path: other_cert.getContent(), key.path: other_key.getContent()}
     assert tls.reload()
     assert tls.pem == (served[cert.path], served[key.path])
-    assert asked == ["certificate", "key"] * 2
+    assert asked == ["certificate", "key"]

@@ -284,15 +284,17 @@ def _uid_of(pid: int) -> int:
     return proc_ids(pid, "Uid")[0]
 
 
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
 def test_the_gateway_run_as_nobody_reloads_a_root_only_key_on_sighup(
-    data_dir: Path, nobody: tuple[int, int]
+    data_dir: Path, nobody: tuple[int, int], daemon: bool
 ) -> None:
     """
     The real gateway, started as root with C{--uid/--gid} and a certificate
     and key only root can read (0600 in a 0700 directory), serves STARTTLS
     with them as the dropped user; after the files are replaced and SIGHUP
     sent, new connections get the new certificate (read by the helper that
-    kept root's rights), with no failed reload; the helper ends with the
+    kept root's rights, a child of the process that serves: also when
+    twistd daemonized), with no failed reload; the helper ends with the
     gateway.
     """
     from smtpgw.tls import ensure_self_signed
@@ -320,11 +322,31 @@ def test_the_gateway_run_as_nobody_reloads_a_root_only_key_on_sighup(
             extra_args=("--tls-cert", str(live_cert), "--tls-key", str(live_key)),
             twistd_args=(f"--uid={nobody[0]}", f"--gid={nobody[1]}"),
         )
-        gw.start()
-        helper: list[int] = []
-        try:
+        log = data_dir / "twistd.log"
+        if daemon:
+            pidfile = data_dir / "twistd.pid"
+            argv = gw.argv()
+            argv.remove("-n")
+            argv[argv.index("--pidfile=")] = f"--pidfile={pidfile}"
+            argv.insert(1, f"--logfile={log}")
+            # The launcher returns once twistd has daemonized.
+            subprocess.run(argv, check=True, timeout=60, stdin=subprocess.DEVNULL)
+            wait_until(pidfile.exists, 30, "the pid file")
+            main = int(pidfile.read_text())
+        else:
+            gw.start()
             assert gw.process is not None
             main = gw.process.pid
+            log = gw.log_path
+
+        def served() -> str:
+            with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
+                client.starttls(context=unverified())
+                return peer_fingerprint(client)
+
+        helper: list[int] = []
+        try:
+            wait_until(lambda: served() == fingerprint_of(live_cert), 30, "the first certificate")
             assert _uid_of(main) == nobody[0]
             children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
             helper = [
@@ -334,22 +356,21 @@ def test_the_gateway_run_as_nobody_reloads_a_root_only_key_on_sighup(
             ]
             assert len(helper) == 1
             assert _uid_of(helper[0]) == 0
-
-            def served() -> str:
-                with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
-                    client.starttls(context=unverified())
-                    return peer_fingerprint(client)
-
-            assert served() == fingerprint_of(live_cert)
             for source, target in zip(second, (live_cert, live_key), strict=True):
                 target.write_bytes(source.getContent())
             os.kill(main, signal.SIGHUP)
             wanted = fingerprint_of(live_cert)
             wait_until(lambda: served() == wanted, 15, "the new certificate")
-            assert "TLS reload failed" not in gw.log_text()
-            assert "TLS certificate reloaded" in gw.log_text()
+            text = log.read_text(errors="replace")
+            assert "TLS reload failed" not in text
+            assert "TLS certificate reloaded" in text
         finally:
-            assert gw.stop(), gw.log_tail()
+            if daemon:
+                os.kill(main, signal.SIGTERM)
+                gone = Path(f"/proc/{main}")
+                wait_until(lambda: not gone.exists(), 30, "the daemon to stop")
+            else:
+                assert gw.stop(), gw.log_tail()
         helper_proc = Path(f"/proc/{helper[0]}")
         wait_until(lambda: not helper_proc.exists(), 10, "the helper to end")
     finally:
