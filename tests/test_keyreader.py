@@ -21,6 +21,7 @@ from twisted.python.filepath import FilePath
 
 from smtpgw.keyreader import MAX_FILE, PrivilegedReader, safe_to_read
 from smtpgw.tls import ReloadableTLS, TLSConfigError, ensure_self_signed
+from tests.root_support import need_root
 
 
 @pytest.fixture
@@ -29,12 +30,7 @@ def as_root() -> None:
     The helper reads only files root owns: tests that read through it need
     root. They skip without it, except when C{CI=true}.
     """
-    if os.geteuid() == 0:
-        return
-    reason = "the key reader reads only root's files: this test needs root"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI=true requires this test to run")
-    pytest.skip(reason)
+    need_root("the key reader reads only root's files: this test needs root")
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.root_support import need_root
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TAC = """
@@ -78,12 +80,7 @@ def _need_root() -> None:
     """
     Skip without root, or fail when C{CI=true}.
     """
-    if os.geteuid() == 0:
-        return
-    reason = "binding a port below 1024 and dropping to --uid/--gid needs root"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI=true requires this test to run")
-    pytest.skip(reason)
+    need_root("binding a port below 1024 and dropping to --uid/--gid needs root")
 
 
 @pytest.fixture
