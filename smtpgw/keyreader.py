@@ -12,13 +12,13 @@ nothing, and ends with the gateway (the end of its standard input, and
 C{PR_SET_PDEATHSIG}).
 
 The gateway's user holds the helper's input, so the helper trusts nothing
-it could change: it reads a file only when the file and every directory on
-its resolved path belong to root and cannot be written by others (a
-directory with the sticky bit, such as C{/tmp}, is fine: no one can
-replace root's entries in it), and only a regular file, without following
-a symbolic link at the last step. A symbolic link placed by the gateway's
-user in the way cannot make it read C{/etc/shadow}; a named pipe cannot
-make it wait.
+it could change: it resolves the path one name at a time from C{/}, and
+goes through a directory only when root owns it and others cannot write to
+it (a directory with the sticky bit, such as C{/tmp}, is fine: no one can
+replace root's entries in it); it follows a symbolic link only from such a
+directory, and reads only a regular file root owns and others cannot
+write. A symbolic link placed by the gateway's user in the way cannot make
+it read C{/etc/shadow}; a named pipe cannot make it wait.
 
 The protocol, on the helper's standard input and output: a request is the
 index of the file (C{0} or C{1}) and a newline; the answer is C{+} or C{-}
@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any, BinaryIO
 
-__all__ = ["ANSWER_TIMEOUT", "MAX_FILE", "PrivilegedReader", "main", "safe_to_read"]
+__all__ = ["ANSWER_TIMEOUT", "MAX_FILE", "MAX_LINKS", "PrivilegedReader", "main", "safe_to_read"]
 
 #: The largest file the helper sends (a certificate chain is a few KiB).
 MAX_FILE = 1024 * 1024
@@ -68,34 +68,106 @@ def _trusted(info: os.stat_result, directory: bool) -> bool:
     return directory and bool(info.st_mode & stat.S_ISVTX)
 
 
+def _shared(info: os.stat_result) -> bool:
+    # A sticky directory others may write to (as /tmp).
+    return bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+#: The most symbolic links followed while resolving one path.
+MAX_LINKS = 40
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _error(error: OSError) -> tuple[bool, bytes]:
+    return False, (error.strerror or str(error)).encode("utf-8", "replace")
+
+
 def safe_to_read(path: str) -> tuple[bool, bytes]:
     """
     Read C{path} as the helper does: only a regular file that root owns
-    and nobody else can write, in directories only root can change.
+    and nobody else can write, reached through directories only root can
+    change.
+
+    The path is resolved one name at a time from C{/}, each directory
+    checked before a name is looked up in it, so nothing a user other than
+    root may change decides where a name leads: a symbolic link is
+    followed only from a directory that passed (and, in a sticky directory
+    others may write to, only when root owns the link), the last name is
+    opened without following a link, and a file in such a sticky directory
+    must have no other hard link.
 
     @return: whether it was read, and its bytes or why not.
     """
-    resolved = os.path.realpath(path)
-    parent = os.path.dirname(resolved)
-    while True:
-        try:
-            info = os.stat(parent)
-        except OSError as error:
-            return False, (error.strerror or str(error)).encode("utf-8", "replace")
-        if not _trusted(info, directory=True):
-            return False, f"{parent} may be changed by a user other than root".encode()
-        if parent == os.path.dirname(parent):
-            break
-        parent = os.path.dirname(parent)
+    if not path.startswith("/"):
+        return False, b"not an absolute path"
     try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open("/", _DIRECTORY)
     except OSError as error:
-        return False, (error.strerror or str(error)).encode("utf-8", "replace")
+        return _error(error)
+    try:
+        return _walk(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _walk(root: int, path: str) -> tuple[bool, bytes]:
+    fds = [root]
+    try:
+        fd = root
+        info = os.fstat(fd)
+        if not _trusted(info, directory=True):
+            return False, b"/ may be changed by a user other than root"
+        shared = _shared(info)
+        names = [name for name in path.split("/") if name not in ("", ".")]
+        links = 0
+        while names:
+            name = names.pop(0)
+            try:
+                found = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as error:
+                return _error(error)
+            if stat.S_ISLNK(found.st_mode):
+                links += 1
+                if links > MAX_LINKS or (shared and found.st_uid != 0):
+                    return False, f"{name}: a link root does not vouch for".encode()
+                target = os.readlink(name, dir_fd=fd)
+                if target.startswith("/"):
+                    fd = os.open("/", _DIRECTORY)
+                    fds.append(fd)
+                    info = os.fstat(fd)
+                    shared = _shared(info)
+                names[:0] = [part for part in target.split("/") if part not in ("", ".")]
+                continue
+            if names or name == "..":
+                try:
+                    fd = os.open(name, _DIRECTORY, dir_fd=fd)
+                except OSError as error:
+                    return _error(error)
+                fds.append(fd)
+                info = os.fstat(fd)
+                if not _trusted(info, directory=True):
+                    return False, f"{name}/ may be changed by a user other than root".encode()
+                shared = _shared(info)
+                continue
+            return _read_last(fd, name, shared)
+        return False, b"not a regular file"
+    finally:
+        for opened in fds[1:]:
+            os.close(opened)
+
+
+def _read_last(directory: int, name: str, shared: bool) -> tuple[bool, bytes]:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=directory)
+    except OSError as error:
+        return _error(error)
     with os.fdopen(fd, "rb") as stream:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return False, b"not a regular file"
-        if not _trusted(info, directory=False):
+        if not _trusted(info, directory=False) or (shared and info.st_nlink != 1):
             return False, b"the file may be changed by a user other than root"
         data = stream.read(MAX_FILE + 1)
     if len(data) > MAX_FILE:

@@ -21,6 +21,7 @@ from twisted.python.filepath import FilePath
 
 from smtpgw.keyreader import MAX_FILE, PrivilegedReader, safe_to_read
 from smtpgw.tls import ReloadableTLS, TLSConfigError, ensure_self_signed
+from tests.gateway_process import wait_until
 from tests.root_support import need_root
 
 
@@ -61,6 +62,7 @@ def test_it_reads_the_files_it_was_given(
     assert reader.read(cert, "certificate") == cert.getContent()
     assert reader.read(key, "key") == key.getContent()
     key.setContent(b"changed")
+    key.chmod(0o600)
     assert reader.read(key, "key") == b"changed"
 
 
@@ -89,6 +91,7 @@ def test_a_missing_file_is_a_clear_error_and_the_helper_goes_on(
     with pytest.raises(TLSConfigError, match="No such file or directory"):
         reader.read(key, "key")
     key.setContent(saved)
+    key.chmod(0o600)
     assert reader.read(key, "key") == saved
     assert reader.read(cert, "certificate") == cert.getContent()
 
@@ -101,8 +104,10 @@ def test_a_file_over_the_limit_is_refused(
     """
     _, key = files
     key.setContent(b"k" * MAX_FILE)
+    key.chmod(0o600)
     assert len(reader.read(key, "key")) == MAX_FILE
     key.setContent(b"k" * (MAX_FILE + 1))
+    key.chmod(0o600)
     with pytest.raises(TLSConfigError, match=f"larger than {MAX_FILE} bytes"):
         reader.read(key, "key")
 
@@ -155,9 +160,9 @@ def test_a_silent_helper_times_out(
         assert made.pid is None
     finally:
         made.stop()
-        # SIGKILL ends a stopped process too; nothing is left to reap.
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+        # SIGKILL ends a stopped process too, and stop() reaps it.
+        gone = Path(f"/proc/{pid}")
+        wait_until(lambda: not gone.exists(), 10, "the killed helper to be reaped")
 
 
 def test_the_helper_ends_with_its_input(
@@ -194,6 +199,73 @@ def test_a_file_through_a_link_in_root_directories_is_read(tmp_path: Path, as_ro
     link = tmp_path / "live.pem"
     link.symlink_to(target)
     assert safe_to_read(str(link)) == (True, b"chain")
+
+
+def test_a_link_in_a_directory_the_gateway_user_owns_is_not_followed(
+    tmp_path: Path, as_root: None
+) -> None:
+    """
+    The attack: the gateway's user owns a directory on the configured path
+    and puts there a link to a file only root may read. The helper refuses
+    before looking the name up, whatever the link leads to.
+    """
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only")
+    secret.chmod(0o600)
+    owned = tmp_path / "owned"
+    owned.mkdir(mode=0o755)
+    (owned / "key.pem").symlink_to(secret)
+    assert safe_to_read(str(owned / "key.pem")) == (True, b"root only")
+    os.chown(owned, 65534, 65534)
+    ok, why = safe_to_read(str(owned / "key.pem"))
+    assert not ok
+    assert b"owned/ may be changed by a user other than root" in why
+    # Nor through a link that leads into it from a root directory.
+    (tmp_path / "via").symlink_to(owned)
+    assert safe_to_read(str(tmp_path / "via" / "key.pem"))[0] is False
+
+
+def test_in_a_sticky_directory_only_root_s_links_and_single_links_count(
+    tmp_path: Path, as_root: None
+) -> None:
+    """
+    In a directory others may write to (sticky, as /tmp), a link is
+    followed only when root owns it, and a file is read only when it has no
+    other hard link (one made there could lead anywhere).
+    """
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only")
+    secret.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    link = shared / "link.pem"
+    link.symlink_to(secret)
+    assert safe_to_read(str(link)) == (True, b"root only")
+    os.lchown(link, 65534, 65534)
+    ok, why = safe_to_read(str(link))
+    assert not ok
+    assert b"a link root does not vouch for" in why
+    hard = shared / "hard.pem"
+    os.link(secret, hard)
+    assert safe_to_read(str(hard))[0] is False
+    os.unlink(hard)
+    alone = shared / "alone.pem"
+    alone.write_bytes(b"alone")
+    alone.chmod(0o600)
+    assert safe_to_read(str(alone)) == (True, b"alone")
+
+
+def test_a_relative_path_and_a_link_loop_are_refused(tmp_path: Path, as_root: None) -> None:
+    """
+    Only absolute paths are read, and a loop of links ends in a refusal.
+    """
+    assert safe_to_read("relative/key.pem") == (False, b"not an absolute path")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    ok, why = safe_to_read(str(tmp_path / "a"))
+    assert not ok
+    assert b"a link root does not vouch for" in why
 
 
 def test_a_directory_others_may_write_is_refused(tmp_path: Path, as_root: None) -> None:
