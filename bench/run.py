@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -899,6 +900,21 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def exit_on_sigterm() -> Any:
+    """
+    Make C{SIGTERM} end the run as Ctrl-C does, through the C{finally}
+    blocks that stop the row's server and remove the work directory
+    (killed outright, the run left its server running).
+
+    @return: the previous handler.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the selected rows; print the table, ratios and JSON summary.
@@ -912,6 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{row.id:<26} {row.what}")
         return 0
     rows = select(args.only)
+    exit_on_sigterm()
     settings = Settings(
         sessions=args.sessions,
         size=args.size,

@@ -515,3 +515,31 @@ def test_row_line_shows_main_process_cpu_and_held_warning() -> None:
     assert lines[1].split()[-3:-1] == ["1,100", "-"]
     assert "WARNING" in lines[2]
     assert "holds 1,499 of 1,500 accepted" in lines[2]
+
+
+def test_sigterm_ends_the_run_through_its_cleanup() -> None:
+    """
+    With the run's handler, SIGTERM raises SystemExit (status 143) where
+    the run is, so the finally blocks stop the row's server; the previous
+    handler is given back.
+    """
+    import signal
+
+    cleaned: list[bool] = []
+
+    def a_row() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            # The handler runs before this returns (or while it waits).
+            signal.pause()
+        finally:
+            cleaned.append(True)
+
+    previous = run.exit_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            a_row()
+        assert stopped.value.code == 143
+        assert cleaned == [True]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
