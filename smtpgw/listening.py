@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -31,6 +32,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from smtpgw.ports import MAX_PORT, MIN_PORT, format_ports
+from smtpgw.promptwrites import PromptServer
 from smtpgw.rlimits import raise_open_file_limit
 
 __all__ = [
@@ -165,6 +167,25 @@ def bind_only(port: int, factory: object, backlog: int, interface: str) -> Bound
     return BoundSocket(sock)
 
 
+class _Accept(tcp.Port):
+    """
+    A port whose connections send before the reactor next waits (see
+    L{smtpgw.promptwrites}).
+    """
+
+    transport = PromptServer
+
+
+class _TakeTurns(_Accept):
+    """
+    A port that accepts one connection each time it is readable.
+    """
+
+    def doRead(self) -> None:
+        self.numberAccepts = 1
+        super().doRead()
+
+
 def accept_taking_turns(reactor: Any, fd: int, factory: Any, *, alone: bool = False) -> Any:
     """
     Start accepting connections on the listening socket C{fd} (bound by
@@ -183,19 +204,7 @@ def accept_taking_turns(reactor: Any, fd: int, factory: Any, *, alone: bool = Fa
         the queue would wait a whole turn of the reactor for its greeting).
     @return: the listening port.
     """
-    from twisted.internet import tcp
-
-    from smtpgw.promptwrites import PromptServer
-
-    class Accept(tcp.Port):
-        transport = PromptServer
-
-    class TakeTurns(Accept):
-        def doRead(self) -> None:
-            self.numberAccepts = 1
-            super().doRead()
-
-    kind = Accept if alone else TakeTurns
+    kind = _Accept if alone else _TakeTurns
     probe = socket.socket(fileno=os.dup(fd))
     try:
         family = probe.family
