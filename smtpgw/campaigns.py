@@ -986,17 +986,28 @@ class SQLiteCampaignStore(SQLiteStore):
             for row in rows
         ]
 
-    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> None:
+    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> bool:
         """
         Move a send's cursor (never back) and count C{sent} more messages
-        handed to the queue, durably, in one transaction.
+        handed to the queue, durably, in one transaction; unless an admin
+        paused the send meanwhile.
+
+        @return: C{False} if the send is paused by an admin (nothing is
+            recorded: a batch built while the pause was being made is not
+            handed on, and the count the admin saw at the pause stays).
         """
         with transaction(self._connection) as db:
-            db.execute(
+            updated = db.execute(
                 "UPDATE campaigns SET cursor = max(cursor, ?), sent = sent + ?, updated_at = ? "
-                "WHERE id = ?",
+                "WHERE id = ? AND paused_by_admin = 0",
                 (cursor, sent, self._clock.seconds(), campaign_id),
             )
+            if updated.rowcount:
+                return True
+            paused = db.execute(
+                "SELECT 1 FROM campaigns WHERE id = ? AND paused_by_admin = 1", (campaign_id,)
+            ).fetchone()
+            return paused is None
 
     def record_status(self, updates: Iterable[StatusUpdate]) -> None:
         """
@@ -1143,7 +1154,7 @@ class CampaignBackend(Protocol):
         self, list: str, after_id: int, upto_id: int, limit: int
     ) -> Deferred[list[Recipient]]: ...
 
-    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[None]: ...
+    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[bool]: ...
 
     def record_status(self, updates: Iterable[StatusUpdate]) -> Deferred[None]: ...
 
@@ -1208,7 +1219,7 @@ class _DeferredStore:
     ) -> Deferred[list[Recipient]]:
         return self.run(lambda s: s.recipients_after(list, after_id, upto_id, limit))
 
-    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[None]:
+    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[bool]:
         return self.run(lambda s: s.record_progress(campaign_id, cursor, sent))
 
     def record_status(self, updates: Iterable[StatusUpdate]) -> Deferred[None]:
@@ -1934,17 +1945,21 @@ class CampaignRunner(Service):
             )
             if not recipients:
                 if not await self._skip_to_end(send):
-                    send.retry_at = self._clock.seconds() + self._retry_interval
-                    self._clock.callLater(self._retry_interval, self._kick, send)
+                    self._retry_later(send)
                     break
                 send.exhausted = True
                 break
             if not await self._submit(send, recipients):
-                send.retry_at = self._clock.seconds() + self._retry_interval
-                self._clock.callLater(self._retry_interval, self._kick, send)
+                self._retry_later(send)
                 break
         if send.exhausted and not send.window and not send.held_back and not send.finished:
             await self._finish(send)
+
+    def _retry_later(self, send: _Send) -> None:
+        # A paused send is kicked when it is resumed: no sooner, no later.
+        if not send.campaign.paused_by_admin:
+            send.retry_at = self._clock.seconds() + self._retry_interval
+            self._clock.callLater(self._retry_interval, self._kick, send)
 
     def _skipped(self, send: _Send, upto: int, kept: set[int]) -> list[str]:
         """
@@ -1986,7 +2001,7 @@ class CampaignRunner(Service):
         await self._drop_skipped(send, send.last_id, set())
         if send.cursor < send.last_id:
             try:
-                await self._store.record_progress(send.campaign.id, send.last_id, 0)
+                recorded = await self._store.record_progress(send.campaign.id, send.last_id, 0)
             except Exception as e:
                 self._log.warn(
                     "console send {id}: could not record its progress ({reason}); it goes on"
@@ -1994,6 +2009,9 @@ class CampaignRunner(Service):
                     id=send.campaign.id,
                     reason=str(e) or type(e).__name__,
                 )
+                return False
+            if not recorded:
+                self._paused_meanwhile(send)
                 return False
             send.cursor = max(send.cursor, send.last_id)
         if send.catch_up_to:
@@ -2021,7 +2039,11 @@ class CampaignRunner(Service):
                 # serve the rest (SMTP, the pages) between two slices.
                 await deferLater(self._clock, 0)
                 turn = self._clock.seconds()
-                if not self.running or campaign.id not in self._sends:
+                if (
+                    not self.running
+                    or campaign.id not in self._sends
+                    or send.campaign.paused_by_admin
+                ):
                     break
             queue_id = campaign_queue_id(campaign.id, recipient.id)
             token = unsubscribe_token(self._key, campaign.list, recipient.id)
@@ -2072,7 +2094,7 @@ class CampaignRunner(Service):
         if accepted:
             await self._drop_skipped(send, cursor, {r.id for r in recipients})
             try:
-                await self._store.record_progress(campaign.id, cursor, len(accepted))
+                recorded = await self._store.record_progress(campaign.id, cursor, len(accepted))
             except Exception as e:
                 self._log.warn(
                     "console send {id}: could not record its progress ({reason}); it goes on"
@@ -2080,9 +2102,15 @@ class CampaignRunner(Service):
                     id=campaign.id,
                     reason=str(e) or type(e).__name__,
                 )
+                recorded = None
+            if not recorded:
+                # Durable, but behind no cursor: held back until the batch
+                # is built again (a replay after a crash finds them too).
                 for envelope, location in accepted:
                     if location is not None:
                         send.held_back[envelope.queue_id] = (envelope, location)
+                if recorded is False:
+                    self._paused_meanwhile(send)
                 return False
             send.cursor = cursor
             dropped = campaign.id not in self._sends
@@ -2113,6 +2141,17 @@ class CampaignRunner(Service):
                 self._log.failure("console send {id}: submitting failed", failure, id=campaign.id)
             return False
         return True
+
+    def _paused_meanwhile(self, send: _Send) -> None:
+        """
+        The store refused a send's progress: an admin paused it while a
+        batch was being built, before this runner's next look. Until that
+        look, the runner knows it is paused (it builds no more, and its
+        gate is closed); the look is made now.
+        """
+        send.campaign = evolve(send.campaign, paused_by_admin=True)
+        self._apply_gate(send)
+        self.poke()
 
     async def _finish(self, send: _Send) -> None:
         campaign_id = send.campaign.id

@@ -1011,7 +1011,7 @@ class FailingProgress(InlineCampaignStore):
 
     failing = False
 
-    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[None]:
+    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[bool]:
         if self.failing:
             return fail(OSError("disk I/O error"))
         return super().record_progress(campaign_id, cursor, sent)
@@ -1434,6 +1434,87 @@ def test_a_batch_is_built_a_slice_per_reactor_turn(
     run_until(clock, finished(gateway, campaign.id))
     got = gateway.relay.recipients_of(campaign.id)
     assert len(got) == len(set(got)) == 2 * MAX_BUILD_PER_TURN + 1
+
+
+def _one_turn(clock: Clock) -> bool:
+    """
+    Run the one timer due first, if any is due now (a turn of the reactor:
+    C{Clock.advance} would also run those it adds for now).
+    """
+    due = [c for c in clock.calls if c.getTime() <= clock.seconds()]
+    if not due:
+        return False
+    call = min(due, key=lambda c: c.getTime())
+    clock.calls.remove(call)
+    call.func(*call.args, **call.kw)
+    return True
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_pause_made_while_a_batch_is_built_hands_none_of_it_on(
+    store: SQLiteCampaignStore, clock: Clock, crash: bool
+) -> None:
+    """
+    An admin pauses a send while the runner is between two slices of a
+    batch, before the runner looked at the database again: the count the
+    admin saw at the pause stays, nothing of the batch reaches the queue,
+    and after the resume (or a crash, then the resume) every recipient
+    gets the message once and the count is whole.
+    """
+    total = 2 * MAX_BUILD_PER_TURN + 1
+    add_recipients(store, total)
+    gateway = Gateway(clock, store, window=256)
+    campaign = create(store)
+
+    def built() -> int:
+        return sum(1 for m in gateway.journal.replay() if parse_queue_id(m.envelope.queue_id))
+
+    while built() == 0:
+        assert _one_turn(clock), "the batch was never started"
+    assert 0 < built() < total
+    store.pause(campaign.id)
+    at_pause = gateway.campaign(campaign.id).sent
+    assert at_pause == 0
+    while _one_turn(clock):
+        pass
+    advance(clock, 10.0)
+    assert built() == total
+    assert gateway.relay.log == []
+    paused = gateway.campaign(campaign.id)
+    assert (paused.state, paused.sent, paused.cursor) == (CampaignState.PAUSED, at_pause, 0)
+    assert gateway.runner.window_of(campaign.id) == 0
+    if crash:
+        gateway.restart()
+        advance(clock, 10.0)
+        assert gateway.relay.log == []
+    store.resume(campaign.id)
+    gateway.runner.poke()
+    run_until(clock, finished(gateway, campaign.id))
+    got = gateway.relay.recipients_of(campaign.id)
+    assert len(got) == len(set(got)) == total
+    assert gateway.campaign(campaign.id).sent == total
+
+
+def test_progress_of_a_paused_send_is_refused(store: SQLiteCampaignStore) -> None:
+    """
+    The store records no progress of a send an admin paused (and says so),
+    records it again once resumed, and a send it does not know is no pause.
+    """
+    add_recipients(store, 3)
+    campaign = create(store)
+    store.start(campaign.id)
+    assert store.record_progress(campaign.id, 1, 1) is True
+    store.pause(campaign.id)
+    assert store.record_progress(campaign.id, 2, 1) is False
+    after = store.get(campaign.id)
+    assert after is not None
+    assert (after.cursor, after.sent) == (1, 1)
+    store.resume(campaign.id)
+    assert store.record_progress(campaign.id, 2, 1) is True
+    resumed = store.get(campaign.id)
+    assert resumed is not None
+    assert (resumed.cursor, resumed.sent) == (2, 2)
+    assert store.record_progress(campaign.id + 1000, 5, 1) is True
 
 
 def test_bounces_of_deliveries_ending_after_the_runner_stopped_are_recorded(
