@@ -990,24 +990,26 @@ class SQLiteCampaignStore(SQLiteStore):
         """
         Move a send's cursor (never back) and count C{sent} more messages
         handed to the queue, durably, in one transaction; unless an admin
-        paused the send meanwhile.
+        paused or cancelled the send meanwhile.
 
-        @return: C{False} if the send is paused by an admin (nothing is
-            recorded: a batch built while the pause was being made is not
-            handed on, and the count the admin saw at the pause stays).
+        @return: C{False} if the send is paused by an admin or cancelled
+            (nothing is recorded: a batch built while the admin acted is
+            not handed on, and the count the admin saw then stays).
         """
         with transaction(self._connection) as db:
             updated = db.execute(
                 "UPDATE campaigns SET cursor = max(cursor, ?), sent = sent + ?, updated_at = ? "
-                "WHERE id = ? AND paused_by_admin = 0",
+                "WHERE id = ? AND paused_by_admin = 0 AND state != 'cancelled'",
                 (cursor, sent, self._clock.seconds(), campaign_id),
             )
             if updated.rowcount:
                 return True
-            paused = db.execute(
-                "SELECT 1 FROM campaigns WHERE id = ? AND paused_by_admin = 1", (campaign_id,)
+            held = db.execute(
+                "SELECT 1 FROM campaigns WHERE id = ? "
+                "AND (paused_by_admin = 1 OR state = 'cancelled')",
+                (campaign_id,),
             ).fetchone()
-            return paused is None
+            return held is None
 
     def record_status(self, updates: Iterable[StatusUpdate]) -> None:
         """
@@ -2011,7 +2013,7 @@ class CampaignRunner(Service):
                 )
                 return False
             if not recorded:
-                self._paused_meanwhile(send)
+                self._held_meanwhile(send)
                 return False
             send.cursor = max(send.cursor, send.last_id)
         if send.catch_up_to:
@@ -2103,17 +2105,18 @@ class CampaignRunner(Service):
                     reason=str(e) or type(e).__name__,
                 )
                 recorded = None
-            if not recorded:
+            dropped = campaign.id not in self._sends
+            if not recorded and not dropped:
                 # Durable, but behind no cursor: held back until the batch
                 # is built again (a replay after a crash finds them too).
                 for envelope, location in accepted:
                     if location is not None:
                         send.held_back[envelope.queue_id] = (envelope, location)
                 if recorded is False:
-                    self._paused_meanwhile(send)
+                    self._held_meanwhile(send)
                 return False
-            send.cursor = cursor
-            dropped = campaign.id not in self._sends
+            if recorded:
+                send.cursor = cursor
             for envelope, location in accepted:
                 if location is not None:
                     # In the window first: the queue may deliver it, and
@@ -2121,8 +2124,10 @@ class CampaignRunner(Service):
                     send.window.add(envelope.queue_id)
                     self._queue.schedule(envelope, location)
             if dropped:
-                # Cancelled while this batch was on its way.
+                # Cancelled while this batch was on its way: scheduled only
+                # to be cancelled in the journal with the rest of the send's.
                 self._cancel_queued(send.gate)
+                self._queue.forget_gate(send.gate)
                 return False
             if not send.catching_up and send.catch_up_to:
                 send.catch_up_to = 0
@@ -2142,13 +2147,15 @@ class CampaignRunner(Service):
             return False
         return True
 
-    def _paused_meanwhile(self, send: _Send) -> None:
+    def _held_meanwhile(self, send: _Send) -> None:
         """
-        The store refused a send's progress: an admin paused it while a
-        batch was being built, before this runner's next look. Until that
-        look, the runner knows it is paused (it builds no more, and its
-        gate is closed); the look is made now.
+        The store refused a send's progress: an admin paused or cancelled
+        it while a batch was being built, before this runner's next look.
+        Until that look, the runner holds the send as paused (it builds no
+        more, and its gate is closed); the look is made now.
         """
+        if send.campaign.id not in self._sends:
+            return
         send.campaign = evolve(send.campaign, paused_by_admin=True)
         self._apply_gate(send)
         self.poke()

@@ -24,7 +24,7 @@ from attrs import evolve
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from zope.interface import implementer
 
 from smtpgw.alerts import MemoryAlertSink
@@ -58,7 +58,7 @@ from smtpgw.database import database_path
 from smtpgw.interfaces import DeliveryResult, IOutbound
 from smtpgw.memjournal import MemoryJournal
 from smtpgw.model import Envelope, MessageState, Priority
-from smtpgw.queue import DEFAULT_GATE_BOUNCE_WINDOW, MessageQueue
+from smtpgw.queue import DEFAULT_GATE_BOUNCE_WINDOW, GATE_CLOSED, MessageQueue
 from smtpgw.queueinfo import Throttle, Why
 from smtpgw.recipients import (
     Recipient,
@@ -1450,16 +1450,18 @@ def _one_turn(clock: Clock) -> bool:
     return True
 
 
-@pytest.mark.parametrize("crash", [False, True])
+@pytest.mark.parametrize(("crash", "looked"), [(False, False), (True, False), (False, True)])
 def test_a_pause_made_while_a_batch_is_built_hands_none_of_it_on(
-    store: SQLiteCampaignStore, clock: Clock, crash: bool
+    store: SQLiteCampaignStore, clock: Clock, crash: bool, looked: bool
 ) -> None:
     """
     An admin pauses a send while the runner is between two slices of a
-    batch, before the runner looked at the database again: the count the
-    admin saw at the pause stays, nothing of the batch reaches the queue,
-    and after the resume (or a crash, then the resume) every recipient
-    gets the message once and the count is whole.
+    batch, before the runner looked at the database again (or, with
+    C{looked}, as the page does: telling the runner, which stops building
+    at the next slice): the count the admin saw at the pause stays,
+    nothing of the batch reaches the queue, and after the resume (or a
+    crash, then the resume) every recipient gets the message once and the
+    count is whole.
     """
     total = 2 * MAX_BUILD_PER_TURN + 1
     add_recipients(store, total)
@@ -1473,12 +1475,16 @@ def test_a_pause_made_while_a_batch_is_built_hands_none_of_it_on(
         assert _one_turn(clock), "the batch was never started"
     assert 0 < built() < total
     store.pause(campaign.id)
+    if looked:
+        gateway.runner.poke()
     at_pause = gateway.campaign(campaign.id).sent
     assert at_pause == 0
     while _one_turn(clock):
         pass
     advance(clock, 10.0)
-    assert built() == total
+    # Built, durable and not delivered (delivered ones leave the journal);
+    # told of the pause, the runner builds no further slice.
+    assert (built() < total) if looked else (built() == total)
     assert gateway.relay.log == []
     paused = gateway.campaign(campaign.id)
     assert (paused.state, paused.sent, paused.cursor) == (CampaignState.PAUSED, at_pause, 0)
@@ -1493,6 +1499,177 @@ def test_a_pause_made_while_a_batch_is_built_hands_none_of_it_on(
     got = gateway.relay.recipients_of(campaign.id)
     assert len(got) == len(set(got)) == total
     assert gateway.campaign(campaign.id).sent == total
+
+
+class RacingProgress(InlineCampaignStore):
+    """
+    A store where an admin acts (C{actions}, each C{"pause"} or
+    C{"cancel"}, with the runner told as the pages tell it) right before
+    the next progress record, as if their writes won the race with it.
+    With C{slow}, that record answers only C{slow} seconds later (a
+    database thread that is busy): the runner's look at the database is
+    over by then.
+    """
+
+    def __init__(
+        self, store: SQLiteCampaignStore, runner: Callable[[], CampaignRunner], clock: Clock
+    ) -> None:
+        super().__init__(store)
+        self.runner = runner
+        self.clock = clock
+        self.actions: tuple[str, ...] = ()
+        self.slow = 0.0
+        self.refused = 0
+
+    def record_progress(self, campaign_id: int, cursor: int, sent: int) -> Deferred[bool]:
+        actions, self.actions = self.actions, ()
+        for action in actions:
+            getattr(self.store, action)(campaign_id)
+            self.runner().poke()
+        d = super().record_progress(campaign_id, cursor, sent)
+        if actions:
+            d.addCallback(self._count)
+            if self.slow:
+                d.addCallback(lambda recorded: deferLater(self.clock, self.slow, lambda: recorded))
+        return d
+
+    def _count(self, recorded: bool) -> bool:
+        self.refused += not recorded
+        return recorded
+
+
+def _live_messages_of(gateway: Gateway) -> set[str]:
+    queue_ids = (m.envelope.queue_id for m in gateway.journal.replay())
+    return {q for q in queue_ids if parse_queue_id(q)}
+
+
+def test_a_pause_winning_the_race_with_a_later_batch_keeps_the_count(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    A pause written just before the progress of a batch (with messages
+    already counted before it): the count stays what the admin saw, the
+    batch is not delivered, and after the resume each recipient gets the
+    message once and the count is whole.
+    """
+    add_recipients(store, 60)
+    backend = RacingProgress(store, lambda: gateway.runner, clock)
+    gateway = Gateway(clock, store, rate=20, window=8, backend=backend)
+    campaign = create(store)
+    run_until(clock, lambda: gateway.campaign(campaign.id).sent >= 16)
+    backend.actions = ("pause",)
+    run_until(clock, lambda: backend.refused == 1, limit=5)
+    at_pause = gateway.campaign(campaign.id).sent
+    delivered = len(gateway.relay.campaign_ids())
+    advance(clock, 10.0)
+    paused = gateway.campaign(campaign.id)
+    assert (paused.state, paused.sent) == (CampaignState.PAUSED, at_pause)
+    assert len(gateway.relay.campaign_ids()) == delivered
+    assert delivered <= at_pause
+    store.resume(campaign.id)
+    gateway.runner.poke()
+    run_until(clock, finished(gateway, campaign.id))
+    got = gateway.relay.recipients_of(campaign.id)
+    assert len(got) == len(set(got)) == 60
+    assert gateway.campaign(campaign.id).sent == 60
+
+
+@pytest.mark.parametrize("slow", [0.0, 0.5])
+@pytest.mark.parametrize("paused_first", [False, True])
+def test_a_cancel_winning_the_race_with_a_batch_leaves_nothing_of_it(
+    store: SQLiteCampaignStore, clock: Clock, paused_first: bool, slow: float
+) -> None:
+    """
+    A cancel (of a running send, or of one paused a moment before) written
+    just before the progress of a batch, the runner dropping the send
+    after that record (or, C{slow}, before it answers): the count stays,
+    nothing more is delivered, every message of the send left in the
+    journal is cancelled there, and its gate is gone.
+    """
+    add_recipients(store, 60)
+    backend = RacingProgress(store, lambda: gateway.runner, clock)
+    gateway = Gateway(clock, store, rate=20, window=8, backend=backend)
+    campaign = create(store)
+    run_until(clock, lambda: gateway.campaign(campaign.id).sent >= 16)
+    backend.actions = ("pause", "cancel") if paused_first else ("cancel",)
+    backend.slow = slow
+    run_until(clock, lambda: backend.refused == 1, limit=5)
+    at_cancel = gateway.campaign(campaign.id).sent
+    delivered = len(gateway.relay.campaign_ids())
+    advance(clock, 10.0)
+    cancelled = gateway.campaign(campaign.id)
+    assert cancelled.state is CampaignState.CANCELLED
+    assert cancelled.sent == at_cancel
+    assert len(gateway.relay.campaign_ids()) == delivered
+    assert _live_messages_of(gateway) == set()
+    assert gateway.queue.gates() == set()
+    assert gateway.queue.gate_hold(campaign_username(campaign.id)) == GATE_CLOSED
+    got = gateway.relay.recipients_of(campaign.id)
+    assert len(got) == len(set(got))
+
+
+def test_a_pause_winning_the_race_with_the_cursor_moving_to_the_end_holds(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    The rest of a send's recipients unsubscribed, and a pause is written
+    just before the cursor moves past them to the end: the send stays
+    paused (it does not finish behind the admin's back), and after the
+    resume it finishes, each remaining recipient served once.
+    """
+    ids = add_recipients(store, 20)
+    backend = RacingProgress(store, lambda: gateway.runner, clock)
+    gateway = Gateway(clock, store, window=8, backend=backend)
+    gateway.relay.hold = True
+    campaign = create(store)
+    run_until(clock, lambda: len(gateway.relay.pending) == 8)
+    for recipient_id in ids[8:]:
+        store.recipients.unsubscribe_id("news", recipient_id)
+    backend.actions = ("pause",)
+    gateway.relay.hold = False
+    gateway.relay.release()
+    run_until(clock, lambda: backend.refused == 1, limit=5)
+    advance(clock, 10.0)
+    paused = gateway.campaign(campaign.id)
+    assert (paused.state, paused.cursor, paused.sent) == (CampaignState.PAUSED, ids[7], 8)
+    store.resume(campaign.id)
+    gateway.runner.poke()
+    run_until(clock, finished(gateway, campaign.id), limit=30)
+    done = gateway.campaign(campaign.id)
+    assert (done.cursor, done.sent) == (ids[-1], 8)
+    got = gateway.relay.recipients_of(campaign.id)
+    assert len(got) == len(set(got)) == 8
+
+
+def test_a_cancel_winning_the_race_with_the_cursor_moving_to_the_end_leaves_no_gate(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    The rest of a send's recipients unsubscribed, and a cancel is written
+    just before the cursor moves past them, the runner dropping the send
+    before that record answers: the send is cancelled, its gate gone (not
+    closed again as paused), nothing more delivered.
+    """
+    ids = add_recipients(store, 20)
+    backend = RacingProgress(store, lambda: gateway.runner, clock)
+    gateway = Gateway(clock, store, window=8, backend=backend)
+    gateway.relay.hold = True
+    campaign = create(store)
+    run_until(clock, lambda: len(gateway.relay.pending) == 8)
+    for recipient_id in ids[8:]:
+        store.recipients.unsubscribe_id("news", recipient_id)
+    backend.actions = ("cancel",)
+    backend.slow = 0.5
+    gateway.relay.hold = False
+    gateway.relay.release()
+    run_until(clock, lambda: backend.refused == 1, limit=5)
+    advance(clock, 10.0)
+    cancelled = gateway.campaign(campaign.id)
+    assert (cancelled.state, cancelled.sent) == (CampaignState.CANCELLED, 8)
+    assert gateway.queue.gates() == set()
+    # Forgotten: not closed again, as paused, by a runner that dropped it.
+    assert gateway.queue.gate_hold(campaign_username(campaign.id)) == GATE_CLOSED
+    assert len(gateway.relay.recipients_of(campaign.id)) == 8
 
 
 def test_progress_of_a_paused_send_is_refused(store: SQLiteCampaignStore) -> None:
