@@ -40,6 +40,8 @@ from smtpgw.journal import (
     DEFAULT_UNHURRIED_DELAY,
     GATHER_RECORDS,
     GATHER_WHEN_BUSY_WITHIN,
+    PREALLOCATE_AHEAD,
+    PREALLOCATE_WHEN_WITHIN,
     FileJournal,
     FileOps,
     JournalFormatError,
@@ -57,6 +59,7 @@ from smtpgw.journal_codec import (
     encode_priority,
     encode_queue_state,
     encode_record,
+    encode_segment_header,
     encode_state,
     walk_records,
 )
@@ -663,7 +666,10 @@ async def test_full_disk_refuses_loses_nothing_and_recovers(
     disk = FaultyDisk()
     journal = started(tmp_path, reactor, file_ops=disk.ops())
     kept = await journal.accept(envelope(1), body(1))
-    size = os.path.getsize(segment_path(tmp_path, 1))
+    # The file ends where the records end once the failed batch is cut off
+    # (with the zeros written ahead of the records, as they go).
+    size = kept.offset + kept.length
+    assert os.path.getsize(segment_path(tmp_path, 1)) > size
     disk.write_error = errno.ENOSPC
     with pytest.raises(JournalUnavailable, match="No space"):
         await journal.accept(envelope(2), body(2))
@@ -676,6 +682,8 @@ async def test_full_disk_refuses_loses_nothing_and_recovers(
     again = await journal.accept(envelope(3), body(3))
     assert journal.accepting is True
     assert again == JournalLocation(1, size, again.length)
+    # Cut back with the batch, the zeros are written ahead again.
+    assert os.path.getsize(segment_path(tmp_path, 1)) > size + again.length
     assert journal.stats().write_errors == 2
     await journal.stop()
     assert [(m.envelope.queue_id, m.location) for m in replayed(tmp_path)] == [
@@ -840,14 +848,16 @@ def _expected_after_cut(data: bytes, cut: int) -> list[tuple[str, str, int, floa
     return [(v[0], v[1], v[2], v[3], v[4]) for v in live.values()]
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 def test_torn_tail_at_every_byte_replays_exactly_the_complete_records(
-    tmp_path: Path, warnings: list[str]
+    tmp_path: Path, warnings: list[str], ahead: bool
 ) -> None:
     """
     A crash can leave the last segment cut anywhere: for every possible
     length, replay gives exactly the records that are complete, warns about
     the torn tail, and cuts the file back to them so that what is appended
-    next follows cleanly.
+    next follows cleanly. With C{ahead}, the torn write went over zeros
+    written ahead of the records, and what it did not write is zeros.
     """
     source = tmp_path / "source"
     _write_sample_journal(source)
@@ -860,33 +870,42 @@ def test_torn_tail_at_every_byte_replays_exactly_the_complete_records(
     for cut in range(SEGMENT_HEADER_SIZE, len(data)):
         directory = tmp_path / f"cut{cut}"
         directory.mkdir()
-        segment_path(directory, 1).write_bytes(data[:cut])
+        zeros = bytes(len(data) - cut + 4096) if ahead else b""
+        segment_path(directory, 1).write_bytes(data[:cut] + zeros)
+        whole = cut
+        if ahead:
+            # The bytes the write left out of the record it tore may all be
+            # zeros: then the zeros complete it, and it is whole.
+            after = min((b for b in boundaries if b > cut), default=cut)
+            if not any(data[cut:after]):
+                whole = after
         warnings.clear()
-        assert summary(replayed(directory)) == _expected_after_cut(data, cut), cut
-        good_end = max(b for b in boundaries if b <= cut)
+        assert summary(replayed(directory)) == _expected_after_cut(data, whole), cut
+        good_end = max(b for b in boundaries if b <= whole)
         assert os.path.getsize(segment_path(directory, 1)) == good_end
-        assert bool(warnings) == (cut != good_end)
+        assert bool(warnings) == (whole != good_end)
         shutil.rmtree(directory)
 
 
 @pytest.mark.parametrize(
     "garbage",
     [
-        b"\x00" * 4096,
         os.urandom(1000),
         b"\xff" * 31,
+        b"\x00" * 4096 + b"\x01",
         encode_record(b"\x00" * 8, encode_state("Q00000002", "cancelled")),
     ],
-    ids=["zeros", "random", "short", "record-of-another-segment"],
+    ids=["random", "short", "zeros-then-a-byte", "record-of-another-segment"],
 )
 @async_test
 async def test_garbage_after_the_last_record_is_cut_off(
     tmp_path: Path, reactor: Any, warnings: list[str], garbage: bytes
 ) -> None:
     """
-    Whatever follows the last record (zeroed blocks, random bytes, a record
-    with another segment's key) is not replayed, is cut off with a warning,
-    and new records then append and replay cleanly.
+    Whatever follows the last record (random bytes, zeroed blocks followed
+    by something else, a record with another segment's key) is not
+    replayed, is cut off with a warning, and new records then append and
+    replay cleanly.
     """
     _write_sample_journal(tmp_path)
     path = segment_path(tmp_path, 1)
@@ -901,6 +920,157 @@ async def test_garbage_after_the_last_record_is_cut_off(
     warnings.clear()
     assert summary(replayed(tmp_path)) == [*expected, ("Q00000009", "queued", 0, 0.0, 3)]
     assert warnings == []
+
+
+@pytest.mark.parametrize("zeros", [1, 4096, PREALLOCATE_AHEAD])
+@async_test
+async def test_zeros_after_the_last_record_are_space_written_ahead(
+    tmp_path: Path, reactor: Any, warnings: list[str], zeros: int
+) -> None:
+    """
+    Zeros after the last record (written ahead of the records, left by a
+    crash) are not damage: no warning, the file is not cut, the next
+    record goes where they start, and a stop cuts them off.
+    """
+    _write_sample_journal(tmp_path)
+    path = segment_path(tmp_path, 1)
+    clean = path.read_bytes()
+    path.write_bytes(clean + bytes(zeros))
+    expected = _expected_after_cut(clean, len(clean))
+    journal = started(tmp_path, reactor)
+    assert warnings == []
+    assert path.stat().st_size >= len(clean) + zeros
+    ninth = await journal.accept(envelope(9), body(9))
+    assert (ninth.segment, ninth.offset) == (1, len(clean))
+    await journal.stop()
+    assert path.stat().st_size == len(clean) + ninth.length
+    assert summary(replayed(tmp_path)) == [*expected, ("Q00000009", "queued", 0, 0.0, 3)]
+    assert warnings == []
+
+
+def test_zeros_after_the_records_of_an_older_segment_are_damage(
+    tmp_path: Path, warnings: list[str]
+) -> None:
+    """
+    Zeros are written ahead only in the segment being written (never past
+    the size at which it is rotated): in a segment that is not the last,
+    zeros after the records are damage (lost writes, a repaired file
+    system), and replay says so.
+    """
+    _write_sample_journal(tmp_path)
+    first = segment_path(tmp_path, 1)
+    clean = first.read_bytes()
+    expected = _expected_after_cut(clean, len(clean))
+    first.write_bytes(clean + bytes(PREALLOCATE_AHEAD))
+    key = os.urandom(8)
+    segment_path(tmp_path, 2).write_bytes(
+        encode_segment_header(2, key) + encode_record(key, encode_accept(envelope(5), body(5)))
+    )
+    assert summary(replayed(tmp_path)) == [*expected, ("Q00000005", "queued", 0, 0.0, 3)]
+    assert len(warnings) == 1
+    assert f"damaged record at offset {len(clean)}" in warnings[0]
+
+
+@attrs.define
+class CountingDisk:
+    """
+    L{FileOps} that note each write (its offset and length), and fail the
+    writes of nothing but zeros with C{zeros_error} when it is set (a disk
+    that fills up as the journal writes ahead).
+    """
+
+    writes: list[tuple[int, int]] = attrs.field(factory=list)
+    zeros_error: int = 0
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        if self.zeros_error and not any(data):
+            raise OSError(self.zeros_error, os.strerror(self.zeros_error))
+        self.writes.append((offset, len(data)))
+        return os.pwrite(fd, data, offset)
+
+    def ops(self) -> FileOps:
+        return FileOps(pwrite=self.pwrite, fdatasync=os.fdatasync)
+
+
+@async_test
+async def test_zeros_are_written_ahead_of_the_records_as_they_come_near(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    The first record of a segment is followed by L{PREALLOCATE_AHEAD}
+    bytes of zeros (in a write of their own); later records overwrite them
+    with one write each, the file keeping its size, until the records come
+    within L{PREALLOCATE_WHEN_WITHIN} of their end: then the zeros go
+    further, never past the segment's size.
+    """
+    disk = CountingDisk()
+    size = 100_000
+    journal = started(
+        tmp_path, reactor, file_ops=disk.ops(), segment_size=2 * PREALLOCATE_AHEAD + size
+    )
+    path = segment_path(tmp_path, 1)
+    disk.writes.clear()
+    first = await journal.accept(envelope(0), body(0, size))
+    end = first.offset + first.length
+    assert disk.writes == [(first.offset, first.length), (end, PREALLOCATE_AHEAD)]
+    assert path.stat().st_size == end + PREALLOCATE_AHEAD
+    number = 1
+    while end + PREALLOCATE_WHEN_WITHIN <= first.offset + first.length + PREALLOCATE_AHEAD:
+        disk.writes.clear()
+        location = await journal.accept(envelope(number), body(number, size))
+        end = location.offset + location.length
+        number += 1
+        if end + PREALLOCATE_WHEN_WITHIN <= first.offset + first.length + PREALLOCATE_AHEAD:
+            assert disk.writes == [(location.offset, location.length)]
+            assert path.stat().st_size == first.offset + first.length + PREALLOCATE_AHEAD
+    # Came near: the zeros went on, up to the segment's size at most.
+    assert disk.writes[-1][0] == first.offset + first.length + PREALLOCATE_AHEAD
+    assert path.stat().st_size == min(end + PREALLOCATE_AHEAD, 2 * PREALLOCATE_AHEAD + size)
+    await journal.stop()
+    assert path.stat().st_size == end
+    assert len(replayed(tmp_path)) == number
+
+
+@async_test
+async def test_a_disk_too_full_to_write_ahead_still_takes_the_records(
+    tmp_path: Path, reactor: Any, warnings: list[str]
+) -> None:
+    """
+    When the zeros cannot be written (the disk is full), the records
+    written before them are durable and acknowledged all the same, as the
+    journal wrote them before it wrote ahead; nothing is refused.
+    """
+    disk = CountingDisk(zeros_error=errno.ENOSPC)
+    journal = started(tmp_path, reactor, file_ops=disk.ops())
+    locations = [await journal.accept(envelope(n), body(n)) for n in range(3)]
+    assert journal.accepting is True
+    # Said once, not at each commit.
+    assert [w for w in warnings if "cannot write zeros ahead" in w] == [
+        "journal: cannot write zeros ahead of the records ([Errno 28] No space left on device);"
+        " group commits cost more until it can"
+    ]
+    end = locations[-1].offset + locations[-1].length
+    assert os.path.getsize(segment_path(tmp_path, 1)) == end
+    await journal.stop()
+    assert [m.location for m in replayed(tmp_path)] == locations
+    assert not any("452" in text for text in warnings)
+
+
+@async_test
+async def test_zeros_are_never_written_past_the_segment_size(tmp_path: Path, reactor: Any) -> None:
+    """
+    Zeros go ahead of the records up to the segment's size at most: there
+    the segment is rotated, and it ends with its records.
+    """
+    size = 100_000
+    segment_size = 3 * size
+    journal = started(tmp_path, reactor, segment_size=segment_size)
+    await journal.accept(envelope(0), body(0, size))
+    assert os.path.getsize(segment_path(tmp_path, 1)) == segment_size
+    locations = [await journal.accept(envelope(n), body(n, size)) for n in range(1, 4)]
+    assert [location.segment for location in locations] == [1, 1, 2]
+    assert os.path.getsize(segment_path(tmp_path, 1)) == locations[1].offset + locations[1].length
+    await journal.stop()
 
 
 def _flip_byte(path: Path, offset: int) -> None:

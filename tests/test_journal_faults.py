@@ -37,6 +37,7 @@ from smtpgw.journal import (
 )
 from smtpgw.journal_codec import (
     SEGMENT_HEADER_SIZE,
+    JournalRecordError,
     RecordType,
     decode_segment_header,
     encode_accept,
@@ -140,9 +141,28 @@ def record_types(path: Path) -> list[tuple[RecordType, str]]:
     key = decode_segment_header(data).key
     return [
         (rtype, meta[1 : 1 + meta[0]].decode())
-        for _, rtype, _, meta in walk_records(data, SEGMENT_HEADER_SIZE, len(data), key, False)
+        for _, rtype, _, meta in written_records(data, key)
         if rtype in (RecordType.ACCEPT, RecordType.COPY)
     ]
+
+
+def written_records(data: bytes, key: bytes) -> list[tuple[int, RecordType, int, bytes]]:
+    """
+    @return: the records of a segment file as L{walk_records} gives them,
+        up to the zeros a running journal writes ahead of them (and only
+        zeros may follow them).
+    """
+    found: list[tuple[int, RecordType, int, bytes]] = []
+    walker = walk_records(data, SEGMENT_HEADER_SIZE, len(data), key, False)
+    while True:
+        try:
+            found.append(next(walker))
+        except StopIteration:
+            return found
+        except JournalRecordError:
+            end = found[-1][0] + found[-1][2] if found else SEGMENT_HEADER_SIZE
+            assert not any(data[end:]), f"damage, not zeros, after offset {end}"
+            return found
 
 
 async def fill_segments(journal: FileJournal, count: int) -> list[JournalLocation]:
