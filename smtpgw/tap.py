@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 from twisted.application.service import IService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -540,7 +541,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ControlService(QueueControl(queue, journal, reactor), data_dir.path, reactor).setServiceParent(
         top
     )
-    reloadable: Any = tls
+    reloadable = _Reload(tls, None, reactor)
     # Whether anything answers SMTP (for /healthz): acceptors when there
     # are, else the listener this process bound, which serves while it runs.
     smtp_up: Any = lambda: True  # noqa: E731
@@ -569,7 +570,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         pool, here = _acceptor_pool(
             options, data_dir, reactor, queue, stats, alerts, metrics, tls, smtp_factory
         )
-        reloadable = _ReloadAll(tls, pool)
+        reloadable = _Reload(tls, pool, reactor)
         smtp_up = lambda: pool.ready > 0 or here.serving  # noqa: E731
     else:
         factory = smtp_factory()
@@ -684,18 +685,24 @@ def _acceptor_pool(
     return pool, here
 
 
-class _ReloadAll:
+class _Reload:
     """
-    Reloads the certificate here and in every acceptor process.
+    Reloads the certificate, its files read in a thread (the privileged
+    key reader may wait on its helper), then sends it to every acceptor
+    process, if there are.
     """
 
-    def __init__(self, tls: Any, pool: Any) -> None:
+    def __init__(self, tls: Any, pool: Any, reactor: Any) -> None:
         self._tls = tls
         self._pool = pool
+        self._reactor = reactor
 
-    def reload(self) -> bool:
-        reloaded = bool(self._tls.reload())
-        if reloaded:
+    def reload(self) -> Deferred[bool]:
+        reloading: Deferred[bool] = self._tls.reload_in_thread(self._reactor)
+        return reloading.addCallback(self._reloaded)
+
+    def _reloaded(self, reloaded: bool) -> bool:
+        if reloaded and self._pool is not None:
             # The acceptors get what the main process read: they may not be
             # allowed to read the files themselves.
             self._pool.send_tls()

@@ -29,13 +29,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
     IReactorFromThreads,
+    IReactorThreads,
 )
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
@@ -556,6 +560,7 @@ class ReloadableTLS:
     reader: Callable[[FilePath[str], str], bytes] = field(default=_read, repr=False)
     _current: CertificateOptions = field(init=False, repr=False)
     _pem: tuple[bytes, bytes] = field(init=False, repr=False)
+    _reloading: DeferredLock = field(init=False, factory=DeferredLock, repr=False)
 
     def __attrs_post_init__(self) -> None:
         """
@@ -571,8 +576,13 @@ class ReloadableTLS:
         @return: options read from the files now with C{reader} (their
             bytes are kept in L{pem} once they are in use).
         """
-        cert_pem = reader(self.cert_path, "certificate")
-        key_pem = reader(self.key_path, "key")
+        return self._options(self._read_files(reader))
+
+    def _read_files(self, reader: Callable[[FilePath[str], str], bytes]) -> tuple[bytes, bytes]:
+        return reader(self.cert_path, "certificate"), reader(self.key_path, "key")
+
+    def _options(self, files: tuple[bytes, bytes]) -> CertificateOptions:
+        cert_pem, key_pem = files
         options = tls_options_from_pem(
             cert_pem,
             key_pem,
@@ -607,18 +617,45 @@ class ReloadableTLS:
         @return: whether the new files are now in use.
         """
         try:
-            self._current = self._load(self.reader)
-        except TLSConfigError as error:
-            self.log.error(
-                "TLS reload failed, still using the previous certificate: {reason}",
-                reason=str(error),
-            )
-            return False
+            files = self._read_files(self.reader)
         except Exception:
-            self.log.failure("TLS reload failed, still using the previous certificate")
-            return False
+            return self._failed(Failure())
+        return self._use(files)
+
+    def reload_in_thread(self, reactor: IReactorThreads) -> Deferred[bool]:
+        """
+        L{reload}, with the files read in a thread of C{reactor}'s pool: a
+        reader that waits on a helper process (up to its timeout) never
+        holds up the reactor, and with it every session. The options are
+        made and put in use in the reactor thread. Reloads asked for while
+        one runs wait for it (the helper answers one request at a time).
+
+        @return: fires with whether the new files are now in use; never
+            fails.
+        """
+        return self._reloading.run(self._reload_in_thread, reactor)
+
+    def _reload_in_thread(self, reactor: IReactorThreads) -> Deferred[bool]:
+        read = deferToThreadPool(reactor, reactor.getThreadPool(), self._read_files, self.reader)
+        return read.addCallbacks(self._use, self._failed)
+
+    def _use(self, files: tuple[bytes, bytes]) -> bool:
+        try:
+            self._current = self._options(files)
+        except Exception:
+            return self._failed(Failure())
         self.log.info("TLS certificate reloaded from {path}", path=self.cert_path.path)
         return True
+
+    def _failed(self, failure: Failure) -> bool:
+        if failure.check(TLSConfigError):
+            self.log.error(
+                "TLS reload failed, still using the previous certificate: {reason}",
+                reason=failure.getErrorMessage(),
+            )
+        else:
+            self.log.failure("TLS reload failed, still using the previous certificate", failure)
+        return False
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """
@@ -670,9 +707,10 @@ class Reloadable(Protocol):
     Something that re-reads its configuration, such as L{ReloadableTLS}.
     """
 
-    def reload(self) -> bool:
+    def reload(self) -> bool | Deferred[bool]:
         """
-        @return: whether the new configuration is in use.
+        @return: whether the new configuration is in use (or a L{Deferred}
+            that fires with it).
         """
 
 

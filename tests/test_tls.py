@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -36,6 +37,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.protocols.wire import Echo
@@ -56,7 +58,7 @@ from smtpgw.tls import (
     reloadable_tls,
     utc_now,
 )
-from tests.twisted_support import async_test
+from tests.twisted_support import async_test, global_reactor
 
 P = ParamSpec("P")
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=utc_now().tzinfo)
@@ -645,6 +647,126 @@ def test_reload_survives_unexpected_errors(
     assert not reloadable.reload()
     assert reloadable.options() is before
     assert events[-1]["log_failure"].check(RuntimeError)
+
+
+class HeldReader:
+    """
+    A reader of the TLS files that waits, in its thread, until the test
+    lets it go (a privileged reader whose helper is slow), and notes how
+    many reads ran at once.
+    """
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.started = threading.Event()
+        self.running = 0
+        self.most = 0
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, path: FilePath[str], what: str) -> bytes:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.threads.add(threading.current_thread().name)
+        self.started.set()
+        try:
+            assert self.go.wait(10), "never let go"
+            return path.getContent()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@async_test
+async def test_a_reload_in_a_thread_does_not_hold_up_the_reactor(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """
+    While the files are read (slowly) for a reload in a thread, the
+    reactor goes on, and the options in use stay; then the new ones are
+    put in use, from the reactor thread.
+    """
+    reactor = global_reactor()
+    held = HeldReader()
+    reloadable = ReloadableTLS(*pair, reader=held)
+    before = reloadable.options()
+    key = new_key()
+    new_certificate = make_certificate("new.test", key)
+    write_pair(tmp_path, pem(new_certificate), pem(key))
+    reloading = reloadable.reload_in_thread(reactor)
+    assert await deferToThread(held.started.wait, 10)
+    # The reactor turns while the reader waits.
+    await deferLater(reactor, 0.01, lambda: None)
+    assert held.running == 1
+    assert reloadable.options() is before
+    held.go.set()
+    assert await reloading is True
+    assert served(reloadable.options()) == new_certificate
+    assert threading.current_thread().name not in held.threads
+
+
+@async_test
+async def test_reloads_in_threads_run_one_after_another(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """
+    Reloads asked for while one runs wait for it: the reader (one helper
+    process, one request at a time) never reads for two at once.
+    """
+    reactor = global_reactor()
+    held = HeldReader()
+    reloadable = ReloadableTLS(*pair, reader=held)
+    reloads = [reloadable.reload_in_thread(reactor) for _ in range(3)]
+    assert await deferToThread(held.started.wait, 10)
+    await deferLater(reactor, 0.01, lambda: None)
+    held.go.set()
+    assert [await reload for reload in reloads] == [True, True, True]
+    assert held.most == 1
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "garbage cert", "unexpected"])
+@async_test
+async def test_a_failed_reload_in_a_thread_keeps_the_old_certificate(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """
+    A reload in a thread that fails (the reader refuses, the files are
+    bad, anything unexpected) logs the error, keeps the options in use,
+    and fires with L{False}: it never fails.
+    """
+    reactor = global_reactor()
+    events: list[dict[str, Any]] = []
+
+    def refusing(path: FilePath[str], what: str) -> bytes:
+        raise TLSConfigError(f"cannot read TLS {what} file {path.path}: no answer")
+
+    reloadable = ReloadableTLS(
+        *pair, log=capturing_logger(events), reader=refusing if damage == "unreadable" else _plain
+    )
+    before = reloadable.options()
+    if damage == "garbage cert":
+        pair[0].write_bytes(b"garbage")
+    elif damage == "unexpected":
+
+        def broken(*args: object, **kwargs: object) -> CertificateOptions:
+            raise RuntimeError("surprise")
+
+        monkeypatch.setattr(smtpgw.tls, "tls_options_from_pem", broken)
+    del events[:]
+    assert await reloadable.reload_in_thread(reactor) is False
+    assert reloadable.options() is before
+    [event] = events
+    assert event["log_level"] in (LogLevel.error, LogLevel.critical)
+    assert "still using the previous certificate" in event["log_format"]
+    if damage == "unreadable":
+        assert "no answer" in event["reason"]
+    elif damage == "unexpected":
+        assert event["log_failure"].check(RuntimeError)
+
+
+def _plain(path: FilePath[str], what: str) -> bytes:
+    return path.getContent()
 
 
 def test_reloadable_tls_uses_given_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
