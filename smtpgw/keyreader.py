@@ -273,8 +273,10 @@ class PrivilegedReader:
             if length > MAX_FILE:
                 raise OSError(f"an answer of {length} bytes")
             payload = self._exactly(process.stdout, length, deadline)
-        except OSError as error:
-            # Its answers can no longer be matched to requests.
+        except (OSError, ValueError) as error:
+            # Its answers can no longer be matched to requests. (ValueError:
+            # its pipes were closed by a stop, as the gateway ends, while a
+            # reload read in another thread.)
             self._kill()
             raise TLSConfigError(
                 f"cannot read TLS {what} file {path.path}: the privileged reader failed ({error})"

@@ -20,6 +20,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from smtpgw.limits import Limits
@@ -699,7 +700,13 @@ class _Reload:
 
     def reload(self) -> Deferred[bool]:
         reloading: Deferred[bool] = self._tls.reload_in_thread(self._reactor)
-        return reloading.addCallback(self._reloaded)
+        reloading.addCallback(self._reloaded)
+        # Nobody waits on a SIGHUP's reload: what fails is logged here.
+        return reloading.addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> bool:
+        log.failure("sending the reloaded certificate to the acceptors failed", failure)
+        return False
 
     def _reloaded(self, reloaded: bool) -> bool:
         if reloaded and self._pool is not None:

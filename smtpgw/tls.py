@@ -561,6 +561,7 @@ class ReloadableTLS:
     _current: CertificateOptions = field(init=False, repr=False)
     _pem: tuple[bytes, bytes] = field(init=False, repr=False)
     _reloading: DeferredLock = field(init=False, factory=DeferredLock, repr=False)
+    _queued: Deferred[bool] | None = field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         """
@@ -614,6 +615,9 @@ class ReloadableTLS:
         are kept and the reason is logged: a bad file never stops the
         gateway from serving.
 
+        Not while a L{reload_in_thread} runs: the privileged reader answers
+        one request at a time.
+
         @return: whether the new files are now in use.
         """
         try:
@@ -627,15 +631,31 @@ class ReloadableTLS:
         L{reload}, with the files read in a thread of C{reactor}'s pool: a
         reader that waits on a helper process (up to its timeout) never
         holds up the reactor, and with it every session. The options are
-        made and put in use in the reactor thread. Reloads asked for while
-        one runs wait for it (the helper answers one request at a time).
+        made and put in use in the reactor thread. A reload asked for while
+        one runs waits for it (the helper answers one request at a time),
+        and all those asked for meanwhile share that one: it reads the
+        files after every one of them was asked, so a burst of SIGHUPs
+        costs two reloads, not one each.
 
         @return: fires with whether the new files are now in use; never
             fails.
         """
-        return self._reloading.run(self._reload_in_thread, reactor)
+        if self._queued is None:
+            if not self._reloading.locked:
+                return self._reloading.run(self._reload_in_thread, reactor)
+            self._queued = self._reloading.run(self._reload_in_thread, reactor)
+        shared: Deferred[bool] = Deferred()
+
+        def share(reloaded: bool) -> bool:
+            shared.callback(reloaded)
+            return reloaded
+
+        self._queued.addCallback(share)
+        return shared
 
     def _reload_in_thread(self, reactor: IReactorThreads) -> Deferred[bool]:
+        # From here on, a reload asked for reads the files after this one.
+        self._queued = None
         read = deferToThreadPool(reactor, reactor.getThreadPool(), self._read_files, self.reader)
         return read.addCallbacks(self._use, self._failed)
 
@@ -720,7 +740,7 @@ def install_sighup_reload(
     """
     Reload the TLS files when the process gets C{SIGHUP}.
 
-    The reload runs in the reactor thread, not in the signal handler. Must be
+    The reload is started from the reactor thread, not the signal handler. Must be
     called from the main thread.
 
     @return: undoes the installation, putting the previous handler back.

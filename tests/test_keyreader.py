@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.python.filepath import FilePath
@@ -163,6 +164,30 @@ def test_a_silent_helper_times_out(
         # SIGKILL ends a stopped process too, and stop() reaps it.
         gone = Path(f"/proc/{pid}")
         wait_until(lambda: not gone.exists(), 10, "the killed helper to be reaped")
+
+
+def test_a_stop_while_a_thread_reads_is_a_clear_error(
+    files: tuple[FilePath[str], FilePath[str]],
+    as_root: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    A reload reads in a thread; when the gateway ends meanwhile, stop()
+    closes the helper's pipes under that read. The read fails with a clear
+    error (not a stray ValueError of a closed file).
+    """
+    made = PrivilegedReader(files, timeout=10)
+    made.start()
+    exactly = made._exactly
+
+    def stopped_first(*args: Any) -> bytes:
+        made.stop()
+        return exactly(*args)
+
+    monkeypatch.setattr(made, "_exactly", stopped_first)
+    with pytest.raises(TLSConfigError, match="privileged reader failed"):
+        made.read(files[0], "certificate")
+    assert made.pid is None
 
 
 def test_the_helper_ends_with_its_input(

@@ -9,13 +9,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from smtpgw.limits import Limits
-from smtpgw.tap import DEFAULT_MAX_SIZE, LIMIT_OPTIONS, Options, _hand_over
+from smtpgw.tap import DEFAULT_MAX_SIZE, LIMIT_OPTIONS, Options, _hand_over, _Reload
 from smtpgw.tls import TLSConfigError, ensure_self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,3 +385,63 @@ def test_twistd_finds_the_plugin_and_lists_every_option() -> None:
         *(f"--{name.replace('_', '-')}=" for name in LIMIT_OPTIONS),
     ):
         assert option in result.stdout, option
+
+
+class _FakeTLS:
+    """
+    What L{_Reload} uses of L{smtpgw.tls.ReloadableTLS}: a reload that
+    gives C{result}.
+    """
+
+    def __init__(self, result: bool) -> None:
+        self.result = result
+        self.reactors: list[object] = []
+
+    def reload_in_thread(self, reactor: object) -> Deferred[bool]:
+        self.reactors.append(reactor)
+        return succeed(self.result)
+
+
+class _FakePool:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.sent = 0
+        self.error = error
+
+    def send_tls(self) -> None:
+        self.sent += 1
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("reloaded", [True, False])
+def test_a_sighup_reload_reads_in_a_thread_and_tells_the_acceptors(reloaded: bool) -> None:
+    """
+    A SIGHUP's reload goes through the certificate's reload in a thread,
+    with the gateway's reactor; the acceptors get the certificate only
+    when it was reloaded; with no acceptors nothing is sent.
+    """
+    reactor = object()
+    tls, pool = _FakeTLS(reloaded), _FakePool()
+    results: list[bool] = []
+    _Reload(tls, pool, reactor).reload().addCallback(results.append)
+    assert (results, tls.reactors, pool.sent) == ([reloaded], [reactor], int(reloaded))
+    alone: list[bool] = []
+    _Reload(_FakeTLS(reloaded), None, reactor).reload().addCallback(alone.append)
+    assert alone == [reloaded]
+
+
+def test_a_failure_to_tell_the_acceptors_is_logged_not_left_unhandled(
+    logged_errors: list[dict[str, Any]],
+) -> None:
+    """
+    Nobody waits on a SIGHUP's reload: when sending the certificate to the
+    acceptors fails, that is logged, and the reload's result is False.
+    """
+    results: list[bool] = []
+    pool = _FakePool(RuntimeError("pipe gone"))
+    _Reload(_FakeTLS(True), pool, object()).reload().addCallback(results.append)
+    assert results == [False]
+    [event] = logged_errors
+    assert event["log_failure"].check(RuntimeError)
+    assert "acceptors failed" in event["log_format"]
+    logged_errors.clear()

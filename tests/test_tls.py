@@ -661,12 +661,14 @@ class HeldReader:
         self.started = threading.Event()
         self.running = 0
         self.most = 0
+        self.calls = 0
         self.threads: set[str] = set()
         self._lock = threading.Lock()
 
     def __call__(self, path: FilePath[str], what: str) -> bytes:
         with self._lock:
             self.running += 1
+            self.calls += 1
             self.most = max(self.most, self.running)
             self.threads.add(threading.current_thread().name)
         self.started.set()
@@ -712,7 +714,9 @@ async def test_reloads_in_threads_run_one_after_another(
 ) -> None:
     """
     Reloads asked for while one runs wait for it: the reader (one helper
-    process, one request at a time) never reads for two at once.
+    process, one request at a time) never reads for two at once. Those
+    asked for meanwhile share one reload, made after the last of them was
+    asked (a burst of SIGHUPs costs two reloads).
     """
     reactor = global_reactor()
     held = HeldReader()
@@ -723,6 +727,11 @@ async def test_reloads_in_threads_run_one_after_another(
     held.go.set()
     assert [await reload for reload in reloads] == [True, True, True]
     assert held.most == 1
+    # The certificate and the key, twice.
+    assert held.calls == 4
+    # Over, it no longer waits for anything: the next one reads anew.
+    assert await reloadable.reload_in_thread(reactor) is True
+    assert held.calls == 6
 
 
 @pytest.mark.parametrize("damage", ["unreadable", "garbage cert", "unexpected"])
