@@ -1608,14 +1608,15 @@ def test_a_cancel_winning_the_race_with_a_batch_leaves_nothing_of_it(
     assert len(got) == len(set(got))
 
 
-def test_a_pause_winning_the_race_with_the_cursor_moving_to_the_end_holds(
-    store: SQLiteCampaignStore, clock: Clock
-) -> None:
+def _racing_the_end(
+    store: SQLiteCampaignStore, clock: Clock, actions: tuple[str, ...], slow: float = 0.0
+) -> tuple[Gateway, Campaign, list[int]]:
     """
-    The rest of a send's recipients unsubscribed, and a pause is written
-    just before the cursor moves past them to the end: the send stays
-    paused (it does not finish behind the admin's back), and after the
-    resume it finishes, each remaining recipient served once.
+    A send to 20 recipients whose first 8 messages are out, the other 12
+    recipients unsubscribed; then the admin's C{actions} race the record of
+    its cursor moving past them to the end (refused).
+
+    @return: the gateway, the send, and the recipients' ids.
     """
     ids = add_recipients(store, 20)
     backend = RacingProgress(store, lambda: gateway.runner, clock)
@@ -1625,10 +1626,24 @@ def test_a_pause_winning_the_race_with_the_cursor_moving_to_the_end_holds(
     run_until(clock, lambda: len(gateway.relay.pending) == 8)
     for recipient_id in ids[8:]:
         store.recipients.unsubscribe_id("news", recipient_id)
-    backend.actions = ("pause",)
+    backend.actions = actions
+    backend.slow = slow
     gateway.relay.hold = False
     gateway.relay.release()
     run_until(clock, lambda: backend.refused == 1, limit=5)
+    return gateway, campaign, ids
+
+
+def test_a_pause_winning_the_race_with_the_cursor_moving_to_the_end_holds(
+    store: SQLiteCampaignStore, clock: Clock
+) -> None:
+    """
+    The rest of a send's recipients unsubscribed, and a pause is written
+    just before the cursor moves past them to the end: the send stays
+    paused (it does not finish behind the admin's back), and after the
+    resume it finishes, each remaining recipient served once.
+    """
+    gateway, campaign, ids = _racing_the_end(store, clock, ("pause",))
     advance(clock, 10.0)
     paused = gateway.campaign(campaign.id)
     assert (paused.state, paused.cursor, paused.sent) == (CampaignState.PAUSED, ids[7], 8)
@@ -1650,19 +1665,7 @@ def test_a_cancel_winning_the_race_with_the_cursor_moving_to_the_end_leaves_no_g
     before that record answers: the send is cancelled, its gate gone (not
     closed again as paused), nothing more delivered.
     """
-    ids = add_recipients(store, 20)
-    backend = RacingProgress(store, lambda: gateway.runner, clock)
-    gateway = Gateway(clock, store, window=8, backend=backend)
-    gateway.relay.hold = True
-    campaign = create(store)
-    run_until(clock, lambda: len(gateway.relay.pending) == 8)
-    for recipient_id in ids[8:]:
-        store.recipients.unsubscribe_id("news", recipient_id)
-    backend.actions = ("cancel",)
-    backend.slow = 0.5
-    gateway.relay.hold = False
-    gateway.relay.release()
-    run_until(clock, lambda: backend.refused == 1, limit=5)
+    gateway, campaign, _ = _racing_the_end(store, clock, ("cancel",), slow=0.5)
     advance(clock, 10.0)
     cancelled = gateway.campaign(campaign.id)
     assert (cancelled.state, cancelled.sent) == (CampaignState.CANCELLED, 8)
