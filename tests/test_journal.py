@@ -238,6 +238,25 @@ def warnings() -> Iterator[list[str]]:
     globalLogPublisher.removeObserver(observer)
 
 
+@pytest.fixture
+def infos() -> Iterator[list[str]]:
+    """
+    @return: the text of the informational lines logged during the test.
+    """
+    from twisted.logger import formatEvent
+
+    found: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") is LogLevel.info:
+            found.append(formatEvent(event))
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    yield found
+    globalLogPublisher.removeObserver(observer)
+
+
 def started(directory: Path, reactor: Any, **options: Any) -> FileJournal:
     """
     @return: a journal on C{directory}, replayed and started.
@@ -925,12 +944,13 @@ async def test_garbage_after_the_last_record_is_cut_off(
 @pytest.mark.parametrize("zeros", [1, 4096, PREALLOCATE_AHEAD])
 @async_test
 async def test_zeros_after_the_last_record_are_space_written_ahead(
-    tmp_path: Path, reactor: Any, warnings: list[str], zeros: int
+    tmp_path: Path, reactor: Any, warnings: list[str], infos: list[str], zeros: int
 ) -> None:
     """
     Zeros after the last record (written ahead of the records, left by a
-    crash) are not damage: no warning, the file is not cut, the next
-    record goes where they start, and a stop cuts them off.
+    crash) are not damage: no warning (one line says the stop was not
+    clean), the file is not cut, the next record goes where they start,
+    and a stop cuts them off.
     """
     _write_sample_journal(tmp_path)
     path = segment_path(tmp_path, 1)
@@ -939,6 +959,10 @@ async def test_zeros_after_the_last_record_are_space_written_ahead(
     expected = _expected_after_cut(clean, len(clean))
     journal = started(tmp_path, reactor)
     assert warnings == []
+    assert [line for line in infos if "zeros" in line] == [
+        f"journal segment 1: {zeros} bytes of zeros after its last record, written ahead of"
+        " the records, taken for their end (the gateway did not stop cleanly)"
+    ]
     assert path.stat().st_size >= len(clean) + zeros
     ninth = await journal.accept(envelope(9), body(9))
     assert (ninth.segment, ninth.offset) == (1, len(clean))
