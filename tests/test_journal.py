@@ -219,23 +219,30 @@ def _no_writer_thread_left() -> Iterator[None]:
     assert [t for t in threading.enumerate() if t.name == WRITER_THREAD] == []
 
 
-@pytest.fixture
-def warnings() -> Iterator[list[str]]:
+def _logged(level: LogLevel) -> Iterator[list[str]]:
     """
-    @return: the text of the warnings logged during the test.
+    @return: the text of the events of C{level} logged while it runs.
     """
     from twisted.logger import formatEvent
 
     found: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") is LogLevel.warn:
+        if event.get("log_level") is level:
             found.append(formatEvent(event))
 
     observer = cast(ILogObserver, observe)
     globalLogPublisher.addObserver(observer)
     yield found
     globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """
+    @return: the text of the warnings logged during the test.
+    """
+    yield from _logged(LogLevel.warn)
 
 
 @pytest.fixture
@@ -243,18 +250,7 @@ def infos() -> Iterator[list[str]]:
     """
     @return: the text of the informational lines logged during the test.
     """
-    from twisted.logger import formatEvent
-
-    found: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") is LogLevel.info:
-            found.append(formatEvent(event))
-
-    observer = cast(ILogObserver, observe)
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
+    yield from _logged(LogLevel.info)
 
 
 def started(directory: Path, reactor: Any, **options: Any) -> FileJournal:

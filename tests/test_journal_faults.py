@@ -15,14 +15,14 @@ import errno
 import os
 import threading
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import pytest
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from smtpgw.interfaces import JournalLocation, JournalUnavailable
@@ -52,6 +52,7 @@ from tests.test_journal import (
     _no_writer_thread_left,
     body,
     envelope,
+    infos,
     reactor,
     replayed,
     segment_path,
@@ -61,7 +62,7 @@ from tests.test_journal import (
 )
 from tests.twisted_support import async_test
 
-__all__ = ["_no_writer_thread_left", "reactor", "warnings"]
+__all__ = ["_no_writer_thread_left", "infos", "reactor", "warnings"]
 
 
 class Reports:
@@ -104,23 +105,6 @@ def failures_logged(logged_errors: list[dict[str, Any]]) -> list[str]:
     texts = [formatEvent(event) for event in logged_errors]
     logged_errors.clear()
     return texts
-
-
-@pytest.fixture
-def infos() -> Any:
-    """
-    @return: the text of the info events logged during the test.
-    """
-    found: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") is LogLevel.info:
-            found.append(formatEvent(event))
-
-    observer = cast(ILogObserver, observe)
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
 
 
 def write_segment(directory: Path, number: int, payloads: list[Any]) -> None:
