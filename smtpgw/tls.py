@@ -609,29 +609,16 @@ class ReloadableTLS:
         """
         return self._current
 
-    def reload(self) -> bool:
+    def reload_in_thread(self, reactor: IReactorThreads) -> Deferred[bool]:
         """
         Re-read the certificate and key. On any failure the options in use
         are kept and the reason is logged: a bad file never stops the
         gateway from serving.
 
-        Not while a L{reload_in_thread} runs: the privileged reader answers
-        one request at a time.
-
-        @return: whether the new files are now in use.
-        """
-        try:
-            files = self._read_files(self.reader)
-        except Exception:
-            return self._failed(Failure())
-        return self._use(files)
-
-    def reload_in_thread(self, reactor: IReactorThreads) -> Deferred[bool]:
-        """
-        L{reload}, with the files read in a thread of C{reactor}'s pool: a
-        reader that waits on a helper process (up to its timeout) never
-        holds up the reactor, and with it every session. The options are
-        made and put in use in the reactor thread. A reload asked for while
+        The files are read in a thread of C{reactor}'s pool: a reader that
+        waits on a helper process (up to its timeout) never holds up the
+        reactor, and with it every session. The options are made and put
+        in use in the reactor thread. A reload asked for while
         one runs waits for it (the helper answers one request at a time),
         and all those asked for meanwhile share that one: it reads the
         files after every one of them was asked, so a burst of SIGHUPs

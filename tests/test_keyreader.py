@@ -24,6 +24,7 @@ from smtpgw.keyreader import MAX_FILE, PrivilegedReader, safe_to_read
 from smtpgw.tls import ReloadableTLS, TLSConfigError, ensure_self_signed
 from tests.gateway_process import wait_until
 from tests.root_support import need_root
+from tests.twisted_support import async_test, global_reactor
 
 
 @pytest.fixture
@@ -337,7 +338,8 @@ def test_a_named_pipe_is_refused_without_waiting(tmp_path: Path, as_root: None) 
     assert safe_to_read(str(fifo)) == (False, b"not a regular file")
 
 
-def test_reloadable_tls_reloads_through_its_reader(
+@async_test
+async def test_reloadable_tls_reloads_through_its_reader(
     files: tuple[FilePath[str], FilePath[str]], tmp_path: Path
 ) -> None:
     """
@@ -358,6 +360,6 @@ def test_reloadable_tls_reloads_through_its_reader(
     assert asked == []
     assert tls.pem == (cert.getContent(), key.getContent())
     served = {cert.path: other_cert.getContent(), key.path: other_key.getContent()}
-    assert tls.reload()
+    assert await tls.reload_in_thread(global_reactor()) is True
     assert tls.pem == (served[cert.path], served[key.path])
     assert asked == ["certificate", "key"]

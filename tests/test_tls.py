@@ -592,7 +592,8 @@ def test_reloadable_refuses_to_start_with_bad_files(tmp_path: Path) -> None:
         ReloadableTLS(tmp_path / "missing.crt", tmp_path / "missing.key")
 
 
-def test_reload_picks_up_new_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
+@async_test
+async def test_reload_picks_up_new_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
     """
     After the files are replaced, reload switches to the new options.
     """
@@ -601,36 +602,48 @@ def test_reload_picks_up_new_files(pair: tuple[Path, Path], tmp_path: Path) -> N
     key = new_key()
     new_certificate = make_certificate("new.test", key)
     write_pair(tmp_path, pem(new_certificate), pem(key))
-    assert reloadable.reload()
+    assert await reloadable.reload_in_thread(global_reactor()) is True
     assert reloadable.options() is not before
     assert served(reloadable.options()) == new_certificate
 
 
-@pytest.mark.parametrize("damage", ["garbage cert", "missing key", "other key"])
-def test_failed_reload_keeps_serving_the_old_certificate(
+def _refusing(path: FilePath[str], what: str) -> bytes:
+    raise TLSConfigError(f"cannot read TLS {what} file {path.path}: no answer")
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "garbage cert", "missing key", "other key"])
+@async_test
+async def test_failed_reload_keeps_serving_the_old_certificate(
     pair: tuple[Path, Path], damage: str
 ) -> None:
     """
-    A reload that fails logs the error and keeps the previous options.
+    A reload that fails (the reader refuses, the files are bad) logs the
+    error, keeps the previous options, and fires with L{False}: it never
+    fails.
     """
     events: list[dict[str, Any]] = []
     reloadable = ReloadableTLS(*pair, log=capturing_logger(events))
+    if damage == "unreadable":
+        reloadable.reader = _refusing
     before = reloadable.options()
     if damage == "garbage cert":
         pair[0].write_bytes(b"garbage")
     elif damage == "missing key":
         pair[1].unlink()
-    else:
+    elif damage == "other key":
         pair[1].write_bytes(pem(new_key()))
     del events[:]
-    assert not reloadable.reload()
+    assert await reloadable.reload_in_thread(global_reactor()) is False
     assert reloadable.options() is before
     [event] = events
     assert event["log_level"] == LogLevel.error
     assert "still using the previous certificate" in event["log_format"]
+    if damage == "unreadable":
+        assert "no answer" in event["reason"]
 
 
-def test_reload_survives_unexpected_errors(
+@async_test
+async def test_reload_survives_unexpected_errors(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
@@ -644,7 +657,7 @@ def test_reload_survives_unexpected_errors(
         raise RuntimeError("surprise")
 
     monkeypatch.setattr(smtpgw.tls, "tls_options_from_pem", broken)
-    assert not reloadable.reload()
+    assert await reloadable.reload_in_thread(global_reactor()) is False
     assert reloadable.options() is before
     assert events[-1]["log_failure"].check(RuntimeError)
 
@@ -732,50 +745,6 @@ async def test_reloads_in_threads_run_one_after_another(
     # Over, it no longer waits for anything: the next one reads anew.
     assert await reloadable.reload_in_thread(reactor) is True
     assert held.calls == 6
-
-
-@pytest.mark.parametrize("damage", ["unreadable", "garbage cert", "unexpected"])
-@async_test
-async def test_a_failed_reload_in_a_thread_keeps_the_old_certificate(
-    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, damage: str
-) -> None:
-    """
-    A reload in a thread that fails (the reader refuses, the files are
-    bad, anything unexpected) logs the error, keeps the options in use,
-    and fires with L{False}: it never fails.
-    """
-    reactor = global_reactor()
-    events: list[dict[str, Any]] = []
-
-    def refusing(path: FilePath[str], what: str) -> bytes:
-        raise TLSConfigError(f"cannot read TLS {what} file {path.path}: no answer")
-
-    reloadable = ReloadableTLS(
-        *pair, log=capturing_logger(events), reader=refusing if damage == "unreadable" else _plain
-    )
-    before = reloadable.options()
-    if damage == "garbage cert":
-        pair[0].write_bytes(b"garbage")
-    elif damage == "unexpected":
-
-        def broken(*args: object, **kwargs: object) -> CertificateOptions:
-            raise RuntimeError("surprise")
-
-        monkeypatch.setattr(smtpgw.tls, "tls_options_from_pem", broken)
-    del events[:]
-    assert await reloadable.reload_in_thread(reactor) is False
-    assert reloadable.options() is before
-    [event] = events
-    assert event["log_level"] in (LogLevel.error, LogLevel.critical)
-    assert "still using the previous certificate" in event["log_format"]
-    if damage == "unreadable":
-        assert "no answer" in event["reason"]
-    elif damage == "unexpected":
-        assert event["log_failure"].check(RuntimeError)
-
-
-def _plain(path: FilePath[str], what: str) -> bytes:
-    return path.getContent()
 
 
 def test_reloadable_tls_uses_given_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -962,7 +931,7 @@ async def test_reload_changes_new_connections_and_keeps_old_ones(tmp_path: Path)
         assert await deferToThread(echo, old, b"before reload") == b"before reload"
 
         write_pair(tmp_path, pem(cert_b), pem(key_b))
-        assert reloadable.reload()
+        assert await reloadable.reload_in_thread(global_reactor()) is True
 
         new = await deferToThread(connect, port_number(port))
         assert peer_certificate(new) == cert_b
