@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -64,7 +64,7 @@ from smtpgw.journal_codec import (
     walk_records,
 )
 from smtpgw.model import Envelope, Priority
-from tests.twisted_support import async_test
+from tests.twisted_support import async_test, logged_lines
 
 WRITER_THREAD = "smtpgw-journal-writer"
 
@@ -219,30 +219,13 @@ def _no_writer_thread_left() -> Iterator[None]:
     assert [t for t in threading.enumerate() if t.name == WRITER_THREAD] == []
 
 
-def _logged(level: LogLevel) -> Iterator[list[str]]:
-    """
-    @return: the text of the events of C{level} logged while it runs.
-    """
-    from twisted.logger import formatEvent
-
-    found: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") is level:
-            found.append(formatEvent(event))
-
-    observer = cast(ILogObserver, observe)
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
-
-
 @pytest.fixture
 def warnings() -> Iterator[list[str]]:
     """
     @return: the text of the warnings logged during the test.
     """
-    yield from _logged(LogLevel.warn)
+    with logged_lines(LogLevel.warn) as found:
+        yield found
 
 
 @pytest.fixture
@@ -250,7 +233,8 @@ def infos() -> Iterator[list[str]]:
     """
     @return: the text of the informational lines logged during the test.
     """
-    yield from _logged(LogLevel.info)
+    with logged_lines(LogLevel.info) as found:
+        yield found
 
 
 def started(directory: Path, reactor: Any, **options: Any) -> FileJournal:

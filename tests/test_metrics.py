@@ -17,7 +17,7 @@ from attrs import define, field
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.cred.portal import Portal
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel
 
 from smtpgw.interfaces import DeliveryResult
 from smtpgw.journal import FileJournal
@@ -35,7 +35,7 @@ from tests.session_fakes import (
     message,
     plain,
 )
-from tests.twisted_support import async_test
+from tests.twisted_support import async_test, logged_lines
 
 P = ParamSpec("P")
 
@@ -366,16 +366,8 @@ def warnings_logged() -> Iterator[list[str]]:
     """
     The text of the warnings logged during the test.
     """
-    found: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") is LogLevel.warn:
-            found.append(formatEvent(event))
-
-    observer = cast(ILogObserver, observe)
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
+    with logged_lines(LogLevel.warn) as found:
+        yield found
 
 
 # -- the SMTP sessions' hooks ------------------------------------------------------

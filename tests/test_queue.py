@@ -25,7 +25,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -66,7 +66,7 @@ from smtpgw.queue import (
     sort_outcomes,
 )
 from smtpgw.scheduler import InvalidTransition, ScheduledEntry, UnknownMessage
-from tests.twisted_support import async_test
+from tests.twisted_support import async_test, logged_lines
 
 _ids = itertools.count(1)
 
@@ -747,20 +747,10 @@ class TestOutcomes:
             journal.available = False
             return DeliveryResult(delivered=env.recipients)
 
-        warned: list[str] = []
-
-        def observe(event: dict[str, Any]) -> None:
-            if event.get("log_level") is LogLevel.warn:
-                warned.append(formatEvent(event))
-
         queue, _ = make_queue(clock, InstantOutbound(clock, outcome), journal)
         queue.startService()
-        observer = cast(ILogObserver, observe)
-        globalLogPublisher.addObserver(observer)
-        try:
+        with logged_lines(LogLevel.warn) as warned:
             queue.submit(envelope(), b"x\r\n")
-        finally:
-            globalLogPublisher.removeObserver(observer)
         assert len(queue.scheduler) == 0
         assert queue.stats().delivered == 1
         assert [w for w in warned if "could not journal" in w and "delivered" in w]

@@ -1,6 +1,7 @@
 """
 What many test modules need to run Twisted code: coroutine tests on the
-real reactor, that reactor, and connections waiting on a listening socket.
+real reactor, that reactor, the lines logged at a level, and connections
+waiting on a listening socket.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, cast
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 P = ParamSpec("P")
 
@@ -31,6 +33,25 @@ def global_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+@contextlib.contextmanager
+def logged_lines(level: LogLevel) -> Iterator[list[str]]:
+    """
+    The text of the events of C{level} logged while the block runs.
+    """
+    found: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") is level:
+            found.append(formatEvent(event))
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield found
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 @contextlib.contextmanager
