@@ -54,6 +54,7 @@ from smtpgw.journal_codec import (
     FORMAT_VERSION,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
+    SEGMENT_KEY_SIZE,
     decode_segment_header,
     encode_accept,
     encode_priority,
@@ -847,9 +848,15 @@ def _expected_after_cut(data: bytes, cut: int) -> list[tuple[str, str, int, floa
     return [(v[0], v[1], v[2], v[3], v[4]) for v in live.values()]
 
 
+@pytest.mark.parametrize("key_start", [b"", b"\x00\x00"], ids=["random-key", "key-of-zeros-first"])
 @pytest.mark.parametrize("ahead", [False, True])
 def test_torn_tail_at_every_byte_replays_exactly_the_complete_records(
-    tmp_path: Path, warnings: list[str], ahead: bool
+    tmp_path: Path,
+    warnings: list[str],
+    infos: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    ahead: bool,
+    key_start: bytes,
 ) -> None:
     """
     A crash can leave the last segment cut anywhere: for every possible
@@ -857,15 +864,32 @@ def test_torn_tail_at_every_byte_replays_exactly_the_complete_records(
     the torn tail, and cuts the file back to them so that what is appended
     next follows cleanly. With C{ahead}, the torn write went over zeros
     written ahead of the records, and what it did not write is zeros.
+
+    A record begins with its segment's random key. When the key's first
+    bytes are zeros (C{key_start}; 1 key in 256 begins with one), a write
+    torn within them put down only zeros: the file then holds nothing but
+    zeros after the last whole record, taken for zeros written ahead with
+    no warning, and replay gives the same records as for the torn write.
     """
     source = tmp_path / "source"
-    _write_sample_journal(source)
+    random_bytes = os.urandom
+
+    def urandom(n: int) -> bytes:
+        if n == SEGMENT_KEY_SIZE:
+            return (key_start + random_bytes(n))[:n]
+        return random_bytes(n)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "urandom", urandom)
+        _write_sample_journal(source)
     data = segment_path(source, 1).read_bytes()
     key = decode_segment_header(data).key
+    assert key.startswith(key_start)
     boundaries = {
         offset + length
         for offset, _, length, _ in walk_records(data, SEGMENT_HEADER_SIZE, len(data), key, True)
     } | {SEGMENT_HEADER_SIZE}
+    taken_for_zeros = 0
     for cut in range(SEGMENT_HEADER_SIZE, len(data)):
         directory = tmp_path / f"cut{cut}"
         directory.mkdir()
@@ -878,12 +902,21 @@ def test_torn_tail_at_every_byte_replays_exactly_the_complete_records(
             after = min((b for b in boundaries if b > cut), default=cut)
             if not any(data[cut:after]):
                 whole = after
-        warnings.clear()
-        assert summary(replayed(directory)) == _expected_after_cut(data, whole), cut
         good_end = max(b for b in boundaries if b <= whole)
+        # What the torn write did put down may itself be zeros: then
+        # nothing but zeros follows the last whole record.
+        only_zeros = (ahead or cut > good_end) and not any(data[good_end:cut])
+        taken_for_zeros += only_zeros and whole != good_end
+        warnings.clear()
+        infos.clear()
+        assert summary(replayed(directory)) == _expected_after_cut(data, whole), cut
         assert os.path.getsize(segment_path(directory, 1)) == good_end
-        assert bool(warnings) == (whole != good_end)
+        assert bool(warnings) == (whole != good_end and not only_zeros), cut
+        assert any("taken for their end" in line for line in infos) == only_zeros, cut
         shutil.rmtree(directory)
+    # Every record begins with the key: each zero the key begins with puts
+    # the case above once at the start of each of the 7 records.
+    assert taken_for_zeros == 7 * (len(key) - len(key.lstrip(b"\x00")))
 
 
 @pytest.mark.parametrize(
