@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     # (mypy sees the Windows StandardIO, which has no stdout argument.)
     StandardIO(link, stdout=channel_out, reactor=reactor)  # type: ignore[call-arg]
     factory = GatewaySMTPFactory(
-        portal=Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)]),
+        portal=Portal(
+            GatewayRealm(),
+            [SmtpUserChecker(users, reactor, bcrypt=bcrypt, changes=users.change_token)],
+        ),
         queue=link,
         alerts=link,
         users=users,

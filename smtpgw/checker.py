@@ -2,8 +2,12 @@
 The credential checker for SMTP AUTH: usernames and passwords against the
 SMTP+ user records.
 
-A login costs one hop to the user store's threads: the record lookup and the
-check of the verified-credentials cache. Only a cache miss goes on to bcrypt,
+A login costs at most one hop to the user store's threads: the record lookup
+and the check of the verified-credentials cache. What a lookup found is kept,
+and a later login with the same username makes no hop while the database is
+unchanged: nothing committed, by any process, since the store's change token
+read before that lookup (L{smtpgw.database.WalIndexHeader}), which a login
+reads again without waiting. Only a cache miss goes on to bcrypt,
 which runs in its own small pool (L{BcryptPool}), so a storm of bogus logins
 keeps bcrypt busy but never delays a cached login or any other database
 call. The pool takes a bounded number of checks; past it a login fails at
@@ -57,6 +61,7 @@ __all__ = [
     "BCRYPT_THREADS",
     "CACHE_SIZE",
     "CACHE_TTL",
+    "KEPT_RECORDS",
     "MAX_PENDING_CHECKS",
     "MAX_USERNAME_BYTES",
     "BcryptPool",
@@ -73,6 +78,10 @@ T = TypeVar("T")
 
 CACHE_SIZE: Final = 10_000
 """Most credentials remembered as verified; the least recently used go first."""
+
+KEPT_RECORDS: Final = 10_000
+"""Most lookups' results kept for reuse while the database is unchanged; the
+oldest go first."""
 
 CACHE_TTL: Final = 300.0
 """Seconds a verification is trusted before bcrypt checks the password again."""
@@ -386,6 +395,7 @@ class SmtpUserChecker:
         rounds: int = DEFAULT_ROUNDS,
         verify: Callable[[bytes, bytes], bool] = verify_password,
         cache: VerifiedCredentialsCache | None = None,
+        changes: Callable[[], bytes | None] | None = None,
     ) -> None:
         """
         @param store: runs the lookup and the cache check in its threads.
@@ -398,6 +408,12 @@ class SmtpUserChecker:
             the store or a login shows their real cost.
         @param verify: checks a password against a hash (tests count calls).
         @param cache: the verified credentials cache; a new one by default.
+        @param changes: reads the store's change token
+            (L{smtpgw.userstore.ThreadedUserStore.change_token}) without
+            waiting: equal tokens mean that nothing was committed to the
+            store in between. With it, a record found is reused, without a
+            hop to the store's threads, for as long as the token stays the
+            one read before the record was. Only with a bcrypt pool.
         """
         self._store = store
         self._bcrypt = bcrypt
@@ -409,6 +425,11 @@ class SmtpUserChecker:
         # an application that opens twenty connections at once with the same
         # credentials costs one bcrypt check, not twenty.
         self._checking: dict[bytes, list[Deferred[SmtpUser]]] = {}
+        self._changes = changes
+        # What lookups found (a record, or None for no such user), by
+        # username, each with the token read before the lookup; the one
+        # found longest ago goes first. Forgotten when the token is unknown.
+        self._known: dict[str, tuple[bytes, SmtpUser | None]] = {}
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[SmtpUser]:  # type: ignore[override]
         """
@@ -433,14 +454,44 @@ class SmtpUserChecker:
             return fail(UnauthorizedLogin())
         if self._bcrypt is None:
             return self._store.run(lambda users: self._check_in_one_hop(users, username, password))
+        token = None if self._changes is None else self._changes()
+        if token is not None:
+            known = self._known.get(username)
+            if known is not None and known[0] == token:
+                # Nothing committed since the token read before the lookup:
+                # what the lookup found (a record or none) is what is there.
+                return succeed(self._vouch(known[1], username, password)).addCallback(
+                    self._check_unless_cached, password
+                )
+        elif self._known:
+            self._known.clear()
         found = self._store.run(lambda users: self._look_up(users, username, password))
+        if token is not None:
+            found.addCallback(self._remember, username, token)
         return found.addCallback(self._check_unless_cached, password)
+
+    def _remember(self, found: SmtpUser | _Miss, username: str, token: bytes) -> SmtpUser | _Miss:
+        # Unknown users are kept too: a name tried again costs what a user's
+        # name does (the same bcrypt work, and no hop either).
+        self._known.pop(username, None)
+        self._known[username] = (token, found.user if isinstance(found, _Miss) else found)
+        if len(self._known) > KEPT_RECORDS:
+            del self._known[next(iter(self._known))]
+        return found
 
     def _look_up(self, users: UserLookup, username: str, password: bytes) -> SmtpUser | _Miss:
         user = users.get_user(username)
+        if user is None and not self._cost_known and isinstance(users, HashCostLookup):
+            self._learn_cost(users.typical_hash_cost())
+        return self._vouch(user, username, password)
+
+    def _vouch(self, user: SmtpUser | None, username: str, password: bytes) -> SmtpUser | _Miss:
+        """
+        @param user: the record of C{username}, or L{None} if there is none.
+        @return: C{user} when the cache vouches for C{password}, else what
+            bcrypt must check.
+        """
         if user is None:
-            if not self._cost_known and isinstance(users, HashCostLookup):
-                self._learn_cost(users.typical_hash_cost())
             # Keyed too, so that identical attempts in parallel share one
             # check for unknown users just as for known ones (same timing).
             unknown = self.cache.key(username, b"", password)

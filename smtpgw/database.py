@@ -11,9 +11,11 @@ a newer gateway is refused rather than misread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ __all__ = [
     "StoreNotRunning",
     "ThreadedStore",
     "UnusableDatabase",
+    "WalIndexHeader",
     "database_path",
     "open_database",
     "transaction",
@@ -377,6 +380,151 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
+
+
+_WAL_INDEX_HEADER: Final = struct.Struct("=IIIBBHIIIIIIII")
+"""One copy of the wal-index header (C{WalIndexHdr}): version, unused, change
+counter, initialized, byte order, page size, last frame, pages, frame
+checksums, salts, header checksums; in the machine's byte order."""
+
+_WAL_INDEX_VERSION: Final = 3007000
+
+_shared_memory_files: dict[str, int] = {}
+"""The shared-memory files L{WalIndexHeader} reads, by path: each opened once
+and kept open (see L{_hold_open})."""
+
+_shared_memory_lock = threading.Lock()
+_header_openings = itertools.count(1)
+
+
+def _hold_open(path: str) -> int:
+    """
+    @return: a descriptor open for reading on the file at C{path}, the same
+        for every caller while the file is the one at C{path}.
+
+    It is never closed while the file exists: SQLite's locks on the file are
+    POSIX record locks, which belong to the process, and closing I{any}
+    descriptor of the file would drop the locks of every connection of this
+    process (letting another process reset the shared memory under them).
+    Once the file is deleted (SQLite deletes it when the last connection
+    anywhere closes the database) no connection holds a lock on it, and the
+    descriptor is closed the next time a file is opened here.
+    """
+    with _shared_memory_lock:
+        for known, held_fd in list(_shared_memory_files.items()):
+            if os.fstat(held_fd).st_nlink == 0:
+                del _shared_memory_files[known]
+                os.close(held_fd)
+        fd = _shared_memory_files.get(path)
+        if fd is not None:
+            try:
+                current = os.stat(path)
+            except OSError:
+                current = None
+            held = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
+                return fd
+            # Another file is at the path now: the one held stays open until
+            # it is deleted (checked above, next time).
+            del _shared_memory_files[path]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        _shared_memory_files[path] = fd
+        return fd
+
+
+class WalIndexHeader:
+    """
+    Tells whether anything was committed to a database in WAL mode since an
+    earlier moment, without a query and without a lock.
+
+    SQLite keeps the header of the wal-index at the start of the database's
+    shared-memory file (C{<database>-shm}), twice over, and every commit
+    rewrites it as it makes the commit visible to readers: the change
+    counter, the last frame, the running checksums and, when the WAL starts
+    over, the salts all move (U{https://www.sqlite.org/walformat.html};
+    C{PRAGMA data_version} is read from the same header). So two equal reads
+    of the same file mean that no commit became visible between them, by
+    any process that uses the database in WAL mode, which is the only mode
+    a database can be switched to or written in while a connection has it
+    open in WAL mode. A read is one C{pread} of 96 bytes and one C{fstat},
+    cheap enough for the reactor thread: no SQLite call, no file lock,
+    nothing that waits.
+
+    The file is only the same while a connection holds the database: when
+    the last one closes, SQLite deletes the file, and the next connection
+    makes a new one whose header may read exactly as the old one did. So
+    L{open} is given a connection, which must stay open for as long as the
+    header is read, and every L{open} after L{close} starts a new series of
+    tokens that never equals an earlier one. (C{pread} rather than a
+    mapping: a file cut short gives a short read, where a mapping would
+    kill the process with C{SIGBUS}.)
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._series = b""
+        self._lock = threading.Lock()
+
+    def open(self, connection: sqlite3.Connection) -> bool:
+        """
+        Find the shared-memory file of the database C{connection} has open
+        (the file SQLite uses, symbolic links resolved as SQLite resolves
+        them), unless it is found already.
+
+        @return: whether it is found: not when the database is not in WAL
+            mode (there is no such file), or cannot be told.
+        """
+        with self._lock:
+            if self._fd is not None:
+                return True
+            try:
+                (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+                files = {row[1]: row[2] for row in connection.execute("PRAGMA database_list")}
+                if mode != "wal" or not files.get("main"):
+                    return False
+                self._fd = _hold_open(f"{files['main']}-shm")
+            except (sqlite3.Error, OSError):
+                return False
+            self._series = next(_header_openings).to_bytes(8, "big")
+            return True
+
+    def read(self) -> bytes | None:
+        """
+        @return: a token of the header as it is now, for comparing with a
+            later read; L{None} when it is unknown: the file is not open (or
+            is closed), deleted, too short, not a header this code knows,
+            or the two copies differ (a commit is rewriting them).
+        """
+        fd = self._fd
+        if fd is None:
+            return None
+        try:
+            both = os.pread(fd, 2 * _WAL_INDEX_HEADER.size, 0)
+            deleted = os.fstat(fd).st_nlink == 0
+        except OSError:
+            return None
+        header = both[: _WAL_INDEX_HEADER.size]
+        if (
+            deleted
+            or len(both) != 2 * _WAL_INDEX_HEADER.size
+            or both[_WAL_INDEX_HEADER.size :] != header
+        ):
+            return None
+        version, _, _, initialized, *_ = _WAL_INDEX_HEADER.unpack(header)
+        if version != _WAL_INDEX_VERSION or not initialized:
+            return None
+        return self._series + header
+
+    def close(self) -> None:
+        """
+        Stop reading: L{read} gives L{None} from now on, until L{open}. The
+        file itself stays open with the process (see L{_hold_open}).
+        """
+        with self._lock:
+            self._fd = None
 
 
 class Closeable(Protocol):

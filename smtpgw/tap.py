@@ -550,7 +550,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     def smtp_factory(**shared: Any) -> GatewaySMTPFactory:
         # The sessions of this process (all of them without acceptors);
         # beside acceptors, with their limiters and alert filter.
-        portal = Portal(GatewayRealm(), [SmtpUserChecker(users, reactor, bcrypt=bcrypt)])
+        portal = Portal(
+            GatewayRealm(),
+            [SmtpUserChecker(users, reactor, bcrypt=bcrypt, changes=users.change_token)],
+        )
         arguments: dict[str, Any] = {
             "portal": portal,
             "queue": CountingQueue(queue, stats),

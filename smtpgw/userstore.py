@@ -36,6 +36,7 @@ from smtpgw.database import (
     StoreError,
     StoreNotRunning,
     UnusableDatabase,
+    WalIndexHeader,
     database_path,
     open_database,
     transaction,
@@ -593,6 +594,7 @@ class ThreadedUserStore(Service):
         self._threads = PerThreadPool(
             reactor, self._open_store, size=pool_size, name="smtpgw-userstore"
         )
+        self._header = WalIndexHeader()
         self._pending_logins: dict[str, tuple[float, str]] = {}
         self._flush_timer: IDelayedCall | None = None
         self._flushes_in_flight = 0
@@ -617,13 +619,36 @@ class ThreadedUserStore(Service):
         super().stopService()
         self._cancel_flush_timer()
         self._flush_logins_now()
-        return self._when_idle().addCallback(lambda _: self._threads.stop())
+        return self._when_idle().addCallback(lambda _: self._stop_threads())
+
+    def _stop_threads(self) -> None:
+        try:
+            self._threads.stop()
+        finally:
+            # Only now: the header is read from the file the threads'
+            # connections hold (see L{WalIndexHeader}).
+            self._header.close()
 
     def _open_store(self) -> SQLiteUserStore:
         # Closed by the pool once its thread is gone, hence not tied to it.
-        return SQLiteUserStore.open(
-            self._path, self._clock, rounds=self.rounds, check_same_thread=False
-        )
+        connection = open_database(self._path, create=True, check_same_thread=False)
+        # The connection holds the database's shared memory open until the
+        # pool stops.
+        self._header.open(connection)
+        return SQLiteUserStore(connection, self._clock, self.rounds)
+
+    def change_token(self) -> bytes | None:
+        """
+        What the database's wal-index header reads now (L{WalIndexHeader}):
+        two equal tokens mean that nothing was committed to the database in
+        between, by any process. Read in the calling thread without waiting
+        for anything, so the reactor may call it.
+
+        @return: the token, or L{None} when it is unknown: before the first
+            call L{run} made (no connection of the pool is open yet), after
+            L{stopService}, or for a database not in WAL mode.
+        """
+        return self._header.read()
 
     def run(self, f: Callable[[SQLiteUserStore], T]) -> Deferred[T]:
         """

@@ -179,11 +179,31 @@ def bcrypt_pool() -> Iterator[BcryptPool]:
     pytest_twisted.blockon(pool.stopService())
 
 
-@pytest.fixture
+@pytest.fixture(params=[False, True], ids=["hop-every-login", "records-kept"])
 def checker(
-    store: ThreadedUserStore, clock: Clock, verify: GatedVerify, bcrypt_pool: BcryptPool
+    request: pytest.FixtureRequest,
+    store: ThreadedUserStore,
+    clock: Clock,
+    verify: GatedVerify,
+    bcrypt_pool: BcryptPool,
 ) -> SmtpUserChecker:
-    return SmtpUserChecker(store, clock, bcrypt=bcrypt_pool, rounds=ROUNDS, verify=verify)
+    """
+    The checker, with (as the gateway runs it) and without the store's
+    change token: every test of it holds either way. With it, the store
+    has a connection open first, so that the token is known from the
+    first login on and a test's second login reuses what the first found.
+    """
+    if request.param:
+        pytest_twisted.blockon(store.get_user("nobody"))
+        assert store.change_token() is not None
+    return SmtpUserChecker(
+        store,
+        clock,
+        bcrypt=bcrypt_pool,
+        rounds=ROUNDS,
+        verify=verify,
+        changes=store.change_token if request.param else None,
+    )
 
 
 @pytest.fixture
@@ -985,3 +1005,225 @@ def test_cache_is_thread_safe() -> None:
     assert len(cache) == 100
     cache.clear()
     assert len(cache) == 0
+
+
+# --- records kept while the database is unchanged -----------------------------
+
+
+class CountingHops:
+    """
+    The store, with its hops counted and its change token passed on.
+    """
+
+    def __init__(self, store: ThreadedUserStore) -> None:
+        self.store = store
+        self.hops = 0
+        self.after_lookup: Callable[[], object] = lambda: None
+
+    def run(self, f: Callable[[UserLookup], T]) -> Deferred[T]:
+        self.hops += 1
+
+        def then(result: T) -> T:
+            self.after_lookup()
+            return result
+
+        return self.store.run(f).addCallback(then)
+
+
+@pytest.fixture
+def hops(store: ThreadedUserStore) -> CountingHops:
+    return CountingHops(store)
+
+
+@pytest.fixture
+def keeping(
+    hops: CountingHops, store: ThreadedUserStore, clock: Clock, bcrypt_pool: BcryptPool
+) -> Callable[..., SmtpUserChecker]:
+    """
+    Makes a checker that keeps records, on a store that has a connection
+    open (until its first call, the store's token is unknown).
+    """
+    pytest_twisted.blockon(store.get_user("nobody"))
+    assert store.change_token() is not None
+
+    def make(verify: Callable[[bytes, bytes], bool] = verify_password) -> SmtpUserChecker:
+        return SmtpUserChecker(
+            hops,
+            clock,
+            bcrypt=bcrypt_pool,
+            rounds=ROUNDS,
+            verify=verify,
+            changes=store.change_token,
+        )
+
+    return make
+
+
+@async_test
+async def test_unchanged_database_saves_the_hop(
+    keeping: Callable[..., SmtpUserChecker],
+    hops: CountingHops,
+    user: tuple[SmtpUser, str],
+    other_connection: SQLiteUserStore,
+) -> None:
+    """
+    While nothing is committed to the database, a user's logins after the
+    first make no hop to the store's threads; any commit, by any
+    connection and about anyone, makes the next login look the record up
+    again.
+    """
+    checker = keeping()
+    record, password = user
+    for _ in range(3):
+        assert await login(checker, record.username, password) == record
+    assert hops.hops == 1
+    other_connection.create_list("other")
+    assert await login(checker, record.username, password) == record
+    assert await login(checker, record.username, password) == record
+    assert hops.hops == 2
+
+
+@async_test
+async def test_a_kept_record_is_checked_like_a_looked_up_one(
+    keeping: Callable[..., SmtpUserChecker],
+    hops: CountingHops,
+    user: tuple[SmtpUser, str],
+    verify: CountingVerify,
+) -> None:
+    """
+    A wrong password against a kept record is refused after bcrypt, and
+    the right one is still vouched for by the cache: only the hop is saved.
+    """
+    checker = keeping(verify)
+    record, password = user
+    assert await login(checker, record.username, password) == record
+    await refused(checker, creds(record.username, "wrong"))
+    assert await login(checker, record.username, password) == record
+    assert (hops.hops, verify.calls) == (1, 2)
+
+
+@async_test
+async def test_a_commit_during_the_lookup_is_not_missed(
+    keeping: Callable[..., SmtpUserChecker],
+    hops: CountingHops,
+    user: tuple[SmtpUser, str],
+    other_connection: SQLiteUserStore,
+) -> None:
+    """
+    The record is kept with the token read before the lookup began: a user
+    deactivated after the lookup read the record (still active), before
+    its answer came back, is refused at the next login, which looks the
+    record up again.
+    """
+    checker = keeping()
+    record, password = user
+    hops.after_lookup = lambda: other_connection.update_user(record.username, active=False)
+    assert await login(checker, record.username, password) == record
+    hops.after_lookup = lambda: None
+    await refused(checker, creds(record.username, password))
+    assert hops.hops == 2
+
+
+@async_test
+async def test_unknown_users_are_kept_too(
+    keeping: Callable[..., SmtpUserChecker],
+    hops: CountingHops,
+    user: tuple[SmtpUser, str],
+    other_connection: SQLiteUserStore,
+    verify: CountingVerify,
+) -> None:
+    """
+    That a name has no user is kept as a record is: a name tried again
+    costs what a user's name does (bcrypt against the dummy hash, and no
+    hop either), until the user is created.
+    """
+    checker = keeping(verify)
+    for _ in range(2):
+        await refused(checker, creds("nobody", "x"))
+    assert (hops.hops, verify.calls) == (1, 2)
+    record, password = user
+    assert await login(checker, record.username, password) == record
+    assert hops.hops == 2
+
+
+@async_test
+async def test_kept_records_are_bounded(
+    keeping: Callable[..., SmtpUserChecker],
+    hops: CountingHops,
+    other_connection: SQLiteUserStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    At most L{KEPT_RECORDS} lookups are kept: the one made longest ago
+    goes first.
+    """
+    monkeypatch.setattr("smtpgw.checker.KEPT_RECORDS", 2)
+    other_connection.create_list("news")
+    users = [other_connection.create_user("news") for _ in range(3)]
+    checker = keeping()
+    for record, password in users:
+        assert await login(checker, record.username, password) == record
+    assert hops.hops == 3
+    second, third = users[1:]
+    assert await login(checker, third[0].username, third[1]) == third[0]
+    assert await login(checker, second[0].username, second[1]) == second[0]
+    assert hops.hops == 3
+    first = users[0]
+    assert await login(checker, first[0].username, first[1]) == first[0]
+    assert hops.hops == 4
+
+
+@async_test
+async def test_without_a_token_every_login_hops(
+    hops: CountingHops,
+    clock: Clock,
+    bcrypt_pool: BcryptPool,
+    user: tuple[SmtpUser, str],
+) -> None:
+    """
+    When the token is unknown (a database not in WAL mode; a header being
+    rewritten), nothing is kept or reused.
+    """
+    checker = SmtpUserChecker(hops, clock, bcrypt=bcrypt_pool, rounds=ROUNDS, changes=lambda: None)
+    record, password = user
+    for _ in range(3):
+        assert await login(checker, record.username, password) == record
+    assert hops.hops == 3
+
+
+@async_test
+async def test_a_store_started_again_reuses_nothing_from_before(
+    db_path: Path, clock: Clock, bcrypt_pool: BcryptPool
+) -> None:
+    """
+    A store stopped and started again, with the password changed while no
+    connection held the database (SQLite then makes its shared memory
+    anew, and its header can read as before): the old password is refused.
+    """
+    with SQLiteUserStore.open(db_path, clock, rounds=ROUNDS) as setup:
+        setup.create_list("news")
+        record, old = setup.create_user("news")
+    from twisted.internet import reactor
+
+    store = ThreadedUserStore(db_path, reactor=reactor, clock=clock, pool_size=1, rounds=ROUNDS)  # type: ignore[arg-type]
+    hops = CountingHops(store)
+    checker = SmtpUserChecker(
+        hops, clock, bcrypt=bcrypt_pool, rounds=ROUNDS, changes=store.change_token
+    )
+    store.startService()
+    try:
+        await store.get_user("nobody")
+        for _ in range(2):
+            assert await login(checker, record.username, old) == record
+        assert hops.hops == 1
+        await store.stopService()
+        assert not Path(f"{db_path}-shm").exists()
+        with SQLiteUserStore.open(db_path, clock, rounds=ROUNDS) as admin:
+            new = admin.regenerate_password(record.username)
+        store.startService()
+        await store.get_user("nobody")
+        await refused(checker, creds(record.username, old))
+        assert (await login(checker, record.username, new)).username == record.username
+    finally:
+        if store.running:
+            await store.stopService()

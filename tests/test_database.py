@@ -5,10 +5,14 @@ the per-thread pool the threaded stores run on.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
+import struct
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec
 
@@ -22,6 +26,7 @@ from smtpgw.database import (
     SchemaTooNew,
     StoreNotRunning,
     UnusableDatabase,
+    WalIndexHeader,
     database_path,
     open_database,
     transaction,
@@ -323,3 +328,246 @@ async def test_pool_stop_finishes_the_work_given_before_it() -> None:
     await first
     await second
     assert not pool.running
+
+
+# --- the wal-index header: has anything been committed since? ----------------
+
+
+@pytest.fixture
+def held(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """
+    A connection to a new database, open for the whole test, as a
+    L{PerThreadPool}'s connections are while its header is read.
+    """
+    connection = open_database(db_path, create=True)
+    yield connection
+    connection.close()
+
+
+def test_wal_index_header_changes_with_each_commit_from_any_process(
+    db_path: Path, held: sqlite3.Connection
+) -> None:
+    """
+    The header reads the same until something is committed, by another
+    connection or another process, and differs after each commit; reads
+    change nothing.
+    """
+    header = WalIndexHeader()
+    assert header.open(held)
+    first = header.read()
+    assert first is not None
+    held.execute("SELECT * FROM lists").fetchall()
+    assert header.read() == first
+    with sqlite3.connect(db_path, isolation_level=None) as other:
+        other.execute("INSERT INTO lists (name, created_at) VALUES ('a', 0)")
+    other.close()
+    second = header.read()
+    assert second not in (None, first)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute(\"UPDATE lists SET name = 'b'\")\n"
+            "c.close()",
+            str(db_path),
+        ],
+        check=True,
+    )
+    third = header.read()
+    assert third not in (None, first, second)
+    # A checkpoint that empties the WAL, then a commit that starts it over.
+    held.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    held.execute("INSERT INTO lists (name, created_at) VALUES ('c', 0)")
+    assert header.read() not in (None, first, second, third)
+    header.close()
+    assert header.read() is None
+
+
+def test_wal_index_header_is_unknown_without_wal(db_path: Path) -> None:
+    """
+    A database not in WAL mode has no shared memory: the header is not
+    found, and reads as unknown.
+    """
+    connection = sqlite3.connect(db_path)
+    connection.execute("PRAGMA journal_mode = DELETE")
+    connection.execute("CREATE TABLE t (x)")
+    header = WalIndexHeader()
+    assert not header.open(connection)
+    assert header.read() is None
+    connection.close()
+
+
+def test_wal_index_header_is_unknown_before_open() -> None:
+    """
+    Nothing is read before L{WalIndexHeader.open}.
+    """
+    assert WalIndexHeader().read() is None
+
+
+def test_wal_index_header_is_the_one_sqlite_uses_behind_a_link(
+    tmp_path: Path,
+) -> None:
+    """
+    A database opened through a symbolic link keeps its shared memory
+    beside the file the link points to, as SQLite resolves it: that file
+    is read, not a stale one left beside the link.
+    """
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").mkdir()
+    real = database_path(tmp_path / "real")
+    open_database(real, create=True).close()
+    linked = tmp_path / "link" / real.name
+    linked.symlink_to(real)
+    one = _HEADER.pack(*_FIELDS)
+    Path(f"{linked}-shm").write_bytes(one + one + bytes(40))
+    connection = open_database(linked)
+    header = WalIndexHeader()
+    assert header.open(connection)
+    first = header.read()
+    assert first is not None
+    assert not first.endswith(one)
+    connection.execute("INSERT INTO lists (name, created_at) VALUES ('a', 0)")
+    assert header.read() not in (None, first)
+    connection.close()
+
+
+def test_wal_index_header_after_the_database_was_let_go_never_matches(
+    db_path: Path,
+) -> None:
+    """
+    When the last connection closes, SQLite deletes the shared memory; the
+    next connection makes a new one, whose header can read as the old one
+    did although the database changed in between. A header opened again
+    never gives a token equal to one given before.
+    """
+    header = WalIndexHeader()
+    connection = open_database(db_path, create=True)
+    assert header.open(connection)
+    before = header.read()
+    header.close()
+    connection.close()
+    changed = open_database(db_path)
+    changed.execute("INSERT INTO lists (name, created_at) VALUES ('a', 0)")
+    changed.close()
+    connection = open_database(db_path)
+    assert header.open(connection)
+    after = header.read()
+    assert after is not None
+    assert before is not None
+    assert after != before
+    connection.close()
+
+
+def test_wal_index_header_file_stays_open_with_the_process(
+    db_path: Path, held: sqlite3.Connection
+) -> None:
+    """
+    Closing any descriptor of a file drops the POSIX locks of the whole
+    process on it, SQLite's among them: the shared memory is opened once
+    for every header of the database, and closing a header keeps it open.
+    Once SQLite has deleted it (the last connection closed), it is closed
+    the next time a file is opened.
+    """
+    first, second = WalIndexHeader(), WalIndexHeader()
+    assert first.open(held)
+    assert second.open(held)
+    fd = database._shared_memory_files[f"{db_path}-shm"]
+    first.close()
+    second.close()
+    shared_memory = os.fstat(fd)
+    assert (shared_memory.st_ino, shared_memory.st_nlink) == (
+        os.stat(f"{db_path}-shm").st_ino,
+        1,
+    )
+    held.close()
+    assert not Path(f"{db_path}-shm").exists()
+    other = open_database(db_path.parent / "other.db", create=True)
+    assert WalIndexHeader().open(other)
+    assert f"{db_path}-shm" not in database._shared_memory_files
+    # Closed: the number is free, or was given to another file since.
+    assert _file_of(fd) != (shared_memory.st_dev, shared_memory.st_ino)
+    other.close()
+
+
+def _file_of(fd: int) -> tuple[int, int] | None:
+    """
+    @return: the device and inode of the file open as C{fd}, or L{None}.
+    """
+    try:
+        found = os.fstat(fd)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+_HEADER = struct.Struct("=IIIBBHIIIIIIII")
+_FIELDS = (3007000, 0, 7, 1, 0, 4096, 3, 2, 1, 2, 3, 4, 5, 6)
+
+
+def _header_reading(
+    data: bytes, tmp_path: Path, held: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> WalIndexHeader:
+    """
+    @return: a header that reads C{data} as the shared memory of the
+        database C{held} has open.
+    """
+    fake = tmp_path / "fake-shm"
+    fake.write_bytes(data)
+    fd = os.open(fake, os.O_RDONLY)
+    monkeypatch.setattr(database, "_hold_open", lambda path: fd)
+    header = WalIndexHeader()
+    assert header.open(held)
+    return header
+
+
+@pytest.mark.parametrize("length", [0, 95, 96])
+def test_wal_index_header_cut_short_is_unknown(
+    tmp_path: Path, held: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, length: int
+) -> None:
+    """
+    Both copies of the header are needed: 96 bytes, and one short is
+    unknown (a file SQLite just truncated, say).
+    """
+    one = _HEADER.pack(*_FIELDS)
+    header = _header_reading((one + one)[:length], tmp_path, held, monkeypatch)
+    token = header.read()
+    assert (token is not None and token.endswith(one)) is (length == 96)
+
+
+@pytest.mark.parametrize("damage", ["copies-differ", "other-version", "not-initialized"])
+def test_wal_index_header_in_doubt_is_unknown(
+    tmp_path: Path, held: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """
+    Two copies that differ (a commit is rewriting them), a version this
+    code does not know, and a header not yet initialized all read as
+    unknown, never as a token that could match.
+    """
+    good = _HEADER.pack(*_FIELDS)
+    changed = list(_FIELDS)
+    if damage == "copies-differ":
+        changed[2] += 1
+        data = good + _HEADER.pack(*changed)
+    else:
+        if damage == "other-version":
+            changed[0] += 1
+        else:
+            changed[3] = 0
+        data = _HEADER.pack(*changed) * 2
+    assert _header_reading(data + bytes(40), tmp_path, held, monkeypatch).read() is None
+
+
+def test_wal_index_header_of_a_deleted_file_is_unknown(
+    db_path: Path, held: sqlite3.Connection
+) -> None:
+    """
+    A shared-memory file deleted under the gateway (by hand, say) is no
+    longer the one other processes use: its header reads as unknown.
+    """
+    header = WalIndexHeader()
+    assert header.open(held)
+    assert header.read() is not None
+    os.unlink(f"{db_path}-shm")
+    assert header.read() is None

@@ -727,3 +727,26 @@ async def test_logins_recorded_while_stopped_are_written_after_start(
         assert _last_used(db_path, clock, user.username) == (T0 + 7, "192.0.2.7")
     finally:
         await s.stopService()
+
+
+@async_test
+async def test_change_token_tells_whether_anything_was_committed(
+    db_path: Path, clock: Clock
+) -> None:
+    """
+    The change token is unknown until a connection of the pool is open and
+    after the store stops; in between, it stays the same across reads and
+    differs after each commit.
+    """
+    s = ThreadedUserStore(db_path, reactor=global_reactor(), clock=clock, rounds=ROUNDS)
+    s.startService()
+    assert s.change_token() is None
+    assert await s.get_list("news") is None
+    first = s.change_token()
+    assert first is not None
+    assert await s.get_list("news") is None
+    assert s.change_token() == first
+    await s.run(lambda store: store.create_list("news"))
+    assert s.change_token() not in (None, first)
+    await s.stopService()
+    assert s.change_token() is None
