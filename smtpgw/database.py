@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
+from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
@@ -435,6 +436,20 @@ def _hold_open(path: str) -> int:
         return fd
 
 
+@frozen
+class _OpenedHeader:
+    """
+    The shared-memory file a L{WalIndexHeader} reads, as it was found.
+
+    @ivar series: begins every token of this opening.
+    """
+
+    fd: int
+    device: int
+    inode: int
+    series: bytes
+
+
 class WalIndexHeader:
     """
     Tells whether anything was committed to a database in WAL mode since an
@@ -464,8 +479,8 @@ class WalIndexHeader:
     """
 
     def __init__(self) -> None:
-        self._fd: int | None = None
-        self._series = b""
+        # Replaced whole, so that a read never mixes two openings.
+        self._opened: _OpenedHeader | None = None
         self._lock = threading.Lock()
 
     def open(self, connection: sqlite3.Connection) -> bool:
@@ -478,17 +493,19 @@ class WalIndexHeader:
             mode (there is no such file), or cannot be told.
         """
         with self._lock:
-            if self._fd is not None:
+            if self._opened is not None:
                 return True
             try:
                 (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
                 files = {row[1]: row[2] for row in connection.execute("PRAGMA database_list")}
                 if mode != "wal" or not files.get("main"):
                     return False
-                self._fd = _hold_open(f"{files['main']}-shm")
+                fd = _hold_open(f"{files['main']}-shm")
+                found = os.fstat(fd)
             except (sqlite3.Error, OSError):
                 return False
-            self._series = next(_header_openings).to_bytes(8, "big")
+            series = next(_header_openings).to_bytes(8, "big")
+            self._opened = _OpenedHeader(fd, found.st_dev, found.st_ino, series)
             return True
 
     def read(self) -> bytes | None:
@@ -498,17 +515,19 @@ class WalIndexHeader:
             is closed), deleted, too short, not a header this code knows,
             or the two copies differ (a commit is rewriting them).
         """
-        fd = self._fd
-        if fd is None:
+        opened = self._opened
+        if opened is None:
             return None
         try:
-            both = os.pread(fd, 2 * _WAL_INDEX_HEADER.size, 0)
-            deleted = os.fstat(fd).st_nlink == 0
+            both = os.pread(opened.fd, 2 * _WAL_INDEX_HEADER.size, 0)
+            now = os.fstat(opened.fd)
         except OSError:
             return None
         header = both[: _WAL_INDEX_HEADER.size]
         if (
-            deleted
+            # Deleted, or the descriptor's number now names another file.
+            now.st_nlink == 0
+            or (now.st_dev, now.st_ino) != (opened.device, opened.inode)
             or len(both) != 2 * _WAL_INDEX_HEADER.size
             or both[_WAL_INDEX_HEADER.size :] != header
         ):
@@ -516,7 +535,7 @@ class WalIndexHeader:
         version, _, _, initialized, *_ = _WAL_INDEX_HEADER.unpack(header)
         if version != _WAL_INDEX_VERSION or not initialized:
             return None
-        return self._series + header
+        return opened.series + header
 
     def close(self) -> None:
         """
@@ -524,7 +543,7 @@ class WalIndexHeader:
         file itself stays open with the process (see L{_hold_open}).
         """
         with self._lock:
-            self._fd = None
+            self._opened = None
 
 
 class Closeable(Protocol):

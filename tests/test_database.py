@@ -506,39 +506,49 @@ _HEADER = struct.Struct("=IIIBBHIIIIIIII")
 _FIELDS = (3007000, 0, 7, 1, 0, 4096, 3, 2, 1, 2, 3, 4, 5, 6)
 
 
-def _header_reading(
-    data: bytes, tmp_path: Path, held: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
-) -> WalIndexHeader:
+@pytest.fixture
+def header_reading(
+    tmp_path: Path,
+    held: sqlite3.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> Callable[[bytes], WalIndexHeader]:
     """
-    @return: a header that reads C{data} as the shared memory of the
-        database C{held} has open.
+    @return: makes a header that reads the given bytes as the shared memory
+        of the database C{held} has open (its file closed when the test
+        ends).
     """
-    fake = tmp_path / "fake-shm"
-    fake.write_bytes(data)
-    fd = os.open(fake, os.O_RDONLY)
-    monkeypatch.setattr(database, "_hold_open", lambda path: fd)
-    header = WalIndexHeader()
-    assert header.open(held)
-    return header
+
+    def reading(data: bytes) -> WalIndexHeader:
+        fake = tmp_path / f"fake-{os.urandom(4).hex()}-shm"
+        fake.write_bytes(data)
+        fd = os.open(fake, os.O_RDONLY)
+        request.addfinalizer(lambda: os.close(fd))
+        monkeypatch.setattr(database, "_hold_open", lambda path: fd)
+        header = WalIndexHeader()
+        assert header.open(held)
+        return header
+
+    return reading
 
 
 @pytest.mark.parametrize("length", [0, 95, 96])
 def test_wal_index_header_cut_short_is_unknown(
-    tmp_path: Path, held: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, length: int
+    header_reading: Callable[[bytes], WalIndexHeader], length: int
 ) -> None:
     """
     Both copies of the header are needed: 96 bytes, and one short is
     unknown (a file SQLite just truncated, say).
     """
     one = _HEADER.pack(*_FIELDS)
-    header = _header_reading((one + one)[:length], tmp_path, held, monkeypatch)
+    header = header_reading((one + one)[:length])
     token = header.read()
     assert (token is not None and token.endswith(one)) is (length == 96)
 
 
 @pytest.mark.parametrize("damage", ["copies-differ", "other-version", "not-initialized"])
 def test_wal_index_header_in_doubt_is_unknown(
-    tmp_path: Path, held: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, damage: str
+    header_reading: Callable[[bytes], WalIndexHeader], damage: str
 ) -> None:
     """
     Two copies that differ (a commit is rewriting them), a version this
@@ -556,7 +566,26 @@ def test_wal_index_header_in_doubt_is_unknown(
         else:
             changed[3] = 0
         data = _HEADER.pack(*changed) * 2
-    assert _header_reading(data + bytes(40), tmp_path, held, monkeypatch).read() is None
+    assert header_reading(data + bytes(40)).read() is None
+
+
+def test_wal_index_header_whose_descriptor_names_another_file_is_unknown(
+    header_reading: Callable[[bytes], WalIndexHeader],
+) -> None:
+    """
+    Should the descriptor's number come to name another file (closed and
+    given again), the header reads as unknown, not as that file's header.
+    """
+    one = _HEADER.pack(*_FIELDS)
+    header = header_reading(one + one)
+    assert header.read() is not None
+    other = header_reading(one + one)
+    assert other.read() is not None
+    opened, replacing = header._opened, other._opened
+    assert opened is not None
+    assert replacing is not None
+    os.dup2(replacing.fd, opened.fd)
+    assert header.read() is None
 
 
 def test_wal_index_header_of_a_deleted_file_is_unknown(
