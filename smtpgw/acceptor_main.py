@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         auth_limiter=None if config.alone else link,
         log_accepted=False,
     )
+    link.in_data = lambda: factory.in_data
     top.startService()
 
     def listen() -> None:

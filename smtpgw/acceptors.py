@@ -74,6 +74,7 @@ __all__ = [
     "PipeWriter",
     "decode_submit",
     "encode_submit",
+    "submit_in_data",
 ]
 
 log = Logger()
@@ -103,7 +104,11 @@ PING = b"p"
 #: message's C{--max-size} and its envelope (see L{frame_limit}).
 FRAME_OVERHEAD = 1024 * 1024
 
-_SUBMIT_HEADER = struct.Struct(">QI")
+_UINT32_MAX = 0xFFFFFFFF
+
+_SUBMIT_HEADER = struct.Struct(">QII")
+"""A C{SUBMIT} frame's sequence number, the sender's other sessions in DATA
+(see L{submit_in_data}), and the length of the envelope."""
 
 #: Outcomes of a submitted message, in the C{SUBMITTED} frame.
 OK = "ok"
@@ -148,15 +153,17 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
-def encode_submit(seq: int, envelope: Envelope, body: bytes) -> bytes:
+def encode_submit(seq: int, envelope: Envelope, body: bytes, in_data: int = 0) -> bytes:
     """
     The payload of a C{SUBMIT} frame: the envelope as the journal records
     it (L{encode_envelope}), then the message.
 
+    @param in_data: the sender's sessions in DATA as it sends the frame.
     @raise ValueError: for an envelope the journal could not record.
     """
     head = encode_envelope(envelope)
-    return SUBMIT + _SUBMIT_HEADER.pack(seq, len(head)) + head + body
+    header = _SUBMIT_HEADER.pack(seq, min(max(in_data, 0), _UINT32_MAX), len(head))
+    return SUBMIT + header + head + body
 
 
 def decode_submit(payload: bytes) -> tuple[int, Envelope, bytes]:
@@ -167,7 +174,7 @@ def decode_submit(payload: bytes) -> tuple[int, Envelope, bytes]:
     """
     if payload[:1] != SUBMIT or len(payload) < 1 + _SUBMIT_HEADER.size:
         raise ValueError("not a SUBMIT frame")
-    seq, length = _SUBMIT_HEADER.unpack_from(payload, 1)
+    seq, _, length = _SUBMIT_HEADER.unpack_from(payload, 1)
     start = 1 + _SUBMIT_HEADER.size
     if start + length > len(payload):
         raise ValueError("SUBMIT envelope runs past the frame")
@@ -176,6 +183,16 @@ def decode_submit(payload: bytes) -> tuple[int, Envelope, bytes]:
     except JournalRecordError as error:
         raise ValueError(f"SUBMIT envelope: {error}") from None
     return seq, envelope, payload[start + length :]
+
+
+def submit_in_data(payload: bytes) -> int:
+    """
+    @return: how many sessions of the acceptor that sent this C{SUBMIT}
+        frame (as L{decode_submit} read it) were in DATA as it did: each is
+        about to send another message.
+    """
+    in_data: int = _SUBMIT_HEADER.unpack_from(payload, 1)[1]
+    return in_data
 
 
 def _alert_to_json(alert: Alert) -> dict[str, Any]:
@@ -346,6 +363,9 @@ class MainLink(Int32StringReceiver):
         self.accepting = True
         self.on_lost = on_lost
         self.on_tls = on_tls
+        #: Tells how many of this process's sessions are in DATA (sent with
+        #: each message: see L{submit_in_data}).
+        self.in_data: Callable[[], int] = lambda: 0
         self._seq = 0
         self._waiting: dict[int, Deferred[Any]] = {}
         self._cancelled_turns: dict[int, str] = {}
@@ -381,7 +401,7 @@ class MainLink(Int32StringReceiver):
             d.errback(JournalUnavailable("the main process is gone"))
             return d
         self._waiting[seq] = d
-        head = encode_submit(seq, envelope, b"")
+        head = encode_submit(seq, envelope, b"", self.in_data())
         # The body is written as it is, not copied into one frame string.
         chunks = [struct.pack(">I", len(head) + len(body)), head, body]
         if self.out is not None:
@@ -516,7 +536,7 @@ class MainLink(Int32StringReceiver):
             self.accepting = bool(value[0])
             return
         if kind == PING:
-            self._send(PONG, [self.opened, self.closed])
+            self._send(PONG, [self.opened, self.closed, self.in_data()])
             self.opened = self.closed = 0
             return
         if kind == TLS:
@@ -665,6 +685,8 @@ class _Child(ProcessProtocol):
         self._open: Counter[str] = Counter()
         #: Its connections open, as its heartbeats told the metrics.
         self.connections_open = 0
+        #: Its sessions in DATA, as its last message said.
+        self.in_data = 0
         self._turns: Counter[str] = Counter()
         self._waiting_turns: dict[int, Deferred[bool]] = {}
         self.ended_deferred: Deferred[None] = Deferred()
@@ -755,6 +777,7 @@ class _Child(ProcessProtocol):
         try:
             if kind == SUBMIT:
                 seq, envelope, body = decode_submit(payload)
+                self.in_data = submit_in_data(payload)
                 pool.submit(envelope, body).addCallbacks(
                     self._submitted,
                     self._not_submitted,
@@ -810,6 +833,10 @@ class _Child(ProcessProtocol):
                 for _ in range(closed):
                     metrics.connection_closed()
                 self.connections_open += opened - closed
+                if len(value) > 2:
+                    # Messages said to be coming that never came (sessions
+                    # gone in DATA) are forgotten at the next heartbeat.
+                    self.in_data = max(int(value[2]), 0)
             elif kind == READY:
                 self.ready = True
                 self.was_ready = True
@@ -1236,6 +1263,14 @@ class AcceptorPool(Service):
         flush = getattr(self.alerts, "flush", None)
         if flush is not None:
             flush()
+
+    def in_data(self) -> int:
+        """
+        How many of the children's sessions are in DATA, each about to send
+        a message, as the children's last messages said.
+        """
+        # Also read on the journal's writer thread: a copy made at once.
+        return sum(child.in_data for child in tuple(self.children.values()))
 
     @property
     def ready(self) -> int:

@@ -154,7 +154,8 @@ urgent record's group commit, or at the latest this many seconds after it
 was submitted."""
 
 DEFAULT_GATHER = 0.0003
-"""While the journal is busy (see L{GATHER_WHEN_BUSY_WITHIN}), the writer,
+"""Unless the journal is told what is coming (L{DEFAULT_GATHER_EXPECTED}):
+while the journal is busy (see L{GATHER_WHEN_BUSY_WITHIN}), the writer,
 woken by an urgent record with fewer than L{GATHER_RECORDS} records
 waiting, waits up to this many seconds for more before it writes: under a
 steady stream of messages, each C{fdatasync} then makes several durable
@@ -163,6 +164,18 @@ C{0} turns it off."""
 
 GATHER_RECORDS = 3
 """The writer stops gathering as soon as this many records wait."""
+
+DEFAULT_GATHER_EXPECTED = 0.001
+"""When the journal is told how many messages are about to come (sessions
+in DATA: L{FileJournal.expected_soon}), the writer, woken by an urgent
+record while busy (L{GATHER_WHEN_BUSY_WITHIN}), waits up to this many
+seconds for that many more urgent records instead of L{DEFAULT_GATHER}'s
+guess, and not at all when none is coming: a client that sends one message
+after another waits for no one. C{0} turns waiting off when told."""
+
+GATHER_EXPECTED_MOST = 8
+"""When told, the writer waits until this many urgent records are queued at
+most (those queued already included)."""
 
 GATHER_WHEN_BUSY_WITHIN = 0.002
 """The journal counts as busy when its last group commit ended less than
@@ -1528,26 +1541,36 @@ class _Writer:
         *,
         gather: float = DEFAULT_GATHER,
         monotonic: Callable[[], float] = perf_counter,
+        expected: Callable[[], int | None] = lambda: None,
+        gather_expected: float = DEFAULT_GATHER_EXPECTED,
     ) -> None:
         """
         @param gather: see L{DEFAULT_GATHER}.
         @param monotonic: the writer thread's clock, for L{gather} (not
             the reactor's: it is read off the reactor thread).
+        @param expected: how many urgent records are about to come, or
+            L{None} when that is not known; called on the writer thread.
+        @param gather_expected: see L{DEFAULT_GATHER_EXPECTED}.
         """
         self._store = store
         self._deliver = deliver
         self._exited = exited
         self._gather = gather
         self._monotonic = monotonic
+        self._expected = expected
+        self._gather_expected = gather_expected
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._stopping = False
         # Whether the queue holds a record that may not wait (the others
         # ride along with it, or go when woken).
         self._urgent = False
+        self._urgent_queued = 0
         self._woken = False
-        # Whether the thread waits for more records before writing.
+        # Whether the thread waits for more records before writing, and
+        # (when told what is coming) for how many urgent ones.
         self._gathering = False
+        self._gather_target: int | None = None
         # When the last group commit ended (on the writer's clock).
         self._last_commit: float | None = None
         self.thread = threading.Thread(target=self._run, name="smtpgw-journal-writer", daemon=True)
@@ -1559,10 +1582,12 @@ class _Writer:
         """
         with self._cond:
             self._queue.append(pending)
+            if urgent:
+                self._urgent_queued += 1
             if urgent and not self._urgent:
                 self._urgent = True
                 self._cond.notify()
-            elif self._gathering and len(self._queue) >= GATHER_RECORDS:
+            elif self._gathering and self._gathered():
                 self._cond.notify()
 
     def wake(self) -> None:
@@ -1597,12 +1622,30 @@ class _Writer:
                 self._urgent or self._woken or self._stopping or self._store.compaction_due()
             ):
                 self._cond.wait()
-            if self._urgent and self._busy():
-                self._gather_more()
+            if self._urgent:
+                coming = self._expected()
+                if coming is None:
+                    if self._busy():
+                        self._gather_more(self._gather)
+                elif coming > 0 and self._gather_expected > 0 and self._recent():
+                    self._gather_target = min(GATHER_EXPECTED_MOST, self._urgent_queued + coming)
+                    self._gather_more(self._gather_expected)
             batch = list(self._queue)
             self._queue.clear()
             self._urgent = self._woken = False
+            self._urgent_queued = 0
             return batch, self._stopping
+
+    def _gathered(self) -> bool:
+        target = self._gather_target
+        if target is None:
+            return len(self._queue) >= GATHER_RECORDS
+        return self._urgent_queued >= target
+
+    def _recent(self) -> bool:
+        # Whether the last group commit ended within GATHER_WHEN_BUSY_WITHIN.
+        last = self._last_commit
+        return last is not None and self._monotonic() - last < GATHER_WHEN_BUSY_WITHIN
 
     def _busy(self) -> bool:
         last = self._last_commit
@@ -1612,18 +1655,19 @@ class _Writer:
             and self._monotonic() - last < GATHER_WHEN_BUSY_WITHIN
         )
 
-    def _gather_more(self) -> None:
+    def _gather_more(self, most: float) -> None:
         # Called holding the lock; the waits release it for submit().
-        deadline = self._monotonic() + self._gather
+        deadline = self._monotonic() + most
         self._gathering = True
         try:
-            while len(self._queue) < GATHER_RECORDS and not self._stopping:
+            while not self._gathered() and not self._stopping:
                 left = deadline - self._monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
         finally:
             self._gathering = False
+            self._gather_target = None
 
     def _run(self) -> None:
         try:
@@ -1706,6 +1750,7 @@ class FileJournal:
         unhurried_delay: float = DEFAULT_UNHURRIED_DELAY,
         gather: float = DEFAULT_GATHER,
         writer_clock: Callable[[], float] = perf_counter,
+        gather_expected: float = DEFAULT_GATHER_EXPECTED,
     ) -> None:
         """
         @param directory: where the segment files are; created if missing.
@@ -1724,8 +1769,17 @@ class FileJournal:
         @param gather: see L{DEFAULT_GATHER}.
         @param writer_clock: the writer thread's monotonic clock, in
             seconds, for L{gather} (tests control it).
+        @param gather_expected: see L{DEFAULT_GATHER_EXPECTED}.
         """
         self.directory = os.fspath(directory)
+        #: Tells how many messages are about to be appended (the sessions
+        #: in DATA), or L{None}: the writer then waits for those before a
+        #: group commit (L{DEFAULT_GATHER_EXPECTED}) instead of guessing
+        #: (L{DEFAULT_GATHER}). Called on the writer thread, holding its
+        #: lock: it must only read, quickly. Should it raise, it is logged
+        #: and no longer asked.
+        self.expected_soon: Callable[[], int] | None = None
+        self._gather_expected = gather_expected
         self._gather = gather
         self._writer_clock = writer_clock
         self._reactor = reactor
@@ -1801,9 +1855,27 @@ class FileJournal:
             self._exited_from_thread,
             gather=self._gather,
             monotonic=self._writer_clock,
+            expected=self._coming,
+            gather_expected=self._gather_expected,
         )
         self._phase = _Phase.RUNNING
         self._writer.thread.start()
+
+    def _coming(self) -> int | None:
+        expected = self.expected_soon
+        if expected is None:
+            return None
+        try:
+            return expected()
+        except Exception as e:
+            # A hint: its failure must never stop the journal.
+            self.expected_soon = None
+            self._warn_from_thread(
+                "the journal can no longer tell what is coming ({error});"
+                " it guesses as when never told",
+                error=repr(e),
+            )
+            return None
 
     def stop(self) -> Deferred[None]:
         """

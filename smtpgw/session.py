@@ -365,6 +365,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._clock: IReactorTime
         self._limits: Limits
         self._mode = _GREETING
+        # Counted in the factory's in_data (see _leave_data).
+        self._about_to_submit = False
         self._buffer = b""
         self._paused = False
         self._processing = False
@@ -473,6 +475,7 @@ class GatewaySMTP(smtp.ESMTP):
         Abandon any message in progress (nothing of it is queued), log out,
         release the address's connection count and every timer.
         """
+        self._leave_data()
         self._mode = _CLOSED
         self._buffer = b""
         if self._message is not None:
@@ -509,6 +512,7 @@ class GatewaySMTP(smtp.ESMTP):
         for; one whose replies stay stuck is aborted by the session timer.
         """
         self._buffer = b""
+        self._leave_data()
         transport = self._t
         if self._producing:
             # A transport does not finish closing while it has a producer.
@@ -1369,6 +1373,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._sink = message.lineReceived
         self._rejection = None
         self._mode = _DATA
+        self._about_to_submit = True
+        self.factory.in_data += 1
         self._data_started_at = now = self._clock.seconds()
         self._schedule(now + self._limits.data_deadline)
         self._t.write(R_DATA)
@@ -1383,6 +1389,7 @@ class GatewaySMTP(smtp.ESMTP):
         message, self._message, self._sink = self._message, None, None
         if message is not None:
             message.connectionLost()
+        self._leave_data()
         log.info(
             "message refused from {client_ip}: {rejection}",
             client_ip=self._client_ip,
@@ -1395,8 +1402,19 @@ class GatewaySMTP(smtp.ESMTP):
         else:
             self._rejection = rejection
 
+    def _leave_data(self) -> None:
+        """
+        This session's message will not be handed to the queue after all,
+        or it is being handed now: it no longer counts as about to come
+        (L{GatewaySMTPFactory.in_data}).
+        """
+        if self._about_to_submit:
+            self._about_to_submit = False
+            self.factory.in_data -= 1
+
     def _end_of_data(self) -> None:
         self._mode = _COMMAND
+        self._leave_data()
         self._data_started_at = None
         message, self._message, self._sink = self._message, None, None
         rejection, self._rejection = self._rejection, None
@@ -1564,6 +1582,11 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
             self.connections if connection_limiter is None else connection_limiter
         )
         self.log_accepted = log_accepted
+        # Sessions between DATA's 354 and the final dot, their message not
+        # refused: each is about to hand the queue a message (the journal's
+        # writer waits a moment for them, see
+        # smtpgw.journal.DEFAULT_GATHER_EXPECTED).
+        self.in_data = 0
         self.auth_limiter: AuthLimiter = (
             self.auth_failures if auth_limiter is None else auth_limiter
         )

@@ -547,6 +547,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # are, else the listener this process bound, which serves while it runs.
     smtp_up: Any = lambda: True  # noqa: E731
 
+    # This process's session factories (the acceptors' sessions are counted
+    # by the pool), for the journal's writer: messages about to come.
+    factories: list[GatewaySMTPFactory] = []
+    elsewhere: list[Callable[[], int]] = []
+
+    def in_data() -> int:
+        # On the journal's writer thread: copies, and reads only.
+        coming = sum(f.in_data for f in tuple(factories))
+        return coming + sum(count() for count in tuple(elsewhere))
+
+    journal.expected_soon = in_data
+
     def smtp_factory(**shared: Any) -> GatewaySMTPFactory:
         # The sessions of this process (all of them without acceptors);
         # beside acceptors, with their limiters and alert filter.
@@ -568,12 +580,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "metrics": metrics,
         }
         arguments.update(shared)
-        return GatewaySMTPFactory(**arguments)
+        made = GatewaySMTPFactory(**arguments)
+        factories.append(made)
+        return made
 
     if options["acceptors"]:
         pool, here = _acceptor_pool(
             options, data_dir, reactor, queue, stats, alerts, metrics, tls, smtp_factory
         )
+        elsewhere.append(pool.in_data)
         reloadable = _Reload(tls, pool, reactor)
         smtp_up = lambda: pool.ready > 0 or here.serving  # noqa: E731
     else:

@@ -44,6 +44,7 @@ from smtpgw.acceptors import (
     decode_submit,
     encode_submit,
     frame_limit,
+    submit_in_data,
 )
 from smtpgw.interfaces import Alert, IAlertSink, IMessageQueue, JournalUnavailable
 from smtpgw.journal import QueueIdInUse
@@ -486,10 +487,11 @@ def test_decode_refuses_an_envelope_length_past_the_frame() -> None:
     end of the frame it is read (with an empty body).
     """
     payload = encode_submit(3, envelope(), b"")
-    head = payload[13:]
-    at_end = b"S" + struct.pack(">QI", 3, len(head)) + head
+    # The kind, then the sequence number, the sessions in DATA, the length.
+    head = payload[1 + struct.calcsize(">QII") :]
+    at_end = b"S" + struct.pack(">QII", 3, 0, len(head)) + head
     assert decode_submit(at_end) == (3, envelope(), b"")
-    past = b"S" + struct.pack(">QI", 3, len(head) + 1) + head
+    past = b"S" + struct.pack(">QII", 3, 0, len(head) + 1) + head
     with pytest.raises(ValueError, match="runs past the frame"):
         decode_submit(past)
 
@@ -520,6 +522,53 @@ def test_submit_fires_once_the_main_queue_has_it(events: list[dict[str, Any]]) -
     assert wire.link.accepting
     assert g.metrics.accepted_count == 1
     assert any(e.get("queue_id") == "0001" and "queued" in e["log_format"] for e in events)
+
+
+@pytest.mark.parametrize(
+    ("told", "read"), [(0, 0), (3, 3), (-1, 0), (2**32 - 1, 2**32 - 1), (2**32, 2**32 - 1)]
+)
+def test_submit_tells_the_sessions_in_data(told: int, read: int) -> None:
+    """
+    A SUBMIT frame says how many other sessions of its acceptor are in
+    DATA, from none to the largest 32-bit count (more is said as that);
+    the rest of the frame reads as without it.
+    """
+    payload = encode_submit(5, envelope(), b"body", told)
+    assert submit_in_data(payload) == read
+    assert decode_submit(payload) == (5, envelope(), b"body")
+
+
+def test_main_learns_each_childs_sessions_in_data_from_its_messages() -> None:
+    """
+    Each message a child sends, and each answer to a heartbeat, says how
+    many of its sessions are in DATA; the pool adds up what its children
+    last said (for the journal's writer, which waits for those messages).
+    """
+    g = make_gateway(count=2)
+    counts = [3, 1]
+
+    def telling(index: int) -> Callable[[], int]:
+        return lambda: counts[index]
+
+    for index in range(2):
+        g.wires[index].link.in_data = telling(index)
+    assert g.pool.in_data() == 0
+    g.wires[0].link.submit(envelope("A"), b"a")
+    g.pump()
+    assert g.pool.in_data() == 3
+    g.wires[1].link.submit(envelope("B"), b"b")
+    g.pump()
+    assert g.pool.in_data() == 4
+    counts[0] = 2
+    g.wires[0].link.submit(envelope("C"), b"c")
+    g.pump()
+    assert g.pool.in_data() == 3
+    # Sessions that left DATA without a message are forgotten at the next
+    # heartbeat.
+    counts[:] = [0, 0]
+    g.reactor.advance(ACCEPTING_POLL)
+    g.pump()
+    assert g.pool.in_data() == 0
 
 
 def test_answers_out_of_order_reach_their_messages() -> None:

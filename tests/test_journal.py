@@ -38,6 +38,7 @@ from zope.interface.verify import verifyObject
 from smtpgw.interfaces import IJournal, JournaledMessage, JournalLocation, JournalUnavailable
 from smtpgw.journal import (
     DEFAULT_UNHURRIED_DELAY,
+    GATHER_EXPECTED_MOST,
     GATHER_RECORDS,
     GATHER_WHEN_BUSY_WITHIN,
     PREALLOCATE_AHEAD,
@@ -498,6 +499,149 @@ async def test_gathering_ends_at_its_deadline(tmp_path: Path, reactor: Any) -> N
     await accepted
     assert disk.syncs == syncs + 1
     assert journal.stats().last_batch_records == 1
+    await journal.stop()
+
+
+@async_test
+async def test_told_what_is_coming_the_writer_waits_for_it(tmp_path: Path, reactor: Any) -> None:
+    """
+    Told that two messages are about to come (sessions in DATA), the writer
+    woken by a record right after a group commit waits for those two, and
+    writes the three with one sync as soon as they are there (the wait
+    could last a minute: only the count can end it). Records nothing
+    waits on do not count.
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(
+        tmp_path, reactor, file_ops=disk.ops(), gather_expected=60.0, writer_clock=clock
+    )
+    await journal.accept(envelope(0), body(0))
+    coming = [2]
+    journal.expected_soon = lambda: coming[0]
+    syncs = disk.syncs
+    gathered = [journal.accept(envelope(1), body(1))]
+    await not_written_yet(gathered[0], disk, syncs)
+    coming[0] = 1
+    unhurried = journal.record_state("Q00000000", "delivered", 1, urgent=False)
+    gathered.append(journal.accept(envelope(2), body(2)))
+    await not_written_yet(gathered[1], disk, syncs)
+    coming[0] = 0
+    gathered.append(journal.accept(envelope(3), body(3)))
+    await gatherResults(gathered)
+    await unhurried
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == 4
+    await journal.stop()
+
+
+@async_test
+async def test_told_nothing_is_coming_the_writer_does_not_wait(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    Told that no message is about to come, the writer writes a record at
+    once, even right after a group commit, when it would otherwise gather
+    (a minute here): a client that sends one message after another never
+    waits for others.
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(tmp_path, reactor, file_ops=disk.ops(), gather=60.0, writer_clock=clock)
+    journal.expected_soon = lambda: 0
+    for n in range(3):
+        # A wait would last a minute: five seconds tell.
+        await journal.accept(envelope(n), body(n)).addTimeout(5, reactor)
+        assert journal.stats().last_batch_records == 1
+    await journal.stop()
+
+
+@async_test
+async def test_waiting_for_what_is_coming_ends_at_its_deadline(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    Messages said to be coming that do not come (the client vanished in
+    DATA, say) hold a record back for the gather time on the writer's
+    clock, not less; after a quiet spell a record is not held at all; and
+    at most GATHER_EXPECTED_MOST records are waited for.
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(
+        tmp_path, reactor, file_ops=disk.ops(), gather_expected=0.01, writer_clock=clock
+    )
+    journal.expected_soon = lambda: 1000
+    # Waiting forever (the clock moves only when told) would fail here.
+    await journal.accept(envelope(0), body(0)).addTimeout(5, reactor)
+    syncs = disk.syncs
+    accepted = journal.accept(envelope(1), body(1))
+    await not_written_yet(accepted, disk, syncs)
+    clock.now = 0.009
+    await not_written_yet(accepted, disk, syncs)
+    clock.now = 0.01
+    await accepted.addTimeout(5, reactor)
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == 1
+    clock.now += GATHER_WHEN_BUSY_WITHIN
+    await journal.accept(envelope(2), body(2)).addTimeout(5, reactor)
+    assert journal.stats().last_batch_records == 1
+    syncs = disk.syncs
+    gathered = [journal.accept(envelope(n), body(n)) for n in range(3, 3 + GATHER_EXPECTED_MOST)]
+    await gatherResults(gathered).addTimeout(5, reactor)
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == GATHER_EXPECTED_MOST
+    await journal.stop()
+
+
+@async_test
+async def test_told_but_gathering_turned_off_the_writer_does_not_wait(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """
+    With the wait for what is coming turned off, a record is written at
+    once, even right after a group commit, and the guess of the journal
+    never told (a minute here) is not made either.
+    """
+    disk = FaultyDisk()
+    clock = WriterClock()
+    journal = started(
+        tmp_path,
+        reactor,
+        file_ops=disk.ops(),
+        gather=60.0,
+        gather_expected=0.0,
+        writer_clock=clock,
+    )
+    journal.expected_soon = lambda: 5
+    for n in range(3):
+        await journal.accept(envelope(n), body(n)).addTimeout(5, reactor)
+        assert journal.stats().last_batch_records == 1
+    await journal.stop()
+
+
+@async_test
+async def test_a_failing_count_of_what_is_coming_is_logged_and_dropped(
+    tmp_path: Path, reactor: Any, warnings: list[str]
+) -> None:
+    """
+    Should telling what is coming fail, the journal writes on as if never
+    told, says so once, and asks no more.
+    """
+    asked = []
+
+    def broken() -> int:
+        asked.append(1)
+        raise RuntimeError("no count")
+
+    journal = started(tmp_path, reactor, gather_expected=60.0)
+    journal.expected_soon = broken
+    for n in range(3):
+        await journal.accept(envelope(n), body(n)).addTimeout(5, reactor)
+    assert len(asked) == 1
+    assert journal.expected_soon is None
+    await deferToThread(lambda: None)
+    assert [w for w in warnings if "can no longer tell what is coming" in w] != []
     await journal.stop()
 
 

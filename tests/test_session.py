@@ -28,6 +28,7 @@ from tests.session_fakes import (
     HOSTNAME,
     PASSWORD,
     START,
+    Client,
     FakeQueue,
     FakeUsers,
     Harness,
@@ -846,3 +847,49 @@ def test_message_sink_provides_imessagesmtp() -> None:
     assert sink is not None
     assert verifyObject(IMessageSMTP, sink)
     assert PASSWORD not in repr(sink)
+
+
+def test_the_factory_counts_the_sessions_in_data() -> None:
+    """
+    The factory counts the sessions between DATA's 354 and the final dot
+    whose message is not refused (each about to hand the queue a message,
+    which the journal's writer waits for): a message finished, refused for
+    its size (read on to the dot), refused so that the session closes, cut
+    off by the DATA deadline, or by a lost connection each takes its
+    session out of the count at once, and only once.
+    """
+    harness = Harness(limits=Limits(max_size=2048))
+    first, second, third = harness.logged_in(), harness.logged_in(), harness.logged_in()
+    slow = harness.logged_in()
+    counts = []
+
+    def start_data(client: Client) -> None:
+        client.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@dest.example>\r\nDATA\r\n")
+        assert client.replies()[-1].startswith(b"354 ")
+        counts.append(harness.factory.in_data)
+
+    start_data(first)
+    start_data(second)
+    first.send(message() + b".\r\n")
+    assert first.replies()[-1].startswith(b"250 2.0.0 ")
+    counts.append(harness.factory.in_data)
+    second.send(message(body=(b"x" * 900 + b"\r\n") * 3))
+    counts.append(harness.factory.in_data)
+    second.send(b".\r\n")
+    assert second.replies()[-1].startswith(b"552 5.3.4 ")
+    counts.append(harness.factory.in_data)
+    start_data(second)
+    second.lose()
+    counts.append(harness.factory.in_data)
+    start_data(third)
+    third.send(b"Subject: bare\nLF\r\n")
+    assert third.closed
+    counts.append(harness.factory.in_data)
+    third.lose()
+    start_data(slow)
+    harness.clock.advance(harness.limits.data_deadline)
+    assert slow.closed
+    counts.append(harness.factory.in_data)
+    slow.lose()
+    first.lose()
+    assert [*counts, harness.factory.in_data] == [1, 2, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0]

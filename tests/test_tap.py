@@ -157,6 +157,58 @@ def test_acceptors_or_the_main_process_listen(tmp_path: Path) -> None:
     assert isinstance(listener.factory, GatewaySMTPFactory)
 
 
+class _SaysInData:
+    """
+    An acceptor child as the pool sees it: what its last message said.
+    """
+
+    in_data = 0
+
+
+def test_the_journal_is_told_of_every_session_in_data(tmp_path: Path) -> None:
+    """
+    The journal's writer learns how many messages are about to come: the
+    sessions in DATA of the acceptors (as they last said) and of the main
+    process's own sessions, when it accepts beside them or alone.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from smtpgw.acceptors import AcceptorPool, MainProcessAcceptor
+    from smtpgw.journal import FileJournal
+    from smtpgw.listening import MultiPortListener
+    from smtpgw.queue import MessageQueue
+    from smtpgw.session import GatewaySMTPFactory
+    from smtpgw.tap import makeService
+
+    def built(acceptors: str) -> tuple[list[object], FileJournal]:
+        data = str(tmp_path / acceptors)
+        options = parse_public("--acceptors", acceptors, "--data-dir", data, "--admin", "none")
+        services = list(makeService(options, MemoryReactorClock()))  # type: ignore[call-overload]
+        [queue] = [c for c in services if isinstance(c, MessageQueue)]
+        journal = queue._journal
+        assert isinstance(journal, FileJournal)
+        return services, journal
+
+    services, journal = built("2")
+    [pool] = [c for c in services if isinstance(c, AcceptorPool)]
+    [here] = [c for c in services if isinstance(c, MainProcessAcceptor)]
+    assert journal.expected_soon is not None
+    assert journal.expected_soon() == 0
+    child = _SaysInData()
+    child.in_data = 3
+    pool.children[0] = child  # type: ignore[assignment]
+    assert journal.expected_soon() == 3
+    factory = here.make_factory()
+    factory.in_data = 2
+    assert journal.expected_soon() == 5
+    services, journal = built("0")
+    [listener] = [c for c in services if isinstance(c, MultiPortListener)]
+    assert isinstance(listener.factory, GatewaySMTPFactory)
+    listener.factory.in_data = 4
+    assert journal.expected_soon is not None
+    assert journal.expected_soon() == 4
+
+
 def test_each_relay_builds_its_outbound(tmp_path: Path) -> None:
     """
     --relay mx (the default) delivers to MX hosts, smtp:// to a smarthost,
