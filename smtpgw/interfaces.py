@@ -127,10 +127,16 @@ class IJournal(Interface):
     The durable record of every accepted message and of what became of it.
     """
 
-    def accept(envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+    def accept(
+        envelope: Envelope, body: bytes, *, announced: bool = False
+    ) -> Deferred[JournalLocation]:
         """
         Append an accept record; the L{Deferred} fires once it is on disk
         (fsync'd), or fails with L{JournalUnavailable}.
+
+        @param announced: whether the message comes from an SMTP session,
+            which was counted among those about to hand over a message (a
+            journal that waits for them need not guess for this one).
         """
 
     def record_state(

@@ -1566,6 +1566,8 @@ class _Writer:
         # ride along with it, or go when woken).
         self._urgent = False
         self._urgent_queued = 0
+        # Urgent records nobody announced: the writer guesses for those.
+        self._unannounced_queued = 0
         self._woken = False
         # Whether the thread waits for more records before writing, and
         # (when told what is coming) for how many urgent ones.
@@ -1575,15 +1577,20 @@ class _Writer:
         self._last_commit: float | None = None
         self.thread = threading.Thread(target=self._run, name="smtpgw-journal-writer", daemon=True)
 
-    def submit(self, pending: _Pending, *, urgent: bool = True) -> None:
+    def submit(self, pending: _Pending, *, urgent: bool = True, announced: bool = False) -> None:
         """
         Queue a record; an urgent one wakes the thread, another waits for
         the next urgent one or L{wake}.
+
+        @param announced: the record is the message of a session the
+            C{expected} count included (see L{FileJournal.accept}).
         """
         with self._cond:
             self._queue.append(pending)
             if urgent:
                 self._urgent_queued += 1
+                if not announced:
+                    self._unannounced_queued += 1
             if urgent and not self._urgent:
                 self._urgent = True
                 self._cond.notify()
@@ -1624,16 +1631,16 @@ class _Writer:
                 self._cond.wait()
             if self._urgent:
                 coming = self._expected()
-                if coming is None:
-                    if self._busy():
-                        self._gather_more(self._gather)
-                elif coming > 0 and self._gather_expected > 0 and self._recent():
+                if coming and self._gather_expected > 0 and self._recent():
                     self._gather_target = min(GATHER_EXPECTED_MOST, self._urgent_queued + coming)
                     self._gather_more(self._gather_expected)
+                elif (coming is None or self._unannounced_queued) and self._busy():
+                    # Nothing told of these records: guess, as ever.
+                    self._gather_more(self._gather)
             batch = list(self._queue)
             self._queue.clear()
             self._urgent = self._woken = False
-            self._urgent_queued = 0
+            self._urgent_queued = self._unannounced_queued = 0
             return batch, self._stopping
 
     def _gathered(self) -> bool:
@@ -1898,14 +1905,23 @@ class FileJournal:
         self._stopped.append(waiter)
         return waiter
 
-    def accept(self, envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+    def accept(
+        self, envelope: Envelope, body: bytes, *, announced: bool = False
+    ) -> Deferred[JournalLocation]:
         """
         Append the accept record of a message.
 
+        @param announced: the message comes from a session that
+            L{expected_soon} counted: when told that nothing more is coming,
+            the writer writes it at once. Another record (a console send's
+            message, a report, a change of state) leaves the writer to
+            guess (L{DEFAULT_GATHER}).
         @return: fires with where the record lies once it is durable, or
             fails with L{JournalUnavailable}.
         """
-        return self._submit(encode_accept(envelope, body), gives_location=True)
+        return self._submit(
+            encode_accept(envelope, body), gives_location=True, announced=announced
+        )
 
     def record_state(
         self,
@@ -2036,11 +2052,16 @@ class FileJournal:
         compact: bool = False,
         *,
         urgent: bool = True,
+        announced: bool = False,
     ) -> Deferred[Any]:
         if self._phase is not _Phase.RUNNING or self._writer is None:
             return fail(JournalUnavailable(f"the journal is {self._phase.value}"))
         deferred: Deferred[Any] = Deferred()
-        self._writer.submit(_Pending(payload, deferred, gives_location, compact), urgent=urgent)
+        self._writer.submit(
+            _Pending(payload, deferred, gives_location, compact),
+            urgent=urgent,
+            announced=announced,
+        )
         if not urgent and self._unhurried is None:
             self._unhurried = self._clock.callLater(self._unhurried_delay, self._write_unhurried)
         return deferred

@@ -77,10 +77,13 @@ class MemoryJournal:
         """
         return len(self._pending)
 
-    def accept(self, envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+    def accept(
+        self, envelope: Envelope, body: bytes, *, announced: bool = False
+    ) -> Deferred[JournalLocation]:
         """
         Keep the message; fires with its location once durable, or fails
         with L{QueueIdInUse} if a live message has its queue id.
+        C{announced} changes nothing here.
         """
         if not self.available:
             return fail(JournalUnavailable("the memory journal is unavailable"))

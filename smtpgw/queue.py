@@ -828,7 +828,8 @@ class MessageQueue(Service):
             as queued, is sent after the next restart. Failing it would
             make the client send the message again: a duplicate.
         """
-        return self._journal.accept(envelope, body).addCallbacks(
+        # From a session: announced (see smtpgw.journal.FileJournal.accept).
+        return self._journal.accept(envelope, body, announced=True).addCallbacks(
             self._submitted, self._refused_by_journal, callbackArgs=(envelope, body)
         )
 

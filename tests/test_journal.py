@@ -540,10 +540,11 @@ async def test_told_nothing_is_coming_the_writer_does_not_wait(
     tmp_path: Path, reactor: Any
 ) -> None:
     """
-    Told that no message is about to come, the writer writes a record at
-    once, even right after a group commit, when it would otherwise gather
-    (a minute here): a client that sends one message after another never
-    waits for others.
+    Told that no message is about to come, the writer writes a session's
+    message at once, even right after a group commit, when it would
+    otherwise gather (a minute here): a client that sends one message after
+    another never waits for others. A record nobody announced (a console
+    send's message) is gathered for as when never told.
     """
     disk = FaultyDisk()
     clock = WriterClock()
@@ -551,8 +552,15 @@ async def test_told_nothing_is_coming_the_writer_does_not_wait(
     journal.expected_soon = lambda: 0
     for n in range(3):
         # A wait would last a minute: five seconds tell.
-        await journal.accept(envelope(n), body(n)).addTimeout(5, reactor)
+        await journal.accept(envelope(n), body(n), announced=True).addTimeout(5, reactor)
         assert journal.stats().last_batch_records == 1
+    syncs = disk.syncs
+    unannounced = journal.accept(envelope(3), body(3))
+    await not_written_yet(unannounced, disk, syncs)
+    gathered = [journal.accept(envelope(n), body(n)) for n in range(4, 3 + GATHER_RECORDS)]
+    await gatherResults([unannounced, *gathered]).addTimeout(5, reactor)
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == GATHER_RECORDS
     await journal.stop()
 
 
@@ -615,7 +623,7 @@ async def test_told_but_gathering_turned_off_the_writer_does_not_wait(
     )
     journal.expected_soon = lambda: 5
     for n in range(3):
-        await journal.accept(envelope(n), body(n)).addTimeout(5, reactor)
+        await journal.accept(envelope(n), body(n), announced=True).addTimeout(5, reactor)
         assert journal.stats().last_batch_records == 1
     await journal.stop()
 

@@ -1600,10 +1600,12 @@ class TestBounces:
         accept = journal.accept
         full = [True]
 
-        def refuse_bounces(envelope: Envelope, body: bytes) -> Deferred[JournalLocation]:
+        def refuse_bounces(
+            envelope: Envelope, body: bytes, *, announced: bool = False
+        ) -> Deferred[JournalLocation]:
             if envelope.sender == "" and full[0]:
                 return fail(JournalUnavailable("disk full"))
-            return accept(envelope, body)
+            return accept(envelope, body, announced=announced)
 
         journal.accept = refuse_bounces  # type: ignore[method-assign]
         outbound = RecipientOutbound(clock, {B: ["5xx"]})
@@ -2594,3 +2596,36 @@ class TestGatedBounces:
         for window in (-1.0, math.inf, math.nan):
             with pytest.raises(ValueError, match="gate_bounce_window"):
                 make_queue(clock, InstantOutbound(clock), gate_bounce_window=window)
+
+
+class AnnouncingJournal(MemoryJournal):
+    """
+    A memory journal that notes which messages were said to be announced.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announced: list[tuple[str, bool]] = []
+
+    def accept(
+        self, envelope: Envelope, body: bytes, *, announced: bool = False
+    ) -> Deferred[JournalLocation]:
+        self.announced.append((envelope.queue_id, announced))
+        return super().accept(envelope, body, announced=announced)
+
+
+def test_only_a_sessions_message_is_announced_to_the_journal() -> None:
+    """
+    A message a session submits was counted among those about to come: it
+    is announced to the journal, whose writer then need not guess for it.
+    A message accepted by other means (a console send's) is not.
+    """
+    clock = Clock()
+    journal = AnnouncingJournal()
+    queue, _ = make_queue(clock, InstantOutbound(clock), journal)
+    queue.startService()
+    session, console = envelope(queue_id="Q1"), envelope(queue_id="Q2")
+    queue.submit(session, b"a\r\n")
+    queue.accept(console, b"b\r\n")
+    assert journal.announced == [("Q1", True), ("Q2", False)]
+    queue.stopService()
