@@ -1655,12 +1655,7 @@ class _Writer:
         return last is not None and self._monotonic() - last < GATHER_WHEN_BUSY_WITHIN
 
     def _busy(self) -> bool:
-        last = self._last_commit
-        return (
-            self._gather > 0
-            and last is not None
-            and self._monotonic() - last < GATHER_WHEN_BUSY_WITHIN
-        )
+        return self._gather > 0 and self._recent()
 
     def _gather_more(self, most: float) -> None:
         # Called holding the lock; the waits release it for submit().

@@ -425,6 +425,23 @@ class WriterClock:
         return self.now
 
 
+async def gathered_into_one_sync(
+    journal: FileJournal, disk: FaultyDisk, first: int, reactor: Any
+) -> None:
+    """
+    Accept message C{first} and check the writer holds it back, then the
+    next ones up to GATHER_RECORDS records, and check that they are all
+    written together, with one sync.
+    """
+    syncs = disk.syncs
+    held = journal.accept(envelope(first), body(first))
+    await not_written_yet(held, disk, syncs)
+    rest = [journal.accept(envelope(n), body(n)) for n in range(first + 1, first + GATHER_RECORDS)]
+    await gatherResults([held, *rest]).addTimeout(5, reactor)
+    assert disk.syncs == syncs + 1
+    assert journal.stats().last_batch_records == GATHER_RECORDS
+
+
 async def not_written_yet(accepted: Deferred[Any], disk: FaultyDisk, syncs: int) -> None:
     """
     Give the writer thread time (thread round trips) and check that
@@ -451,13 +468,7 @@ async def test_while_busy_the_writer_gathers_records_for_one_sync(
     clock = WriterClock()
     journal = started(tmp_path, reactor, file_ops=disk.ops(), gather=60.0, writer_clock=clock)
     await journal.accept(envelope(1), body(1))
-    syncs = disk.syncs
-    gathered = [journal.accept(envelope(2), body(2))]
-    await not_written_yet(gathered[0], disk, syncs)
-    gathered += [journal.accept(envelope(n), body(n)) for n in range(3, 2 + GATHER_RECORDS)]
-    await gatherResults(gathered)
-    assert disk.syncs == syncs + 1
-    assert journal.stats().last_batch_records == GATHER_RECORDS
+    await gathered_into_one_sync(journal, disk, 2, reactor)
     await journal.stop()
 
 
@@ -554,13 +565,7 @@ async def test_told_nothing_is_coming_the_writer_does_not_wait(
         # A wait would last a minute: five seconds tell.
         await journal.accept(envelope(n), body(n), announced=True).addTimeout(5, reactor)
         assert journal.stats().last_batch_records == 1
-    syncs = disk.syncs
-    unannounced = journal.accept(envelope(3), body(3))
-    await not_written_yet(unannounced, disk, syncs)
-    gathered = [journal.accept(envelope(n), body(n)) for n in range(4, 3 + GATHER_RECORDS)]
-    await gatherResults([unannounced, *gathered]).addTimeout(5, reactor)
-    assert disk.syncs == syncs + 1
-    assert journal.stats().last_batch_records == GATHER_RECORDS
+    await gathered_into_one_sync(journal, disk, 3, reactor)
     await journal.stop()
 
 
